@@ -1,0 +1,64 @@
+"""The ``jaxcpt`` command: subcommands only, each implemented in the module named below.
+
+A command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
+imported only when their command runs, so ``jaxcpt --help`` stays fast and a command
+never pays for another's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("jaxcpt.train.command", "train (or resume) a run from a YAML config with dotted overrides"),
+    "import-hf": ("jaxcpt.hf.command_import", "convert a Hugging Face checkpoint directory into a jaxcpt checkpoint"),
+    "export-hf": ("jaxcpt.hf.command_export", "write a jaxcpt checkpoint as a Hugging Face directory transformers can load"),
+    "tokenize": ("jaxcpt.data.command", "pre-tokenize a source into shards once, for reuse across runs"),
+    "plot-schedule": ("jaxcpt.optim.command", "draw a config's learning-rate schedule to a PNG and print its phase boundaries"),
+    "report": ("jaxcpt.train.report_command", "print the forgetting report of one run, or compare two runs"),
+    "demo": ("jaxcpt.demo", "the built-in continual-pretraining demo: pretrain, continue with and without replay, compare"),
+    "config-reference": ("jaxcpt.config_reference", "print the reference of every config key, generated from the dataclasses"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxcpt", description="Continual pretraining of LLMs in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            import difflib
+
+            close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            print(f"jaxcpt: unknown command '{argv[0]}'{hint}", file=sys.stderr)
+            parser.print_help(sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"jaxcpt {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    from jaxcpt.errors import UserError
+
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"jaxcpt {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
