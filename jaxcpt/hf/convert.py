@@ -1,0 +1,289 @@
+"""Streaming conversion between Hugging Face safetensors directories and sharded jaxcpt models.
+
+Import never holds two copies of the model on the host: each device's block of each
+parameter is read from the memory-mapped safetensors files one layer at a time,
+placed on that device, and the blocks are assembled into a global array there.
+Host memory peaks at about one layer's tensor. Export goes the other way, one
+layer's tensor at a time, gathering across hosts when an array spans them; only
+process 0 writes, into a temporary directory renamed into place at the end, so a
+crash never leaves a half-written export behind under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxcpt.errors import HFFormatError, UserError
+from jaxcpt.hf.families import config_from_hf, config_to_hf, generation_config
+from jaxcpt.hf.mapping import Tensor, hf_names, tensor_table
+from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.transformer import Transformer, abstract_model, state_shardings
+from jaxcpt.sharding.mesh import build_mesh
+from jaxcpt.sharding.rules import make_rules
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+)
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def read_hf_config(path: str | os.PathLike) -> ModelConfig:
+    """``ModelConfig`` of an HF checkpoint directory (reads only config.json)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise HFFormatError(f"'{directory}' is not a directory; pass a Hugging Face checkpoint directory")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise HFFormatError(f"'{config_file}' is missing; an HF checkpoint directory needs config.json")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HFFormatError(f"'{config_file}' is not valid JSON: {e}") from None
+    return config_from_hf(hf, where=str(config_file))
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of one HF directory (one file or an index of shards)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index_file = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index_file.is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise HFFormatError(f"'{index_file}' is not a valid safetensors index ({e})") from None
+            for file in sorted(set(self.weight_map.values())):
+                if not (directory / file).is_file():
+                    raise HFFormatError(f"shard file '{directory / file}' listed in '{index_file}' is missing")
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(single, framework="numpy") as handle:
+                self.weight_map = {name: single.name for name in handle.keys()}
+        else:
+            raise HFFormatError(f"'{directory}' has neither model.safetensors nor model.safetensors.index.json")
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[file] = safe_open(self.directory / file, framework="numpy")
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        self._require(name)
+        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        self._require(name)
+        return self._handle(self.weight_map[name]).get_tensor(name)
+
+    def _require(self, name: str) -> None:
+        if name not in self.weight_map:
+            raise HFFormatError(f"tensor '{name}' is missing from the checkpoint in '{self.directory}'")
+
+    def where(self, name: str) -> str:
+        return str(self.directory / self.weight_map[name])
+
+
+def _check_shapes(reader: SafetensorsReader, table: list[Tensor], cfg: ModelConfig) -> None:
+    for row in table:
+        for name in hf_names(row, cfg.num_layers):
+            got = reader.shape(name)
+            if got != row.hf_shape:
+                raise HFFormatError(
+                    f"tensor '{name}' in '{reader.where(name)}' has shape {got}, but config.json implies "
+                    f"{row.hf_shape}; the weights and config.json do not belong together"
+                )
+
+
+def _at(tree, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _place(row: Tensor, reader: SafetensorsReader, shape, sharding, dtype, num_layers: int) -> jax.Array:
+    """One global array, built device block by device block straight from the files."""
+    by_index: dict[tuple, list] = {}
+    indices = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = _index_key(index)
+        by_index.setdefault(key, []).append(device)
+        indices[key] = index
+    blocks = []
+    for key, devices in by_index.items():
+        index = indices[key]
+        if row.stacked:
+            layers = range(*index[0].indices(num_layers))
+            per_layer = []
+            for layer in layers:  # one layer's tensor on the host at a time
+                block = row.to_jax(reader.get(row.hf_name.format(i=layer)))[index[1:]].astype(dtype)
+                per_layer.append([jax.device_put(block, d) for d in devices])
+            blocks += [jnp.stack([layer_blocks[j] for layer_blocks in per_layer]) for j in range(len(devices))]
+        else:
+            block = row.to_jax(reader.get(row.hf_name))[index].astype(dtype)
+            blocks += [jax.device_put(block, d) for d in devices]
+    return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
+
+
+def load_hf(
+    path: str | os.PathLike,
+    mesh: jax.sharding.Mesh | None = None,
+    dtype: str | None = None,
+    *,
+    param_dtype: str = "float32",
+    rules=None,
+    **model_overrides,
+) -> Transformer:
+    """Load an HF Llama/Mistral/Qwen2 checkpoint directory as a sharded jaxcpt model.
+
+    ``mesh``: where to place parameters (default: all devices on a data-parallel axis).
+    ``dtype``: compute dtype (default float32); ``param_dtype``: storage dtype.
+    ``model_overrides``: extra ``ModelConfig`` fields (e.g. ``remat='full'``).
+    """
+    directory = Path(path)
+    cfg = read_hf_config(directory)
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, dtype=dtype or "float32", param_dtype=param_dtype, **model_overrides)
+    cfg.validate()
+    reader = SafetensorsReader(directory)
+    table = tensor_table(cfg)
+    _check_shapes(reader, table, cfg)
+    mesh = mesh if mesh is not None else build_mesh()
+    rules = rules if rules is not None else make_rules()
+    tokenizer_dir = str(directory.resolve()) if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
+    abstract = abstract_model(cfg, rules, tokenizer_dir)
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, mesh, rules)
+    np_dtype = NUMPY_DTYPES[cfg.param_dtype]
+    for row in table:
+        variable, sharding = _at(state, row.path), _at(shardings, row.path)
+        shape = variable.get_value().shape
+        variable.set_value(_place(row, reader, shape, sharding, np_dtype, cfg.num_layers))
+    return nnx.merge(graphdef, state)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host, gathering from other hosts' devices when it spans them."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise UserError(f"max_shard_size '{size}' is not a size like '5GB' or '500MB'")
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
+
+
+def _plan_shards(table: list[Tensor], cfg: ModelConfig, itemsize: int, max_bytes: int):
+    """Assign every HF tensor (in checkpoint order) to a shard no larger than ``max_bytes``."""
+    shards: list[list[tuple[str, Tensor, int | None]]] = [[]]
+    size = 0
+    for layer in [None] + list(range(cfg.num_layers)):
+        for row in table:
+            if row.stacked != (layer is not None):
+                continue
+            nbytes = int(np.prod(row.hf_shape)) * itemsize
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((row.hf_name.format(i=layer), row, layer))
+            size += nbytes
+    return shards
+
+
+def save_hf(
+    model: Transformer,
+    path: str | os.PathLike,
+    dtype: str = "bfloat16",
+    *,
+    max_shard_size: int | str = "5GB",
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path | None:
+    """Write ``model`` as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Every process must call this (arrays spanning hosts are gathered collectively);
+    only process 0 writes. Returns the directory on process 0, None elsewhere.
+    """
+    if dtype not in NUMPY_DTYPES:
+        raise UserError(f"export dtype '{dtype}' is not one of {', '.join(NUMPY_DTYPES)}")
+    cfg: ModelConfig = model.config
+    out = Path(path)
+    writer = jax.process_index() == 0
+    if writer and out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"'{out}' exists and is not empty; choose another --out or pass overwrite")
+    hf_config = config_to_hf(cfg, dtype)
+    table = tensor_table(cfg)
+    np_dtype = NUMPY_DTYPES[dtype]
+    shards = _plan_shards(table, cfg, np.dtype(np_dtype).itemsize, parse_size(max_shard_size))
+    state = nnx.state(model)
+    tmp = None
+    if writer:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    weight_map: dict[str, str] = {}
+    total = 0
+    from safetensors.numpy import save_file
+
+    for number, shard in enumerate(shards, start=1):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, row, layer in shard:
+            value = _at(state, row.path)[...]
+            value = value[layer] if layer is not None else value
+            host = row.to_hf(_to_host(value.astype(jnp.dtype(dtype))))
+            if writer:
+                tensors[name] = host
+                weight_map[name] = file
+                total += host.nbytes
+        if writer:
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+    if writer:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        source = tokenizer_dir or getattr(model, "tokenizer_dir", None)
+        if source:
+            for name in TOKENIZER_FILES:
+                if (Path(source) / name).is_file():
+                    shutil.copy2(Path(source) / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxcpt.save_hf")
+    return out if writer else None

@@ -1,0 +1,83 @@
+"""Parameter names and layouts: jaxcpt <-> Hugging Face (Llama, Mistral and Qwen2 share them).
+
+HF stores each layer's weights separately, as torch Linear matrices [out, in];
+jaxcpt stacks layers on a leading axis and keeps heads as their own axis:
+
+    HF  model.layers.{i}.self_attn.q_proj.weight  [H*D, E]
+    jax layers.q                                   [L, E, H, D]
+
+Each ``Tensor`` row says how one HF tensor of one layer becomes one slice of a jaxcpt
+parameter and back; both directions are exact reshapes/transposes, so a round trip
+is bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from jaxcpt.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    path: tuple[str, ...]  # jaxcpt state path, e.g. ('layers', 'q')
+    hf_name: str  # HF name; '{i}' is the layer index for stacked parameters
+    to_jax: Callable[[np.ndarray], np.ndarray]  # HF layout -> one jaxcpt slice
+    to_hf: Callable[[np.ndarray], np.ndarray]  # one jaxcpt slice -> HF layout
+    hf_shape: tuple[int, ...]  # shape of the HF tensor (one layer)
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_name
+
+
+def _same(x):
+    return x
+
+
+def _t(x):
+    return np.ascontiguousarray(x.T)
+
+
+def tensor_table(cfg: ModelConfig) -> list[Tensor]:
+    """Every parameter of a model with config ``cfg``, in the order HF checkpoints list them."""
+    E, H, K, D, F, V = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
+
+    def proj_in(heads):  # HF [heads*D, E] <-> jax [E, heads, D]
+        return (lambda w: np.ascontiguousarray(w.T.reshape(E, heads, D)),
+                lambda w: np.ascontiguousarray(w.reshape(E, heads * D).T))
+
+    def bias(heads):  # HF [heads*D] <-> jax [heads, D]
+        return (lambda b: b.reshape(heads, D), lambda b: b.reshape(heads * D))
+
+    pre = "model.layers.{i}."
+    rows = [Tensor(("embedding",), "model.embed_tokens.weight", _same, _same, (V, E))]
+    rows.append(Tensor(("layers", "attn_norm"), pre + "input_layernorm.weight", _same, _same, (E,)))
+    for name, heads in (("q", H), ("k", K), ("v", K)):
+        to_jax, to_hf = proj_in(heads)
+        rows.append(Tensor(("layers", name), pre + f"self_attn.{name}_proj.weight", to_jax, to_hf, (heads * D, E)))
+        if cfg.qkv_bias:
+            to_jax, to_hf = bias(heads)
+            rows.append(Tensor(("layers", f"{name}_bias"), pre + f"self_attn.{name}_proj.bias", to_jax, to_hf, (heads * D,)))
+    # o_proj: HF [E, H*D] <-> jax [H, D, E]
+    rows.append(Tensor(("layers", "o"), pre + "self_attn.o_proj.weight",
+                       lambda w: np.ascontiguousarray(w.T.reshape(H, D, E)),
+                       lambda w: np.ascontiguousarray(w.reshape(H * D, E).T), (E, H * D)))
+    if cfg.o_bias:
+        rows.append(Tensor(("layers", "o_bias"), pre + "self_attn.o_proj.bias", _same, _same, (E,)))
+    rows.append(Tensor(("layers", "mlp_norm"), pre + "post_attention_layernorm.weight", _same, _same, (E,)))
+    for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
+        rows.append(Tensor(("layers", name), pre + f"mlp.{name}_proj.weight", _t, _t, shape))
+        if cfg.mlp_bias:
+            rows.append(Tensor(("layers", f"{name}_bias"), pre + f"mlp.{name}_proj.bias", _same, _same, (shape[0],)))
+    rows.append(Tensor(("final_norm",), "model.norm.weight", _same, _same, (E,)))
+    if not cfg.tie_word_embeddings:
+        rows.append(Tensor(("lm_head",), "lm_head.weight", _t, _t, (V, E)))
+    return rows
+
+
+def hf_names(row: Tensor, num_layers: int) -> list[str]:
+    return [row.hf_name.format(i=i) for i in range(num_layers)] if row.stacked else [row.hf_name]
