@@ -1,0 +1,314 @@
+"""Training checkpoints: a thin wrapper over an Orbax ``CheckpointManager``.
+
+One checkpoint is one step directory holding three items::
+
+    RUN/checkpoints/1200/state   pytree of jax.Arrays (params, opt_state, step ...), Orbax StandardSave
+    RUN/checkpoints/1200/data    JSON: the data iterator's state, so a resume continues the stream
+    RUN/checkpoints/1200/meta    JSON: run config, model config, library versions
+
+Guarantees this module leans on Orbax for, and which tests/test_checkpoint.py checks:
+
+* A step is only listed once it is complete. Orbax writes into
+  ``1200.orbax-checkpoint-tmp`` and renames it when every item is written (on
+  GCS, where there is no atomic rename, it writes ``commit_success.txt`` last
+  instead), so a process killed mid-save leaves the previous step as the latest.
+  A ``Checkpointer`` opened on that directory deletes leftover tmp directories
+  in the background (its first save waits for that).
+* Restoring re-shards: each leaf of ``abstract_state`` is a
+  ``jax.ShapeDtypeStruct`` carrying the *new* sharding, and the mesh at save time
+  does not matter.
+
+Multi-host: every process must call ``save``/``restore``/``should_save`` with the
+same step; Orbax writes each process's array shards and only the primary process
+(0) writes the JSON items and the step metadata. So ``data`` must be the same on
+every process: a per-host iterator state has to be gathered into one dict (keyed
+by process index) before saving, or host 0's position is what every host resumes.
+
+Directories may be local paths or ``gs://`` URLs: all filesystem access goes
+through ``etils.epath``, never ``pathlib``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib
+
+from jaxcpt.config import ConfigError, field
+from jaxcpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_EXPECTED = "a checkpoint directory (e.g. RUN/checkpoints) or one step inside it (e.g. RUN/checkpoints/1200)"
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """The tree asked for does not match the tree on disk; the message lists the first differences."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When to save and which checkpoints to keep.
+
+    Keep policy: a checkpoint survives if it is among the newest ``keep_last``
+    checkpoints in the directory *or* its step is a multiple of ``keep_every``.
+    Kept-forever checkpoints count toward ``keep_last`` while they are among
+    the newest (keep_last=3, keep_every=5, saving steps 1..12 leaves 5, 10, 11,
+    12). This replaces Orbax's deprecated ``max_to_keep``/``keep_period``
+    options with the ``LatestN`` + ``EveryNSteps`` preservation policies they
+    map to.
+    """
+
+    every_steps: int = field(1000, help="save when step % every_steps == 0; 0 = off")
+    every_minutes: float = field(0.0, help="save when this many minutes passed since the last save; 0 = off "
+                                           "(multi-host: costs one small blocking collective per should_save call)")
+    keep_last: int = field(3, help="keep the newest N checkpoints (>= 1)")
+    keep_every: int = field(0, help="also keep forever every checkpoint whose step is a multiple of this; 0 = none")
+    async_save: bool = field(True, help="write in a background thread; training continues while it writes")
+
+    def validate(self) -> None:
+        for name in ("every_steps", "every_minutes", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"checkpoint.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1 so a run can resume, got {self.keep_last}")
+
+
+def _key_name(path: tuple) -> str:
+    """'opt_state.1.0.mu.w': the dotted name Orbax also uses for a leaf, whatever the container types."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):  # DictKey / GetAttrKey / SequenceKey
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def _leaves_by_name(tree: Any) -> dict[str, Any]:
+    return {_key_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_tree(on_disk: Any, wanted: Any, where: str) -> None:
+    """Raise CheckpointMismatchError naming the first leaves whose names or shapes differ.
+
+    Orbax raises on a mismatch too, but its message prints whole metadata trees;
+    this one names the first few differing leaves, before any array is read.
+    """
+    disk, want = _leaves_by_name(on_disk), _leaves_by_name(wanted)
+    problems = [f"'{k}' is not in the checkpoint" for k in sorted(want.keys() - disk.keys())]
+    problems += [f"'{k}' is in the checkpoint but not in the target" for k in sorted(disk.keys() - want.keys())]
+    for k in sorted(want.keys() & disk.keys()):
+        a, b = getattr(disk[k], "shape", None), getattr(want[k], "shape", None)
+        if a is not None and b is not None and tuple(a) != tuple(b):
+            problems.append(f"'{k}' has shape {tuple(a)} in the checkpoint but {tuple(b)} in the target")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointMismatchError(
+            f"checkpoint {where} does not match the model/optimizer being restored: "
+            + "; ".join(problems[:5]) + more
+            + ". Check that the model and optimizer config match the run that wrote it."
+        )
+
+
+def _check_json(value: Any, item: str) -> dict:
+    """Fail now, in the caller's thread, rather than inside Orbax's background writer."""
+    value = {} if value is None else value
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint item '{item}' must be JSON-serialisable: {e}") from None
+    return value
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints under one directory.
+
+        ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+        if (step := ckpt.latest_step()) is not None:
+            state, data_state, meta = ckpt.restore(step, abstract_state)
+        for step in ...:
+            ckpt.save(step, state, data_iter.get_state(), meta)  # no-op unless should_save(step)
+        ckpt.close()                                             # waits for the last save
+    """
+
+    def __init__(self, directory: str | epath.PathLike, config: CheckpointConfig = CheckpointConfig()):
+        self.directory = epath.Path(directory)
+        self.config = config
+        keep = [keep_lib.LatestN(n=config.keep_last)]
+        if config.keep_every:
+            keep.append(keep_lib.EveryNSteps(interval_steps=config.keep_every))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=keep_lib.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=config.async_save,
+            # Deletes tmp directories of saves killed mid-write (in the background; the
+            # first save waits for it). Without it, only a leftover of the very step being
+            # saved again is replaced; leftovers of other steps would linger forever.
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        # Handlers named up front (not inferred from the first save's args) so a fresh
+        # manager can read item metadata and restore before it has saved anything.
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        # Time-based saving counts from construction, so a restarted job does not save at once.
+        self._last_save_time = time.monotonic()
+
+    # -- deciding -----------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """Whether ``step`` is due: a multiple of every_steps, or every_minutes since the last save.
+
+        Call it on every process with the same step. Clocks differ between hosts,
+        so with several processes the time test is decided on process 0 and
+        broadcast (one tiny collective that waits for queued device work); a
+        multi-host run that cares about dispatch overlap should use every_steps only.
+        """
+        latest = self._manager.latest_step()
+        if latest is not None and step <= latest:
+            return False
+        cfg = self.config
+        due = cfg.every_steps > 0 and step % cfg.every_steps == 0
+        if cfg.every_minutes > 0:
+            late = time.monotonic() - self._last_save_time >= cfg.every_minutes * 60
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                late = bool(multihost_utils.broadcast_one_to_all(np.asarray(late)))
+            due = due or late
+        return due
+
+    # -- saving -------------------------------------------------------------------
+    def save(self, step: int, state: Any, data_state: dict | None = None, meta: dict | None = None,
+             *, force: bool = False) -> bool:
+        """Save if ``should_save(step)`` (or ``force``); returns whether a save started.
+
+        Asynchronous by default: returns once arrays are copied off the devices, so
+        ``state`` may be donated/overwritten by the next step. A step that already
+        exists is skipped (e.g. the final save right after a periodic one).
+        """
+        if not force and not self.should_save(step):
+            return False
+        if step in self._manager.all_steps():
+            log.info("checkpoint for step %d already exists in %s; not saving again", step, self.directory)
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_check_json(data_state, "data")),
+            meta=ocp.args.JsonSave(_check_json(meta, "meta")),
+        )
+        self._manager.save(step, args=args, force=True)  # force: the decision above is ours
+        self._last_save_time = time.monotonic()
+        return True
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk (and their old steps pruned)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves, then release Orbax's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading ------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Steps present, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """Newest complete step on disk, or None.
+
+        Steps written by other processes or earlier runs count only once committed.
+        In the process that is saving, a step counts from the moment ``save`` returns
+        (Orbax tracks it eagerly); call ``wait()`` first if it must be on disk.
+        """
+        return self._manager.latest_step()
+
+    def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """Restore ``(state, data_state, meta)`` of ``step`` (None = latest).
+
+        ``abstract_state`` has the trainer's structure with ``jax.ShapeDtypeStruct``
+        leaves whose ``sharding`` says where each array goes, so a checkpoint saved
+        on one mesh restores onto another.
+        """
+        self._manager.wait_until_finished()  # a step this process is still writing cannot be read yet
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise UserError(f"no complete checkpoint in '{self.directory}'; expected {_EXPECTED}")
+        if step not in self._manager.all_steps():
+            raise UserError(f"no checkpoint for step {step} in '{self.directory}'; steps there: {self.all_steps()}")
+        on_disk = self._manager.item_metadata(step)["state"]
+        _check_tree(on_disk.tree, abstract_state, f"'{self.directory / str(step)}'")
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return out["state"], out["data"], out["meta"]
+
+
+# -- reading one checkpoint without a manager (export, params-only warm start) -------
+def resolve_step_dir(path: str | epath.PathLike) -> epath.Path:
+    """The step directory that ``path`` names: itself, or the latest complete step inside it."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint path '{p}' does not exist; expected {_EXPECTED}")
+    if not p.is_dir():
+        raise UserError(f"checkpoint path '{p}' is not a directory; expected {_EXPECTED}")
+    is_step_dir = (p / "state").is_dir()
+    if ocp.step.TMP_DIR_SUFFIX in p.name or (is_step_dir and not ocp.step.is_path_finalized(p)):
+        raise UserError(f"checkpoint '{p}' is incomplete (its save was interrupted); use an earlier step")
+    if is_step_dir:
+        return p
+    steps = ocp.step.checkpoint_steps(p)
+    if not steps:
+        raise UserError(f"'{p}' holds no complete checkpoint; expected {_EXPECTED}")
+    return p / str(max(steps))
+
+
+def restore_params(path: str | epath.PathLike, abstract_params: Any) -> Any:
+    """Restore only ``state['params']`` from a checkpoint root or step directory.
+
+    The optimizer state on disk is never read, so its structure need not be known
+    (Orbax ``PyTreeRestore(partial_restore=True)``). Leaves of ``abstract_params``
+    are ``jax.ShapeDtypeStruct`` with the target sharding.
+    """
+    step_dir = resolve_step_dir(path)
+    on_disk = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
+    if not isinstance(on_disk, dict) or "params" not in on_disk:
+        top = sorted(on_disk) if isinstance(on_disk, dict) else type(on_disk).__name__
+        raise CheckpointMismatchError(f"checkpoint '{step_dir}' has no 'params' in its state (top level: {top})")
+    target = {"params": abstract_params}
+    _check_tree({"params": on_disk["params"]}, target, f"'{step_dir}'")
+    # PyTreeRestore, not StandardRestore: only it accepts a target that omits subtrees
+    # (opt_state, step) which are on disk.
+    args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        return reader.restore(step_dir / "state", args=args)["params"]
+    finally:
+        reader.close()
+
+
+def read_meta(path: str | epath.PathLike) -> dict:
+    """The ``meta`` JSON (run/model config, versions) of a checkpoint root or step directory."""
+    reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    try:
+        return reader.restore(resolve_step_dir(path) / "meta")
+    finally:
+        reader.close()
