@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Run jaxcpt on every GPU of one machine: one process that sees all local GPUs
+# (single-process, multi-device JAX), so no jax.distributed setup is needed.
+set -euo pipefail
+
+PROG=${0##*/}
+# Lets XLA overlap collectives with compute; see JAX's "GPU performance tips".
+GPU_XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true"
+
+usage() {
+  cat <<EOF
+Usage: $PROG --config PATH --run-dir DIR [options] [-- key=value ...]
+
+Run 'jaxcpt train' once, on all GPUs of this machine.
+
+Options:
+  --config PATH         YAML config to train with (required)
+  --run-dir DIR         checkpoint and log directory (required)
+  --gpus LIST           CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (default: all GPUs)
+  --mem-fraction F      XLA_PYTHON_CLIENT_MEM_FRACTION, the share of each GPU's memory
+                        JAX preallocates (default 0.90; JAX's own default is 0.75)
+  --xla-flags FLAGS     more XLA flags, appended after the defaults (and after any
+                        XLA_FLAGS already in the environment, which are kept)
+  --dry-run             print the command, prefixed "+ ", and run nothing
+                        (also skips the nvidia-smi check)
+  -h, --help            show this help
+
+Everything after -- is passed to 'jaxcpt train' as dotted overrides (key=value).
+
+Default XLA flags: $GPU_XLA_FLAGS
+
+Example:
+  $PROG --config configs/llama3_8b_cpt.yaml --run-dir runs/cpt-1 -- optim.peak_lr=3e-5
+EOF
+}
+
+die() {
+  echo "$PROG: error: $*" >&2
+  echo "run '$PROG --help' for usage" >&2
+  exit 2
+}
+
+# One word as a shell reads it back: bare when safe, else single-quoted.
+quote() {
+  local word=$1
+  if [[ $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$word"
+  else
+    printf "'%s'" "${word//\'/\'\\\'\'}"
+  fi
+}
+
+quote_words() {
+  local out="" word
+  for word in "$@"; do
+    out+="${out:+ }$(quote "$word")"
+  done
+  printf '%s' "$out"
+}
+
+CONFIG="" RUN_DIR="" GPUS="" MEM_FRACTION=0.90 EXTRA_XLA_FLAGS="" DRY_RUN=0
+OVERRIDES=()
+
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --) shift; OVERRIDES=("$@"); break ;;
+    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+    --config | --run-dir | --gpus | --mem-fraction | --xla-flags)
+      (($# >= 2)) || die "$1 needs a value"
+      case $1 in
+        --config) CONFIG=$2 ;;
+        --run-dir) RUN_DIR=$2 ;;
+        --gpus) GPUS=$2 ;;
+        --mem-fraction) MEM_FRACTION=$2 ;;
+        --xla-flags) EXTRA_XLA_FLAGS=$2 ;;
+      esac
+      shift 2
+      continue
+      ;;
+    --dry-run) DRY_RUN=1 ;;
+    -*) die "unknown option '$1'" ;;
+    *) die "unexpected argument '$1'; put config overrides after --, e.g. -- $1" ;;
+  esac
+  shift
+done
+
+[[ -n $CONFIG ]] || die "missing --config PATH (the YAML config to train with)"
+[[ -f $CONFIG ]] || die "--config '$CONFIG' is not a file"
+[[ -n $RUN_DIR ]] || die "missing --run-dir DIR (where checkpoints and logs go)"
+[[ $MEM_FRACTION =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] || die "--mem-fraction '$MEM_FRACTION' is not a number in (0, 1]"
+for override in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
+  [[ $override == *=* ]] || die "override '$override' after -- is not key=value (e.g. optim.peak_lr=3e-5)"
+done
+
+if ((DRY_RUN)); then
+  echo "# dry run: skipping the nvidia-smi check, running nothing"
+else
+  command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this script needs NVIDIA GPUs and their driver"
+  gpu_count=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -c .) ||
+    die "nvidia-smi lists no GPUs; check the driver with 'nvidia-smi'"
+  echo "# nvidia-smi: $gpu_count GPU(s) on $(hostname)"
+  command -v jaxcpt >/dev/null ||
+    die "'jaxcpt' is not on PATH; activate the environment it is installed in (pip install -e '.[test]')"
+fi
+
+# Ours first, so flags already in the environment and --xla-flags win on conflict.
+xla_flags="$GPU_XLA_FLAGS${XLA_FLAGS:+ $XLA_FLAGS}${EXTRA_XLA_FLAGS:+ $EXTRA_XLA_FLAGS}"
+environment=(XLA_FLAGS="$xla_flags" XLA_PYTHON_CLIENT_MEM_FRACTION="$MEM_FRACTION")
+[[ -z $GPUS ]] || environment+=(CUDA_VISIBLE_DEVICES="$GPUS")
+
+command=(env "${environment[@]}" jaxcpt train --config "$CONFIG" "run_dir=$RUN_DIR"
+  ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+echo "+ $(quote_words "${command[@]}")"
+if ((DRY_RUN)); then
+  exit 0
+fi
+# exec: a SIGTERM (preemption, Ctrl-C) reaches the trainer, which can checkpoint.
+exec "${command[@]}"

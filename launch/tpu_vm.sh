@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Run jaxcpt on a Cloud TPU VM (one host or a multi-host pod slice) with gcloud.
+#
+# Every step is one gcloud command, printed before it runs as "+ gcloud ...", so a
+# --dry-run shows the whole plan and executes nothing. See launch/README.md.
+set -euo pipefail
+
+PROG=${0##*/}
+# Where install and train put files on each worker, relative to the remote home.
+REMOTE_DIR=jaxcpt-run
+REMOTE_LOG=$REMOTE_DIR/train.log
+
+usage() {
+  cat <<EOF
+Usage: $PROG COMMAND --name NAME --zone ZONE [options] [-- key=value ...]
+
+Create a TPU VM (or a queued resource), install jaxcpt on every worker, run the
+same 'jaxcpt train' on all workers, follow the logs, and delete the VM.
+
+Commands:
+  create    create the TPU VM (--queued: a queued resource, waited on until ACTIVE)
+  install   pip install 'jax[tpu]' and jaxcpt on every worker
+  train     copy the config to every worker and start 'jaxcpt train' on all of them
+  logs      follow the training log of one worker (or all)
+  delete    delete the TPU VM (--queued: the queued resource, with --force)
+  all       create, install, train, then logs
+
+Options:
+  --name NAME             TPU VM name; with --queued also the queued-resource id (required)
+  --zone ZONE             e.g. us-east5-a (required)
+  --project PROJECT       gcloud project (default: gcloud's configured project)
+  --accelerator-type T    e.g. v5p-64, v5litepod-16, v6e-32 (required by create)
+  --runtime-version V     TPU software version (default from the accelerator type:
+                          v4 tpu-ubuntu2204-base, v5p v2-alpha-tpuv5,
+                          v5litepod v2-alpha-tpuv5-lite, v6e v2-alpha-tpuv6e)
+  --queued                create/delete through a queued resource
+  --spot                  Spot capacity (can be preempted; resume from the checkpoint)
+  --reserved              use the project's reservation
+  --wheel PATH            install this local wheel (copied to every worker) ...
+  --git-url URL           ... or install from git, e.g. https://github.com/ORG/jaxcpt.git@main
+  --config PATH           local YAML config, copied to every worker (required by train)
+  --run-dir gs://B/RUN    checkpoint and log directory; must be on GCS (required by train)
+  --foreground            train inside the ssh session (output streams here; Ctrl-C or a
+                          dropped connection stops training) instead of nohup + logs
+  --worker N|all          worker whose log 'logs' follows (default 0)
+  --yes                   delete without gcloud's confirmation prompt
+  --dry-run               print every command, one per line prefixed "+ ", run nothing
+  -h, --help              show this help
+
+Everything after -- is passed to 'jaxcpt train' as dotted overrides (key=value).
+The train command always gets distributed.initialize=true: on a TPU VM
+jax.distributed.initialize() finds the coordinator and the process ids by itself.
+
+Example:
+  $PROG all --name cpt-v5p --zone us-east5-a --accelerator-type v5p-64 --spot \\
+    --git-url https://github.com/ORG/jaxcpt.git --config configs/llama3_8b_cpt.yaml \\
+    --run-dir gs://my-bucket/runs/cpt-1 -- optim.peak_lr=3e-5
+EOF
+}
+
+die() {
+  echo "$PROG: error: $*" >&2
+  echo "run '$PROG --help' for usage" >&2
+  exit 2
+}
+
+# One word as a shell reads it back: bare when safe, else single-quoted.
+quote() {
+  local word=$1
+  if [[ $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$word"
+  else
+    printf "'%s'" "${word//\'/\'\\\'\'}"
+  fi
+}
+
+quote_words() {
+  local out="" word
+  for word in "$@"; do
+    out+="${out:+ }$(quote "$word")"
+  done
+  printf '%s' "$out"
+}
+
+# Like quote_words, but double-quotes where that is exact, for the command strings
+# sent to the workers: "+ ..." then shows them inside '...' without '\'' noise.
+quote_remote_words() {
+  local out="" word
+  for word in "$@"; do
+    if [[ ! $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ && $word != *[\$\`\"\\!]* ]]; then
+      out+="${out:+ }\"$word\""
+    else
+      out+="${out:+ }$(quote "$word")"
+    fi
+  done
+  printf '%s' "$out"
+}
+
+# Print a command as "+ cmd args..." (copy-pasteable), then run it unless --dry-run.
+run() {
+  echo "+ $(quote_words "$@")"
+  if ((DRY_RUN)); then
+    return 0
+  fi
+  "$@"
+}
+
+default_runtime_version() {
+  case $1 in
+    v4-*) echo tpu-ubuntu2204-base ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
+}
+
+# ---------------------------------------------------------------- arguments
+COMMAND="" NAME="" ZONE="" PROJECT="" ACCELERATOR_TYPE="" RUNTIME_VERSION=""
+QUEUED=0 SPOT=0 RESERVED=0 WHEEL="" GIT_URL="" CONFIG="" RUN_DIR=""
+FOREGROUND=0 LOG_WORKER=0 YES=0 DRY_RUN=0
+OVERRIDES=()
+
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --) shift; OVERRIDES=("$@"); break ;;
+    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+    --name | --zone | --project | --accelerator-type | --runtime-version | --wheel | \
+      --git-url | --config | --run-dir | --worker)
+      (($# >= 2)) || die "$1 needs a value"
+      case $1 in
+        --name) NAME=$2 ;;
+        --zone) ZONE=$2 ;;
+        --project) PROJECT=$2 ;;
+        --accelerator-type) ACCELERATOR_TYPE=$2 ;;
+        --runtime-version) RUNTIME_VERSION=$2 ;;
+        --wheel) WHEEL=$2 ;;
+        --git-url) GIT_URL=$2 ;;
+        --config) CONFIG=$2 ;;
+        --run-dir) RUN_DIR=$2 ;;
+        --worker) LOG_WORKER=$2 ;;
+      esac
+      shift 2
+      continue
+      ;;
+    --queued) QUEUED=1 ;;
+    --spot) SPOT=1 ;;
+    --reserved) RESERVED=1 ;;
+    --foreground) FOREGROUND=1 ;;
+    --yes) YES=1 ;;
+    --dry-run) DRY_RUN=1 ;;
+    create | install | train | logs | delete | all)
+      [[ -z $COMMAND ]] || die "two commands given ('$COMMAND' and '$1'); give one"
+      COMMAND=$1
+      ;;
+    -*) die "unknown option '$1'" ;;
+    *) die "unknown command '$1'; expected one of: create install train logs delete all" ;;
+  esac
+  shift
+done
+
+[[ -n $COMMAND ]] || die "missing COMMAND (create, install, train, logs, delete or all)"
+[[ -n $NAME ]] || die "missing --name NAME (the TPU VM to $COMMAND)"
+[[ -n $ZONE ]] || die "missing --zone ZONE (the zone of TPU VM '$NAME', e.g. us-east5-a)"
+[[ $LOG_WORKER =~ ^([0-9]+|all)$ ]] || die "--worker '$LOG_WORKER' is not a worker number or 'all'"
+for override in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
+  [[ $override == *=* ]] || die "override '$override' after -- is not key=value (e.g. optim.peak_lr=3e-5)"
+done
+
+wants() { [[ $COMMAND == "$1" || $COMMAND == all ]]; }
+
+# Check every argument the chosen steps need before running any of them, so 'all'
+# does not create a VM and then stop at a missing --config.
+if wants create; then
+  [[ -n $ACCELERATOR_TYPE ]] || die "missing --accelerator-type TYPE (e.g. v5p-64) for create"
+  if [[ -z $RUNTIME_VERSION ]]; then
+    RUNTIME_VERSION=$(default_runtime_version "$ACCELERATOR_TYPE") ||
+      die "no default --runtime-version for accelerator type '$ACCELERATOR_TYPE'; pass one (see 'gcloud compute tpus versions list --zone $ZONE')"
+  fi
+  ((SPOT + RESERVED <= 1)) || die "--spot and --reserved exclude each other; pick one"
+fi
+if wants install; then
+  [[ -n $WHEEL || -n $GIT_URL ]] || die "missing --wheel PATH or --git-url URL (what install puts on each worker)"
+  [[ -z $WHEEL || -z $GIT_URL ]] || die "--wheel and --git-url exclude each other; pick one"
+  [[ -z $WHEEL || -f $WHEEL ]] || die "--wheel '$WHEEL' is not a file (build one with 'pip wheel --no-deps -w dist .')"
+fi
+if wants train; then
+  [[ -n $CONFIG ]] || die "missing --config PATH (the YAML config to train with)"
+  [[ -f $CONFIG ]] || die "--config '$CONFIG' is not a file"
+  [[ -n $RUN_DIR ]] || die "missing --run-dir gs://BUCKET/RUN (where checkpoints and logs go)"
+  [[ $RUN_DIR == gs://* ]] ||
+    die "--run-dir '$RUN_DIR' must be a gs:// path: every TPU worker runs the same train command and all of them must save to and resume from one shared checkpoint directory; a local path would give each host its own partial copy, lost when the VM is deleted"
+fi
+
+LOCATION=(--zone="$ZONE")
+[[ -z $PROJECT ]] || LOCATION+=(--project="$PROJECT")
+
+ssh_all() {
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOCATION[@]}" --worker=all --command "$1"
+}
+
+# ---------------------------------------------------------------- steps
+create_vm() {
+  local capacity=()
+  if ((SPOT)); then capacity=(--spot); fi
+  if ((RESERVED)); then capacity=(--reserved); fi
+  if ((QUEUED)); then
+    run gcloud compute tpus queued-resources create "$NAME" "${LOCATION[@]}" --node-id="$NAME" \
+      --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION" ${capacity[@]+"${capacity[@]}"}
+    wait_until_active
+  else
+    # Returns once the VM is READY.
+    run gcloud compute tpus tpu-vm create "$NAME" "${LOCATION[@]}" \
+      --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" ${capacity[@]+"${capacity[@]}"}
+  fi
+}
+
+# A queued resource is granted when capacity frees up, which can take hours.
+wait_until_active() {
+  local describe=(gcloud compute tpus queued-resources describe "$NAME" "${LOCATION[@]}" --format='value(state.state)')
+  echo "+ $(quote_words "${describe[@]}")  # repeated every 60 s until ACTIVE"
+  if ((DRY_RUN)); then
+    return 0
+  fi
+  local state
+  while :; do
+    state=$("${describe[@]}") || die "could not describe queued resource '$NAME' in $ZONE"
+    [[ $state == ACTIVE ]] && return 0
+    case $state in
+      FAILED | SUSPENDING | SUSPENDED) die "queued resource '$NAME' is $state; see 'gcloud compute tpus queued-resources describe $NAME --zone=$ZONE'" ;;
+    esac
+    echo "# queued resource $NAME is ${state:-not visible yet}; checking again in 60 s"
+    sleep 60
+  done
+}
+
+install_jaxcpt() {
+  local package
+  if [[ -n $WHEEL ]]; then
+    ssh_all "mkdir -p ~/$REMOTE_DIR"
+    run gcloud compute tpus tpu-vm scp "$WHEEL" "$NAME:$REMOTE_DIR/" "${LOCATION[@]}" --worker=all
+    package=./${WHEEL##*/}
+  else
+    package="jaxcpt @ git+${GIT_URL#git+}"
+  fi
+  # 'jax[tpu]' pulls the libtpu matching the jax version jaxcpt resolves to.
+  ssh_all "mkdir -p ~/$REMOTE_DIR && cd ~/$REMOTE_DIR && python3 -m pip install --upgrade pip && python3 -m pip install --upgrade $(quote_remote_words "jax[tpu]" "$package")"
+}
+
+start_training() {
+  local config_name=${CONFIG##*/}
+  ssh_all "mkdir -p ~/$REMOTE_DIR"
+  run gcloud compute tpus tpu-vm scp "$CONFIG" "$NAME:$REMOTE_DIR/$config_name" "${LOCATION[@]}" --worker=all
+  local train
+  train=$(quote_remote_words jaxcpt train --config "$config_name" "run_dir=$RUN_DIR" distributed.initialize=true ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+  # pip --user puts the jaxcpt script in ~/.local/bin, which a non-login ssh shell
+  # does not have on PATH; $HOME and $PATH must expand on the worker, not here.
+  # shellcheck disable=SC2016
+  local prelude='cd ~/'"$REMOTE_DIR"' && export PATH="$HOME/.local/bin:$PATH"'
+  if ((FOREGROUND)); then
+    ssh_all "$prelude && $train"
+  else
+    # nohup and closed stdio so training survives the ssh session ending.
+    ssh_all "$prelude && { nohup $train > ~/$REMOTE_LOG 2>&1 < /dev/null & } && echo \"started on \$(hostname); log: ~/$REMOTE_LOG\""
+  fi
+}
+
+follow_logs() {
+  # Each line is prefixed with the worker's hostname, useful with --worker all.
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOCATION[@]}" --worker="$LOG_WORKER" \
+    --command "tail -n +1 -F ~/$REMOTE_LOG | sed -u \"s/^/[\$(hostname)] /\""
+}
+
+delete_vm() {
+  local confirm=()
+  if ((YES)); then confirm=(--quiet); fi
+  if ((QUEUED)); then
+    # --force also deletes the TPU VM the queued resource holds.
+    run gcloud compute tpus queued-resources delete "$NAME" "${LOCATION[@]}" --force ${confirm[@]+"${confirm[@]}"}
+  else
+    run gcloud compute tpus tpu-vm delete "$NAME" "${LOCATION[@]}" ${confirm[@]+"${confirm[@]}"}
+  fi
+}
+
+if ((DRY_RUN)); then
+  echo "# dry run: printing the commands, running none"
+fi
+case $COMMAND in
+  create) create_vm ;;
+  install) install_jaxcpt ;;
+  train) start_training ;;
+  logs) follow_logs ;;
+  delete) delete_vm ;;
+  all)
+    create_vm
+    install_jaxcpt
+    start_training
+    if ((!FOREGROUND)); then
+      echo "# following the log of worker $LOG_WORKER; Ctrl-C stops following, not training"
+      follow_logs
+    fi
+    ;;
+esac

