@@ -1,0 +1,45 @@
+"""``jaxcpt import-hf HF_DIR --out DIR``: an HF checkpoint as a jaxcpt checkpoint (DIR/checkpoints/0).
+
+The result can start a run (``init.checkpoint=DIR``) or go back out with ``jaxcpt export-hf DIR``.
+Tokenizer files, if the HF directory has them, are copied to DIR/tokenizer.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from jaxcpt.errors import UserError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    parser.add_argument("--out", required=True, help="output directory (becomes a run-like directory)")
+    parser.add_argument("--mesh", default=None, help="mesh as YAML, e.g. '{fsdp: -1}' (default: all devices on data)")
+
+
+def run(args) -> int:
+    import yaml
+
+    from jaxcpt.checkpoint import CheckpointConfig, Checkpointer
+    from jaxcpt.hf.convert import TOKENIZER_FILES, load_hf
+    from jaxcpt.model.persist import model_meta, params_of
+    from jaxcpt.sharding.mesh import build_mesh
+
+    out = Path(args.out)
+    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise UserError(f"'{out}/checkpoints' already holds checkpoints; choose an empty --out")
+    mesh = build_mesh(yaml.safe_load(args.mesh) if args.mesh else None)
+    print(f"reading {args.hf_dir} ...", flush=True)
+    model = load_hf(args.hf_dir, mesh=mesh)
+    cfg = model.config
+    print(f"{cfg.family}: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_params() / 1e6:.1f}M parameters", flush=True)
+    with Checkpointer(out / "checkpoints", CheckpointConfig(async_save=False)) as ckpt:
+        ckpt.save(0, {"params": params_of(model)}, {}, {**model_meta(model), "source": str(Path(args.hf_dir).resolve())}, force=True)
+    if model.tokenizer_dir:
+        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (Path(model.tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(model.tokenizer_dir) / name, out / "tokenizer" / name)
+    print(f"wrote {out}/checkpoints/0" + (f" and {out}/tokenizer" if model.tokenizer_dir else ""))
+    return 0

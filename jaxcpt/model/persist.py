@@ -1,0 +1,71 @@
+"""A model as plain pytrees: parameters out of and back into the NNX module, and from checkpoints.
+
+Checkpoints store parameters as a nested dict of arrays (``{'layers': {'q': ...}, ...}``)
+so their layout does not depend on Flax internals; the model config travels in the
+checkpoint's ``meta`` item.
+"""
+
+from __future__ import annotations
+
+import jax
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxcpt import __version__
+from jaxcpt.config import from_dict, to_dict
+from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.transformer import Transformer, abstract_model, state_shardings
+from jaxcpt.sharding.mesh import build_mesh
+from jaxcpt.sharding.rules import make_rules
+
+
+def params_of(model: Transformer) -> dict:
+    """The model's parameters as a nested dict of arrays (no Flax types)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def abstract_params(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+    """Parameters as ``ShapeDtypeStruct`` leaves carrying their target sharding (for restores)."""
+    state = nnx.state(abstract_model(cfg, rules), nnx.Param)
+    shardings = state_shardings(state, mesh, rules).to_pure_dict()
+    shapes = state.to_pure_dict()
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def model_from_params(cfg: ModelConfig, params: dict, rules=None, tokenizer_dir: str | None = None) -> Transformer:
+    rules = rules if rules is not None else make_rules()
+    graphdef, state = nnx.split(abstract_model(cfg, rules, tokenizer_dir))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def model_meta(model: Transformer) -> dict:
+    return {"model_config": to_dict(model.config), "jaxcpt_version": __version__}
+
+
+def tokenizer_dir_for(step_dir: epath.Path) -> str | None:
+    """RUN/tokenizer for a checkpoint RUN/checkpoints/STEP, if the run kept tokenizer files."""
+    candidate = step_dir.parent.parent / "tokenizer"
+    return str(candidate) if candidate.is_dir() else None
+
+
+def load_model(path, mesh: Mesh | None = None, rules=None, **model_overrides) -> Transformer:
+    """The model of a jaxcpt checkpoint (run dir, checkpoints dir or one step), sharded on ``mesh``."""
+    import dataclasses
+
+    from jaxcpt.checkpoint import read_meta, resolve_step_dir, restore_params
+
+    step_dir = resolve_step_dir(resolve_run_checkpoints(path))
+    cfg = from_dict(ModelConfig, read_meta(step_dir)["model_config"], prefix="model")
+    cfg = dataclasses.replace(cfg, **model_overrides)
+    mesh = mesh if mesh is not None else build_mesh()
+    rules = rules if rules is not None else make_rules()
+    params = restore_params(step_dir, abstract_params(cfg, mesh, rules))
+    return model_from_params(cfg, params, rules, tokenizer_dir_for(step_dir))
+
+
+def resolve_run_checkpoints(path) -> epath.Path:
+    """Accept a run directory too: RUN -> RUN/checkpoints when that exists."""
+    p = epath.Path(path)
+    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
