@@ -1,0 +1,91 @@
+"""AdamW for continual pretraining: global-norm clipping, a weight-decay mask read from parameter names.
+
+    tx, schedule = build_optimizer(cfg.optim, total_steps)
+    lr = schedule(step)             # what the trainer logs; the same function drives the updates
+
+The learning rate is given to ``optax.adamw`` as the schedule itself, and optax's step
+counter advances once per ``tx.update``, so ``schedule(step)`` for the training step is
+exactly the lr of that update (gradient accumulation happens before the update, see
+``jaxcpt.optim.accumulate``, and does not advance the counter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from jaxcpt.optim.config import OptimConfig
+from jaxcpt.optim.schedules import Schedule, build_schedule
+
+# Path components that belong to the container (nnx.Variable's ``value``), not to the parameter name.
+_CONTAINER_KEYS = ("value", "raw_value")
+
+
+def _path_names(path: tuple) -> list[str]:
+    """Lower-cased names along a pytree path, for dicts, attributes and sequences alike."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)).lower())
+                break
+        else:
+            names.append(str(key).lower())
+    while names and names[-1] in _CONTAINER_KEYS:
+        names.pop()
+    return names
+
+
+def is_norm_or_bias(path: tuple) -> bool:
+    """A path with a component containing 'norm' (RMSNorm / LayerNorm scales, q_norm ...) or ending in 'bias'."""
+    names = _path_names(path)
+    return any("norm" in n for n in names) or bool(names and names[-1].endswith("bias"))
+
+
+def is_input_embedding(path: tuple) -> bool:
+    """A path with a component containing 'embed' ('embed', 'embed_tokens', 'embedding').
+
+    The output projection ('lm_head') is an ordinary kernel and is decayed; with tied
+    embeddings there is only the input table, and ``decay_embeddings`` decides for both.
+    """
+    return any("embed" in n for n in _path_names(path))
+
+
+def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
+    """A pytree shaped like ``params`` with True where AdamW should apply weight decay.
+
+    Works on any pytree whose paths carry parameter names: nested dicts, flax
+    ``nnx.State`` (its ``.value`` leaf key is ignored), dataclasses. Norm scales and biases
+    are never decayed: decay would pull a norm's scale toward 0, not toward the identity.
+    The input embedding is decayed only with ``decay_embeddings``: rows of tokens that the
+    new data never uses get no gradient, so decay alone would shrink them (forgetting).
+    """
+
+    def decays(path, _leaf) -> bool:
+        if is_norm_or_bias(path):
+            return False
+        if is_input_embedding(path):
+            return decay_embeddings
+        return True
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
+    """``(tx, schedule)``: clip (if on) then AdamW with the masked decay and the lr schedule of ``cfg``."""
+    cfg.validate()
+    schedule = build_schedule(cfg.schedule, total_steps)
+    b1, b2 = cfg.betas
+    adamw = optax.adamw(
+        learning_rate=schedule,
+        b1=b1,
+        b2=b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: weight_decay_mask(params, cfg.decay_embeddings),
+    )
+    if cfg.clip_grad_norm:  # 0 and None both mean off
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw), schedule
+    return adamw, schedule
