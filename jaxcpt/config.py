@@ -136,6 +136,10 @@ def from_dict(cls: type, data: dict | None, prefix: str = ""):
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"unknown config key '{_join(prefix, str(key))}'" + _suggest(str(key), list(fields), prefix))
+        default = fields[key].default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # a partial section overrides the parent's default for it, not the class defaults
+            value = {**to_dict(default), **value}
         kwargs[key] = _convert(hints[key], value, _join(prefix, key))
     missing = [
         n for n, f in fields.items()

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxcpt.errors import UserError
 
 MeshAxes = str | tuple[str, ...] | None
+STANDARD_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or axes, major first), None = replicated.
 DEFAULT_RULES: dict[str, MeshAxes] = {
@@ -61,10 +62,14 @@ def make_rules(overrides: Mapping[str, MeshAxes | list[str]] | None = None) -> t
 
 
 def check_rules(rules: Sequence[tuple[str, MeshAxes]], mesh: Mesh) -> None:
-    """Raise a clear error if a rule names a mesh axis the mesh does not have."""
+    """Raise a clear error if a rule names a mesh axis that is neither in the mesh nor a standard one.
+
+    A standard axis (data, fsdp, tensor) left out of the mesh counts as size 1, so
+    ``mesh: {data: -1}`` works with the default rules; any other name is a typo.
+    """
     for name, axes in rules:
         for axis in _as_tuple(axes):
-            if axis not in mesh.axis_names:
+            if axis not in mesh.axis_names and axis not in STANDARD_AXES:
                 raise UserError(
                     f"sharding rule '{name}' -> '{axis}' names a mesh axis that does not exist; "
                     f"the mesh axes are {', '.join(mesh.axis_names)}. Fix the rule or add the axis to 'mesh'."
