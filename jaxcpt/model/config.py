@@ -47,8 +47,10 @@ class ModelConfig:
     remat: Literal["none", "minimal", "full"] = field(
         "none", help="activation rematerialisation per layer: none, minimal (save matmul outputs), full (save only layer inputs)"
     )
-    attention: Literal["auto", "xla", "cudnn"] = field(
-        "auto", help="attention kernel: xla (reference einsum), cudnn (flash, GPU), auto (cudnn on GPU when it applies, else xla)"
+    attention: Literal["auto", "reference", "xla", "cudnn", "splash"] = field(
+        "auto",
+        help="attention kernel: reference (einsum, the oracle), xla (jax.nn.dot_product_attention), cudnn (flash, GPU), "
+        "splash (Pallas, TPU), auto (splash on TPU, cudnn on GPU in bf16/fp16, else reference)",
     )
 
     @property

@@ -65,59 +65,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Array:
-    """Boolean mask [B, 1, 1, T, S]: causal, within one document, and inside the sliding window.
-
-    Causality is by index in the packed row (documents are contiguous), so a packed
-    row of two documents attends exactly as each document would alone.
-    """
-    t = segment_ids.shape[1]
-    q_idx = jnp.arange(t)[:, None]
-    k_idx = jnp.arange(t)[None, :]
-    allowed = k_idx <= q_idx  # [T, S]
-    if sliding_window is not None:
-        allowed &= k_idx > q_idx - sliding_window
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-    return (allowed[None] & same_doc)[:, None, None]  # [B, 1, 1, T, S]
-
-
-def attention_xla(q, k, v, segment_ids, sliding_window):
-    """Reference grouped-query attention; softmax in float32.
-
-    q [B, T, H, D], k/v [B, S, K, D] -> [B, T, H, D].
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)  # [B, T, K, G, D]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    mask = attention_mask(segment_ids, sliding_window)  # [B, 1, 1, T, S]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
-
-
-def attention_cudnn(q, k, v, segment_ids, sliding_window):
-    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16/fp16).
-
-    Documents in a packed row are separated by the same boolean mask as the reference.
-    """
-    mask = attention_mask(segment_ids, sliding_window)[:, 0]  # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-
-
-def choose_attention(cfg: ModelConfig):
-    """The attention function for this config and platform."""
-    if cfg.attention == "xla":
-        return attention_xla
-    if cfg.attention == "cudnn":
-        return attention_cudnn
-    on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and cfg.dtype in ("bfloat16", "float16"):
-        return attention_cudnn
-    return attention_xla
-
-
 def swiglu(x, gate_w, up_w, down_w, gate_b=None, up_b=None, down_b=None):
     """down(silu(gate(x)) * up(x)); x [B, T, E], gate/up [E, F], down [F, E]."""
     gate = jnp.einsum("bte,ef->btf", x, gate_w)

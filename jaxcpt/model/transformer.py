@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxcpt.model.config import ModelConfig
-from jaxcpt.model.layers import apply_rope, choose_attention, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from jaxcpt.model.attention import choose_attention
+from jaxcpt.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 from jaxcpt.sharding.rules import constrain, make_rules, named_sharding
 
 REMAT_POLICIES = {
@@ -137,7 +138,8 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = jnp.take(self.embedding[...], input_ids, axis=0).astype(cfg.dtype)  # [B, T, E]
         cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))  # [B, T, D]
-        block = functools.partial(decoder_block, cfg=cfg, rules=self.rules, attention_fn=choose_attention(cfg))
+        attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules)
+        block = functools.partial(decoder_block, cfg=cfg, rules=self.rules, attention_fn=attention_fn)
         if cfg.remat != "none":
             block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
 

@@ -1,0 +1,136 @@
+"""Causal grouped-query attention over packed rows, with one implementation per platform.
+
+Every implementation computes the same thing: each query attends to keys at or
+before it (by index in the row), in the same document (``segment_ids``), and, with
+a sliding window W, to the last W positions only. They differ in how:
+
+- ``reference``: einsum + explicit mask, softmax in float32. The oracle; CPU default.
+- ``xla``: ``jax.nn.dot_product_attention(implementation='xla')``.
+- ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')``, cuDNN flash
+  attention (GPU, bf16/fp16); causality and the window go to the kernel, documents
+  as a mask.
+- ``splash``: the Pallas splash-attention kernel (TPU), block-sparse causal/local
+  masks with segment ids, run per device under ``shard_map``. On CPU it runs in
+  Pallas interpret mode, which is how the tests check it.
+
+Shapes: q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T]; H = K * G.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "splash")
+
+
+def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Boolean mask [B, 1, 1, T, S]: causal, within one document, inside the sliding window."""
+    t = segment_ids.shape[1]
+    q_idx = jnp.arange(t)[:, None]
+    k_idx = jnp.arange(t)[None, :]
+    allowed = k_idx <= q_idx  # [T, S]
+    if sliding_window is not None:
+        allowed &= k_idx > q_idx - sliding_window
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+    return (allowed[None] & same_doc)[:, None, None]  # [B, 1, 1, T, S]
+
+
+def attention_reference(q, k, v, segment_ids, sliding_window=None):
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)  # [B, T, K, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(attention_mask(segment_ids, sliding_window), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _document_mask(segment_ids):
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
+
+
+def attention_xla(q, k, v, segment_ids, sliding_window=None):
+    window = (sliding_window - 1, 0) if sliding_window is not None else None
+    return jax.nn.dot_product_attention(q, k, v, mask=_document_mask(segment_ids), is_causal=True,
+                                        local_window_size=window, implementation="xla")
+
+
+def attention_cudnn(q, k, v, segment_ids, sliding_window=None):
+    window = (sliding_window - 1, 0) if sliding_window is not None else None
+    return jax.nn.dot_product_attention(q, k, v, mask=_document_mask(segment_ids), is_causal=True,
+                                        local_window_size=window, implementation="cudnn")
+
+
+def _splash_kernel(num_query_heads: int, length: int, sliding_window: int | None, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    shape = (length, length)
+    one = masks.CausalMask(shape) if sliding_window is None else masks.LocalMask(shape, (sliding_window - 1, 0), 0)
+    block = min(512, length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    return splash.make_splash_mqa_single_device(masks.MultiHeadMask([one] * num_query_heads), block_sizes=sizes,
+                                                interpret=interpret)
+
+
+def _splash_local(q, k, v, segment_ids, *, sliding_window, interpret):
+    """Per-device splash: q [b, T, h, D], k/v [b, T, kv, D] -> [b, T, h, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    kernel = _splash_kernel(h // kv, t, sliding_window, interpret)
+    q = (q / math.sqrt(d)).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, G, T, D]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, T, D]
+
+    def one_row(q_row, k_row, v_row, seg_row):  # q [kv, G, T, D], k/v [kv, T, D]
+        ids = splash.SegmentIds(q=seg_row, kv=seg_row)
+        return jax.vmap(lambda qg, kg, vg: kernel(qg, kg, vg, segment_ids=ids))(q_row, k_row, v_row)
+
+    out = jax.vmap(one_row)(q, k, v, segment_ids)  # [b, kv, G, T, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def attention_splash(q, k, v, segment_ids, sliding_window=None, *, rules=(), interpret=None):
+    """Splash attention, under ``shard_map`` when a mesh is active (batch and heads stay sharded)."""
+    from jaxcpt.sharding.rules import logical_to_spec
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    local = functools.partial(_splash_local, sliding_window=sliding_window, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return local(q, k, v, segment_ids)
+    shape = dict(mesh.shape)
+    q_spec = logical_to_spec(("batch", "length", "act_heads", None), rules, shape, q.shape)
+    kv_spec = logical_to_spec(("batch", "length", "act_kv_heads", None), rules, shape, k.shape)
+    if (q_spec[2:3] or (None,)) != (kv_spec[2:3] or (None,)):
+        # KV heads cannot split like query heads (e.g. 2 KV heads, tensor=4): give every
+        # query head its own KV head so both split alike.
+        groups = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        kv_spec = q_spec
+    seg_spec = jax.sharding.PartitionSpec(*(tuple(q_spec)[:1] or (None,)))
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False)(
+        q, k, v, segment_ids)
+
+
+def choose_attention(name: str, dtype: str, length: int, rules=()):
+    """The attention function for ``name`` ('auto' picks by platform, dtype and length)."""
+    if name == "auto":
+        backend = jax.default_backend()
+        if backend == "tpu" and length % 128 == 0:
+            name = "splash"
+        elif backend == "gpu" and dtype in ("bfloat16", "float16"):
+            name = "cudnn"
+        else:
+            name = "reference"
+    if name == "splash":
+        return functools.partial(attention_splash, rules=rules)
+    return {"reference": attention_reference, "xla": attention_xla, "cudnn": attention_cudnn}[name]
