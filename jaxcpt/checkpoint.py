@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import logging
 import time
 from typing import Any
@@ -143,7 +144,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | epath.PathLike, config: CheckpointConfig = CheckpointConfig()):
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(directory)
         self.config = config
         keep = [keep_lib.LatestN(n=config.keep_last)]
         if config.keep_every:
@@ -261,10 +262,16 @@ class Checkpointer:
         return out["state"], out["data"], out["meta"]
 
 
+def _absolute(path: str | epath.PathLike) -> epath.Path:
+    """Orbax wants absolute paths; a relative local path is taken from the working directory."""
+    p = epath.Path(path)
+    return p if "://" in str(path) else epath.Path(os.path.abspath(str(p)))
+
+
 # -- reading one checkpoint without a manager (export, params-only warm start) -------
 def resolve_step_dir(path: str | epath.PathLike) -> epath.Path:
     """The step directory that ``path`` names: itself, or the latest complete step inside it."""
-    p = epath.Path(path)
+    p = _absolute(path)
     if not p.exists():
         raise UserError(f"checkpoint path '{p}' does not exist; expected {_EXPECTED}")
     if not p.is_dir():
