@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -44,7 +45,8 @@ def _join(prefix: str, key: str) -> str:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is None and isinstance(tp, type):
         return tp.__name__
-    return str(tp).replace("typing.", "").replace("NoneType", "None")
+    text = str(tp).replace("typing.", "").replace("NoneType", "None")
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", text)  # jaxcpt.data.config.X -> X
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -253,6 +255,9 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         else:
             default = "(required)"
         rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
+        item_classes = [a for arg in typing.get_args(tp) for a in (typing.get_args(arg) or (arg,))]
+        if typing.get_origin(tp) is list:  # describe the fields of list items too: 'data.sources[].name'
+            rows.extend(row for cls_ in item_classes if dataclasses.is_dataclass(cls_) for row in describe(cls_, key + "[]"))
     return rows
 
 
