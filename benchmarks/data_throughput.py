@@ -1,0 +1,305 @@
+"""Packed tokens per second that the data pipeline delivers to one training process.
+
+Configurations, run interleaved (round-robin, ``--rounds`` times) so that a change in the
+machine's other load hits all of them alike:
+
+- pre-tokenized shards (``jaxcpt tokenize`` format),
+- tokenizing on the fly with sentencepiece,
+- tokenizing on the fly with a Hugging Face fast tokenizer (converted from the same model),
+
+each with 0 (in-process), 1 and 2 Grain workers. Each measurement warms up (worker start,
+first rows), then times ``--seconds`` of batches (seq_len 2048, per-host batch 8) and counts
+non-padding tokens. The CPU used meanwhile by other processes (from /proc/stat minus this
+process tree) and the load average are recorded with each measurement.
+
+    python benchmarks/data_throughput.py            # prints a table, writes benchmarks/results/data_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SEQ_LEN, BATCH = 2048, 8
+
+
+def _jiffies_total() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def _tree_jiffies(root: int) -> int:
+    """utime + stime of ``root`` and all its live descendants (Grain workers are children)."""
+    parents, times = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(name)] = int(fields[1])
+        times[int(name)] = int(fields[11]) + int(fields[12])
+    total = 0
+    for pid in times:
+        p = pid
+        while p in parents and p != root and p > 1:
+            p = parents[p]
+        if p == root:
+            total += times[pid]
+    return total
+
+
+def machine_info() -> dict:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+
+
+def make_corpus(root: str, num_docs: int, seed: int = 0) -> list[str]:
+    """Pseudo-English documents: a Zipf-distributed synthetic lexicon, sentences, ~2k characters each."""
+    rng = random.Random(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    weights = [
+        12,
+        9,
+        8,
+        7.5,
+        7,
+        6.7,
+        6.3,
+        6,
+        5.9,
+        4.3,
+        4,
+        2.8,
+        2.8,
+        2.4,
+        2.4,
+        2.2,
+        2,
+        2,
+        1.9,
+        1.5,
+        1,
+        0.8,
+        0.2,
+        0.2,
+        0.1,
+        0.1,
+    ]
+    lexicon = ["".join(rng.choices(letters, weights, k=rng.randint(2, 10))) for _ in range(20000)]
+    zipf = [1 / (i + 1) for i in range(len(lexicon))]
+    docs = []
+    for _ in range(num_docs):
+        n_words = max(20, int(rng.lognormvariate(5.8, 0.7)))  # median ~330 words, ~2k characters
+        words = rng.choices(lexicon, zipf, k=n_words)
+        sentences, i = [], 0
+        while i < len(words):
+            k = rng.randint(5, 25)
+            sentences.append(" ".join(words[i : i + k]).capitalize() + rng.choice([".", ".", ".", "?", "!", ","]))
+            i += k
+        docs.append(" ".join(sentences))
+    with open(os.path.join(root, "corpus.jsonl"), "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    return docs
+
+
+def make_tokenizers(root: str, docs: list[str]) -> tuple[str, str]:
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    with open(os.path.join(root, "train.txt"), "w") as f:
+        f.write("\n".join(docs[:3000]))
+    spm.SentencePieceTrainer.train(
+        input=os.path.join(root, "train.txt"),
+        model_prefix=os.path.join(root, "sp"),
+        vocab_size=8000,
+        model_type="bpe",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+        input_sentence_size=3000,
+        shuffle_input_sentence=False,
+    )
+    sp_path = os.path.join(root, "sp.model")
+    hf_src = os.path.join(root, "hf_src")
+    os.makedirs(hf_src)
+    shutil.copy(sp_path, os.path.join(hf_src, "tokenizer.model"))
+    hf_path = os.path.join(root, "hf")
+    LlamaTokenizer.from_pretrained(hf_src).save_pretrained(hf_path)
+    return sp_path, hf_path
+
+
+def measure(cfg, seconds: float) -> dict:
+    from jaxcpt.data.pipeline import build_train_iterator
+
+    it = build_train_iterator(cfg, batch_size=BATCH, seq_len=SEQ_LEN, process_index=0, process_count=1)
+    try:
+        started = time.perf_counter()
+        for _ in range(3):  # warm-up: worker start, first packing groups, tokenizer load
+            next(it)
+        warmup_s = time.perf_counter() - started
+        busy0, total0 = _jiffies_total()
+        ours0 = _tree_jiffies(os.getpid())
+        load0 = os.getloadavg()[0]
+        tokens, rows_tokens, batch_times = 0, 0, []
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds or len(batch_times) < 10:
+            b0 = time.perf_counter()
+            batch = next(it)
+            batch_times.append(time.perf_counter() - b0)
+            tokens += int(batch["loss_mask"].sum())
+            rows_tokens += batch["inputs"].size
+        elapsed = time.perf_counter() - t0
+        busy1, total1 = _jiffies_total()
+        ours1 = _tree_jiffies(os.getpid())
+    finally:
+        it.close()
+    cores = os.cpu_count()
+    window_cores = (total1 - total0) / cores  # jiffies per core over the window
+    other_busy = max(0, (busy1 - busy0) - (ours1 - ours0))
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "row_tokens_per_s": rows_tokens / elapsed,
+        "padding_fraction": 1 - tokens / rows_tokens,
+        "median_batch_ms": 1000 * statistics.median(batch_times),
+        "batches": len(batch_times),
+        "seconds": elapsed,
+        "warmup_s": warmup_s,
+        "our_cpu_cores": (ours1 - ours0) / window_cores if window_cores else None,
+        "other_processes_cpu_cores": other_busy / window_cores if window_cores else None,
+        "loadavg_1m_start": load0,
+        "loadavg_1m_end": os.getloadavg()[0],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
+    parser.add_argument("--docs", type=int, default=6000, help="documents in the synthetic corpus")
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data_throughput.json"))
+    args = parser.parse_args()
+
+    import sentencepiece as spm
+
+    from jaxcpt.config import from_dict
+    from jaxcpt.data.command import tokenize_source
+    from jaxcpt.data.config import DataConfig, SourceConfig
+
+    root = tempfile.mkdtemp(prefix="jaxcpt_bench_")
+    try:
+        docs = make_corpus(root, args.docs)
+        sp_path, hf_path = make_tokenizers(root, docs)
+        sample = spm.SentencePieceProcessor(model_file=sp_path).encode(docs[:500])
+        chars_per_token = sum(map(len, docs[:500])) / sum(map(len, sample))
+        median_tokens = int(np.median([len(t) for t in sample]))
+        corpus = os.path.join(root, "corpus.jsonl")
+        tokenized = os.path.join(root, "tokenized")
+        tokenize_source(SourceConfig(name="bench", paths=[corpus]), sp_path, tokenized, progress=False)
+        inputs = {
+            "pre-tokenized": ([tokenized], sp_path),
+            "sentencepiece": ([corpus], sp_path),
+            "hf-fast": ([corpus], hf_path),
+        }
+        results = []
+        for round_index in range(args.rounds):
+            for workers in [int(w) for w in args.workers.split(",")]:
+                for name, (paths, tokenizer) in inputs.items():
+                    cfg = from_dict(
+                        DataConfig,
+                        {
+                            "sources": [{"name": "bench", "paths": paths}],
+                            "tokenizer": tokenizer,
+                            "seq_len": SEQ_LEN,
+                            "num_workers": workers,
+                            "shuffle_buffer": 1000,
+                        },
+                    )
+                    r = {"input": name, "workers": workers, "round": round_index, **measure(cfg, args.seconds)}
+                    results.append(r)
+                    print(
+                        f"  {name:14s} workers={workers} round={round_index}: {r['tokens_per_s']:>12,.0f} tokens/s "
+                        f"(other processes {r['other_processes_cpu_cores']:.2f} cores)",
+                        flush=True,
+                    )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    summary = []
+    for workers in sorted({r["workers"] for r in results}):
+        for name in inputs:
+            runs = [r for r in results if r["input"] == name and r["workers"] == workers]
+            summary.append(
+                {
+                    "input": name,
+                    "workers": workers,
+                    "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in runs),
+                    "tokens_per_s_runs": [round(r["tokens_per_s"]) for r in runs],
+                    "other_processes_cpu_cores_mean": float(np.mean([r["other_processes_cpu_cores"] for r in runs])),
+                }
+            )
+    print(f"\n{'input':14s} {'workers':>7s} {'packed tokens/s':>16s} {'runs':>28s} {'other load (cores)':>19s}")
+    for s in summary:
+        runs = ", ".join(f"{v:,}" for v in s["tokens_per_s_runs"])
+        print(
+            f"{s['input']:14s} {s['workers']:>7d} {s['tokens_per_s_median']:>16,.0f} {runs:>28s} "
+            f"{s['other_processes_cpu_cores_mean']:>19.2f}"
+        )
+    report = {
+        "benchmark": "data_throughput",
+        "what": "non-padding packed tokens per second delivered to one training process (per host)",
+        "seq_len": SEQ_LEN,
+        "batch_size": BATCH,
+        "corpus": {
+            "documents": args.docs,
+            "kind": "synthetic pseudo-English (Zipf lexicon), one JSONL file; sentencepiece BPE, vocab 8000",
+            "median_characters": int(np.median([len(d) for d in docs])),
+            "median_tokens": median_tokens,
+            "characters_per_token": round(chars_per_token, 2),
+        },
+        "machine": {**machine_info(), "loadavg_at_end": list(os.getloadavg())},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "summary": summary,
+        "runs": results,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Data settings: the ``data:`` section of a training YAML.
+
+A run reads any number of named *sources* (a new-domain corpus, a general replay corpus
+...) and mixes them by weight. Weights are relative (they are normalised to sum to 1)
+and by default count TOKENS, the unit papers report ("5% replay" = 5% of trained tokens),
+not documents or rows; ``weights_count`` switches to documents or rows.
+
+The mixture may change during training through ``stages``. Each stage starts at an
+optimizer step (``step``), or at the first step after the learning-rate peak where the
+rate falls below ``lr_below`` times the peak, and either switches at once or ramps
+linearly over ``ramp_steps``. A stage's ``weights`` mapping gives the whole mixture:
+sources it does not name get weight 0. YAML may also write a stage as a pair
+``[step, {name: weight}]``.
+
+    data:
+      tokenizer: /models/llama/tokenizer.model
+      sources:
+        - {name: medical, paths: ["/data/pubmed/*.jsonl.zst"], weight: 0.95, eval_fraction: 0.001}
+        - {name: replay, paths: ["/data/fineweb/*.parquet"], weight: 0.05, eval_documents: 200}
+      stages:
+        - [10000, {medical: 0.8, replay: 0.2}]
+        - {lr_below: 0.5, ramp_steps: 1000, weights: {medical: 0.5, replay: 0.5}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+from jaxcpt.config import ConfigError, field
+
+SourceFormat = Literal["auto", "jsonl", "parquet", "text", "tokenized"]
+TextSplit = Literal["per_file", "blank_line"]
+Packing = Literal["first_fit", "concat_split"]
+WeightsCount = Literal["tokens", "documents", "rows"]
+ResumeMismatch = Literal["error", "restart"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One named corpus: files, how to read them, its base weight and its held-out split."""
+
+    name: str = field(help="Name of the source; used in stage weights, metrics (loss per source) and eval batches.")
+    paths: list[str] = field(
+        help="Files, directories (read recursively) or glob patterns ('**' allowed). A missing file or a pattern "
+        "matching nothing is an error at build time."
+    )
+    format: SourceFormat = field(
+        "auto",
+        help="jsonl (.jsonl/.json/.ndjson, plain, .gz or .zst), parquet, text (one document per file or per "
+        "blank-line block), tokenized (a directory written by `jaxcpt tokenize`). auto: from each file's extension.",
+    )
+    text_field: str = field("text", help="Field (JSONL) or column (Parquet) holding the document text.")
+    text_split: TextSplit = field(
+        "per_file",
+        help="Text files only: per_file = each file is one document; "
+        "blank_line = documents are separated by blank lines.",
+    )
+    weight: float = field(1.0, help="Mixture weight before any stage (relative; normalised over all sources).")
+    repeat: bool = field(
+        True,
+        help="Start a new epoch (new shuffle) when the source is exhausted. false: read once; when a source with "
+        "positive weight runs out, the training stream ends.",
+    )
+    eval_fraction: float = field(
+        0.0,
+        help="Fraction of documents held out for evaluation, chosen by a stable hash (blake2b) of the document "
+        "text, so a held-out document is never trained on, whatever the host count or seed.",
+    )
+    eval_documents: int = field(
+        0,
+        help="Hold out exactly this many documents: the first ones in sorted file order (an alternative to "
+        "eval_fraction; give one or neither). Training skips every document whose text hash matches one of them.",
+    )
+
+    def validate(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ConfigError(
+                f"source name {self.name!r} must be non-empty and use only letters, digits, '_', '-', '.'"
+            )
+        if not self.paths:
+            raise ConfigError(f"source '{self.name}': paths is empty; give at least one file, directory or glob")
+        if self.weight < 0:
+            raise ConfigError(f"source '{self.name}': weight must be >= 0, got {self.weight}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"source '{self.name}': eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_documents < 0:
+            raise ConfigError(f"source '{self.name}': eval_documents must be >= 0, got {self.eval_documents}")
+        if self.eval_fraction > 0 and self.eval_documents > 0:
+            raise ConfigError(f"source '{self.name}': set eval_fraction or eval_documents, not both")
+
+    @property
+    def has_eval_split(self) -> bool:
+        return self.eval_fraction > 0 or self.eval_documents > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureStage:
+    """A change of the mixture during training (see the module docstring)."""
+
+    weights: dict[str, float] = field(
+        {}, help="Mixture from this stage on, {source name: weight}; unnamed sources get 0."
+    )
+    step: int | None = field(None, help="Optimizer step (= batch index) at which the stage starts.")
+    lr_below: float | None = field(
+        None,
+        help="Start at the first step after the learning-rate peak where lr < lr_below * peak (needs the LR "
+        "schedule at build time). Give this or step.",
+    )
+    ramp_steps: int = field(
+        0,
+        help="0: switch at the start step. N > 0: move linearly from the mixture in effect at the start to "
+        "these weights over N steps.",
+    )
+
+    # Named check(), not validate(): the config loader would run validate() while trying this type
+    # inside the stages union, and turn its precise message into a generic 'fits none of'.
+    def check(self) -> None:
+        if (self.step is None) == (self.lr_below is None):
+            raise ConfigError(f"mixture stage {self.weights}: give exactly one of step or lr_below")
+        if self.step is not None and self.step < 0:
+            raise ConfigError(f"mixture stage: step must be >= 0, got {self.step}")
+        if self.lr_below is not None and not 0.0 < self.lr_below < 1.0:
+            raise ConfigError(f"mixture stage: lr_below must be in (0, 1), got {self.lr_below}")
+        if self.ramp_steps < 0:
+            raise ConfigError(f"mixture stage: ramp_steps must be >= 0, got {self.ramp_steps}")
+        if any(w < 0 for w in self.weights.values()):
+            raise ConfigError(f"mixture stage: weights must be >= 0, got {self.weights}")
+        if not any(w > 0 for w in self.weights.values()):
+            raise ConfigError(f"mixture stage at step={self.step} lr_below={self.lr_below}: needs a positive weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training text comes from, how it is tokenized, packed, mixed and held out."""
+
+    sources: list[SourceConfig] = field([], help="The corpora to mix (at least one to train).")
+    tokenizer: str = field(
+        "",
+        help="A sentencepiece .model file or a local Hugging Face tokenizer directory. May stay empty when every "
+        "source is pre-tokenized (their BOS/EOS ids are then read from the shards).",
+    )
+    add_bos: bool = field(True, help="Prepend the tokenizer's BOS token to every document.")
+    add_eos: bool = field(True, help="Append the tokenizer's EOS token to every document.")
+    seq_len: int = field(
+        2048, help="Tokens per packed row. build_train_iterator's seq_len argument, when the trainer passes one, wins."
+    )
+    packing: Packing = field(
+        "first_fit",
+        help="first_fit: place whole documents in the first row with room (pads; splits only documents longer than "
+        "a row). concat_split: concatenate documents and cut at row boundaries (no padding; splits documents).",
+    )
+    packing_bins: int = field(
+        64, help="first_fit only: rows filled at once; more bins pack tighter but mix more documents per batch."
+    )
+    weights_count: WeightsCount = field(
+        "tokens",
+        help="What mixture weights count: tokens (non-padding trained tokens, what papers report), documents "
+        "(document pieces packed into rows) or rows.",
+    )
+    stages: list[MixtureStage | tuple[int, dict[str, float]]] = field(
+        [], help="Mixture changes during training; each a MixtureStage mapping or a pair [step, {name: weight}]."
+    )
+    seed: int = field(0, help="Seed of every shuffle; the same seed gives the same batches.")
+    shuffle_buffer: int = field(
+        10000,
+        help="Documents shuffled together (a window shuffle per source, never across epochs; 0 or 1 = file "
+        "order). Restoring re-reads at most one window.",
+    )
+    shuffle_files: bool = field(True, help="Shuffle the order of files (and Parquet row groups) each epoch.")
+    num_workers: int = field(
+        0,
+        help="Grain worker processes that read, tokenize, pack and batch (0 = in the training process). "
+        "Resume needs the same count.",
+    )
+    worker_buffer_size: int = field(32, help="Rows each worker prepares ahead of the trainer.")
+    tokenize_batch_size: int = field(128, help="Documents per tokenizer call (batching amortises per-call overhead).")
+    eval_rows: int = field(
+        32, help="Rows of each source's held-out split in the evaluation set (the first ones, always the same)."
+    )
+    fatal_bad_input: bool = field(
+        False,
+        help="Raise on the first bad document (malformed JSON, missing or non-string text field, empty document, "
+        "invalid UTF-8) instead of counting and skipping it.",
+    )
+    max_bad_fraction: float = field(
+        0.1,
+        help="Raise when more than this fraction of a source's documents is bad (checked once "
+        "bad_input_min_documents were read): a wrong text_field should stop a run, not starve it.",
+    )
+    bad_input_min_documents: int = field(
+        1000, help="Documents a source must have read before max_bad_fraction is checked."
+    )
+    bad_input_warn_seconds: float = field(
+        60.0, help="At most one bad-input warning per source in this many seconds (the first is immediate)."
+    )
+    resume_mismatch: ResumeMismatch = field(
+        "error",
+        help="When a saved data state does not fit this run (other host count, worker count, files, seed, seq_len "
+        "...): error names what changed; restart begins a fresh stream shuffled by (seed, saved step), keeps the "
+        "step for the mixture stages and may repeat documents.",
+    )
+
+    def __post_init__(self):
+        # YAML pairs [step, {name: weight}] become MixtureStage, so later code sees one type.
+        stages = [
+            MixtureStage(weights=dict(s[1]), step=int(s[0])) if isinstance(s, (tuple, list)) else s for s in self.stages
+        ]
+        object.__setattr__(self, "stages", stages)
+
+    def validate(self) -> None:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"data.sources: duplicate source names {dupes}")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        for key in ("packing_bins", "tokenize_batch_size", "worker_buffer_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("shuffle_buffer", "num_workers", "eval_rows", "bad_input_min_documents"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.sources and not any(s.weight > 0 for s in self.sources):
+            raise ConfigError("data.sources: at least one source needs a positive weight")
+        for i, stage in enumerate(self.stages):
+            try:
+                stage.check()
+            except ConfigError as e:
+                raise ConfigError(f"data.stages[{i}]: {e}") from None
+            unknown = sorted(set(stage.weights) - set(names))
+            if unknown:
+                import difflib
+
+                close = difflib.get_close_matches(unknown[0], names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; sources are {names}"
+                raise ConfigError(f"data.stages[{i}] names unknown source(s) {unknown}{hint}")

@@ -1,0 +1,307 @@
+"""The documents of one source, for one host and worker: epochs, held-out split, bad-input counting.
+
+``DocumentDataset`` is a Grain ``IterDataset`` whose iterator yields document texts (or
+token arrays for pre-tokenized shards), with an ``EpochEnd`` marker between epochs, and
+whose state is a few integers: epoch, unit position, offset in the unit, record count,
+bad-input counts.
+
+Sharding. Hosts split a source first, then each host's Grain workers split the host's
+part. Each level hands out whole units (files, row groups, token shards) when there are
+at least as many as readers, and otherwise records: every reader of the level reads the
+same units and keeps the records whose ordinal within the epoch is its index modulo the
+reader count (it does not parse the others). Either way the shares are disjoint and cover
+the source, and a host's share does not depend on its worker count.
+
+Epochs. With ``repeat`` the source starts over when exhausted, with the unit order
+reshuffled from (seed, source name, epoch); the epoch number is part of the state.
+
+Held-out split. A document is held out when the blake2b hash of its UTF-8 text is below
+``eval_fraction * 2**64``, or when its hash is among those of the first ``eval_documents``
+documents of the source; the training split skips exactly those, the eval split keeps only
+them. Pre-tokenized shards store each document's text hash, so the split is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grain
+import numpy as np
+
+from jaxcpt.data.sources import BAD_KINDS, Unit, parse_record, read_unit, text_hash
+from jaxcpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class EpochEnd:
+    """Yielded by a repeating DocumentDataset between epochs, so a shuffle window never mixes two
+    epochs (a small source under a large window would otherwise repeat documents within one
+    window). Later stages drop it. Compared by type: Grain workers unpickle their own copies."""
+
+    def __repr__(self) -> str:
+        return "EpochEnd"
+
+
+class BadInputError(UserError):
+    """A source holds bad documents and the config says to stop (fatal_bad_input or max_bad_fraction)."""
+
+
+class BadInputCounter:
+    """Per-source counts of skipped bad records, with throttled warnings and the fatal checks.
+
+    One object per source, shared by the source's reader and the mixer that reports the counts
+    (inside one process: a Grain worker unpickles both together, so they stay shared).
+    """
+
+    def __init__(self, source: str, *, fatal: bool, max_fraction: float, min_records: int, warn_seconds: float):
+        self.source = source
+        self.fatal = fatal
+        self.max_fraction = max_fraction
+        self.min_records = min_records
+        self.warn_seconds = warn_seconds
+        self.counts = dict.fromkeys(BAD_KINDS, 0)
+        self.records = 0  # every record read, good or bad: the denominator of max_fraction
+        self._last_warning = -float("inf")
+
+    def good(self) -> None:
+        self.records += 1
+
+    def bad(self, kind: str, reason: str, where: str) -> None:
+        if self.fatal:
+            raise BadInputError(
+                f"source '{self.source}': bad document ({kind}: {reason}) in {where}; "
+                "set data.fatal_bad_input=false to count and skip bad documents"
+            )
+        self.records += 1
+        self.counts[kind] += 1
+        total_bad = sum(self.counts.values())
+        now = time.monotonic()
+        if now - self._last_warning >= self.warn_seconds:
+            self._last_warning = now
+            log.warning(
+                "source '%s': skipped %d bad of %d documents so far (%s); latest: %s: %s in %s",
+                self.source,
+                total_bad,
+                self.records,
+                ", ".join(f"{k}={v}" for k, v in self.counts.items() if v),
+                kind,
+                reason,
+                where,
+            )
+        if self.records >= self.min_records and total_bad > self.max_fraction * self.records:
+            raise BadInputError(
+                f"source '{self.source}': {total_bad} of {self.records} documents are bad ({self.counts}), more than "
+                f"data.max_bad_fraction={self.max_fraction}; check the source's paths, format and text_field"
+            )
+
+    def snapshot(self) -> list[int]:
+        """[len(BAD_KINDS) + 1]: the count of each kind, then the records read."""
+        return [self.counts[k] for k in BAD_KINDS] + [self.records]
+
+    def restore(self, snapshot: list[int]) -> None:
+        self.counts = dict(zip(BAD_KINDS, (int(v) for v in snapshot[:-1])))
+        self.records = int(snapshot[-1])
+
+
+def stable_seed(*parts: object) -> int:
+    """A 31-bit seed from strings and ints, the same in every process and Python version."""
+    return text_hash(repr(parts).encode()) % (2**31 - 1)
+
+
+class DocumentDataset(grain.IterDataset):
+    """Documents of one source (see the module docstring). ``split`` is ``"train"`` or ``"eval"``."""
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        units: list[Unit],
+        text_field: str,
+        text_split: str,
+        split: str,
+        eval_fraction: float,
+        eval_hashes: frozenset[int] | None,
+        counter: BadInputCounter,
+        repeat: bool,
+        seed: int,
+        shuffle_units: bool,
+        host_index: int = 0,
+        host_count: int = 1,
+    ):
+        super().__init__()
+        self.source = source
+        self.units = list(units)
+        self.text_field = text_field
+        self.text_split = text_split
+        self.split = split
+        self.eval_threshold = int(eval_fraction * 2**64)
+        self.eval_hashes = eval_hashes
+        self.counter = counter
+        self.repeat = repeat and split == "train"
+        self.seed = seed
+        self.shuffle_units = shuffle_units and split == "train"
+        self.host_index, self.host_count = host_index, host_count
+        self.worker_index, self.worker_count = 0, 1
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Called by Grain's multiprocess prefetch in each worker: take worker ``sl.start`` of ``sl.step``."""
+        del sequential_slice
+        self.worker_index, self.worker_count = sl.start or 0, sl.step or 1
+
+    def __iter__(self):
+        return DocumentIterator(self)
+
+    def __str__(self) -> str:
+        return f"DocumentDataset({self.source}, {self.split})"
+
+
+class DocumentIterator(grain.DatasetIterator):
+    def __init__(self, ds: DocumentDataset):
+        super().__init__()
+        self._ds = ds
+        self._units, self._shard, self._count = _share(
+            ds.units, (ds.host_index, ds.host_count), (ds.worker_index, ds.worker_count)
+        )
+        self._epoch = 0
+        self._upos = 0  # position in this epoch's unit order
+        self._offset = 0  # position inside the current unit (read_unit's resume point)
+        self._record = 0  # records read this epoch (for record-level sharding)
+        self._kept = 0  # documents yielded this epoch: 0 at an epoch's end means the shard is empty
+        self._order = self._unit_order(0)
+        self._reader = None
+
+    def _unit_order(self, epoch: int) -> np.ndarray:
+        if not self._ds.shuffle_units:
+            return np.arange(len(self._units))
+        # The same order on every host and worker (no shard index in the seed): record-level
+        # sharding counts records in this order, so all shards must agree on it.
+        return np.random.default_rng(stable_seed(self._ds.seed, self._ds.source, epoch)).permutation(len(self._units))
+
+    def _is_eval(self, doc_hash: int) -> bool:
+        if self._ds.eval_hashes is not None:
+            return doc_hash in self._ds.eval_hashes
+        return doc_hash < self._ds.eval_threshold
+
+    def __next__(self):
+        ds = self._ds
+        if ds.split == "eval" and ds.eval_hashes is not None and self._kept >= len(ds.eval_hashes):
+            raise StopIteration  # all eval_documents found: do not scan the rest of the corpus for duplicates
+        while True:
+            if self._reader is None:
+                if self._upos >= len(self._order):
+                    if not ds.repeat:
+                        raise StopIteration
+                    if self._kept == 0:
+                        raise UserError(
+                            f"source '{ds.source}' has no training documents for host {ds.host_index} of "
+                            f"{ds.host_count}, worker {ds.worker_index} of {ds.worker_count}: all were bad or "
+                            "held out, or the source is empty"
+                        )
+                    self._epoch += 1
+                    self._upos = self._offset = self._record = self._kept = 0
+                    self._order = self._unit_order(self._epoch)
+                    return EpochEnd()
+                unit = self._units[self._order[self._upos]]
+                self._reader = read_unit(unit, self._offset, ds.text_field, ds.text_split)
+            try:
+                self._offset, raw = next(self._reader)
+            except StopIteration:
+                self._reader = None
+                self._upos += 1
+                self._offset = 0
+                continue
+            if self._count > 1:
+                ordinal, self._record = self._record, self._record + 1
+                if ordinal % self._count != self._shard:
+                    continue
+            unit = self._units[self._order[self._upos]]
+            kind, payload = parse_record(unit.fmt, raw, ds.text_field)
+            if kind == "doc" and unit.fmt != "tokenized":
+                try:
+                    payload = (payload, text_hash(payload.encode("utf-8")))
+                except UnicodeEncodeError as e:  # lone surrogates from JSON '\ud800' escapes
+                    kind, payload = "invalid_utf8", f"unpaired surrogate at character {e.start}"
+            if kind != "doc":
+                ds.counter.bad(kind, payload, _where(unit, self._offset))
+                continue
+            ds.counter.good()
+            content, doc_hash = payload
+            if self._is_eval(doc_hash) != (ds.split == "eval"):
+                continue
+            self._kept += 1
+            return content
+
+    def get_state(self) -> dict:
+        return {
+            "epoch": self._epoch,
+            "unit": self._upos,
+            "offset": self._offset,
+            "record": self._record,
+            "kept": self._kept,
+            "bad": self._ds.counter.snapshot(),
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._epoch = int(state["epoch"])
+        self._upos = int(state["unit"])
+        self._offset = int(state["offset"])
+        self._record = int(state["record"])
+        self._kept = int(state["kept"])
+        self._ds.counter.restore(state["bad"])
+        self._order = self._unit_order(self._epoch)
+        self._reader = None
+
+
+def _share(units: list[Unit], host: tuple[int, int], worker: tuple[int, int]) -> tuple[list[Unit], int, int]:
+    """(units to read, record shard, record shard count): this host's and worker's part of a source.
+
+    Hosts split first, then each host's workers split the host's part, so a host reads the
+    same documents whatever its worker count. Each level hands out whole units when there
+    are enough, else records: those whose ordinal in the (shared) unit order is the shard
+    index modulo the count.
+    """
+    (h, hosts), (w, workers) = host, worker
+    if len(units) >= hosts:
+        units = units[h::hosts]
+        shard, count = 0, 1
+    else:
+        shard, count = h, hosts
+    if count == 1 and len(units) >= workers:
+        return units[w::workers], 0, 1
+    # Records r with r % count == shard, split among workers: r % (count * workers) == shard + count * w.
+    return units, shard + count * w, count * workers
+
+
+def _where(unit: Unit, position: int) -> str:
+    if unit.fmt == "parquet":
+        return f"{unit.path} row group {unit.part} row {position - 1}"
+    if unit.fmt == "text" and position == 1:
+        return unit.path
+    return f"{unit.path} (record ending at byte {position})"
+
+
+def first_document_hashes(
+    *, source: str, units: list[Unit], text_field: str, text_split: str, count: int, counter: BadInputCounter
+) -> list[int]:
+    """Text hashes of the first ``count`` good documents in unit order: an ``eval_documents`` split."""
+    hashes: list[int] = []
+    for unit in units:
+        for position, raw in read_unit(unit, 0, text_field, text_split):
+            kind, payload = parse_record(unit.fmt, raw, text_field)
+            if kind != "doc":
+                counter.bad(kind, payload, _where(unit, position))
+                continue
+            if unit.fmt == "tokenized":
+                hashes.append(payload[1])
+            else:
+                try:
+                    hashes.append(text_hash(payload.encode("utf-8")))
+                except UnicodeEncodeError:
+                    continue
+            if len(hashes) >= count:
+                return hashes
+    if len(hashes) < count:
+        log.warning("source '%s': eval_documents=%d but the source has only %d documents", source, count, len(hashes))
+    return hashes

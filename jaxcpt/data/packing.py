@@ -1,0 +1,88 @@
+"""Packing documents into fixed-length rows, and rows into batches.
+
+Next-token pairs are made per document BEFORE packing: a document ``d`` (BOS/EOS added)
+becomes ``inputs = d[:-1]``, ``targets = d[1:]``, cut into pieces of at most ``seq_len``.
+Packing then only moves whole pairs, so no target is ever the first token of another
+document, every non-padding position has a real target, and the loss mask is simply
+``segment_ids > 0``. A piece of a split document is its own segment (positions restart at
+0), like the rest of its document it cannot attend across the row boundary anyway.
+
+Two packers, both Grain's (they emit ``*_segment_ids`` 1, 2, 3 ... per piece in a row, 0 on
+padding, and ``*_positions`` restarting at 0 per piece):
+
+- ``first_fit``: ``FirstFitPackIterDataset`` places whole pieces in the first of
+  ``packing_bins`` rows with room, padding the rest. Documents longer than a row are split.
+- ``concat_split``: ``ConcatThenSplitIterDataset`` concatenates and cuts at row boundaries:
+  no padding, but most documents are split across rows. Its checkpoint state holds tuples,
+  which JSON turns into lists; ``jaxcpt.data.pipeline`` encodes states so they survive.
+"""
+
+from __future__ import annotations
+
+import grain
+import grain.experimental as gx
+import numpy as np
+
+ROW_KEYS = ("inputs", "targets", "segment_ids", "positions")  # each [seq] int32
+
+
+def document_pieces(tokens: np.ndarray, seq_len: int) -> list[dict[str, np.ndarray]]:
+    """tokens [n] int32 (one document, BOS/EOS added) -> pieces {"inputs": [<=seq], "targets": [<=seq]}."""
+    n = len(tokens) - 1  # next-token pairs in the document
+    return [
+        {"inputs": tokens[start : min(start + seq_len, n)], "targets": tokens[start + 1 : min(start + seq_len, n) + 1]}
+        for start in range(0, n, seq_len)
+    ]
+
+
+def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        "inputs": packed["inputs"].astype(np.int32, copy=False),  # [seq]
+        "targets": packed["targets"].astype(np.int32, copy=False),  # [seq]
+        "segment_ids": packed["inputs_segment_ids"].astype(np.int32, copy=False),  # [seq], 0 = padding
+        "positions": packed["inputs_positions"].astype(np.int32, copy=False),  # [seq]
+    }
+
+
+def pack(
+    pieces: grain.IterDataset, *, packing: str, seq_len: int, bins: int, seed: int, shuffle_bins: bool
+) -> grain.IterDataset:
+    """Pieces -> rows {inputs, targets, segment_ids, positions}, each [seq_len] int32."""
+    lengths = {"inputs": seq_len, "targets": seq_len}
+    if packing == "first_fit":
+        rows = gx.FirstFitPackIterDataset(
+            pieces, length_struct=lengths, num_packing_bins=bins, seed=seed, shuffle_bins=shuffle_bins
+        )
+    elif packing == "concat_split":
+        rows = gx.ConcatThenSplitIterDataset(pieces, length_struct=lengths)
+    else:
+        raise ValueError(f"unknown packing {packing!r}")
+    return rows.map(_finish_row)
+
+
+def row_weight_count(segment_ids: np.ndarray, mode: str) -> int:
+    """What one row adds to its source's share: non-padding tokens, document pieces, or 1 row."""
+    if mode == "tokens":
+        return int(np.count_nonzero(segment_ids))
+    if mode == "documents":
+        return int(segment_ids.max(initial=0))  # segment ids run 1..k in a row
+    return 1
+
+
+def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Rows -> the trainer's batch; rows missing at the end of a finite stream are all padding.
+
+    The mixer's bookkeeping rides along: ``_worker`` (int) and ``_bad`` (the last row's counts).
+    """
+    batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ROW_KEYS}  # each [batch, seq]
+    source = np.zeros((batch_size,), np.int32)  # [batch]; a padding row says 0 but has no loss
+    for i, row in enumerate(rows):
+        for k in ROW_KEYS:
+            batch[k][i] = row[k]
+        source[i] = row["source"]
+    batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.float32)  # [batch, seq]
+    batch["source"] = source
+    if rows and "_bad" in rows[-1]:
+        batch["_worker"] = np.int64(rows[-1]["_worker"])
+        batch["_bad"] = rows[-1]["_bad"]  # [sources, kinds + 1]
+    return batch

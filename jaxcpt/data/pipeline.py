@@ -1,0 +1,427 @@
+"""The training and evaluation data streams: sources -> documents -> tokens -> rows -> mixture -> batches.
+
+Per source (``jaxcpt.data.documents``, ``tokenize``, ``packing``)::
+
+    DocumentDataset (this host's / worker's share, epochs, held-out split, bad input)
+      -> WindowShuffleDataset (shuffle_buffer documents, seeded per source)
+      -> TokenizeDataset (batched tokenizer calls, BOS/EOS, next-token pieces <= seq_len)
+      -> first-fit or concat-then-split packing into rows of seq_len
+
+then ``MixtureDataset`` interleaves the sources' rows by token credit
+(``jaxcpt.data.mixture``), optionally inside Grain worker processes (``num_workers``), and
+stacks rows into batches there; ``TrainIterator`` hands them to the trainer.
+
+Determinism and resume. Every shuffle is seeded from ``data.seed`` and the source name, so
+the same config gives the same batches. ``get_state()`` is a small JSON-serialisable dict
+(Grain's state with tuples and non-string keys tagged, so a JSON round trip restores it
+exactly; see FACTS.md on ConcatThenSplit) plus a fingerprint of everything the stream
+depends on. ``set_state()`` checks that fingerprint: a state from another host count,
+worker count, file list, seed, seq_len, batch size or tokenizer does not fit this run. By
+default that is an error naming what changed (each host's files, and the positions in
+them, are a function of the host count, so no position maps onto a different split);
+``data.resume_mismatch: restart`` instead starts a fresh stream shuffled by (seed, saved
+step) at the saved step, so the mixture stages continue where they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+
+import grain
+import numpy as np
+
+from jaxcpt.config import ConfigError, to_dict
+from jaxcpt.data.config import DataConfig
+from jaxcpt.data.documents import (
+    BadInputCounter,
+    DocumentDataset,
+    first_document_hashes,
+    stable_seed,
+)
+from jaxcpt.data.mixture import MixtureDataset, WeightSchedule, resolve_stage_steps
+from jaxcpt.data.packing import document_pieces, pack, stack_rows
+from jaxcpt.data.shuffle import WindowShuffleDataset
+from jaxcpt.data.sources import (
+    BAD_KINDS,
+    TOKENIZED_META,
+    Unit,
+    list_units,
+    read_tokenized_meta,
+    resolve_files,
+)
+from jaxcpt.data.state import decode_state, encode_state, fingerprint_diff
+from jaxcpt.data.tokenize import (
+    TokenizeDataset,
+    cached_tokenizer,
+    tokenizer_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "jaxcpt-data-state-v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a stream needs, resolved once at build time (files, held-out hashes, special tokens)."""
+
+    cfg: DataConfig
+    seq_len: int
+    process_index: int
+    process_count: int
+    units: list[list[Unit]]  # per source
+    eval_hashes: list[frozenset[int] | None]  # per source; set for eval_documents splits
+    bos_id: int | None
+    eos_id: int | None
+    fingerprint: dict
+
+
+def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only when not injected: tests and tools simulate hosts without jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _counter(cfg: DataConfig, name: str) -> BadInputCounter:
+    return BadInputCounter(
+        name,
+        fatal=cfg.fatal_bad_input,
+        max_fraction=cfg.max_bad_fraction,
+        min_records=cfg.bad_input_min_documents,
+        warn_seconds=cfg.bad_input_warn_seconds,
+    )
+
+
+def _special_tokens(cfg: DataConfig, files: list[list[str]]) -> tuple[int | None, int | None, str]:
+    """(bos_id, eos_id, tokenizer fingerprint), from the tokenizer or, without one, the token shards."""
+    metas = [
+        read_tokenized_meta(os.path.dirname(f)) for fs in files for f in fs if os.path.basename(f) == TOKENIZED_META
+    ]
+    has_text = any(os.path.basename(f) != TOKENIZED_META for fs in files for f in fs)
+    if cfg.tokenizer:
+        tok = cached_tokenizer(cfg.tokenizer)
+        bos, eos, fingerprint = tok.bos_id, tok.eos_id, tokenizer_fingerprint(cfg.tokenizer)
+        for meta in metas:
+            if meta["tokenizer_fingerprint"] != fingerprint:
+                raise ConfigError(
+                    f"token shards '{meta['directory']}' were written with tokenizer '{meta['tokenizer']}', not "
+                    f"data.tokenizer '{cfg.tokenizer}'; re-run `jaxcpt tokenize` or point data.tokenizer at it"
+                )
+    elif has_text:
+        raise ConfigError(
+            "data.tokenizer is empty but some sources hold text; set it to a .model file or tokenizer directory"
+        )
+    else:
+        fingerprints = {m["tokenizer_fingerprint"] for m in metas}
+        if len(fingerprints) > 1:
+            raise ConfigError(
+                f"token shards of different tokenizers are mixed: {sorted(m['directory'] for m in metas)}"
+            )
+        bos, eos, fingerprint = metas[0]["bos_id"], metas[0]["eos_id"], metas[0]["tokenizer_fingerprint"]
+    for flag, token, name in ((cfg.add_bos, bos, "BOS"), (cfg.add_eos, eos, "EOS")):
+        if flag and token is None:
+            raise ConfigError(f"the tokenizer has no {name} token; set data.add_{name.lower()}=false")
+    return (bos if cfg.add_bos else None), (eos if cfg.add_eos else None), fingerprint
+
+
+def _units_fingerprint(units: list[Unit]) -> str:
+    root = os.path.commonpath([u.path for u in units]) if len(units) > 1 else os.path.dirname(units[0].path)
+    digest = hashlib.blake2b(digest_size=8)
+    for unit in units:  # relative paths and sizes: moving the corpus keeps positions valid, editing it does not
+        digest.update(f"{os.path.relpath(unit.path, root)}|{unit.part}|{os.path.getsize(unit.path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, process_count: int | None) -> _Plan:
+    if not cfg.sources:
+        raise ConfigError("data.sources is empty: add at least one source (name, paths)")
+    seq_len = cfg.seq_len if seq_len is None else int(seq_len)
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
+    process_index, process_count = _host(process_index, process_count)
+    files = [resolve_files(s.paths, s.name) for s in cfg.sources]
+    units = [list_units(f, s.format, s.text_field, s.name) for f, s in zip(files, cfg.sources)]
+    bos, eos, tok_fingerprint = _special_tokens(cfg, files)
+    eval_hashes = []
+    for s, u in zip(cfg.sources, units):
+        if s.eval_documents > 0:
+            kw = dict(source=s.name, units=u, text_field=s.text_field, text_split=s.text_split, count=s.eval_documents)
+            eval_hashes.append(frozenset(first_document_hashes(**kw, counter=_counter(cfg, s.name))))
+        else:
+            eval_hashes.append(None)
+    stream_keys = (
+        "add_bos",
+        "add_eos",
+        "packing",
+        "packing_bins",
+        "seed",
+        "shuffle_buffer",
+        "shuffle_files",
+        "num_workers",
+        "tokenize_batch_size",
+    )
+    fingerprint = {
+        **{k: getattr(cfg, k) for k in stream_keys},
+        "seq_len": seq_len,
+        "process_count": process_count,
+        "process_index": process_index,
+        "tokenizer": tok_fingerprint,
+        "sources": [
+            {**{k: v for k, v in to_dict(s).items() if k not in ("paths", "weight")}, "files": _units_fingerprint(u)}
+            for s, u in zip(cfg.sources, units)
+        ],
+    }
+    return _Plan(cfg, seq_len, process_index, process_count, units, eval_hashes, bos, eos, fingerprint)
+
+
+def _source_rows(
+    plan: _Plan, index: int, *, split: str, seed: int, counter: BadInputCounter, host: tuple[int, int]
+) -> grain.IterDataset:
+    """One source's packed rows {inputs, targets, segment_ids, positions}, each [seq_len] int32."""
+    cfg, src = plan.cfg, plan.cfg.sources[index]
+    train = split == "train"
+    docs: grain.IterDataset = DocumentDataset(
+        source=src.name,
+        units=plan.units[index],
+        text_field=src.text_field,
+        text_split=src.text_split,
+        split=split,
+        eval_fraction=src.eval_fraction,
+        eval_hashes=plan.eval_hashes[index],
+        counter=counter,
+        repeat=src.repeat,
+        seed=seed,
+        shuffle_units=cfg.shuffle_files,
+        host_index=host[0],
+        host_count=host[1],
+    )
+    if train and cfg.shuffle_buffer > 1:
+        docs = WindowShuffleDataset(docs, window_size=cfg.shuffle_buffer, seed=stable_seed(seed, src.name, "documents"))
+    pieces = TokenizeDataset(
+        docs,
+        tokenizer_path=cfg.tokenizer,
+        bos_id=plan.bos_id,
+        eos_id=plan.eos_id,
+        batch_size=cfg.tokenize_batch_size,
+        split_fn=functools.partial(document_pieces, seq_len=plan.seq_len),
+    )
+    return pack(
+        pieces,
+        packing=cfg.packing,
+        seq_len=plan.seq_len,
+        bins=cfg.packing_bins,
+        seed=stable_seed(seed, src.name, "bins"),
+        shuffle_bins=train,
+    )
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # Grain's worker processes read absl flags; an application that never ran absl.app would
+    # fail with UnparsedFlagAccessError, so take the defaults.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class TrainIterator:
+    """Batches of the training stream; ``next(it)`` is a dict of numpy arrays (see ``packing.stack_rows``).
+
+    ``step`` counts batches produced. ``get_state()`` / ``set_state()`` save and restore the
+    exact position (JSON-serialisable). ``close()`` stops worker processes.
+    """
+
+    def __init__(self, plan: _Plan, *, batch_size: int, schedule: WeightSchedule, stage_steps: list[int | None]):
+        self._plan = plan
+        self.batch_size = batch_size
+        self.schedule = schedule
+        self.stage_steps = stage_steps  # resolved start step of each data.stages entry
+        self.source_names = [s.name for s in plan.cfg.sources]
+        self._fingerprint = {**plan.fingerprint, "batch_size": batch_size}
+        self._start(seed=plan.cfg.seed, step=0)
+
+    def _start(self, *, seed: int, step: int) -> None:
+        plan, cfg = self._plan, self._plan.cfg
+        self._counters = [_counter(cfg, name) for name in self.source_names]
+        host = (plan.process_index, plan.process_count)
+        rows = [
+            _source_rows(plan, i, split="train", seed=seed, counter=c, host=host) for i, c in enumerate(self._counters)
+        ]
+        ds: grain.IterDataset = MixtureDataset(
+            rows,
+            schedule=self.schedule,
+            count_mode=cfg.weights_count,
+            batch_size=self.batch_size,
+            counters=self._counters,
+            first_step=step,
+        )
+        # Whole batches leave the worker: one transfer per step instead of one per row.
+        ds = ds.batch(
+            self.batch_size, batch_fn=functools.partial(stack_rows, batch_size=self.batch_size, seq_len=plan.seq_len)
+        )
+        if cfg.num_workers > 0:
+            _ensure_absl_flags_parsed()
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size)
+            )
+        self._seed = seed
+        self._stream_start = step  # the step this stream's first batch was for (not 0 after a restart)
+        self._batches = ds.__iter__()
+        self._bad: dict[int, np.ndarray] = {}  # worker -> [sources, kinds + 1], its latest counts
+        self.step = step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._batches is None:
+            raise ValueError("this TrainIterator was closed")
+        # Plain copies: from workers, arrays live in Grain's shared memory, whose cleanup at
+        # interpreter exit fails noisily if a trainer still holds a batch (a few us per batch).
+        batch = {k: np.array(v) if type(v) is not np.ndarray else v for k, v in next(self._batches).items()}
+        self._bad[int(batch.pop("_worker"))] = batch.pop("_bad").astype(np.int64)  # [sources, kinds + 1]
+        self.step += 1
+        return batch
+
+    def _counts(self) -> np.ndarray:
+        """[sources, kinds + 1]: bad documents per kind, then records read, summed over workers."""
+        zeros = np.zeros((len(self.source_names), len(BAD_KINDS) + 1), np.int64)
+        return sum(self._bad.values(), zeros)
+
+    def bad_input_counts(self) -> dict[str, dict[str, int]]:
+        """{source: {kind: skipped documents}} over this host's stream so far (all workers)."""
+        counts = self._counts()
+        return {name: dict(zip(BAD_KINDS, map(int, counts[i, :-1]))) for i, name in enumerate(self.source_names)}
+
+    def documents_read(self) -> dict[str, int]:
+        """{source: records read, good and bad} on this host so far (records read ahead included)."""
+        return {name: int(n) for name, n in zip(self.source_names, self._counts()[:, -1])}
+
+    def get_state(self) -> dict:
+        state = {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "seed": self._seed,
+            "stream_start": self._stream_start,
+            "fingerprint": self._fingerprint,
+            "bad": {str(w): counts.tolist() for w, counts in self._bad.items()},
+            "pipeline": encode_state(self._batches.get_state()),
+        }
+        return json.loads(json.dumps(state))  # a plain copy: later steps never mutate a saved state
+
+    def set_state(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ConfigError(f"not a jaxcpt data state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
+        diffs = fingerprint_diff(state["fingerprint"], self._fingerprint)
+        if diffs:
+            what = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diffs)
+            if self._plan.cfg.resume_mismatch == "error":
+                raise ConfigError(
+                    f"the saved data state does not fit this run ({what}). Resume with the saved setting, or set "
+                    "data.resume_mismatch=restart to start a fresh data stream at the saved step (documents may repeat)"
+                )
+            step = int(state["step"])
+            log.warning("data state does not fit this run (%s); starting a fresh stream at step %d", what, step)
+            self.close()
+            self._start(seed=stable_seed(self._plan.cfg.seed, "restart", step), step=step)
+            return
+        if (int(state["seed"]), int(state["stream_start"])) != (self._seed, self._stream_start):
+            self.close()  # the saved stream was itself restarted: rebuild it as it was
+            self._start(seed=int(state["seed"]), step=int(state["stream_start"]))
+        self._batches.set_state(decode_state(state["pipeline"]))
+        self.step = int(state["step"])
+        self._bad = {int(w): np.asarray(c, np.int64) for w, c in state["bad"].items()}
+
+    def close(self) -> None:
+        """Stop worker processes now (not at interpreter exit, when Grain's cleanup fails noisily)."""
+        batches, self._batches = self._batches, None
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        del batches
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def build_train_iterator(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    seq_len: int | None = None,
+    lr_schedule: Callable | None = None,
+    total_steps: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainIterator:
+    """This host's training batches of ``batch_size`` rows of ``seq_len`` tokens (default ``cfg.seq_len``).
+
+    ``lr_schedule(step) -> lr`` and ``total_steps`` are needed only by ``lr_below`` stages.
+    ``process_index`` / ``process_count`` default to JAX's.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    cfg.validate()
+    plan = _plan(cfg, seq_len, process_index, process_count)
+    stage_steps = resolve_stage_steps(cfg, lr_schedule, total_steps)
+    schedule = WeightSchedule.from_config(cfg, stage_steps)
+    return TrainIterator(plan, batch_size=batch_size, schedule=schedule, stage_steps=stage_steps)
+
+
+def build_eval_batches(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    seq_len: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """{source: batches} of the first ``cfg.eval_rows`` rows of each held-out split; the same every call.
+
+    Rows are read in file order without shuffling, then dealt to hosts round-robin; every
+    host gets the same number of batches (missing rows are all padding, loss_mask 0), so a
+    multi-host evaluation step never waits on a host with fewer batches. Sources without a
+    held-out split are absent.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    cfg.validate()
+    plan = _plan(cfg, seq_len, process_index, process_count)
+    out = {}
+    for i, src in enumerate(cfg.sources):
+        if not src.has_eval_split:
+            continue
+        rows_ds = _source_rows(plan, i, split="eval", seed=cfg.seed, counter=_counter(cfg, src.name), host=(0, 1))
+        rows = list(itertools.islice(rows_ds.__iter__(), cfg.eval_rows))
+        if len(rows) < cfg.eval_rows:
+            log.warning(
+                "source '%s': the held-out split fills only %d of data.eval_rows=%d rows",
+                src.name,
+                len(rows),
+                cfg.eval_rows,
+            )
+        for row in rows:
+            row["source"] = i
+        mine = rows[plan.process_index :: plan.process_count]
+        num_batches = math.ceil(math.ceil(len(rows) / plan.process_count) / batch_size)
+        out[src.name] = [
+            stack_rows(mine[b * batch_size : (b + 1) * batch_size], batch_size, plan.seq_len)
+            for b in range(num_batches)
+        ]
+    return out

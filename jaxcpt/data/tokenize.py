@@ -1,0 +1,216 @@
+"""Tokenizers (sentencepiece or a local Hugging Face directory) and the tokenizing pipeline stage.
+
+``load_tokenizer(path)`` returns an object with ``encode(text) -> list[int]``,
+``encode_batch(texts) -> list[list[int]]``, ``vocab_size`` and ``bos_id`` / ``eos_id`` /
+``pad_id`` (``None`` where the tokenizer has no such token). Neither kind adds special
+tokens itself: BOS/EOS are added by the pipeline, as configured.
+
+``TokenizeDataset`` pulls a batch of documents from its parent, tokenizes them in one
+call (per-call overhead dominates short documents), adds BOS/EOS, and yields the pieces
+``split_fn`` cuts each document into. Its state is the parent's state before the batch
+plus the number of pieces already yielded, so restoring re-tokenizes at most one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+
+import grain
+import numpy as np
+
+from jaxcpt.data.documents import EpochEnd
+from jaxcpt.errors import UserError
+
+
+class SentencePieceTokenizer:
+    kind = "sentencepiece"
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self.path = path
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.bos_id = _id_or_none(self._sp.bos_id())
+        self.eos_id = _id_or_none(self._sp.eos_id())
+        self.pad_id = _id_or_none(self._sp.pad_id())
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # One thread: parallelism comes from Grain workers, and more threads per worker would
+        # oversubscribe the cores the trainer also needs.
+        return self._sp.encode(texts, out_type=int, num_threads=1)
+
+
+class HFTokenizer:
+    kind = "huggingface"
+
+    def __init__(self, path: str):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the parallelism
+        from transformers import AutoTokenizer
+
+        self.path = path
+        try:
+            self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the Hugging Face tokenizer in '{path}': {e}") from None
+        self._fast = getattr(self._tok, "backend_tokenizer", None)
+        self.vocab_size = len(self._tok)
+        self.bos_id = self._tok.bos_token_id
+        self.eos_id = self._tok.eos_token_id
+        self.pad_id = self._tok.pad_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._fast is not None:
+            # The Rust tokenizer directly, without offsets: the Python wrapper's per-call
+            # bookkeeping costs more than tokenizing short documents.
+            encode = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return self._tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def _id_or_none(i: int) -> int | None:
+    return int(i) if i is not None and i >= 0 else None
+
+
+def load_tokenizer(path: str) -> SentencePieceTokenizer | HFTokenizer:
+    """A sentencepiece ``.model`` file, or a local Hugging Face tokenizer directory."""
+    if not path:
+        raise UserError(
+            "no tokenizer given: set data.tokenizer to a sentencepiece .model file or a tokenizer directory"
+        )
+    if os.path.isdir(path):
+        return HFTokenizer(path)
+    if os.path.isfile(path):
+        return SentencePieceTokenizer(path)
+    raise UserError(
+        f"tokenizer '{path}' does not exist (expected a sentencepiece .model file or a tokenizer directory)"
+    )
+
+
+_HF_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt")
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """A short hash of the tokenizer's files: resuming or reusing shards with another tokenizer is an error."""
+    if not path:
+        return ""
+    digest = hashlib.blake2b(digest_size=8)
+    if os.path.isfile(path):
+        files = [path]
+    else:  # only the tokenizer's own files: a model directory also holds config.json, weights ...
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n in _HF_TOKENIZER_FILES or "tokenizer" in n)
+    for name in files:
+        with open(name, "rb") as f:
+            digest.update(os.path.basename(name).encode())
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+_LOADED: dict[str, object] = {}
+
+
+def cached_tokenizer(path: str):
+    """One tokenizer per path and process: each Grain worker loads its own instead of unpickling one."""
+    if path not in _LOADED:
+        _LOADED[path] = load_tokenizer(path)
+    return _LOADED[path]
+
+
+class TokenizeDataset(grain.IterDataset):
+    """Documents (str, or token arrays from pre-tokenized shards) -> pieces, ``split_fn(tokens [n] int32)``.
+
+    BOS/EOS come from ``bos_id`` / ``eos_id`` (``None`` = do not add). The tokenizer is
+    named by path and loaded lazily in whichever process iterates.
+    """
+
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        *,
+        tokenizer_path: str,
+        bos_id: int | None,
+        eos_id: int | None,
+        batch_size: int,
+        split_fn: Callable[[np.ndarray], list],
+    ):
+        super().__init__(parent)
+        self.tokenizer_path = tokenizer_path
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.batch_size = batch_size
+        self.split_fn = split_fn
+
+    def __iter__(self):
+        return _TokenizeIterator(self._parent.__iter__(), self)
+
+    def __str__(self) -> str:
+        return f"TokenizeDataset(batch_size={self.batch_size})"
+
+    def encode(self, docs: list) -> list[np.ndarray]:
+        """[n_i] int32 per document, BOS/EOS added."""
+        texts = [(i, d) for i, d in enumerate(docs) if isinstance(d, str)]
+        encoded: list = list(docs)
+        if texts:
+            ids = cached_tokenizer(self.tokenizer_path).encode_batch([t for _, t in texts])
+            for (i, _), row in zip(texts, ids):
+                encoded[i] = row
+        prefix = [self.bos_id] if self.bos_id is not None else []
+        suffix = [self.eos_id] if self.eos_id is not None else []
+        out = []
+        for row in encoded:
+            tokens = np.empty(len(prefix) + len(row) + len(suffix), np.int32)  # [n]
+            tokens[: len(prefix)] = prefix
+            tokens[len(prefix) : len(tokens) - len(suffix)] = row
+            tokens[len(tokens) - len(suffix) :] = suffix
+            out.append(tokens)
+        return out
+
+
+class _TokenizeIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, ds: TokenizeDataset):
+        super().__init__(parent)
+        self._ds = ds
+        self._batch_start_state = self._parent.get_state()
+        self._pieces: list = []
+        self._next = 0  # pieces of the current batch already yielded
+
+    def _fill(self) -> None:
+        self._batch_start_state = self._parent.get_state()
+        docs, exhausted = [], False
+        while len(docs) < self._ds.batch_size:
+            try:
+                doc = next(self._parent)
+            except StopIteration:
+                exhausted = True
+                break
+            if not isinstance(doc, EpochEnd):  # epoch markers matter only to the shuffle before
+                docs.append(doc)
+        self._pieces = [p for tokens in self._ds.encode(docs) for p in self._ds.split_fn(tokens)]
+        self._next = 0
+        if exhausted and not docs:
+            raise StopIteration
+
+    def __next__(self):
+        while self._next >= len(self._pieces):
+            self._fill()  # raises StopIteration at the end of the parent
+        piece = self._pieces[self._next]
+        self._next += 1
+        return piece
+
+    def get_state(self) -> dict:
+        return {"parent": self._batch_start_state, "next": self._next}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._batch_start_state = state["parent"]
+        self._pieces, self._next = [], 0
+        if state["next"]:
+            self._fill()
+            self._next = int(state["next"])
