@@ -1,0 +1,65 @@
+"""Multi-host start-up and the few host-side collectives the trainer needs.
+
+On a TPU pod slice and under SLURM, ``jax.distributed.initialize()`` finds its
+coordinator by itself; on other multi-node GPU setups the coordinator address,
+process count and index come from the ``distributed`` config section (the launch
+scripts in launch/ fill them in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from jaxcpt.errors import UserError
+
+_MULTIHOST_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+
+
+def _launched_on_several_hosts() -> bool:
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([w for w in workers.split(",") if w]) > 1
+
+
+def initialize_distributed(cfg) -> bool:
+    """Call ``jax.distributed.initialize`` when configured or auto-detected; True if it ran."""
+    explicit = cfg.coordinator_address is not None
+    wanted = cfg.initialize == "true" or (cfg.initialize == "auto" and (explicit or _launched_on_several_hosts()))
+    if not wanted:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = {}
+    if explicit:
+        if cfg.num_processes is None or cfg.process_id is None:
+            raise UserError("distributed.coordinator_address needs distributed.num_processes and distributed.process_id too")
+        kwargs = dict(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - report with what to check
+        raise UserError(f"jax.distributed.initialize failed ({e}); check distributed.* settings and that every host runs the same command") from e
+    return True
+
+
+def is_writer() -> bool:
+    """The process that writes shared files (logs, metrics, config, reports): process 0."""
+    return jax.process_index() == 0
+
+
+def gather_json(value) -> list:
+    """Every host's JSON-serialisable ``value``, as a list indexed by process (the same list on every host)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size])))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: encoded.size] = encoded
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, lengths.reshape(-1))]

@@ -1,0 +1,129 @@
+"""The whole run's configuration: ``jaxcpt train --config C.yaml [section.key=value ...]``.
+
+Each section's dataclass lives with the code that reads it (``model`` in
+jaxcpt.model, ``data`` in jaxcpt.data, ``optim`` in jaxcpt.optim, ``checkpoint`` in
+jaxcpt.checkpoint); this module composes them and adds the loop's own settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jaxcpt.checkpoint import CheckpointConfig
+from jaxcpt.config import ConfigError, apply_overrides, field, from_dict, read_yaml
+from jaxcpt.data.config import DataConfig
+from jaxcpt.model.config import ModelConfig
+from jaxcpt.optim.config import OptimConfig
+
+# ModelConfig fields that say how to compute, not what the model is; these apply
+# whatever the model's source (a HF checkpoint fixes the architecture, not the numerics).
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    source: Literal["scratch", "hf", "checkpoint"] = field(
+        "scratch",
+        help="where the weights come from when the run directory has no checkpoint yet: scratch (random, "
+        "architecture from 'model'), hf (a Hugging Face directory; fresh optimizer, the usual CPT start), "
+        "checkpoint (parameters only of a jaxcpt checkpoint; fresh optimizer). A run directory that already "
+        "holds checkpoints always resumes fully (parameters, optimizer, step, data position) instead.",
+    )
+    path: str | None = field(None, help="HF directory (source=hf) or jaxcpt run/checkpoint directory (source=checkpoint)")
+    seed: int = field(0, help="seed of the random initialisation (source=scratch)")
+
+    def validate(self) -> None:
+        if self.source != "scratch" and not self.path:
+            raise ConfigError(f"init.source={self.source} needs init.path")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    steps: int = field(1000, help="optimizer steps in the run (the schedule's length)")
+    batch_size: int = field(32, help="global batch in rows of data.seq_len tokens (split over hosts and micro-batches)")
+    log_every: int = field(10, help="print a progress line every N steps (metrics.jsonl gets every step)")
+    loss_chunk_size: int = field(
+        1024, help="positions per chunk of the output projection + loss; bounds logits memory to [batch, chunk, vocab] (0 = no chunking)"
+    )
+    max_nonfinite_steps: int = field(
+        5, help="a NaN/inf loss or gradient skips that update; this many in a row stop the run (the last good checkpoint is kept)"
+    )
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
+            raise ConfigError("train.steps, train.batch_size and train.log_every must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = field(200, help="evaluate every N steps (and always at step 0, before any update, and at the end); 0 = only those")
+    dense_every: int = field(0, help="early in the run, evaluate every N steps instead, to see the 'stability gap'; 0 = off")
+    dense_until: int = field(0, help="the dense interval applies to steps below this")
+
+    def due(self, step: int, last_step: int) -> bool:
+        if step == 0 or step == last_step:
+            return True
+        if self.dense_every and step < self.dense_until and step % self.dense_every == 0:
+            return True
+        return bool(self.every) and step % self.every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    hf_every: int = field(0, help="also export an HF directory every N steps; 0 = only at the final step")
+    final: bool = field(True, help="export an HF directory at the end of the run (RUN/hf/step_N)")
+    dtype: Literal["bfloat16", "float32", "float16"] = field("bfloat16", help="dtype of exported weights")
+    max_shard_size: str = field("5GB", help="largest safetensors file of an export")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    initialize: Literal["auto", "true", "false"] = field(
+        "auto",
+        help="call jax.distributed.initialize(): auto = when launched on several hosts (TPU pod, SLURM, "
+        "coordinator settings below), true = always, false = never",
+    )
+    coordinator_address: str | None = field(None, help="host:port of process 0 (multi-node GPU); auto-detected on TPU and SLURM")
+    num_processes: int | None = field(None, help="number of processes (hosts)")
+    process_id: int | None = field(None, help="this process's index")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = field("runs/default", help="where checkpoints, metrics, TensorBoard events, reports and exports go (local or gs://)")
+    init: InitConfig = field(InitConfig(), help="where the starting weights come from")
+    model: ModelConfig = field(
+        ModelConfig(dtype="bfloat16"),
+        help="architecture (init.source=scratch only) and numerics (dtype, param_dtype, remat, attention: always)",
+    )
+    mesh: dict[str, int] = field({"data": -1, "fsdp": 1, "tensor": 1}, help="device mesh axes and sizes, major to minor; -1 = the remaining devices")
+    sharding_rules: dict[str, str | list[str] | None] = field({}, help="overrides of the logical-axis -> mesh-axis rule table")
+    data: DataConfig = field(DataConfig(), help="sources, tokenizer, packing, mixture")
+    optim: OptimConfig = field(OptimConfig(), help="AdamW, clipping, accumulation and the learning-rate schedule")
+    train: LoopConfig = field(LoopConfig(), help="length, batch, logging")
+    eval: EvalConfig = field(EvalConfig(), help="held-out evaluation schedule")
+    checkpoint: CheckpointConfig = field(CheckpointConfig(), help="when to save and what to keep")
+    export: ExportConfig = field(ExportConfig(), help="Hugging Face exports")
+    distributed: DistributedConfig = field(DistributedConfig(), help="multi-host initialisation")
+
+    def validate(self) -> None:
+        if not self.data.sources:
+            raise ConfigError("data.sources is empty; a run needs at least one source to train on")
+        if self.train.batch_size % self.optim.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of optim.grad_accum_steps ({self.optim.grad_accum_steps})"
+            )
+
+
+def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read YAML + dotted overrides into a ``TrainConfig``; every mistake is a ConfigError before any compilation."""
+    raw = apply_overrides(read_yaml(path) if path else {}, overrides or [])
+    source = (raw.get("init") or {}).get("source", "scratch")
+    architecture = sorted(set(raw.get("model") or {}) - set(NUMERICS_FIELDS))
+    if source != "scratch" and architecture:
+        raise ConfigError(
+            f"model.{architecture[0]} is set, but with init.source={source} the architecture comes from the "
+            f"checkpoint; only model.{{{', '.join(NUMERICS_FIELDS)}}} may be set"
+        )
+    return from_dict(TrainConfig, raw)

@@ -1,0 +1,143 @@
+"""What a run reports: FLOPs and MFU, metrics.jsonl + TensorBoard, and the progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import jax
+from etils import epath
+
+from jaxcpt.model.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched against jax's device_kind.
+PEAK_BF16_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "H100": 989e12,  # SXM; PCIe parts are slower, so MFU there reads low
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+    """Peak bf16 FLOP/s of ``device`` (default: the first), or None where unknown (CPU)."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    kind = device.device_kind
+    for name in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # longest match first ('TPU v5 lite' before 'TPU v5')
+        if name.lower() in kind.lower():
+            return PEAK_BF16_FLOPS[name]
+    return None
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + attention scores and values.
+
+    Matmul parameters exclude the input embedding (a lookup) but include the output
+    projection. Attention adds 6 x 2 x L x H x D x T per token (QK^T and PV, forward
+    and backward), counted for the full T x T square, not halved for causality: the
+    convention of the PaLM paper's MFU, which most stacks report.
+    """
+    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
+    if cfg.tie_word_embeddings:
+        matmul_params += cfg.vocab_size * cfg.hidden_size  # the tied table is also the output projection
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+    return 6 * matmul_params + attention
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to RUN/metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Only the process that writes shared files (process 0) should create one.
+    """
+
+    def __init__(self, run_dir: epath.Path, tensorboard: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step, kind = record["step"], record["kind"]
+            for key, value in _flatten(record).items():
+                if key not in ("step", "kind") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def truncate_metrics(run_dir: epath.Path, after_step: int) -> None:
+    """Drop records past ``after_step`` (a resume replays those steps; keep each step once)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = epath.Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A concise line per log interval: step, loss, lr, tokens/s, MFU and ETA."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total = total_steps
+        self.start_step = start_step
+        self.start = time.monotonic()
+
+    def line(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None) -> str:
+        done = step - self.start_step
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        mfu_text = f" | MFU {100 * mfu:4.1f}%" if mfu is not None else ""
+        return (f"step {step:>{len(str(self.total))}}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{_si(tokens_per_s)} tok/s{mfu_text} | ETA {_duration(eta)}")
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

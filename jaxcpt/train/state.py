@@ -1,0 +1,100 @@
+"""The training state pytree ``{'params', 'opt_state', 'step'}``: its shardings, and where it starts.
+
+Shardings come from the parameters' logical axes; the optimizer state mirrors them
+(Adam's moments have the parameters' shapes and get their shardings), every other
+optimizer leaf (counts, scalars) is replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.persist import abstract_params, load_model, params_of
+from jaxcpt.model.transformer import Transformer, abstract_model, init_model
+from jaxcpt.train.config import NUMERICS_FIELDS, TrainConfig
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model's config: architecture from the init source, numerics from ``cfg.model``."""
+    numerics = {name: getattr(cfg.model, name) for name in NUMERICS_FIELDS}
+    if cfg.init.source == "hf":
+        from jaxcpt.hf.convert import read_hf_config
+
+        return dataclasses.replace(read_hf_config(cfg.init.path), **numerics)
+    if cfg.init.source == "checkpoint":
+        from jaxcpt.checkpoint import read_meta
+        from jaxcpt.config import from_dict
+        from jaxcpt.model.persist import resolve_run_checkpoints
+
+        meta = read_meta(resolve_run_checkpoints(cfg.init.path))
+        return dataclasses.replace(from_dict(ModelConfig, meta["model_config"], prefix="model"), **numerics)
+    return cfg.model
+
+
+def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[dict, str | None]:
+    """(params, tokenizer_dir) for a fresh run, from the configured source."""
+    numerics = {name: getattr(model_cfg, name) for name in NUMERICS_FIELDS}
+    if cfg.init.source == "hf":
+        from jaxcpt.hf.convert import load_hf
+
+        overrides = {k: v for k, v in numerics.items() if k not in ("dtype", "param_dtype")}
+        model = load_hf(cfg.init.path, mesh=mesh, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+                        rules=rules, **overrides)
+    elif cfg.init.source == "checkpoint":
+        model = load_model(cfg.init.path, mesh=mesh, rules=rules, **numerics)
+    else:
+        model = init_model(model_cfg, mesh, rules, seed=cfg.init.seed)
+    return params_of(model), model.tokenizer_dir
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params_abstract: dict, mesh: Mesh):
+    """Shardings for ``tx.init(params)``: parameter-shaped leaves like their parameter, the rest replicated."""
+    opt_shapes = jax.eval_shape(tx.init, params_abstract)
+    param_shardings = jax.tree.map(lambda p: p.sharding, params_abstract)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, opt_shapes, param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+
+
+def state_shardings(tx, model_cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+    params_abstract = abstract_params(model_cfg, mesh, rules)
+    return {
+        "params": jax.tree.map(lambda p: p.sharding, params_abstract),
+        "opt_state": opt_state_shardings(tx, params_abstract, mesh),
+        "step": NamedSharding(mesh, PartitionSpec()),
+    }
+
+
+def abstract_state(tx, model_cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+    """ShapeDtypeStruct leaves with target shardings: what a checkpoint restores into."""
+    params_abstract = abstract_params(model_cfg, mesh, rules)
+    shardings = state_shardings(tx, model_cfg, mesh, rules)
+    shapes = {"params": params_abstract, "opt_state": jax.eval_shape(tx.init, params_abstract),
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def fresh_state(params: dict, tx, shardings: dict) -> dict:
+    """Step-0 state: ``params`` with a new optimizer state, created directly in its shardings."""
+    init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"params": params, "opt_state": init(params), "step": step}
+
+
+def graphdef_of(model_cfg: ModelConfig, rules, tokenizer_dir: str | None = None):
+    return nnx.split(abstract_model(model_cfg, rules, tokenizer_dir))[0]
+
+
+def model_of(graphdef, params: dict) -> Transformer:
+    return nnx.merge(graphdef, params)

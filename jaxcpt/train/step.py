@@ -1,0 +1,84 @@
+"""The hot path: pure ``train_step(state, batch) -> (state, metrics)`` and ``eval_step``.
+
+``state`` is a plain pytree ``{'params', 'opt_state', 'step'}``; the model's static
+structure (``graphdef``), the optimizer and the loss settings are bound with
+``functools.partial`` before jitting, so nothing hidden reaches the compiled step.
+
+``batch`` (all [B, T] unless noted): inputs, targets, segment_ids, positions,
+loss_mask, source [B] (index of the row's data source).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxcpt.optim.accumulate import accumulate_gradients
+from jaxcpt.train.loss import token_loss_sums
+
+
+def _per_source(values, source, num_sources: int):
+    """Sum per-row values [B] into per-source totals [S]."""
+    return jax.ops.segment_sum(values, source, num_segments=num_sources)
+
+
+def _loss_sums(params, batch, *, graphdef, num_sources: int, chunk_size: int, z_loss_weight: float):
+    """((loss_sum, tokens), aux) for gradient accumulation: sums, so micro-batches add exactly."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])  # [B, T, E]
+    loss_rows, lse2_rows = token_loss_sums(hidden, model.output_weights(), batch["targets"], batch["loss_mask"],
+                                           chunk_size=chunk_size)  # [B], [B]
+    tokens_rows = batch["loss_mask"].astype(jnp.float32).sum(-1)  # [B]
+    objective_sum = loss_rows.sum() + z_loss_weight * lse2_rows.sum()
+    aux = {
+        "loss_sum": loss_rows.sum(),
+        "source_loss_sum": _per_source(loss_rows, batch["source"], num_sources),
+        "source_tokens": _per_source(tokens_rows, batch["source"], num_sources),
+    }
+    return (objective_sum, tokens_rows.sum()), aux
+
+
+def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule, num_sources: int,
+               grad_accum_steps: int, chunk_size: int, z_loss_weight: float):
+    """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged."""
+
+    def loss_fn(params, micro):
+        return _loss_sums(params, micro, graphdef=graphdef, num_sources=num_sources, chunk_size=chunk_size,
+                          z_loss_weight=z_loss_weight)
+
+    _, grads, aux = accumulate_gradients(loss_fn, state["params"], batch, grad_accum_steps)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    tokens = aux["source_tokens"].sum()
+    loss = aux["loss_sum"] / jnp.maximum(tokens, 1.0)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = {
+        "params": keep_if_finite(new_params, state["params"]),
+        "opt_state": keep_if_finite(new_opt_state, state["opt_state"]),
+        "step": state["step"] + 1,
+    }
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(state["step"]),
+        "tokens": tokens,
+        "finite": finite,
+        "source_loss_sum": aux["source_loss_sum"],
+        "source_tokens": aux["source_tokens"],
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch, *, graphdef, chunk_size: int):
+    """(loss_sum, tokens) of one evaluation batch, summed over its real target tokens."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])
+    loss_rows, _ = token_loss_sums(hidden, model.output_weights(), batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
+    return loss_rows.sum(), batch["loss_mask"].astype(jnp.float32).sum()

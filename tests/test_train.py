@@ -1,0 +1,78 @@
+"""The training entrypoint: re-sharding resume, the base model's step-0 evaluation, config errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hf_models import rel_err
+from train_helpers import make_corpora, run_cli, tiny_overrides, train_losses
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from jaxcpt.cli import main
+from jaxcpt.config import ConfigError
+from jaxcpt.data.pipeline import build_eval_batches
+from jaxcpt.train.config import load_train_config
+from jaxcpt.train.loop import train
+
+
+def test_checkpoint_from_data_parallel_mesh_resumes_on_fsdp_tensor_mesh(tmp_path):
+    corpora = make_corpora(tmp_path / "data")
+    base = tiny_overrides(tmp_path / "a", corpora, steps=5, mesh="{data: 8}") + ["checkpoint.every_steps=4"]
+    train(load_train_config(None, base))
+    straight = train_losses(tmp_path / "a")
+
+    # a new run directory holding only the step-4 checkpoint, resumed on another mesh
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "4", tmp_path / "b" / "checkpoints" / "4")
+    overrides = tiny_overrides(tmp_path / "b", corpora, steps=5, mesh="{fsdp: 4, tensor: 2}") + ["checkpoint.every_steps=4"]
+    train(load_train_config(None, overrides))
+    resharded = train_losses(tmp_path / "b")
+    assert list(resharded) == [5]
+    assert abs(resharded[5] - straight[5]) / straight[5] < 1e-5
+
+
+def test_step0_eval_of_hf_model_equals_transformers_loss(tmp_path):
+    corpora = make_corpora(tmp_path / "data")
+    torch.manual_seed(0)
+    hf_dir = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(hf_dir)
+    overrides = [o for o in tiny_overrides(tmp_path / "run", corpora, steps=2) if not o.startswith("model.")]
+    overrides += ["init.source=hf", f"init.path={hf_dir}", "model.dtype=float32"]
+    cfg = load_train_config(None, overrides)
+    train(cfg)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    step0 = next(r for r in records if r["kind"] == "eval" and r["step"] == 0)["sources"]
+
+    # transformers cannot pack: run every document of every held-out row on its own
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    for name, batches in build_eval_batches(cfg.data, batch_size=cfg.train.batch_size).items():
+        loss_sum, tokens = 0.0, 0.0
+        for batch in batches:
+            for row in range(batch["inputs"].shape[0]):
+                for segment in set(batch["segment_ids"][row].tolist()) - {0}:
+                    where = batch["segment_ids"][row] == segment
+                    inputs, targets = batch["inputs"][row][where], batch["targets"][row][where]
+                    mask = batch["loss_mask"][row][where]
+                    with torch.no_grad():
+                        logits = model(torch.tensor(inputs[None], dtype=torch.long)).logits[0].double()
+                    losses = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, dtype=torch.long), reduction="none").numpy()
+                    loss_sum += float((losses * mask).sum())
+                    tokens += float(mask.sum())
+        assert tokens == step0[name]["tokens"]
+        assert rel_err(step0[name]["loss"], loss_sum / tokens) < 1e-5, name
+
+
+def test_misspelled_key_fails_before_anything_starts_and_names_the_closest_key(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\noptim:\n  schedule:\n    peak_lr: 1.0e-4\n    warmup_step: 10\n")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.schedule.warmup_step'; did you mean 'optim.schedule.warmup_steps'?" in err
+    assert not (tmp_path / "run").exists()  # nothing was set up, let alone compiled
+    with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
+        load_train_config(None, ["train.batchsize=4"])
+    with pytest.raises(ConfigError, match="architecture comes from the checkpoint"):
+        load_train_config(None, ["init.source=hf", "init.path=/x", "model.hidden_size=64"])
