@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.attention import choose_attention
-from jaxcpt.model.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from jaxcpt.model.layers import apply_rope, dense, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 from jaxcpt.sharding.rules import constrain, make_rules, named_sharding
 
 REMAT_POLICIES = {
@@ -84,9 +84,9 @@ def decoder_block(p: dict, x, cos, sin, segment_ids, *, cfg: ModelConfig, rules,
     x = constrain(x, act, rules)
 
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("bte,ehd->bthd", h, p["q"])  # [B, T, H, D]
-    k = jnp.einsum("bte,ekd->btkd", h, p["k"])  # [B, T, K, D]
-    v = jnp.einsum("bte,ekd->btkd", h, p["v"])  # [B, T, K, D]
+    q = dense(h, p["q"])  # [B, T, H, D]
+    k = dense(h, p["k"])  # [B, T, K, D]
+    v = dense(h, p["v"])  # [B, T, K, D]
     if cfg.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     q = constrain(q, ("batch", "length", "act_heads", None), rules)
@@ -94,7 +94,7 @@ def decoder_block(p: dict, x, cos, sin, segment_ids, *, cfg: ModelConfig, rules,
     v = constrain(v, ("batch", "length", "act_kv_heads", None), rules)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn = attention_fn(q, k, v, segment_ids, cfg.sliding_window)  # [B, T, H, D]
-    attn_out = jnp.einsum("bthd,hde->bte", attn, p["o"])
+    attn_out = dense(attn, p["o"], contract=2)  # [B, T, E]
     if cfg.o_bias:
         attn_out = attn_out + p["o_bias"]
     x = x + constrain(attn_out, act, rules)
@@ -152,7 +152,7 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., E] -> logits [..., V] in float32 (matmul in the compute dtype, f32 accumulation)."""
         w = self.output_weights().astype(self.config.dtype)
-        return jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)
+        return dense(hidden, w, out_dtype=jnp.float32)
 
     def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         out = self.logits(self.hidden_states(input_ids, segment_ids, positions))

@@ -12,10 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxcpt.model.layers import dense
+
 
 def _chunk_loss(hidden, out_w, targets, mask):
     """hidden [B, C, E], out_w [E, V], targets/mask [B, C] -> per-row (loss sum, lse^2 sum) [B]."""
-    logits = jnp.einsum("bce,ev->bcv", hidden, out_w, preferred_element_type=jnp.float32)  # [B, C, V]
+    logits = dense(hidden, out_w, out_dtype=jnp.float32)  # [B, C, V]
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, C]
     return ((lse - target_logit) * mask).sum(-1), (lse * lse * mask).sum(-1)
