@@ -50,20 +50,19 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
 
     _, grads, aux = accumulate_gradients(loss_fn, state["params"], batch, grad_accum_steps)
     grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], updates)
     tokens = aux["source_tokens"].sum()
     loss = aux["loss_sum"] / jnp.maximum(tokens, 1.0)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def keep_if_finite(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def apply_update(params_and_opt):
+        params, opt_state = params_and_opt
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
 
-    new_state = {
-        "params": keep_if_finite(new_params, state["params"]),
-        "opt_state": keep_if_finite(new_opt_state, state["opt_state"]),
-        "step": state["step"] + 1,
-    }
+    # cond, not a select: only the taken branch runs, so a healthy step pays nothing for the check
+    new_params, new_opt_state = jax.lax.cond(finite, apply_update, lambda operand: operand,
+                                             (state["params"], state["opt_state"]))
+    new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1}
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
