@@ -48,6 +48,9 @@ def test_tiny_config_trains_and_writes_everything_a_run_should(tmp_path, monkeyp
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tensorboard"))
     assert sorted(os.listdir(run / "checkpoints")) == ["20", "40"]
     assert "forgetting report" in (run / "report.txt").read_text() and (run / "eval_loss.png").is_file()
+    assert main(["report", str(run)]) == 0 and main(["report", str(run), str(run)]) == 0
+    assert (run / "compare_eval_loss.png").is_file()
+    assert main(["report", str(tmp_path / "nope")]) == 2
     export = run / "hf" / "step_40"
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(export)

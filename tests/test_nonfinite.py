@@ -1,0 +1,51 @@
+"""A NaN/inf loss skips its update; several in a row stop the run (exit 3) without writing a checkpoint."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from train_helpers import make_corpora, tiny_overrides
+
+from jaxcpt.cli import main
+from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.persist import params_of
+from jaxcpt.model.transformer import init_model
+from jaxcpt.sharding.mesh import build_mesh
+from jaxcpt.train.step import train_step
+
+
+def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged():
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    model = init_model(cfg, build_mesh({"data": 1}, jax.devices()[:1]))
+    graphdef = nnx.split(model)[0]
+    params = params_of(model)
+    params["final_norm"] = params["final_norm"].at[0].set(jnp.nan)
+    tx = optax.adamw(1e-3)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    ones = jnp.ones((2, 8), jnp.int32)
+    batch = {"inputs": ones, "targets": ones, "segment_ids": ones, "positions": jnp.tile(jnp.arange(8), (2, 1)),
+             "loss_mask": jnp.ones((2, 8)), "source": jnp.zeros((2,), jnp.int32)}
+    new_state, metrics = train_step(state, batch, graphdef=graphdef, tx=tx, schedule=lambda s: 1e-3, num_sources=1,
+                                    grad_accum_steps=1, chunk_size=0, z_loss_weight=0.0)
+    assert not bool(metrics["finite"])
+    assert int(new_state["step"]) == 1
+    for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)[:-1]):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_run_stops_after_max_nonfinite_steps_in_a_row(tmp_path, capsys):
+    corpora = make_corpora(tmp_path / "data")
+    overrides = tiny_overrides(tmp_path / "run", corpora, steps=20) + [
+        "train.max_nonfinite_steps=3", "optim.schedule.kind=constant", "optim.schedule.peak_lr=1e30",
+        "optim.clip_grad_norm=0", "checkpoint.every_steps=100"]
+    assert main(["train", *overrides]) == 3
+    err = capsys.readouterr().err
+    assert "non-finite steps in a row" in err and "last good checkpoint" in err
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    skipped = [r["step"] for r in records if r["kind"] == "train" and r["skipped"]]
+    assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
