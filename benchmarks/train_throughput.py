@@ -122,7 +122,6 @@ def loss_memory(cfg, args) -> dict:
     """XLA's planned temporary bytes for loss + gradient, plain vs chunked (compiled, not run)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from jaxcpt.model.transformer import init_model

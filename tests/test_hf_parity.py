@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 import jax.numpy as jnp
 from hf_models import FAMILY_CONFIGS, hf_logits, make_hf_model, rel_err
 

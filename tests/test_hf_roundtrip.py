@@ -1,7 +1,6 @@
 """HF -> jaxcpt -> HF is exact, the export loads in transformers, and bad inputs fail clearly."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest

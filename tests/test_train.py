@@ -3,11 +3,10 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from hf_models import rel_err
-from train_helpers import make_corpora, run_cli, tiny_overrides, train_losses
+from train_helpers import make_corpora, tiny_overrides, train_losses
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from jaxcpt.cli import main

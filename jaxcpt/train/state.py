@@ -8,8 +8,6 @@ optimizer leaf (counts, scalars) is replicated.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
