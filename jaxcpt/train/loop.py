@@ -109,9 +109,6 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns a summary dict."""
     initialize_distributed(cfg.distributed)
     run_dir = epath.Path(cfg.run_dir)
-    if is_writer():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / "config.yaml")
     mesh = build_mesh(cfg.mesh)
     rules = make_rules(cfg.sharding_rules)
     check_rules(rules, mesh)
@@ -119,7 +116,6 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.train.steps
     tx, schedule = build_optimizer(cfg.optim, total_steps)
     shardings = train_state.state_shardings(tx, model_cfg, mesh, rules)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
 
     process_count = jax.process_count()
     if cfg.train.batch_size % process_count:
@@ -136,6 +132,11 @@ def train(cfg: TrainConfig) -> dict:
     data_iter = build_train_iterator(data_cfg, batch_size=local_batch, seq_len=seq_len, lr_schedule=schedule,
                                      total_steps=total_steps)
     source_names = list(data_iter.source_names)
+    # Only now, with the mesh, model source and data checked, does the run directory appear.
+    if is_writer():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / "config.yaml")
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
 
     latest = ckpt.latest_step()
     if latest is not None:
