@@ -75,3 +75,49 @@ def test_misspelled_key_fails_before_anything_starts_and_names_the_closest_key(t
         load_train_config(None, ["train.batchsize=4"])
     with pytest.raises(ConfigError, match="architecture comes from the checkpoint"):
         load_train_config(None, ["init.source=hf", "init.path=/x", "model.hidden_size=64"])
+
+
+def test_training_with_splash_attention_under_the_mesh_matches_reference(tmp_path):
+    """The loop traces its step under the mesh: splash runs per device in shard_map and gives the same losses."""
+    corpora = make_corpora(tmp_path / "data")
+    losses = {}
+    for attention in ("reference", "splash"):
+        overrides = tiny_overrides(tmp_path / attention, corpora, steps=2, mesh="{data: 4, tensor: 2}", seq_len=128)
+        train(load_train_config(None, overrides + [f"model.attention={attention}"]))
+        losses[attention] = train_losses(tmp_path / attention)
+    assert losses["splash"].keys() == losses["reference"].keys() == {1, 2}
+    for step in (1, 2):
+        assert abs(losses["splash"][step] - losses["reference"][step]) / losses["reference"][step] < 1e-5
+
+
+def test_loop_traces_under_the_mesh(tmp_path, monkeypatch):
+    """Sharding constraints need the mesh in context while the step is traced."""
+    import jaxcpt.train.step as step_module
+
+    seen = []
+    original = step_module.train_step
+
+    def spy(*args, **kwargs):
+        import jax
+
+        seen.append(dict(jax.sharding.get_abstract_mesh().shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("jaxcpt.train.loop.train_step", spy)
+    corpora = make_corpora(tmp_path / "data")
+    train(load_train_config(None, tiny_overrides(tmp_path / "run", corpora, steps=3, mesh="{data: 2, fsdp: 2, tensor: 2}")))
+    assert seen and seen[0] == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_checkpoints_can_live_outside_the_run_directory(tmp_path):
+    corpora = make_corpora(tmp_path / "data")
+    overrides = tiny_overrides(tmp_path / "run", corpora, steps=3) + [f"checkpoint.directory={tmp_path / 'shared' / 'ckpt'}"]
+    train(load_train_config(None, overrides))
+    assert (tmp_path / "shared" / "ckpt" / "3").is_dir() and not (tmp_path / "run" / "checkpoints").exists()
+    train(load_train_config(None, overrides[:-1] + ["train.steps=4", overrides[-1]]))  # resumes from the shared dir
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+def test_remote_run_dir_is_refused_with_the_way_out():
+    with pytest.raises(ConfigError, match="must be a local path.*checkpoint.directory=gs://"):
+        load_train_config(None, ["run_dir=gs://bucket/run", "data.sources=[{name: a, paths: [x]}]"])

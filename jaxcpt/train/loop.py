@@ -7,6 +7,7 @@ step's metrics (one step late, so the device never waits for the host).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -43,18 +44,29 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop saves at the next step boundary and exits cleanly."""
+    """Set by SIGTERM/SIGINT; the loop saves at the next step boundary and exits cleanly.
+
+    A second signal restores the previous handlers and interrupts at once (a Ctrl-C
+    during compilation or a hung collective must still work).
+    """
 
     def __init__(self):
         self.signal: int | None = None
+        self._previous: dict = {}
 
-    def install(self):
-        previous = {}
+    def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, self._handle)
-        return previous
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, _frame):
+        if self.signal is not None:
+            self.uninstall()
+            raise KeyboardInterrupt(f"second signal {signum}: stopping without a checkpoint")
         self.signal = signum
 
 
@@ -65,7 +77,7 @@ def _say(message: str) -> None:
 
 def _copy_tokenizer(tokenizer_dir: str | None, data_tokenizer: str, run_dir: epath.Path) -> None:
     """Keep the tokenizer with the run (as an HF tokenizer directory), so every export ships it."""
-    from jaxcpt.hf.convert import TOKENIZER_FILES
+    from jaxcpt.hf.convert import COMPANION_FILES
     from jaxcpt.hf.tokenizer import sentencepiece_to_hf
 
     target = run_dir / "tokenizer"
@@ -77,7 +89,7 @@ def _copy_tokenizer(tokenizer_dir: str | None, data_tokenizer: str, run_dir: epa
             sentencepiece_to_hf(data_tokenizer, str(target))
         return
     target.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
+    for name in COMPANION_FILES:
         if (Path(source) / name).is_file():
             shutil.copy2(Path(source) / name, str(target / name))
 
@@ -136,11 +148,11 @@ def train(cfg: TrainConfig) -> dict:
     if is_writer():
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", cfg.checkpoint)
 
     latest = ckpt.latest_step()
     if latest is not None:
-        _say(f"resuming from {run_dir / 'checkpoints' / str(latest)}")
+        _say(f"resuming from {ckpt.directory / str(latest)}")
         abstract = train_state.abstract_state(tx, model_cfg, mesh, rules)
         state, data_state, _meta = ckpt.restore(latest, abstract)
         hosts = data_state.get("hosts", [])
@@ -153,12 +165,16 @@ def train(cfg: TrainConfig) -> dict:
         params, tokenizer_dir = train_state.initial_params(cfg, model_cfg, mesh, rules)
         state = train_state.fresh_state(params, tx, shardings)
         if is_writer():
+            truncate_metrics(run_dir, -1)  # records of an attempt that crashed before its first checkpoint
             _copy_tokenizer(tokenizer_dir, data_cfg.tokenizer, run_dir)
     start_step = int(state["step"])
     graphdef = train_state.graphdef_of(model_cfg, rules)
     _say(f"{model_cfg.family}: {model_cfg.num_params() / 1e6:.1f}M parameters | mesh {describe_mesh(mesh)} | "
          f"batch {cfg.train.batch_size} x {seq_len} tokens | steps {start_step}->{total_steps}")
 
+    # Traced under the mesh, so activation sharding constraints and shard_map'd kernels see it.
+    mesh_context = contextlib.ExitStack()
+    mesh_context.enter_context(jax.set_mesh(mesh))
     batch_spec = logical_to_spec(("batch", "length"), rules, dict(mesh.shape))
     batch_sharding = NamedSharding(mesh, batch_spec)
     source_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules, dict(mesh.shape)))
@@ -184,7 +200,7 @@ def train(cfg: TrainConfig) -> dict:
     num_devices = mesh.devices.size
     progress = Progress(total_steps, start_step)
     stop = _StopFlag()
-    previous_handlers = stop.install()
+    stop.install()
     exports: list[str] = []
 
     def record(kind: str, step: int, values: dict) -> None:
@@ -211,9 +227,6 @@ def train(cfg: TrainConfig) -> dict:
         exports.append(str(target))
         _say(f"exported {target}")
 
-    if start_step == 0:
-        run_eval(0)
-    step = start_step
     nonfinite_in_a_row = 0
     pending = None  # (step, metrics) of the step whose metrics are not read yet
     # Step time = time between the completions of consecutive steps (reading a step's
@@ -244,18 +257,45 @@ def train(cfg: TrainConfig) -> dict:
             if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{nonfinite_in_a_row} non-finite steps in a row up to step {pending_step}; stopping. The last good "
-                    f"checkpoint is kept in {run_dir / 'checkpoints'}; lower the learning rate or check the data."
+                    f"checkpoint is kept in {ckpt.directory}; lower the learning rate or check the data."
                 )
         else:
             nonfinite_in_a_row = 0
         if pending_step % cfg.train.log_every == 0 or pending_step == total_steps:
             _say(progress.line(pending_step, values["loss"], values["lr"], tokens_per_s, mfu))
 
+    # Hosts must agree on stopping (a signal, or data running out) before anyone makes a
+    # collective call the others would not make. On several hosts that costs a small
+    # allgather: for signals every log interval, for running out only when a source is
+    # read once (repeat=false).
+    several_hosts = jax.process_count() > 1
+    may_run_out = any(not source.repeat for source in data_cfg.sources)
+    step = start_step
     try:
+        if start_step == 0:
+            run_eval(0)
         while step < total_steps:
+            signalled = stop.signal is not None
+            if several_hosts and step % cfg.train.log_every == 0:
+                signalled = _any_host(signalled)
+            elif several_hosts:
+                signalled = False  # acted on at the next agreed check
+            if signalled:
+                if pending is not None:
+                    consume(*pending)
+                    pending = None
+                save(step, force=True)
+                ckpt.wait()
+                _say(f"signal {stop.signal or 'on another host'}: saved checkpoint at step {step}; exiting")
+                stopped_by_signal = True
+                break
             try:
-                local = next(data_iter)
+                local, ran_out = next(data_iter), False
             except StopIteration:
+                local, ran_out = None, True
+            if several_hosts and may_run_out:
+                ran_out = _any_host(ran_out)
+            if ran_out:
                 _say(f"the data ran out at step {step} (sources with repeat=false are exhausted); stopping")
                 break
             state, metrics = step_fn(state, to_global(local))
@@ -263,19 +303,11 @@ def train(cfg: TrainConfig) -> dict:
             if pending is not None:
                 consume(*pending)
             pending = (step, metrics)
-            stop_now = _stop_requested(stop)
-            if stop_now or cfg.eval.due(step, total_steps):
-                consume(*pending)  # read this step's metrics before stopping or evaluating
-                pending = None
             if cfg.eval.due(step, total_steps):
+                consume(*pending)  # read this step's metrics before evaluating
+                pending = None
                 run_eval(step)
                 last_done = time.monotonic()
-            if stop_now:
-                save(step, force=True)
-                ckpt.wait()
-                _say(f"signal {stop.signal}: saved checkpoint at step {step}; exiting")
-                stopped_by_signal = True
-                break
             if ckpt.should_save(step):
                 save(step)
             if cfg.export.hf_every and step % cfg.export.hf_every == 0 and step < total_steps:
@@ -292,25 +324,23 @@ def train(cfg: TrainConfig) -> dict:
                 export(step)
     finally:
         ckpt.close()
+        data_iter.close()
+        mesh_context.close()
         if writer is not None:
             writer.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        stop.uninstall()
     summary = {"run_dir": str(run_dir), "step": step, "exports": exports, "stopped_by_signal": stopped_by_signal}
     if is_writer() and not stopped_by_signal:
-        from jaxcpt.train.report import write_report
-
-        report = write_report(run_dir)
-        print(report, flush=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if eval_batches:  # the report compares held-out losses; without eval splits there is none
+            from jaxcpt.train.report import write_report
+
+            print(write_report(run_dir), flush=True)
     return summary
 
 
-def _stop_requested(stop: _StopFlag) -> bool:
-    """Whether any host got a stop signal (all hosts must agree, or a collective save would hang)."""
-    local = stop.signal is not None
-    if jax.process_count() == 1:
-        return local
+def _any_host(flag: bool) -> bool:
+    """True on every host if ``flag`` is true on any host (a collective: all hosts must call it)."""
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
