@@ -101,6 +101,11 @@ def attention_splash(q, k, v, segment_ids, sliding_window=None, *, rules=(), int
     """Splash attention, under ``shard_map`` when a mesh is active (batch and heads stay sharded)."""
     from jaxcpt.sharding.rules import logical_to_spec
 
+    if q.shape[1] % 128:
+        from jaxcpt.errors import UserError
+
+        raise UserError(f"splash attention needs a sequence length that is a multiple of 128, got {q.shape[1]}; "
+                        "set model.attention to auto, reference or xla")
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     local = functools.partial(_splash_local, sliding_window=sliding_window, interpret=interpret)
