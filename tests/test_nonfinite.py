@@ -18,7 +18,7 @@ from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.train.step import train_step
 
 
-def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged():
+def test_nonfinite_step_leaves_params_and_moments_unchanged():
     cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
     model = init_model(cfg, build_mesh({"data": 1}, jax.devices()[:1]))
     graphdef = nnx.split(model)[0]
@@ -33,8 +33,13 @@ def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged():
                                     grad_accum_steps=1, chunk_size=0, z_loss_weight=0.0)
     assert not bool(metrics["finite"])
     assert int(new_state["step"]) == 1
-    for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)[:-1]):
-        np.testing.assert_array_equal(before, after)
+    before = jax.tree_util.tree_flatten_with_path({"params": state["params"], "opt": state["opt_state"]})[0]
+    after = jax.tree_util.tree_flatten_with_path({"params": new_state["params"], "opt": new_state["opt_state"]})[0]
+    for (path, old), (_, new) in zip(before, after):
+        if getattr(path[-1], "name", None) == "count":  # step counters advance with the step
+            assert int(new) == int(old) + 1
+        else:  # parameters and Adam moments stay exactly as they were
+            np.testing.assert_array_equal(old, new)
 
 
 def test_run_stops_after_max_nonfinite_steps_in_a_row(tmp_path, capsys):
@@ -49,3 +54,14 @@ def test_run_stops_after_max_nonfinite_steps_in_a_row(tmp_path, capsys):
     skipped = [r["step"] for r in records if r["kind"] == "train" and r["skipped"]]
     assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_skipped_step_keeps_the_schedule_aligned_with_the_step():
+    from jaxcpt.train.step import _advance_counts
+
+    tx = optax.adamw(optax.linear_schedule(0.0, 1.0, 10))
+    params = {"w": jnp.ones((2,))}
+    state = tx.init(params)
+    counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(_advance_counts(state))[0]
+              if getattr(path[-1], "name", None) == "count"]
+    assert counts and all(int(c) == 1 for c in counts)

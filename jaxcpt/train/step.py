@@ -40,6 +40,16 @@ def _loss_sums(params, batch, *, graphdef, num_sources: int, chunk_size: int, z_
     return (objective_sum, tokens_rows.sum()), aux
 
 
+def _advance_counts(opt_state):
+    """``opt_state`` with every optax step counter (a leaf named 'count') incremented."""
+
+    def bump(path, leaf):
+        name = getattr(path[-1], "name", getattr(path[-1], "key", None)) if path else None
+        return leaf + 1 if name == "count" else leaf
+
+    return jax.tree_util.tree_map_with_path(bump, opt_state)
+
+
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule, num_sources: int,
                grad_accum_steps: int, chunk_size: int, z_loss_weight: float):
     """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged."""
@@ -59,9 +69,14 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
         updates, new_opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_opt_state
 
+    def skip_update(params_and_opt):
+        # Parameters and moments stay; optax's step counters advance, so the learning-rate
+        # schedule stays aligned with the training step after a skipped update.
+        params, opt_state = params_and_opt
+        return params, _advance_counts(opt_state)
+
     # cond, not a select: only the taken branch runs, so a healthy step pays nothing for the check
-    new_params, new_opt_state = jax.lax.cond(finite, apply_update, lambda operand: operand,
-                                             (state["params"], state["opt_state"]))
+    new_params, new_opt_state = jax.lax.cond(finite, apply_update, skip_update, (state["params"], state["opt_state"]))
     new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1}
     metrics = {
         "loss": loss,
