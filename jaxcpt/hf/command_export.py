@@ -20,10 +20,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import yaml
 
+    from jaxcpt.sharding.distributed import DistributedConfig, initialize_distributed, is_writer
+
     from jaxcpt.hf.convert import save_hf
     from jaxcpt.model.persist import load_model
     from jaxcpt.sharding.mesh import build_mesh
 
+    initialize_distributed(DistributedConfig())  # auto: joins the other hosts of a pod / SLURM job
     model = load_model(args.checkpoint, mesh=build_mesh(yaml.safe_load(args.mesh) if args.mesh else None))
     out = save_hf(model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                   tokenizer_dir=args.tokenizer, overwrite=args.overwrite)

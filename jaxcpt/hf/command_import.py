@@ -21,14 +21,17 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import yaml
 
+    from jaxcpt.sharding.distributed import DistributedConfig, initialize_distributed, is_writer
+
     from jaxcpt.checkpoint import CheckpointConfig, Checkpointer
-    from jaxcpt.hf.convert import TOKENIZER_FILES, load_hf
+    from jaxcpt.hf.convert import COMPANION_FILES, load_hf
     from jaxcpt.model.persist import model_meta, params_of
     from jaxcpt.sharding.mesh import build_mesh
 
     out = Path(args.out)
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise UserError(f"'{out}/checkpoints' already holds checkpoints; choose an empty --out")
+    initialize_distributed(DistributedConfig())  # auto: joins the other hosts of a pod / SLURM job
     mesh = build_mesh(yaml.safe_load(args.mesh) if args.mesh else None)
     print(f"reading {args.hf_dir} ...", flush=True)
     model = load_hf(args.hf_dir, mesh=mesh)
@@ -36,9 +39,9 @@ def run(args) -> int:
     print(f"{cfg.family}: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_params() / 1e6:.1f}M parameters", flush=True)
     with Checkpointer(out / "checkpoints", CheckpointConfig(async_save=False)) as ckpt:
         ckpt.save(0, {"params": params_of(model)}, {}, {**model_meta(model), "source": str(Path(args.hf_dir).resolve())}, force=True)
-    if model.tokenizer_dir:
+    if model.tokenizer_dir and is_writer():
         (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-        for name in TOKENIZER_FILES:
+        for name in COMPANION_FILES:
             if (Path(model.tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(model.tokenizer_dir) / name, out / "tokenizer" / name)
     print(f"wrote {out}/checkpoints/0" + (f" and {out}/tokenizer" if model.tokenizer_dir else ""))

@@ -32,8 +32,10 @@ from jaxcpt.model.transformer import Transformer, abstract_model, state_sharding
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+# Files that travel with the weights: the tokenizer, and the source's generation settings
+# (sampling defaults, every stop token), which replace the minimal generation_config.json.
+COMPANION_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
 )
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -123,26 +125,34 @@ def _index_key(index: tuple[slice, ...]) -> tuple:
 
 
 def _place(row: Tensor, reader: SafetensorsReader, shape, sharding, dtype, num_layers: int) -> jax.Array:
-    """One global array, built device block by device block straight from the files."""
+    """One global array, built device block by device block straight from the files.
+
+    Each HF tensor is read once per host and cut into every block this host's devices
+    need; host memory holds one layer's tensor at a time.
+    """
     by_index: dict[tuple, list] = {}
     indices = {}
     for device, index in sharding.addressable_devices_indices_map(shape).items():
         key = _index_key(index)
         by_index.setdefault(key, []).append(device)
         indices[key] = index
-    blocks = []
-    for key, devices in by_index.items():
-        index = indices[key]
-        if row.stacked:
-            layers = range(*index[0].indices(num_layers))
-            per_layer = []
-            for layer in layers:  # one layer's tensor on the host at a time
-                block = row.to_jax(reader.get(row.hf_name.format(i=layer)))[index[1:]].astype(dtype)
-                per_layer.append([jax.device_put(block, d) for d in devices])
-            blocks += [jnp.stack([layer_blocks[j] for layer_blocks in per_layer]) for j in range(len(devices))]
-        else:
-            block = row.to_jax(reader.get(row.hf_name))[index].astype(dtype)
-            blocks += [jax.device_put(block, d) for d in devices]
+    if not row.stacked:
+        full = row.to_jax(reader.get(row.hf_name))
+        blocks = [jax.device_put(full[indices[key]].astype(dtype), d) for key, devs in by_index.items() for d in devs]
+        return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
+    per_device: dict = {d: [] for devs in by_index.values() for d in devs}  # device -> its layers' blocks
+    for layer in range(num_layers):  # one layer's tensor on the host at a time
+        layer_tensor = None
+        for key, devices in by_index.items():
+            index = indices[key]
+            if layer not in range(*index[0].indices(num_layers)):
+                continue
+            if layer_tensor is None:
+                layer_tensor = row.to_jax(reader.get(row.hf_name.format(i=layer)))
+            block = layer_tensor[index[1:]].astype(dtype)
+            for device in devices:
+                per_device[device].append(jax.device_put(block, device))
+    blocks = [jnp.stack(parts) for parts in per_device.values()]
     return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
 
 
@@ -172,7 +182,7 @@ def load_hf(
     _check_shapes(reader, table, cfg)
     mesh = mesh if mesh is not None else build_mesh()
     rules = rules if rules is not None else make_rules()
-    tokenizer_dir = str(directory.resolve()) if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
+    tokenizer_dir = str(directory.resolve()) if any((directory / f).is_file() for f in COMPANION_FILES) else None
     abstract = abstract_model(cfg, rules, tokenizer_dir)
     graphdef, state = nnx.split(abstract)
     shardings = state_shardings(state, mesh, rules)
@@ -240,7 +250,7 @@ def save_hf(
     cfg: ModelConfig = model.config
     out = Path(path)
     writer = jax.process_index() == 0
-    if writer and out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and any(out.iterdir()) and not overwrite:  # every host checks: none may enter the gathers alone
         raise UserError(f"'{out}' exists and is not empty; choose another --out or pass overwrite")
     hf_config = config_to_hf(cfg, dtype)
     table = tensor_table(cfg)
@@ -276,7 +286,7 @@ def save_hf(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         source = tokenizer_dir or getattr(model, "tokenizer_dir", None)
         if source:
-            for name in TOKENIZER_FILES:
+            for name in COMPANION_FILES:
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
         if out.exists():

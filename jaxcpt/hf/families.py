@@ -97,7 +97,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         sliding_window=int(sliding) if sliding else None,
         initializer_range=float(hf.get("initializer_range", 0.02)),
         bos_token_id=_first(hf.get("bos_token_id")),
-        eos_token_id=_first(hf.get("eos_token_id")),
+        eos_token_id=hf.get("eos_token_id"),  # Llama 3 Instruct lists several stop tokens: keep them all
         pad_token_id=_first(hf.get("pad_token_id")),
     )
 

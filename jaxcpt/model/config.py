@@ -40,7 +40,8 @@ class ModelConfig:
     sliding_window: int | None = field(None, help="attend only to the last N positions (Mistral); null for full causal")
     initializer_range: float = field(0.02, help="std of the normal init for a model trained from scratch")
     bos_token_id: int | None = field(1, help="written to config.json / generation_config.json on export")
-    eos_token_id: int | None = field(2, help="written to config.json / generation_config.json on export")
+    eos_token_id: int | list[int] | None = field(
+        2, help="written to config.json / generation_config.json on export (a list for models with several stop tokens)")
     pad_token_id: int | None = field(None, help="written to config.json on export")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="compute dtype of matmuls (bfloat16 on accelerators); parameters stay param_dtype")
     param_dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype parameters are stored (and trained) in")
