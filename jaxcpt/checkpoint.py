@@ -68,6 +68,7 @@ class CheckpointConfig:
     map to.
     """
 
+    directory: str = field("", help="where checkpoints go: a local path or a gs:// URL (shared by all hosts); empty = RUN_DIR/checkpoints")
     every_steps: int = field(1000, help="save when step % every_steps == 0; 0 = off")
     every_minutes: float = field(0.0, help="save when this many minutes passed since the last save; 0 = off "
                                            "(multi-host: costs one small blocking collective per should_save call)")

@@ -39,7 +39,8 @@ Options:
   --wheel PATH            install this local wheel (copied to every worker) ...
   --git-url URL           ... or install from git, e.g. https://github.com/ORG/jaxcpt.git@main
   --config PATH           local YAML config, copied to every worker (required by train)
-  --run-dir gs://B/RUN    checkpoint and log directory; must be on GCS (required by train)
+  --run-dir gs://B/RUN    shared run directory on GCS: checkpoints go to gs://B/RUN/checkpoints (required by train);
+                          metrics, reports and HF exports stay in ~/jaxcpt-run/run on worker 0
   --foreground            train inside the ssh session (output streams here; Ctrl-C or a
                           dropped connection stops training) instead of nohup + logs
   --worker N|all          worker whose log 'logs' follows (default 0)
@@ -240,9 +241,9 @@ install_jaxcpt() {
   if [[ -n $WHEEL ]]; then
     ssh_all "mkdir -p ~/$REMOTE_DIR"
     run gcloud compute tpus tpu-vm scp "$WHEEL" "$NAME:$REMOTE_DIR/" "${LOCATION[@]}" --worker=all
-    package=./${WHEEL##*/}
+    package="./${WHEEL##*/}[gcs]"
   else
-    package="jaxcpt @ git+${GIT_URL#git+}"
+    package="jaxcpt[gcs] @ git+${GIT_URL#git+}"
   fi
   # 'jax[tpu]' pulls the libtpu matching the jax version jaxcpt resolves to.
   ssh_all "mkdir -p ~/$REMOTE_DIR && cd ~/$REMOTE_DIR && python3 -m pip install --upgrade pip && python3 -m pip install --upgrade $(quote_remote_words "jax[tpu]" "$package")"
@@ -253,7 +254,9 @@ start_training() {
   ssh_all "mkdir -p ~/$REMOTE_DIR"
   run gcloud compute tpus tpu-vm scp "$CONFIG" "$NAME:$REMOTE_DIR/$config_name" "${LOCATION[@]}" --worker=all
   local train
-  train=$(quote_remote_words jaxcpt train --config "$config_name" "run_dir=$RUN_DIR" distributed.initialize=true ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+  # Checkpoints go to GCS, shared by all workers; the run directory (metrics, reports,
+  # HF exports, written by worker 0 only) is local to each worker, under ~/$REMOTE_DIR/run.
+  train=$(quote_remote_words jaxcpt train --config "$config_name" run_dir=run "checkpoint.directory=$RUN_DIR/checkpoints" distributed.initialize=true ${OVERRIDES[@]+"${OVERRIDES[@]}"})
   # pip --user puts the jaxcpt script in ~/.local/bin, which a non-login ssh shell
   # does not have on PATH; $HOME and $PATH must expand on the worker, not here.
   # shellcheck disable=SC2016

@@ -21,4 +21,4 @@ def test_readme_config_reference_is_generated_from_the_dataclasses():
     begin, end = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
     assert begin in readme and end in readme
     current = readme.split(begin)[1].split(end)[0].strip()
-    assert current == markdown().strip(), "regenerate with: jaxcpt config-reference"
+    assert current == markdown().strip(), "regenerate with: jaxcpt config-reference --update README.md"

@@ -178,10 +178,11 @@ def test_tpu_all_dry_run_creates_installs_trains_on_every_worker_and_follows_log
     *setup, train, logs = sshs
     assert all("--worker=all" in c for c in setup + [train])
     install = next(value_of(c, "--command") for c in setup if "pip install" in value_of(c, "--command"))
-    assert '"jax[tpu]"' in install and f"./{wheel.name}" in install
+    assert '"jax[tpu]"' in install and f"./{wheel.name}[gcs]" in install
 
     train_command = value_of(train, "--command")
-    expected = "nohup jaxcpt train --config cpt.yaml run_dir=gs://bucket/runs/cpt-1 distributed.initialize=true"
+    expected = ("nohup jaxcpt train --config cpt.yaml run_dir=run checkpoint.directory=gs://bucket/runs/cpt-1/checkpoints "
+                "distributed.initialize=true")
     assert expected in train_command
     assert "optim.peak_lr=3e-5" in train_command
     assert "--worker=0" in logs and "tail" in value_of(logs, "--command")
@@ -206,7 +207,8 @@ def test_tpu_remote_train_command_runs_on_a_worker_with_overrides_intact(fake_bi
     assert worker.returncode == 0, worker.stderr
     argv = worker.stdout.splitlines()
     assert argv == [
-        "train", "--config", "cpt.yaml", "run_dir=gs://bucket/runs/cpt-1", "distributed.initialize=true", *tricky,
+        "train", "--config", "cpt.yaml", "run_dir=run", "checkpoint.directory=gs://bucket/runs/cpt-1/checkpoints",
+        "distributed.initialize=true", *tricky,
     ]  # fmt: skip
 
 
@@ -241,7 +243,7 @@ def test_tpu_install_from_git_url(fake_bin, config):
     assert result.returncode == 0, result.stderr
     (ssh,) = printed_commands(result.stdout)
     assert "--worker=all" in ssh
-    assert f'"jaxcpt @ git+{url}"' in value_of(ssh, "--command")
+    assert f'"jaxcpt[gcs] @ git+{url}"' in value_of(ssh, "--command")
 
 
 def test_tpu_run_dir_must_be_on_gcs_and_says_why(fake_bin, config):

@@ -8,13 +8,28 @@ scripts in launch/ fill them in).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Literal
 
 import jax
 import numpy as np
 
+from jaxcpt.config import field
 from jaxcpt.errors import UserError
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    initialize: Literal["auto", "true", "false"] = field(
+        "auto",
+        help="call jax.distributed.initialize(): auto = when launched on several hosts (TPU pod, SLURM, "
+        "coordinator settings below), true = always, false = never",
+    )
+    coordinator_address: str | None = field(None, help="host:port of process 0 (multi-node GPU); auto-detected on TPU and SLURM")
+    num_processes: int | None = field(None, help="number of processes (hosts)")
+    process_id: int | None = field(None, help="this process's index")
+
 
 _MULTIHOST_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
 

@@ -15,6 +15,7 @@ from jaxcpt.config import ConfigError, apply_overrides, field, from_dict, read_y
 from jaxcpt.data.config import DataConfig
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.config import OptimConfig
+from jaxcpt.sharding.distributed import DistributedConfig
 
 # ModelConfig fields that say how to compute, not what the model is; these apply
 # whatever the model's source (a HF checkpoint fixes the architecture, not the numerics).
@@ -78,20 +79,8 @@ class ExportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    initialize: Literal["auto", "true", "false"] = field(
-        "auto",
-        help="call jax.distributed.initialize(): auto = when launched on several hosts (TPU pod, SLURM, "
-        "coordinator settings below), true = always, false = never",
-    )
-    coordinator_address: str | None = field(None, help="host:port of process 0 (multi-node GPU); auto-detected on TPU and SLURM")
-    num_processes: int | None = field(None, help="number of processes (hosts)")
-    process_id: int | None = field(None, help="this process's index")
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    run_dir: str = field("runs/default", help="where checkpoints, metrics, TensorBoard events, reports and exports go (local or gs://)")
+    run_dir: str = field("runs/default", help="local directory for metrics, TensorBoard events, reports, exports and (unless checkpoint.directory is set) checkpoints")
     init: InitConfig = field(InitConfig(), help="where the starting weights come from")
     model: ModelConfig = field(
         ModelConfig(dtype="bfloat16"),
@@ -108,6 +97,11 @@ class TrainConfig:
     distributed: DistributedConfig = field(DistributedConfig(), help="multi-host initialisation")
 
     def validate(self) -> None:
+        if "://" in self.run_dir:
+            raise ConfigError(
+                f"run_dir '{self.run_dir}' must be a local path (metrics, reports and exports are written there by "
+                "process 0); put checkpoints on shared storage with checkpoint.directory=gs://BUCKET/RUN/checkpoints"
+            )
         if not self.data.sources:
             raise ConfigError("data.sources is empty; a run needs at least one source to train on")
         if self.train.batch_size % self.optim.grad_accum_steps:
