@@ -21,7 +21,7 @@ from jaxcpt.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-    initialize: Literal["auto", "true", "false"] = field(
+    initialize: bool | Literal["auto"] = field(
         "auto",
         help="call jax.distributed.initialize(): auto = when launched on several hosts (TPU pod, SLURM, "
         "coordinator settings below), true = always, false = never",
@@ -44,7 +44,7 @@ def _launched_on_several_hosts() -> bool:
 def initialize_distributed(cfg) -> bool:
     """Call ``jax.distributed.initialize`` when configured or auto-detected; True if it ran."""
     explicit = cfg.coordinator_address is not None
-    wanted = cfg.initialize == "true" or (cfg.initialize == "auto" and (explicit or _launched_on_several_hosts()))
+    wanted = cfg.initialize is True or (cfg.initialize == "auto" and (explicit or _launched_on_several_hosts()))
     if not wanted:
         return False
     if jax.distributed.is_initialized():
@@ -54,6 +54,13 @@ def initialize_distributed(cfg) -> bool:
         if cfg.num_processes is None or cfg.process_id is None:
             raise UserError("distributed.coordinator_address needs distributed.num_processes and distributed.process_id too")
         kwargs = dict(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id)
+    try:
+        # CPU processes talk through gloo (TCP); accelerators use their own collectives and
+        # ignore this. It makes multi-process runs on CPU work, which is how the tests check
+        # the multi-host paths on one machine.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):
+        pass
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - report with what to check
