@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import yaml
 
-    from jaxcpt.sharding.distributed import DistributedConfig, initialize_distributed, is_writer
+    from jaxcpt.sharding.distributed import DistributedConfig, initialize_distributed
 
     from jaxcpt.hf.convert import save_hf
     from jaxcpt.model.persist import load_model
