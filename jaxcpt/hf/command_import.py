@@ -6,7 +6,6 @@ Tokenizer files, if the HF directory has them, are copied to DIR/tokenizer.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from jaxcpt.errors import UserError
@@ -24,7 +23,7 @@ def run(args) -> int:
     from jaxcpt.sharding.distributed import DistributedConfig, initialize_distributed, is_writer
 
     from jaxcpt.checkpoint import CheckpointConfig, Checkpointer
-    from jaxcpt.hf.convert import COMPANION_FILES, load_hf
+    from jaxcpt.hf.convert import copy_companion_files, load_hf
     from jaxcpt.model.persist import model_meta, params_of
     from jaxcpt.sharding.mesh import build_mesh
 
@@ -40,9 +39,6 @@ def run(args) -> int:
     with Checkpointer(out / "checkpoints", CheckpointConfig(async_save=False)) as ckpt:
         ckpt.save(0, {"params": params_of(model)}, {}, {**model_meta(model), "source": str(Path(args.hf_dir).resolve())}, force=True)
     if model.tokenizer_dir and is_writer():
-        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-        for name in COMPANION_FILES:
-            if (Path(model.tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(model.tokenizer_dir) / name, out / "tokenizer" / name)
+        copy_companion_files(model.tokenizer_dir, out / "tokenizer")
     print(f"wrote {out}/checkpoints/0" + (f" and {out}/tokenizer" if model.tokenizer_dir else ""))
     return 0

@@ -38,6 +38,18 @@ COMPANION_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
 )
+
+
+def copy_companion_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Copy the COMPANION_FILES that ``source`` has into ``target`` (created); returns their names."""
+    copied = [name for name in COMPANION_FILES if (Path(source) / name).is_file()]
+    if copied:
+        Path(target).mkdir(parents=True, exist_ok=True)
+    for name in copied:
+        shutil.copy2(Path(source) / name, Path(target) / name)
+    return copied
+
+
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -286,9 +298,7 @@ def save_hf(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         source = tokenizer_dir or getattr(model, "tokenizer_dir", None)
         if source:
-            for name in COMPANION_FILES:
-                if (Path(source) / name).is_file():
-                    shutil.copy2(Path(source) / name, tmp / name)
+            copy_companion_files(source, tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

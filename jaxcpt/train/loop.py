@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -77,7 +76,7 @@ def _say(message: str) -> None:
 
 def _copy_tokenizer(tokenizer_dir: str | None, data_tokenizer: str, run_dir: epath.Path) -> None:
     """Keep the tokenizer with the run (as an HF tokenizer directory), so every export ships it."""
-    from jaxcpt.hf.convert import COMPANION_FILES
+    from jaxcpt.hf.convert import copy_companion_files
     from jaxcpt.hf.tokenizer import sentencepiece_to_hf
 
     target = run_dir / "tokenizer"
@@ -88,10 +87,7 @@ def _copy_tokenizer(tokenizer_dir: str | None, data_tokenizer: str, run_dir: epa
         if data_tokenizer and Path(data_tokenizer).is_file():
             sentencepiece_to_hf(data_tokenizer, str(target))
         return
-    target.mkdir(parents=True, exist_ok=True)
-    for name in COMPANION_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, str(target / name))
+    copy_companion_files(source, str(target))
 
 
 def _global_batch(local: dict, sharding: NamedSharding, source_sharding: NamedSharding) -> dict:
