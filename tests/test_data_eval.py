@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-from test_data_fixtures import data_config, make_texts, sp_model, write_jsonl
+from test_data_fixtures import data_config, document_dataset, make_texts, sp_model, write_jsonl
 
-from jaxcpt.data.documents import BadInputCounter, DocumentDataset
 from jaxcpt.data.pipeline import _plan, build_eval_batches
-from jaxcpt.data.sources import list_units, resolve_files, text_hash
+from jaxcpt.data.sources import text_hash
 
 
 @pytest.fixture(scope="module")
@@ -19,25 +18,8 @@ def corpus(tmp_path_factory):
 
 
 def _split_docs(root, split, eval_fraction=0.0, eval_hashes=None, host=(0, 1)):
-    units = list_units(resolve_files([str(root / "*.jsonl")], "s"), "auto", "text", "s")
-    counter = BadInputCounter("s", fatal=True, max_fraction=1.0, min_records=0, warn_seconds=60.0)
-    return list(
-        DocumentDataset(
-            source="s",
-            units=units,
-            text_field="text",
-            text_split="per_file",
-            split=split,
-            eval_fraction=eval_fraction,
-            eval_hashes=eval_hashes,
-            counter=counter,
-            repeat=False,
-            seed=0,
-            shuffle_units=True,
-            host_index=host[0],
-            host_count=host[1],
-        )
-    )
+    return list(document_dataset([str(root / "*.jsonl")], split=split, eval_fraction=eval_fraction,
+                                 eval_hashes=eval_hashes, host_index=host[0], host_count=host[1]))
 
 
 def test_eval_fraction_holds_out_documents_by_stable_hash_and_never_trains_on_them(corpus):

@@ -146,3 +146,20 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def document_dataset(paths: list[str], *, fmt: str = "auto", text_field: str = "text", text_split: str = "per_file",
+                     counter=None, **overrides):
+    """A single-source ``DocumentDataset`` over ``paths`` with test defaults (train split, no
+    held-out documents, read once, shuffled units, one host); keyword arguments override them.
+    The counter is fatal on bad input unless another is given."""
+    from jaxcpt.data.documents import BadInputCounter, DocumentDataset
+    from jaxcpt.data.sources import list_units, resolve_files
+
+    if counter is None:
+        counter = BadInputCounter("s", fatal=True, max_fraction=1.0, min_records=0, warn_seconds=60.0)
+    settings = dict(split="train", eval_fraction=0.0, eval_hashes=None, repeat=False, seed=0, shuffle_units=True)
+    settings.update(overrides)
+    units = list_units(resolve_files(paths, "s"), fmt, text_field, "s")
+    return DocumentDataset(source="s", units=units, text_field=text_field, text_split=text_split, counter=counter,
+                           **settings)

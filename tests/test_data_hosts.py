@@ -6,34 +6,18 @@ import numpy as np
 import pytest
 from test_data_fixtures import (
     data_config,
+    document_dataset,
     make_texts,
     random_token_docs,
     write_jsonl,
     write_token_shards,
 )
 
-from jaxcpt.data.documents import BadInputCounter, DocumentDataset
 from jaxcpt.data.pipeline import build_train_iterator
-from jaxcpt.data.sources import list_units, resolve_files
 
 
 def _docs(paths, host, hosts, worker=0, workers=1):
-    counter = BadInputCounter("s", fatal=True, max_fraction=1.0, min_records=0, warn_seconds=60.0)
-    ds = DocumentDataset(
-        source="s",
-        units=list_units(resolve_files(paths, "s"), "auto", "text", "s"),
-        text_field="text",
-        text_split="per_file",
-        split="train",
-        eval_fraction=0.0,
-        eval_hashes=None,
-        counter=counter,
-        repeat=False,
-        seed=0,
-        shuffle_units=True,
-        host_index=host,
-        host_count=hosts,
-    )
+    ds = document_dataset(paths, host_index=host, host_count=hosts)
     if workers > 1:
         ds.set_slice(slice(worker, None, workers))  # what Grain's multiprocess prefetch does in each worker
     return list(ds)

@@ -137,30 +137,16 @@ def _find_tuple(x):
 
 
 def test_each_epoch_is_shuffled_anew(tmp_path):
+    from test_data_fixtures import document_dataset
     from test_data_fixtures import make_texts as texts_of
 
-    from jaxcpt.data.documents import BadInputCounter, DocumentDataset, EpochEnd
+    from jaxcpt.data.documents import EpochEnd
     from jaxcpt.data.shuffle import WindowShuffleDataset
-    from jaxcpt.data.sources import list_units, resolve_files
 
     texts = texts_of(30, seed=9)
     for f in range(3):
         write_jsonl(str(tmp_path / f"p{f}.jsonl"), texts[f * 10 : (f + 1) * 10])
-    units = list_units(resolve_files([str(tmp_path / "*.jsonl")], "s"), "auto", "text", "s")
-    counter = BadInputCounter("s", fatal=True, max_fraction=1.0, min_records=0, warn_seconds=60.0)
-    docs = DocumentDataset(
-        source="s",
-        units=units,
-        text_field="text",
-        text_split="per_file",
-        split="train",
-        eval_fraction=0.0,
-        eval_hashes=None,
-        counter=counter,
-        repeat=True,
-        seed=0,
-        shuffle_units=True,
-    )
+    docs = document_dataset([str(tmp_path / "*.jsonl")], repeat=True)
     it = iter(WindowShuffleDataset(docs, window_size=1000, seed=1))  # a window larger than an epoch
     epochs = [take(it, 30) for _ in range(3)]
     assert all(sorted(e) == sorted(texts) for e in epochs)  # the window stops at each epoch's end

@@ -8,32 +8,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_data_fixtures import data_config, make_texts, sp_model, take, write_jsonl
+from test_data_fixtures import data_config, document_dataset, make_texts, sp_model, take, write_jsonl
 
 from jaxcpt.config import ConfigError
-from jaxcpt.data.documents import BadInputCounter, BadInputError, DocumentDataset
+from jaxcpt.data.documents import BadInputCounter, BadInputError
 from jaxcpt.data.pipeline import build_train_iterator
 from jaxcpt.data.sources import list_units, read_unit, resolve_files
 
 
 def _read_source(paths, fmt="auto", text_field="text", text_split="per_file", **counter_kw):
-    files = resolve_files(paths, "s")
     counter = BadInputCounter(
         "s", **{"fatal": False, "max_fraction": 1.0, "min_records": 0, "warn_seconds": 60.0, **counter_kw}
     )
-    ds = DocumentDataset(
-        source="s",
-        units=list_units(files, fmt, text_field, "s"),
-        text_field=text_field,
-        text_split=text_split,
-        split="train",
-        eval_fraction=0.0,
-        eval_hashes=None,
-        counter=counter,
-        repeat=False,
-        seed=0,
-        shuffle_units=False,
-    )
+    ds = document_dataset(paths, fmt=fmt, text_field=text_field, text_split=text_split, counter=counter,
+                          shuffle_units=False)
     return list(ds), counter
 
 
