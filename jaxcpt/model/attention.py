@@ -24,7 +24,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "splash")
 
 
 def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Array:

@@ -31,7 +31,6 @@ class DistributedConfig:
     process_id: int | None = field(None, help="this process's index")
 
 
-_MULTIHOST_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
 
 
 def _launched_on_several_hosts() -> bool:
