@@ -116,6 +116,16 @@ def test_cmr_fit_recovers_known_coefficients_from_a_noisy_sweep():
         assert got["beta"] == pytest.approx(want["beta"], abs=0.02)
 
 
+def test_cmr_fit_leaves_out_the_endpoints_as_the_paper_does():
+    obs = synthetic_cmr_sweep(noise=0.0, replicas=1)
+    inner = fit_law("cmr", [o for o in obs if 0 < o.replay < 1])
+    # a run without replay far off the power law (a much stronger shift at R = 1) changes nothing
+    off = [o if o.replay > 0 else Observation(**{**o.__dict__, "general_loss": o.general_loss + 1.0}) for o in obs]
+    fitted = fit_law("cmr", off)
+    assert fitted.left_out == ["r0-0"]
+    assert fitted.coefficients == inner.coefficients
+
+
 def true_cmr_replay(tolerance: float) -> float:
     base = CMR_GENERAL["beta"]
     g = power_law(1 - REPLAY_GRID, **CMR_GENERAL)
@@ -229,3 +239,17 @@ def test_fits_say_what_the_sweep_lacks():
         fit_law("cmr", two_ratios)
     with pytest.raises(UserError, match="free parameters"):
         fit_law("dcpt", synthetic_cmr_sweep(1e-3, replicas=1)[:4])
+
+
+def test_dcpt_predicts_a_larger_model_marked_extrapolated():
+    obs = synthetic_dcpt_sweep(noise=1e-3)
+    fitted = fit_law("dcpt", obs)
+    n, d = 6.4e7, 1.6e7  # four times the largest swept model
+    base = float(dcpt_loss(n, 1e12, 1.0, **DCPT_GENERAL))
+    with pytest.raises(UserError, match="--base-general-loss"):
+        fitted.recommend(d, n, Tolerance(0.3))  # no swept run tells the base loss of that size
+    rec = fitted.recommend(d, n, Tolerance(0.3), base_general=base)
+    assert rec.extrapolated
+    g = dcpt_loss(n, d, REPLAY_GRID, **DCPT_GENERAL)
+    dom = dcpt_loss(n, d, 1 - REPLAY_GRID, **DCPT_DOMAIN)
+    assert rec.replay == pytest.approx(float(REPLAY_GRID[best_replay(REPLAY_GRID, g, dom, base, 0.3)]), abs=0.02)

@@ -53,12 +53,16 @@ class CMRFit:
     law = "cmr"
 
     def __init__(self, observations: list[Observation]):
+        # Gu et al. fit L(R) "for different mixture ratios R (non-endpoint values, R in (0, 1))" (Sec. 5.1):
+        # a run without replay (R = 1) or without domain data (R = 0) is plotted but not fitted.
+        self.left_out = [o.run for o in observations if not 0.0 < o.replay < 1.0]
         groups: dict[tuple[float, float], list[Observation]] = defaultdict(list)
         for obs in observations:
-            if obs.replay >= 1.0:
-                raise FitError(f"run '{obs.run}' has no domain data (replay 1); the CMR law is a power law in the "
-                               "domain ratio R = 1 - replay, which needs R > 0")
-            groups[(obs.tokens, obs.params)].append(obs)
+            if 0.0 < obs.replay < 1.0:
+                groups[(obs.tokens, obs.params)].append(obs)
+        if not groups:
+            raise FitError("the CMR law is fitted on replay ratios strictly between 0 and 1 (Gu et al. Sec. 5.1), "
+                           "and the sweep has none")
         self.groups: dict[tuple[float, float], dict] = {}
         for (tokens, params), runs in sorted(groups.items()):
             ratios = [1.0 - o.replay for o in runs]

@@ -31,7 +31,6 @@ over runs (``bootstrap``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np

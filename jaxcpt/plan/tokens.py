@@ -75,6 +75,8 @@ def count_source(src: SourceConfig, cfg: DataConfig, get_tokenizer: Callable[[],
         return SourceCount(src.name, None, None, False, f"unknown: {e}")
     if units and all(u.fmt == "tokenized" for u in units):
         return _count_tokenized(src, cfg, files, seq_len)
+    if any(u.fmt == "tokenized" for u in units):
+        return SourceCount(src.name, None, None, False, "unknown: the source mixes token shards and text files")
     tokenizer = get_tokenizer()
     if isinstance(tokenizer, Exception):
         return SourceCount(src.name, None, None, False, f"unknown: cannot tokenize a sample ({tokenizer})")
@@ -173,7 +175,8 @@ def _estimate_text(src: SourceConfig, cfg: DataConfig, units: list, tokenizer, s
         sizes = [_decompressed_size(p) for p in sorted({u.path for u in units})]
         source_bytes = sum(s for s, _ in sizes)
         if complete and len(sampled) == len(units):  # the sample is the whole source
-            total, documents, how = float(positions.sum()), float(len(positions)), f"counted: all {len(texts):,} documents tokenized"
+            total, documents = float(positions.sum()), float(len(positions))
+            how = f"counted: all {len(texts):,} documents tokenized"
         else:
             per_byte = positions.sum() / max(sample_bytes, 1)
             total = per_byte * source_bytes
