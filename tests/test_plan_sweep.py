@@ -182,8 +182,8 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
     sweep = tmp_path / "sweep"
-    args = ["plan", "sweep", "--config", str(config), "--out", str(sweep), "--ratios", "0,0.25,0.5", "--steps", "40"]
-    first, second = sweep / "runs" / "base-s40-r0", sweep / "runs" / "base-s40-r0.25"
+    args = ["plan", "sweep", "--config", str(config), "--out", str(sweep), "--ratios", "0.1,0.25,0.5", "--steps", "40"]
+    first, second = sweep / "runs" / "base-s40-r0.1", sweep / "runs" / "base-s40-r0.25"
 
     proc = run_cli(args)
     deadline = time.monotonic() + 600
@@ -199,7 +199,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
     proc = run_cli(args)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
-    assert "base-s40-r0: done, skipped" in out
+    assert "base-s40-r0.1: done, skipped" in out
     assert "base-s40-r0.25: replay 0.25, 40 steps (resuming)" in out and "resuming from" in out
     assert (first / "metrics.jsonl").read_bytes() == first_metrics  # the finished run was not touched
     steps = [json.loads(line)["step"] for line in (second / "metrics.jsonl").read_text().splitlines()

@@ -149,7 +149,7 @@ def plan_budget(cfg: TrainConfig, *, sample_documents: int = 2000) -> BudgetPlan
                             "the training stream ends there; add data, lower its weight or set repeat: true")
         elif epochs is not None and epochs > REPEAT_WARN_EPOCHS:
             warnings.append(
-                f"source '{src.name}' is planned for {epochs:.1f} epochs (repeats from step {repeat_step:,}, passes "
+                f"source '{src.name}' is planned for {epochs:.2f} epochs (repeats from step {repeat_step:,}, passes "
                 f"{REPEAT_WARN_EPOCHS:g} epochs at step {four_step:,}); beyond about 4 epochs repeated tokens lose "
                 "most of their value (Muennighoff et al. 2023): add data, lower its weight or train fewer steps")
         if not count.known and drawn > 0:
@@ -200,15 +200,16 @@ def plot_plan(plan: BudgetPlan, out, title: str = "") -> None:
                                       gridspec_kw={"height_ratios": [3, 2]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     top.stackplot(steps, shares, labels=[s.name for s in plan.sources], colors=colors, alpha=0.85)
-    for i, s in enumerate(plan.sources):
-        for step, what in ((s.repeat_step, "repeats"), (s.four_epoch_step, "4 epochs")):
-            if step is not None:
-                top.axvline(step, color=colors[i % len(colors)], linestyle="--", linewidth=1.5)
-                top.text(step, 1.02, f" {s.name} {what}", fontsize=8, rotation=0, va="bottom", ha="left")
+    marks = sorted((step, i, what) for i, s in enumerate(plan.sources)
+                   for step, what in ((s.repeat_step, "repeats"), (s.four_epoch_step, "4 epochs")) if step is not None)
+    for k, (step, i, what) in enumerate(marks):  # labels on three staggered rows above the axes
+        top.axvline(step, color=colors[i % len(colors)], linestyle="--", linewidth=1.5)
+        top.text(step, 1.02 + 0.07 * (k % 3), f" {plan.sources[i].name} {what}", fontsize=8, va="bottom",
+                 ha="left", color=colors[i % len(colors)])
     top.set_ylim(0, 1)
     top.set_ylabel("share of tokens")
     top.legend(loc="lower right", fontsize=8)
-    top.set_title(title or "planned mixture and learning rate", pad=18)
+    top.set_title(title or "planned mixture and learning rate", pad=40)
     bottom.plot(np.arange(plan.steps), plan.lr, color="tab:blue", linewidth=2)
     peak = float(plan.lr.max()) if plan.lr.size and plan.lr.max() > 0 else 1.0
     for i, (name, step) in enumerate(plan.boundaries):
