@@ -199,6 +199,8 @@ def collect(out: Path) -> tuple[list[Observation], list[str]]:
     observations, unfinished = [], []
     for name, run in sorted(manifest["runs"].items()):
         run_dir = Path(run["run_dir"])
+        if not run_dir.is_dir():  # a relative path from another working directory, or a moved sweep
+            run_dir = Path(out) / "runs" / name
         if not finished(run_dir, run["steps"]):
             unfinished.append(name)
             continue
