@@ -11,7 +11,7 @@ import dataclasses
 from typing import Literal
 
 from jaxcpt.checkpoint import CheckpointConfig
-from jaxcpt.config import ConfigError, apply_overrides, field, from_dict, read_yaml
+from jaxcpt.config import ConfigError, apply_overrides, field, from_dict, read_yaml, to_dict
 from jaxcpt.data.config import DataConfig
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.config import OptimConfig
@@ -72,6 +72,8 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
+    directory: str = field("", help="where exports go (STEP_N subdirectories): a local path or a gs:// URL; "
+                                    "empty = RUN_DIR/hf")
     hf_every: int = field(0, help="also export an HF directory every N steps; 0 = only at the final step")
     final: bool = field(True, help="export an HF directory at the end of the run (RUN/hf/step_N)")
     dtype: Literal["bfloat16", "float32", "float16"] = field("bfloat16", help="dtype of exported weights")
@@ -108,6 +110,18 @@ class TrainConfig:
             raise ConfigError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of optim.grad_accum_steps ({self.optim.grad_accum_steps})"
             )
+
+
+def config_as_yaml_dict(cfg: TrainConfig) -> dict:
+    """``cfg`` as the dict RUN/config.yaml holds, which ``load_train_config`` reads back to ``cfg``.
+
+    With an HF or checkpoint init the architecture comes from that source, so the model
+    section keeps only the numerics (load_train_config refuses architecture keys there).
+    """
+    data = to_dict(cfg)
+    if cfg.init.source != "scratch":
+        data["model"] = {name: data["model"][name] for name in NUMERICS_FIELDS}
+    return data
 
 
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:

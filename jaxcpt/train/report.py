@@ -31,11 +31,12 @@ def summarize(run_dir) -> dict[str, dict[str, float]]:
     """{source: {start, best, last, change, last_step}} for one run."""
     out = {}
     for name, points in eval_curves(run_dir).items():
-        steps = dict(points)
-        start = steps.get(0, points[0][1])
+        # The baseline is the base model's step-0 evaluation (resumed runs get it back from the
+        # checkpoint); a run without one says so in the table instead of comparing with a later step.
+        baseline_step, start = points[0]
         last = points[-1][1]
         out[name] = {"start": start, "best": min(v for _, v in points), "last": last, "change": last - start,
-                     "last_step": points[-1][0]}
+                     "last_step": points[-1][0], "baseline_step": baseline_step}
     return out
 
 
@@ -46,6 +47,9 @@ def format_table(run_dir) -> str:
     for name, r in rows.items():
         lines.append(f"{name:<16} {r['start']:>9.4f} {r['best']:>9.4f} {r['last']:>9.4f} {r['change']:>+9.4f}")
     lines.append("change = last - step 0 eval loss: negative = learned, positive = forgotten")
+    late = sorted({r["baseline_step"] for r in rows.values() if r["baseline_step"] != 0})
+    if late:
+        lines.append(f"warning: no step-0 evaluation recorded; 'step 0' above is the evaluation at step {late[0]}")
     return "\n".join(lines)
 
 

@@ -38,6 +38,22 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
     return cfg.model
 
 
+def init_tokenizer_dir(cfg: TrainConfig) -> str | None:
+    """The HF tokenizer directory that comes with the init source, without loading any weights."""
+    from pathlib import Path
+
+    from jaxcpt.hf.convert import COMPANION_FILES
+
+    if cfg.init.source == "hf":
+        return cfg.init.path if any((Path(cfg.init.path) / f).is_file() for f in COMPANION_FILES) else None
+    if cfg.init.source == "checkpoint":
+        from jaxcpt.checkpoint import resolve_step_dir
+        from jaxcpt.model.persist import resolve_run_checkpoints, tokenizer_dir_for
+
+        return tokenizer_dir_for(resolve_step_dir(resolve_run_checkpoints(cfg.init.path)))
+    return None
+
+
 def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[dict, str | None]:
     """(params, tokenizer_dir) for a fresh run, from the configured source."""
     numerics = {name: getattr(model_cfg, name) for name in NUMERICS_FIELDS}
