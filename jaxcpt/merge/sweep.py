@@ -74,7 +74,7 @@ class HeldOutLoss:
         from jaxcpt.data.pipeline import build_eval_batches
         from jaxcpt.sharding.mesh import build_mesh
         from jaxcpt.sharding.rules import logical_to_spec, make_rules
-        from jaxcpt.train.loop import _global_batch
+        from jaxcpt.train.evaluate import global_batch
 
         self.cfg = cfg
         self.mesh = build_mesh(mesh_axes)
@@ -92,7 +92,7 @@ class HeldOutLoss:
         self.sources = list(self.batches)
         batch_sharding = jax.sharding.NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.rules, dict(self.mesh.shape)))
         source_sharding = jax.sharding.NamedSharding(self.mesh, logical_to_spec(("batch",), self.rules, dict(self.mesh.shape)))
-        self._to_global = functools.partial(_global_batch, sharding=batch_sharding, source_sharding=source_sharding)
+        self._to_global = functools.partial(global_batch, sharding=batch_sharding, source_sharding=source_sharding)
         self._eval_fn = None
 
     def __call__(self, directory: Path) -> dict[str, dict]:
@@ -102,7 +102,7 @@ class HeldOutLoss:
         from jaxcpt.hf.convert import load_hf
         from jaxcpt.model.persist import params_of
         from jaxcpt.train.config import NUMERICS_FIELDS
-        from jaxcpt.train.loop import evaluate
+        from jaxcpt.train.evaluate import evaluate
         from jaxcpt.train.state import graphdef_of
         from jaxcpt.train.step import eval_step
 
