@@ -16,6 +16,7 @@ from jaxcpt.data.config import DataConfig
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.config import OptimConfig
 from jaxcpt.sharding.distributed import DistributedConfig
+from jaxcpt.train.ema import EMAConfig
 
 # ModelConfig fields that say how to compute, not what the model is; these apply
 # whatever the model's source (a HF checkpoint fixes the architecture, not the numerics).
@@ -78,6 +79,8 @@ class ExportConfig:
     final: bool = field(True, help="export an HF directory at the end of the run (RUN/hf/step_N)")
     dtype: Literal["bfloat16", "float32", "float16"] = field("bfloat16", help="dtype of exported weights")
     max_shard_size: str = field("5GB", help="largest safetensors file of an export")
+    weights: Literal["raw", "ema"] = field("raw", help="which weights exports hold: raw (the trained parameters) or ema "
+                                                       "(their moving average; needs ema.decay > 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +99,7 @@ class TrainConfig:
     eval: EvalConfig = field(EvalConfig(), help="held-out evaluation schedule")
     checkpoint: CheckpointConfig = field(CheckpointConfig(), help="when to save and what to keep")
     export: ExportConfig = field(ExportConfig(), help="Hugging Face exports")
+    ema: EMAConfig = field(EMAConfig(), help="exponential moving average of the parameters")
     distributed: DistributedConfig = field(DistributedConfig(), help="multi-host initialisation")
 
     def validate(self) -> None:
@@ -106,6 +110,8 @@ class TrainConfig:
             )
         if not self.data.sources:
             raise ConfigError("data.sources is empty; a run needs at least one source to train on")
+        if self.export.weights == "ema" and not self.ema.enabled:
+            raise ConfigError("export.weights=ema needs a moving average: set ema.decay (e.g. 0.999)")
         if self.train.batch_size % self.optim.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of optim.grad_accum_steps ({self.optim.grad_accum_steps})"

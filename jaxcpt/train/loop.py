@@ -138,13 +138,20 @@ def _record(run: Run, kind: str, step: int, values: dict) -> None:
 
 
 def run_eval(run: Run, step: int) -> None:
+    """Held-out loss per source of the raw weights and, when kept, of their moving average."""
     setup = run.setup
     results = evaluate(setup.program.eval_step, run.state["params"], setup.eval_batches, run.to_global)
-    if results:
-        run.eval_history.append({"kind": "eval", "step": step, "sources": results})
-        _record(run, "eval", step, {"sources": results})
-        _say(f"eval  step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f}"
-                                                   for n, r in results.items()))
+    if not results:
+        return
+    record = {"sources": results}
+    if "ema" in run.state:
+        record["ema"] = evaluate(setup.program.eval_step, run.state["ema"], setup.eval_batches, run.to_global)
+    run.eval_history.append({"kind": "eval", "step": step, **record})
+    _record(run, "eval", step, record)
+    _say(f"eval  step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f}"
+                                               for n, r in results.items()))
+    if "ema" in record:
+        _say(f"  ema step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f}" for n, r in record["ema"].items()))
 
 
 def save(run: Run, step: int, force: bool = False) -> None:
@@ -163,7 +170,8 @@ def export(run: Run, step: int) -> None:
     cfg = run.setup.cfg
     root = cfg.export.directory or str(run.setup.run_dir / "hf")
     target = f"{root.rstrip('/')}/step_{step}"
-    model = train_state.model_of(run.setup.program.graphdef, run.state["params"])
+    weights = run.state["ema"] if cfg.export.weights == "ema" else run.state["params"]
+    model = train_state.model_of(run.setup.program.graphdef, weights)
     save_hf(model, str(target), dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
             tokenizer_dir=run.export_tokenizer, overwrite=True)
     run.exports.append(str(target))

@@ -65,7 +65,7 @@ class TrainProgram:
     layout: str
 
     def abstract_state(self) -> dict:
-        return train_state.abstract_state(self.tx, self.model_cfg, self.mesh, self.rules)
+        return train_state.abstract_state(self.tx, self.model_cfg, self.mesh, self.rules, ema="ema" in self.state_shardings)
 
     def lower_train_step(self):
         """The train step lowered for this program's mesh (``.compile()`` it for memory analysis)."""
@@ -89,7 +89,7 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
     micro = layout_lib.check_batch_split(cfg.train.batch_size, cfg.optim.grad_accum_steps, mesh, rules,
                                          jax.process_count())
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
-    shardings = train_state.state_shardings(tx, model_cfg, mesh, rules)
+    shardings = train_state.state_shardings(tx, model_cfg, mesh, rules, ema=cfg.ema.enabled)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, dict(mesh.shape)))
     source_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules, dict(mesh.shape)))
     batch_shardings = {**{k: batch_sharding for k in BATCH_KEYS}, "source": source_sharding}
@@ -97,7 +97,7 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, num_sources=num_sources,
                           grad_accum_steps=cfg.optim.grad_accum_steps, chunk_size=cfg.train.loss_chunk_size,
-                          z_loss_weight=cfg.optim.z_loss_weight),
+                          z_loss_weight=cfg.optim.z_loss_weight, ema=cfg.ema),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, None),
         donate_argnums=0,
