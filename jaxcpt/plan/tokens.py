@@ -83,8 +83,12 @@ def count_source(src: SourceConfig, cfg: DataConfig, get_tokenizer: Callable[[],
     return _estimate_text(src, cfg, units, tokenizer, seq_len, sample_documents)
 
 
-def _special(cfg: DataConfig, bos_id, eos_id) -> int:
-    return int(cfg.add_bos and bos_id is not None) + int(cfg.add_eos and eos_id is not None)
+def _special(cfg: DataConfig, bos_id, eos_id, adds_bos: bool, adds_eos: bool) -> int:
+    """BOS/EOS tokens added per document: data.add_bos / add_eos, or where null the tokenizer's own
+    convention (as jaxcpt.data.pipeline resolves them)."""
+    add_bos = adds_bos if cfg.add_bos is None else cfg.add_bos
+    add_eos = adds_eos if cfg.add_eos is None else cfg.add_eos
+    return int(bool(add_bos) and bos_id is not None) + int(bool(add_eos) and eos_id is not None)
 
 
 def _count_tokenized(src: SourceConfig, cfg: DataConfig, files: list[str], seq_len: int) -> SourceCount:
@@ -92,7 +96,9 @@ def _count_tokenized(src: SourceConfig, cfg: DataConfig, files: list[str], seq_l
     special = None
     for meta_path in files:
         meta = read_tokenized_meta(os.path.dirname(meta_path))
-        special = _special(cfg, meta["bos_id"], meta["eos_id"])
+        bos, eos = meta["bos_id"], meta["eos_id"]
+        # Shards written before the tokenizer's convention was recorded: BOS and EOS where they exist.
+        special = _special(cfg, bos, eos, meta.get("adds_bos", bos is not None), meta.get("adds_eos", eos is not None))
         for shard in meta["shards"]:
             stem = os.path.join(meta["directory"], shard["tokens"])
             offsets = np.load(stem.replace(".tokens.npy", ".offsets.npy"))  # [docs + 1]
@@ -139,7 +145,8 @@ def _decompressed_size(path: str) -> tuple[float, bool]:
 
 def _estimate_text(src: SourceConfig, cfg: DataConfig, units: list, tokenizer, seq_len: int,
                    sample_documents: int) -> SourceCount:
-    special = _special(cfg, tokenizer.bos_id, tokenizer.eos_id)
+    facts = tokenizer.facts
+    special = _special(cfg, facts.bos_id, facts.eos_id, facts.adds_bos, facts.adds_eos)
     sampled = _sample_files(units)
     per_unit = max(1, math.ceil(sample_documents / len(sampled)))
     texts, sample_bytes, complete = [], 0, True
