@@ -172,8 +172,8 @@ def _option_value(argv: list[str], option: str) -> str | None:
 def problems_of(command: Command) -> list[str]:
     argv, problems = command.argv, []
     if argv[0] == "jaxcpt":
-        if len(argv) < 2 or argv[1].startswith("-"):
-            return []  # `jaxcpt --help`, or the bare name in prose
+        if len(argv) < 2 or not re.fullmatch(r"[a-z][a-z0-9-]*", argv[1]):
+            return []  # `jaxcpt --help`, or the name in prose ("jaxcpt merge: methods ...")
         if argv[1] not in COMMANDS:
             return [f"'jaxcpt {argv[1]}' is not a subcommand (jaxcpt/cli.py COMMANDS: {', '.join(COMMANDS)})"]
         overrides = [w for w in argv[2:] if "=" in w and not w.startswith("-")] if argv[1] in OVERRIDE_COMMANDS else []

@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterator
