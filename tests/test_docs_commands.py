@@ -6,7 +6,8 @@ inside quoted ``bash -c '...'`` strings and after ``+ `` / ``env ...`` prefixes)
 the file, the line and what is wrong, so new docs written by anyone are held to the same rule.
 
 Placeholders are fine where they are visibly placeholders: a ``--config`` path with an all-caps
-part (``configs/NAME.yaml``, ``PATH``) is not looked up, ``[optional ...]`` groups are ignored, and
+part (``configs/NAME.yaml``, ``PATH``) is not looked up, nor one that an earlier command of the same
+document writes (``--write-config F``, ``--out F``); ``[optional ...]`` groups are ignored, and
 override values are never checked (``gs://BUCKET`` is fine); override keys always are.
 """
 
@@ -28,7 +29,7 @@ from jaxcpt.train.config import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", "launch/README.md"]
 SCRIPTS = ["launch/gpu.sh", "launch/slurm.sbatch", "launch/tpu_vm.sh"]
-OVERRIDE_COMMANDS = {"train", "plot-schedule"}  # jaxcpt subcommands whose positional key=value are overrides
+WRITES_FILE = ("--write-config", "--out")  # a later command of the same document may read what these wrote
 SHELL_OPERATORS = {"&&", "||", "|", ";", "&", ">", ">>", "<", "2>&1"}
 
 
@@ -36,6 +37,7 @@ SHELL_OPERATORS = {"&&", "||", "|", ";", "&", ">", ">>", "<", "2>&1"}
 class Command:
     where: str  # "file:line"
     argv: list[str]
+    written_before: frozenset[str] = frozenset()  # files earlier commands of the document write
 
     def __str__(self) -> str:
         return " ".join(self.argv)
@@ -111,11 +113,21 @@ def commands_in(snippet: str, where: str) -> list[Command]:
     return found
 
 
+def markdown_commands(text: str, name: str) -> list[Command]:
+    """The commands of one markdown document, in order, each knowing the files earlier ones write."""
+    commands, written = [], set()
+    for line, snippet in sorted(markdown_snippets(text), key=lambda s: s[0]):
+        for command in commands_in(snippet, f"{name}:{line}"):
+            command.written_before = frozenset(written)
+            written.update(v for option in WRITES_FILE if (v := _option_value(command.argv, option)))
+            commands.append(command)
+    return commands
+
+
 def documented_commands() -> list[Command]:
     commands = []
     for doc in DOCUMENTS:
-        for line, snippet in markdown_snippets((ROOT / doc).read_text()):
-            commands += commands_in(snippet, f"{doc}:{line}")
+        commands += markdown_commands((ROOT / doc).read_text(), doc)
     for script in SCRIPTS:
         result = subprocess.run(["bash", str(ROOT / script), "--help"], capture_output=True, text=True, timeout=20)
         assert result.returncode == 0, result.stderr
@@ -176,11 +188,16 @@ def problems_of(command: Command) -> list[str]:
             return []  # `jaxcpt --help`, or the name in prose ("jaxcpt merge: methods ...")
         if argv[1] not in COMMANDS:
             return [f"'jaxcpt {argv[1]}' is not a subcommand (jaxcpt/cli.py COMMANDS: {', '.join(COMMANDS)})"]
-        overrides = [w for w in argv[2:] if "=" in w and not w.startswith("-")] if argv[1] in OVERRIDE_COMMANDS else []
+        overrides = [w for w in argv[2:] if "=" in w and not w.startswith("-")]  # train, plan sweep ...
     else:
         overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     config = _option_value(argv, "--config")
-    if config is not None and not _is_placeholder_path(config) and not (ROOT / config).is_file():
+    if (
+        config is not None
+        and not _is_placeholder_path(config)
+        and config not in command.written_before
+        and not (ROOT / config).is_file()
+    ):
         problems.append(f"--config '{config}' does not exist (configs: {', '.join(sorted(_config_names()))})")
     for override in overrides:
         key = override.split("=", 1)[0]
@@ -222,6 +239,7 @@ def test_every_documented_command_names_a_real_subcommand_config_and_config_keys
         ("# + env X=1 bash -c 'exec jaxcpt train --config configs/tiny.yaml data.seqlen=8'",
          "'data.seqlen' is not a config key; did you mean 'data.seq_len'?"),
         ("jaxcpt train mesh.fsdp.x=2", "goes below the mapping 'mesh'"),
+        ("jaxcpt plan sweep --config configs/tiny.yaml --out s data.seqlen=8", "'data.seqlen' is not a config key"),
     ],
 )
 def test_the_checker_names_each_kind_of_mistake(snippet, problem):
@@ -238,3 +256,11 @@ def test_placeholders_and_valid_keys_pass_the_checker():
     ]:
         (command,) = commands_in(snippet, "x.md:1")
         assert problems_of(command) == [], snippet
+
+
+def test_a_config_written_by_an_earlier_command_of_the_document_counts_as_existing():
+    doc = "```bash\njaxcpt train --config planned.yaml\njaxcpt plan fit s --write-config planned.yaml\n" \
+          "jaxcpt train --config planned.yaml\n```\n"
+    first, _, last = markdown_commands(doc, "x.md")
+    assert problems_of(first) and "'planned.yaml' does not exist" in problems_of(first)[0]  # not written yet
+    assert problems_of(last) == []
