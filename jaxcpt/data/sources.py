@@ -337,6 +337,9 @@ def _read_blocks(unit: Unit, start: int) -> Iterator[tuple[int, object]]:
         anchor, block = offset, []
         for line in stream:
             line_start, offset = offset, offset + len(line)
+            past_end = unit.end is not None and line_start >= unit.end
+            if past_end and not block and not (after_blank and anchor < unit.end):
+                return  # whatever starts here is anchored at or past the end: the next range's
             if not line.strip():
                 if block:
                     yield line_start, b"".join(block).rstrip(b"\r\n")
