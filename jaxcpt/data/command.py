@@ -171,7 +171,7 @@ def tokenize_source(
     ):
         raise UserError(f"'{output}' already holds token shards; choose a new directory or delete them")
     # Inputs and tokenizer are checked before anything is written.
-    units = list_units(resolve_files(src.paths, src.name), src.format, src.text_field, src.name)
+    units = list_units(resolve_files(src.paths, src.name, src.format), src.format, src.text_field, src.name)
     if any(u.fmt == "tokenized" for u in units):
         raise UserError(f"source '{src.name}' is already tokenized")
     facts = load_tokenizer(tokenizer).facts

@@ -69,7 +69,7 @@ def count_source(src: SourceConfig, cfg: DataConfig, get_tokenizer: Callable[[],
     it is called only for text sources.
     """
     try:
-        files = resolve_files(src.paths, src.name)
+        files = resolve_files(src.paths, src.name, src.format)  # the same files the pipeline reads
         units = list_units(files, src.format, src.text_field, src.name)
     except (UserError, OSError) as e:
         return SourceCount(src.name, None, None, False, f"unknown: {e}")
