@@ -204,8 +204,9 @@ def tokenize_source(
         "bos_id": facts.bos_id,
         "eos_id": facts.eos_id,
         "pad_id": facts.pad_id,
-        "adds_bos": facts.adds_bos,  # the tokenizer's convention, the default of data.add_bos without it
-        "adds_eos": facts.adds_eos,
+        # the document convention, what data.add_bos / add_eos default to when there is no tokenizer
+        "adds_bos": facts.document_convention[0],
+        "adds_eos": facts.document_convention[1],
         "dtype": dtype.name,
         "inputs": list(src.paths),
         "text_field": src.text_field,

@@ -160,9 +160,10 @@ class DataConfig:
     )
     add_eos: bool | None = field(
         None,
-        help="Append the tokenizer's EOS token to every document. null: do what the tokenizer itself does "
-        "(a Hugging Face tokenizer: whether tokenizer(text) appends EOS, which Llama and Qwen do not; a "
-        "sentencepiece .model file: yes, if it has an EOS token). true with a tokenizer without EOS is an error.",
+        help="Append the tokenizer's EOS token to every document. null: yes whenever the tokenizer has an EOS "
+        "token, as pretraining does (Llama 3 and Qwen end documents with <|end_of_text|> / <|endoftext|>, although "
+        "their HF tokenizers append nothing to a prompt); without EOS between documents a continued model forgets "
+        "where documents stop. true with a tokenizer without EOS is an error.",
     )
     seq_len: int = field(
         2048, help="Tokens per packed row. build_train_iterator's seq_len argument, when the trainer passes one, wins."

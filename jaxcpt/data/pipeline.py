@@ -105,15 +105,16 @@ def _counter(cfg: DataConfig, name: str) -> BadInputCounter:
 
 
 def _special_tokens(cfg: DataConfig, files: list[list[str]]) -> tuple[int | None, int | None, str]:
-    """(BOS id to add, EOS id to add, tokenizer fingerprint): the tokenizer's convention unless
-    data.add_bos / add_eos say otherwise. Without a tokenizer, the facts come from the token shards."""
+    """(BOS id to add, EOS id to add, tokenizer fingerprint): BOS as the tokenizer adds it and EOS
+    where it has one, unless data.add_bos / add_eos say otherwise. Without a tokenizer, the facts
+    come from the token shards."""
     metas = [
         read_tokenized_meta(os.path.dirname(f)) for fs in files for f in fs if os.path.basename(f) == TOKENIZED_META
     ]
     has_text = any(os.path.basename(f) != TOKENIZED_META for fs in files for f in fs)
     if cfg.tokenizer:
         facts = tokenizer_facts(cfg.tokenizer)
-        bos, eos, adds = facts.bos_id, facts.eos_id, (facts.adds_bos, facts.adds_eos)
+        bos, eos, adds = facts.bos_id, facts.eos_id, facts.document_convention
         fingerprint, where = tokenizer_fingerprint(cfg.tokenizer), f"tokenizer '{cfg.tokenizer}'"
         for meta in metas:
             if meta["tokenizer_fingerprint"] != fingerprint:

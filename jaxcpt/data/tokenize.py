@@ -40,6 +40,17 @@ class TokenizerFacts:
     num_ids: int  # one more than the largest id it can ever emit (added and special tokens counted)
     kind: str  # 'sentencepiece' | 'huggingface'
 
+    @property
+    def document_convention(self) -> tuple[bool, bool]:
+        """(add BOS, add EOS) around every training document when data.add_bos / add_eos are unset.
+
+        BOS as the tokenizer adds it (what the model saw before). EOS wherever the tokenizer has
+        one: HF tokenizers append nothing because they are set up for prompts, but pretraining
+        ends every document with EOS (Llama 3's <|end_of_text|>, Qwen's <|endoftext|>), and a model
+        continued without it forgets where documents stop and generates on and on.
+        """
+        return self.adds_bos, self.eos_id is not None
+
 
 class SentencePieceTokenizer:
     kind = "sentencepiece"

@@ -146,7 +146,7 @@ def _decompressed_size(path: str) -> tuple[float, bool]:
 def _estimate_text(src: SourceConfig, cfg: DataConfig, units: list, tokenizer, seq_len: int,
                    sample_documents: int) -> SourceCount:
     facts = tokenizer.facts
-    special = _special(cfg, facts.bos_id, facts.eos_id, facts.adds_bos, facts.adds_eos)
+    special = _special(cfg, facts.bos_id, facts.eos_id, *facts.document_convention)
     sampled = _sample_files(units)
     per_unit = max(1, math.ceil(sample_documents / len(sampled)))
     texts, sample_bytes, complete = [], 0, True
