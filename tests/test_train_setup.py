@@ -26,6 +26,7 @@ def test_check_prints_config_layout_and_data_and_writes_nothing(tmp_path, capsys
     assert "layers.k" in out and "per device" in out
     # 2 KV heads split over tensor=2; the embedding's 320 rows over tensor=2
     assert "source       general" in out and "source       domain" in out
+    assert "documents    BOS 1 before, EOS 2 after each document" in out
     assert not run_dir.exists()
 
 

@@ -161,6 +161,12 @@ class RunSetup:
             f"batch        {cfg.train.batch_size} rows x {cfg.data.seq_len} tokens, {cfg.optim.grad_accum_steps} "
             f"micro-batch(es) of {self.program.micro_batch} rows, {cfg.train.steps} steps",
         ]
+        if self.data_cfg.sources:
+            from jaxcpt.data.pipeline import resolved_special_tokens
+
+            bos, eos = resolved_special_tokens(self.data_cfg)
+            lines.append(f"documents    {'BOS ' + str(bos) if bos is not None else 'no BOS'} before, "
+                         f"{'EOS ' + str(eos) if eos is not None else 'no EOS'} after each document")
         for source in self.data_cfg.sources:
             lines.append(f"source       {source.name}: weight {source.weight}, paths {source.paths}")
         lines.append(self.program.trainable.describe())
