@@ -42,13 +42,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters + attention scores and values.
 
     Matmul parameters exclude the input embedding (a lookup) but include the output
-    projection. Attention adds 6 x 2 x L x H x D x T per token (QK^T and PV, forward
-    and backward), counted for the full T x T square, not halved for causality: the
-    convention of the PaLM paper's MFU, which most stacks report.
+    projection, with its vocabulary padding (those columns are computed, then masked).
+    Attention adds 6 x 2 x L x H x D x T per token (QK^T and PV, forward and backward),
+    counted for the full T x T square, not halved for causality nor cut by sliding
+    windows: the convention of the PaLM paper's MFU, which most stacks report.
     """
-    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
+    table = cfg.padded_vocab_size * cfg.hidden_size
+    matmul_params = cfg.num_params() - table
     if cfg.tie_word_embeddings:
-        matmul_params += cfg.vocab_size * cfg.hidden_size  # the tied table is also the output projection
+        matmul_params += table  # the tied table is also the output projection
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
     return 6 * matmul_params + attention
 
