@@ -52,6 +52,9 @@ def config_from_hf(family: Family, hf: dict, where: str) -> ModelConfig:
             raise HFFormatError(f"{where}: required field '{key}' is missing")
     hf = {**family.defaults, **hf}  # an explicit null stays null, as in transformers
     heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim") or None
+    if head_dim is not None and int(head_dim) * heads == int(hf["hidden_size"]):
+        head_dim = None  # the usual width: None, so configs that spell it and configs that do not compare equal
     common = dict(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -59,7 +62,7 @@ def config_from_hf(family: Family, hf: dict, where: str) -> ModelConfig:
         num_layers=int(hf["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=hf.get("head_dim") or None,
+        head_dim=None if head_dim is None else int(head_dim),
         max_position_embeddings=int(hf["max_position_embeddings"]),
         rms_norm_eps=float(hf["rms_norm_eps"]),
         tie_word_embeddings=bool(hf["tie_word_embeddings"]),

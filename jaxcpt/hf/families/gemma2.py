@@ -41,9 +41,13 @@ def gemma_block_to_hf(cfg: ModelConfig) -> dict:
     if cfg.qkv_bias != cfg.o_bias:
         raise HFFormatError(f"{cfg.family} exports a single attention_bias; qkv_bias and o_bias must agree")
     return dict(hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.qkv_bias,
-                query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_size,
+                query_pre_attn_scalar=_integral(cfg.query_pre_attn_scalar or cfg.head_size),  # transformers: an int
                 final_logit_softcapping=cfg.final_logit_softcap, sliding_window=cfg.sliding_window,
                 layer_types=list(cfg.layer_kinds()))
+
+
+def _integral(value: float):
+    return int(value) if float(value).is_integer() else value
 
 
 def _cap(value):

@@ -1,0 +1,84 @@
+"""Every family and option imports exactly: packed documents match transformers run on each alone,
+and the export reloads in transformers with the same weights, config and logits."""
+
+import copy
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_models import OPTION_CONFIGS, OPTION_OFF, hf_logits, make_hf_model, rel_err
+from safetensors.numpy import load_file
+from transformers import AutoModelForCausalLM
+
+from jaxcpt.hf import load_hf, read_hf_config, save_hf
+from jaxcpt.sharding.mesh import build_mesh
+
+# Two rows of 48 tokens: four documents, one padding tail. The documents are longer than the
+# windows (5-6), the rope scalings' original length (16) and the dynamic case's context (16).
+DOCUMENTS = ((10, 30), (20, 28))
+ROW = 48
+
+
+def packed_batch(seed: int = 0):
+    rng = np.random.RandomState(seed)
+    ids, segments, positions, docs = [], [], [], []
+    for r, lengths in enumerate(DOCUMENTS):
+        row_ids, row_seg, row_pos, start = [], [], [], 0
+        for s, n in enumerate(lengths, start=1):
+            doc = rng.randint(0, 300, n)
+            docs.append((r, start, doc))
+            row_ids += list(doc)
+            row_seg += [s] * n
+            row_pos += list(range(n))
+            start += n
+        pad = ROW - start
+        ids.append(row_ids + [0] * pad)
+        segments.append(row_seg + [0] * pad)
+        positions.append(row_pos + [0] * pad)
+    return np.array(ids), np.array(segments), np.array(positions), docs
+
+
+def worst_document_error(logits, hf_model, docs) -> float:
+    # a fresh copy per document: transformers' dynamic RoPE keeps the longest length it has seen
+    return max(rel_err(logits[r, start:start + len(doc)], hf_logits(copy.deepcopy(hf_model), doc[None])[0])
+               for r, start, doc in docs)
+
+
+@pytest.mark.parametrize("name", list(OPTION_CONFIGS))
+def test_packed_documents_match_transformers_on_each_document_alone(name, tmp_path):
+    hf_model = make_hf_model(name, tmp_path)
+    ids, segments, positions, docs = packed_batch()
+    mesh = build_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = load_hf(tmp_path, mesh=mesh)
+    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(segments), jnp.asarray(positions)))
+    assert logits.shape == (2, ROW, 300) and logits.dtype == np.float32
+    err = worst_document_error(logits, hf_model, docs)
+    print(f"{name}: float32 relative error {err:.2e}")
+    assert err < 1e-5
+
+    # each option is needed to match: without it, transformers disagrees
+    for overrides in OPTION_OFF[name]:
+        without = load_hf(tmp_path, mesh=mesh, **overrides)
+        off = np.asarray(without(jnp.asarray(ids), jnp.asarray(segments), jnp.asarray(positions)))
+        assert worst_document_error(off, hf_model, docs) > 1e-3, overrides
+
+
+@pytest.mark.parametrize("name", list(OPTION_CONFIGS))
+def test_export_round_trip_is_exact_and_reloads_in_transformers(name, tmp_path):
+    source, export = tmp_path / "hf", tmp_path / "export"
+    make_hf_model(name, source)
+    save_hf(load_hf(source, mesh=build_mesh({"fsdp": 4, "tensor": 2})), export, dtype="float32")
+
+    original, exported = load_file(source / "model.safetensors"), load_file(export / "model.safetensors")
+    assert sorted(original) == sorted(exported)  # the real vocabulary only: padding rows are not written
+    for key in original:
+        assert np.array_equal(original[key].view(np.uint8), exported[key].view(np.uint8)), key
+    assert read_hf_config(export) == read_hf_config(source)
+    assert json.loads((export / "config.json").read_text())["model_type"] == OPTION_CONFIGS[name]().model_type
+
+    ids = np.random.RandomState(1).randint(0, 300, size=(2, 40))
+    reloaded = AutoModelForCausalLM.from_pretrained(export, dtype="float32").eval()
+    original_loaded = AutoModelForCausalLM.from_pretrained(source, dtype="float32").eval()
+    assert type(reloaded) is type(original_loaded)
+    assert rel_err(hf_logits(reloaded, ids), hf_logits(original_loaded, ids)) == 0.0
