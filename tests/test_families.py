@@ -2,6 +2,7 @@
 and the export reloads in transformers with the same weights, config and logits."""
 
 import copy
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 from hf_models import OPTION_CONFIGS, OPTION_OFF, hf_logits, make_hf_model, rel_err
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from jaxcpt.errors import HFFormatError
 from jaxcpt.hf import load_hf, read_hf_config, save_hf
+from jaxcpt.hf.families import FAMILIES, config_from_hf, config_to_hf
 from jaxcpt.sharding.mesh import build_mesh
 
 # Two rows of 48 tokens: four documents, one padding tail. The documents are longer than the
@@ -82,3 +85,41 @@ def test_export_round_trip_is_exact_and_reloads_in_transformers(name, tmp_path):
     original_loaded = AutoModelForCausalLM.from_pretrained(source, dtype="float32").eval()
     assert type(reloaded) is type(original_loaded)
     assert rel_err(hf_logits(reloaded, ids), hf_logits(original_loaded, ids)) == 0.0
+
+
+REQUIRED = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_keys_a_config_json_omits_take_transformers_defaults(family):
+    """transformers writes only non-default keys on save; each family reads the defaults of its config class."""
+    model_type = FAMILIES[family].model_type
+    spelled_out = AutoConfig.for_model(model_type, **REQUIRED).to_dict()
+    assert config_from_hf(dict(REQUIRED, model_type=model_type)) == config_from_hf(spelled_out)
+
+
+def test_unsupported_rope_type_names_the_supported_ones():
+    hf = dict(REQUIRED, model_type="llama", rope_parameters={"rope_type": "mrope", "rope_theta": 1e4})
+    with pytest.raises(HFFormatError, match="'mrope' is not supported.*default, linear, llama3, yarn, dynamic, longrope"):
+        config_from_hf(hf)
+
+
+def test_scaled_rope_on_gemma3_local_layers_is_refused_with_what_is_supported():
+    hf = dict(REQUIRED, model_type="gemma3_text", rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})
+    with pytest.raises(HFFormatError, match="sliding_attention layers.*not supported"):
+        config_from_hf(hf)
+
+
+def test_multimodal_gemma3_checkpoint_says_what_to_do():
+    with pytest.raises(HFFormatError, match="gemma3_text.*language model"):
+        config_from_hf(dict(REQUIRED, model_type="gemma3"))
+
+
+def test_export_refuses_options_its_family_cannot_hold():
+    cfg = config_from_hf(dict(REQUIRED, model_type="llama"))
+    with pytest.raises(HFFormatError, match="'llama' export cannot hold qk_norm=True"):
+        config_to_hf(dataclasses.replace(cfg, qk_norm=True), "float32")
+    with pytest.raises(HFFormatError, match="norm_plus_one=False \\(always True there\\)"):
+        config_to_hf(dataclasses.replace(cfg, family="gemma2"), "float32")

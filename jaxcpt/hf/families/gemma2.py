@@ -22,7 +22,7 @@ GEMMA_NORMS = (
 )
 GEMMA_BLOCK = dict(norm_plus_one=True, post_norms=True, activation="gelu_tanh", scale_embeddings=True)
 GELU_TANH = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh"}  # one formula, two spellings
-GEMMA_DEFAULTS = dict(head_dim=256, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+GEMMA_DEFAULTS = dict(head_dim=256, num_key_value_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
                       attention_bias=False, query_pre_attn_scalar=256, sliding_window=4096, bos_token_id=2,
                       eos_token_id=1, pad_token_id=0)
 

@@ -22,6 +22,6 @@ FAMILY = Family(
     name="mistral", model_type="mistral", architecture="MistralForCausalLM",
     declared={}, expresses=("sliding_window",),
     defaults=dict(max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
-                  sliding_window=4096, bos_token_id=1, eos_token_id=2),
+                  sliding_window=4096, num_key_value_heads=8, bos_token_id=1, eos_token_id=2),
     read=read, write=write, norms=LLAMA_NORMS, sliding="every layer (`sliding_window`)",
 )

@@ -9,7 +9,7 @@ from jaxcpt.model.config import ModelConfig
 
 # transformers' Qwen2Config defaults; Qwen3 keeps them
 DEFAULTS = dict(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
-                use_sliding_window=False, sliding_window=4096, max_window_layers=28)
+                use_sliding_window=False, sliding_window=4096, max_window_layers=28, num_key_value_heads=32)
 
 
 def qwen_windows(hf: dict, where: str) -> dict:
