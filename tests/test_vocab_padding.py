@@ -10,13 +10,15 @@ import pytest
 from flax import nnx
 from hf_models import make_hf_model
 
+from jaxcpt.config import to_dict
 from jaxcpt.hf import load_hf
 from jaxcpt.model.config import ModelConfig
-from jaxcpt.model.persist import abstract_params
+from jaxcpt.model.persist import abstract_params, config_from_meta
 from jaxcpt.model.transformer import init_model
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
 from jaxcpt.train.loss import model_loss
+from jaxcpt.train.metrics import flops_per_token
 
 CFG = ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -77,3 +79,20 @@ def test_num_params_counts_every_stored_parameter(options):
     cfg = dataclasses.replace(CFG, **options)
     params = abstract_params(cfg, one_device(), make_rules())
     assert cfg.num_params() == sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flop_count_covers_every_matmul_weight_as_stored(tied):
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+    params = abstract_params(cfg, one_device(), make_rules())
+    projections = sum(int(np.prod(params["layers"][n].shape)) for n in ("q", "k", "v", "o", "gate", "up", "down"))
+    output = 32 * 128  # the padded output projection, tied or not
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * 64
+    assert flops_per_token(cfg, 64) == 6 * (projections + output) + attention
+
+
+def test_checkpoints_from_before_padding_keep_their_exact_vocabulary():
+    fields = to_dict(CFG)
+    del fields["vocab_pad_multiple"]
+    assert config_from_meta({"model_config": fields}).padded_vocab_size == 100
+    assert config_from_meta({"model_config": to_dict(CFG)}).padded_vocab_size == 128

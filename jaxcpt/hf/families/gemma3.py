@@ -26,6 +26,7 @@ def _rope(hf: dict, where: str) -> dict:
     full = dict(params.get("full_attention") or {})
     local = dict(params.get("sliding_attention") or {})
     full.update(hf.get("rope_scaling") or {})  # transformers applies a legacy rope_scaling to the global layers
+    full.pop("truncate", None)  # transformers' YaRN reads `truncate` from the outer dict, so for Gemma 3 it is always true
     full.setdefault("rope_theta", hf.get("rope_theta", GLOBAL_THETA))
     local.setdefault("rope_theta", hf.get("rope_local_base_freq", LOCAL_THETA))
     theta, scaling = rope_from_params(full, hf, where, GLOBAL_THETA, top_level_original=False)
