@@ -1,4 +1,4 @@
-"""The training state pytree ``{'params', 'opt_state', 'step'}``: its shardings, and where it starts.
+"""The training state pytree ``{'params', 'opt_state', 'step'[, 'ema']}``: its shardings, and where it starts.
 
 Shardings come from the parameters' logical axes; the optimizer state mirrors them
 (Adam's moments have the parameters' shapes and get their shardings), every other
@@ -19,6 +19,7 @@ from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.persist import abstract_params, load_model, params_of
 from jaxcpt.model.transformer import Transformer, abstract_model, init_model
 from jaxcpt.train.config import NUMERICS_FIELDS, TrainConfig
+from jaxcpt.train.ema import init_ema
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -35,6 +36,22 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
         meta = read_meta(resolve_run_checkpoints(cfg.init.path))
         return dataclasses.replace(config_from_meta(meta), **numerics)
     return cfg.model
+
+
+def init_tokenizer_dir(cfg: TrainConfig) -> str | None:
+    """The HF tokenizer directory that comes with the init source, without loading any weights."""
+    from pathlib import Path
+
+    from jaxcpt.hf.convert import COMPANION_FILES
+
+    if cfg.init.source == "hf":
+        return cfg.init.path if any((Path(cfg.init.path) / f).is_file() for f in COMPANION_FILES) else None
+    if cfg.init.source == "checkpoint":
+        from jaxcpt.checkpoint import resolve_step_dir
+        from jaxcpt.model.persist import resolve_run_checkpoints, tokenizer_dir_for
+
+        return tokenizer_dir_for(resolve_step_dir(resolve_run_checkpoints(cfg.init.path)))
+    return None
 
 
 def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[dict, str | None]:
@@ -64,29 +81,38 @@ def opt_state_shardings(tx: optax.GradientTransformation, params_abstract: dict,
     )
 
 
-def state_shardings(tx, model_cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+def state_shardings(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, ema: bool = False) -> dict:
     params_abstract = abstract_params(model_cfg, mesh, rules)
-    return {
-        "params": jax.tree.map(lambda p: p.sharding, params_abstract),
+    param_shardings = jax.tree.map(lambda p: p.sharding, params_abstract)
+    out = {
+        "params": param_shardings,
         "opt_state": opt_state_shardings(tx, params_abstract, mesh),
         "step": NamedSharding(mesh, PartitionSpec()),
     }
+    if ema:
+        out["ema"] = param_shardings
+    return out
 
 
-def abstract_state(tx, model_cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+def abstract_state(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, ema: bool = False) -> dict:
     """ShapeDtypeStruct leaves with target shardings: what a checkpoint restores into."""
     params_abstract = abstract_params(model_cfg, mesh, rules)
-    shardings = state_shardings(tx, model_cfg, mesh, rules)
+    shardings = state_shardings(tx, model_cfg, mesh, rules, ema=ema)
     shapes = {"params": params_abstract, "opt_state": jax.eval_shape(tx.init, params_abstract),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    if ema:
+        shapes["ema"] = jax.eval_shape(init_ema, params_abstract)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def fresh_state(params: dict, tx, shardings: dict) -> dict:
-    """Step-0 state: ``params`` with a new optimizer state, created directly in its shardings."""
+    """Step-0 state: ``params`` with a new optimizer state (and EMA, if the shardings have one)."""
     init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    return {"params": params, "opt_state": init(params), "step": step}
+    state = {"params": params, "opt_state": init(params), "step": step}
+    if "ema" in shardings:
+        state["ema"] = jax.jit(init_ema, out_shardings=shardings["ema"])(params)
+    return state
 
 
 def graphdef_of(model_cfg: ModelConfig, rules, tokenizer_dir: str | None = None):

@@ -1,6 +1,7 @@
 """The hot path: pure ``train_step(state, batch) -> (state, metrics)`` and ``eval_step``.
 
-``state`` is a plain pytree ``{'params', 'opt_state', 'step'}``; the model's static
+``state`` is a plain pytree ``{'params', 'opt_state', 'step'}``, plus ``'ema'`` (the
+parameters' moving average, ``jaxcpt.train.ema``) when one is kept; the model's static
 structure (``graphdef``), the optimizer and the loss settings are bound with
 ``functools.partial`` before jitting, so nothing hidden reaches the compiled step.
 
@@ -16,6 +17,7 @@ import optax
 from flax import nnx
 
 from jaxcpt.optim.accumulate import accumulate_gradients
+from jaxcpt.train.ema import EMAConfig, decay_at, update_ema
 from jaxcpt.train.loss import model_token_loss_sums
 
 
@@ -51,8 +53,8 @@ def _advance_counts(opt_state):
 
 
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule, num_sources: int,
-               grad_accum_steps: int, chunk_size: int, z_loss_weight: float):
-    """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged."""
+               grad_accum_steps: int, chunk_size: int, z_loss_weight: float, ema: EMAConfig | None = None):
+    """One optimizer step. A non-finite loss or gradient leaves params, optimizer state and EMA unchanged."""
 
     def loss_fn(params, micro):
         return _loss_sums(params, micro, graphdef=graphdef, num_sources=num_sources, chunk_size=chunk_size,
@@ -64,20 +66,28 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
     loss = aux["loss_sum"] / jnp.maximum(tokens, 1.0)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def apply_update(params_and_opt):
-        params, opt_state = params_and_opt
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_opt_state
+    use_ema = ema is not None and ema.enabled
 
-    def skip_update(params_and_opt):
-        # Parameters and moments stay; optax's step counters advance, so the learning-rate
-        # schedule stays aligned with the training step after a skipped update.
-        params, opt_state = params_and_opt
-        return params, _advance_counts(opt_state)
+    def apply_update(carry):
+        params, opt_state, average = carry
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if use_ema:
+            average = update_ema(average, new_params, decay_at(ema, state["step"] + 1))
+        return new_params, new_opt_state, average
+
+    def skip_update(carry):
+        # Parameters, moments and the average stay; optax's step counters advance, so the
+        # learning-rate schedule stays aligned with the training step after a skipped update.
+        params, opt_state, average = carry
+        return params, _advance_counts(opt_state), average
 
     # cond, not a select: only the taken branch runs, so a healthy step pays nothing for the check
-    new_params, new_opt_state = jax.lax.cond(finite, apply_update, skip_update, (state["params"], state["opt_state"]))
+    carry = (state["params"], state["opt_state"], state.get("ema") if use_ema else None)
+    new_params, new_opt_state, new_ema = jax.lax.cond(finite, apply_update, skip_update, carry)
     new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1}
+    if use_ema:
+        new_state["ema"] = new_ema
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
