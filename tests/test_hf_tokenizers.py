@@ -10,7 +10,7 @@ from test_data_fixtures import make_texts
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, GemmaTokenizer, Qwen2Tokenizer, Qwen3Config
 
-from jaxcpt.data.tokenize import HFTokenizer
+from jaxcpt.data.tokenize import tokenizer_facts
 from jaxcpt.hf import load_hf, save_hf
 from jaxcpt.hf.convert import COMPANION_FILES
 
@@ -80,5 +80,6 @@ def test_export_ships_the_source_tokenizer_byte_identical_and_transformers_loads
     ids = exported(TEXT).input_ids
     assert ids == original(TEXT).input_ids and len(exported) == len(original)
     assert exported.bos_token_id == bos and (ids[0] == bos if bos is not None else bos not in ids)
-    assert HFTokenizer(str(export)).bos_id == bos  # what jaxcpt's data pipeline reads (add_bos needs one)
+    facts = tokenizer_facts(str(export))  # what jaxcpt's data pipeline reads: BOS only where the tokenizer adds one
+    assert (facts.bos_id, facts.adds_bos) == (bos, bos is not None)
 

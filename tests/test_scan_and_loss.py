@@ -91,7 +91,7 @@ def test_minimal_remat_keeps_more_activations_than_full_and_fewer_than_none():
     mesh = build_mesh({"data": 1}, jax.devices()[:1])
     temp = {}
     for policy in ("none", "minimal", "full"):
-        model = init_model(dataclasses.replace(TINY, remat=policy), mesh)
+        model = init_model(dataclasses.replace(TINY, num_layers=2, remat=policy), mesh)
         graphdef, state = nnx.split(model)
         grad_fn = jax.jit(jax.grad(lambda s: model_loss(nnx.merge(graphdef, s), batch())[0]))
         temp[policy] = grad_fn.lower(state).compile().memory_analysis().temp_size_in_bytes
