@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("jaxcpt.hf.command_export", "write a jaxcpt checkpoint as a Hugging Face directory transformers can load"),
     "tokenize": ("jaxcpt.data.command", "pre-tokenize a source into shards once, for reuse across runs"),
     "plot-schedule": ("jaxcpt.optim.command", "draw a config's learning-rate schedule to a PNG and print its phase boundaries"),
+    "plan": ("jaxcpt.plan.command", "plan a CPT run: token budget per source, proxy sweeps, mixture-law fits of the replay ratio"),
     "merge": ("jaxcpt.merge.command", "merge a base model with CPT models (linear, SLERP, task arithmetic), or sweep the mixture on held-out data"),
     "report": ("jaxcpt.train.report_command", "print the forgetting report of one run, or compare two runs"),
     "demo": ("jaxcpt.demo", "the built-in continual-pretraining demo: pretrain, continue with and without replay, compare"),

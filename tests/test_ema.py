@@ -15,7 +15,7 @@ from jaxcpt.model.transformer import init_model
 from jaxcpt.train.config import load_train_config
 from jaxcpt.train.loop import train
 from jaxcpt.train.setup import build_program
-from jaxcpt.train.state import fresh_state
+from jaxcpt.train.state import fresh_state, trainable_view
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
 
@@ -39,13 +39,13 @@ def test_stored_average_equals_the_closed_form_ema_of_the_parameter_trajectory(w
     mesh = build_mesh({"fsdp": 2, "data": 4})
     program = build_program(cfg, cfg.model, mesh, make_rules(), num_sources=1)
     params = nnx.state(init_model(cfg.model, mesh, seed=0), nnx.Param).to_pure_dict()
-    state = fresh_state(params, program.tx, program.state_shardings)
-    trajectory = [jax.tree.map(np.asarray, state["params"])]
+    state = fresh_state(params, program.tx, program.state_shardings, program.trainable.keys)
+    trajectory = [jax.tree.map(np.asarray, trainable_view(state["params"], program.trainable.keys))]
     rng = np.random.RandomState(0)
     with jax.set_mesh(mesh):
         for _ in range(5):
             state, _ = program.train_step(state, _batch(rng, program))
-            trajectory.append(jax.tree.map(np.asarray, state["params"]))
+            trajectory.append(jax.tree.map(np.asarray, trainable_view(state["params"], program.trainable.keys)))
     expected = jax.tree.map(lambda p: p.astype(np.float64), trajectory[0])
     for t, params_t in enumerate(trajectory[1:], start=1):
         d = min(0.8, (1 + t) / (10 + t)) if warmup else 0.8

@@ -113,7 +113,7 @@ def start(setup: RunSetup) -> Run:
     else:
         _say(f"starting from {cfg.init.source}" + (f" {cfg.init.path}" if cfg.init.path else ""))
         params, _ = train_state.initial_params(cfg, program.model_cfg, program.mesh, program.rules)
-        state = train_state.fresh_state(params, program.tx, program.state_shardings)
+        state = train_state.fresh_state(params, program.tx, program.state_shardings, program.trainable.keys)
         history = []
         if is_writer():
             truncate_metrics(run_dir, -1)  # records of an attempt that crashed before its first checkpoint
@@ -145,7 +145,8 @@ def run_eval(run: Run, step: int) -> None:
         return
     record = {"sources": results}
     if "ema" in run.state:
-        record["ema"] = evaluate(setup.program.eval_step, run.state["ema"], setup.eval_batches, run.to_global)
+        average = train_state.with_trainable(run.state["params"], run.state["ema"])
+        record["ema"] = evaluate(setup.program.eval_step, average, setup.eval_batches, run.to_global)
     run.eval_history.append({"kind": "eval", "step": step, **record})
     _record(run, "eval", step, record)
     _say(f"eval  step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f}"
@@ -159,7 +160,7 @@ def save(run: Run, step: int, force: bool = False) -> None:
     if not force and not run.ckpt.should_save(step):
         return
     meta = {"model_config": to_dict(setup.model_cfg), "jaxcpt_version": __version__, "run_config": config_as_yaml_dict(setup.cfg),
-            "source_names": setup.source_names, "eval_history": run.eval_history}
+            "source_names": setup.source_names, "eval_history": run.eval_history, "adaptation": setup.adaptation}
     data_state = {"hosts": gather_json(setup.data_iter.get_state())}
     run.ckpt.save(step, run.state, data_state, meta, files=run.files, force=True)
 
@@ -170,7 +171,9 @@ def export(run: Run, step: int) -> None:
     cfg = run.setup.cfg
     root = cfg.export.directory or str(run.setup.run_dir / "hf")
     target = f"{root.rstrip('/')}/step_{step}"
-    weights = run.state["ema"] if cfg.export.weights == "ema" else run.state["params"]
+    weights = run.state["params"]
+    if cfg.export.weights == "ema":  # the average of the trainable parameters; frozen ones are as they are
+        weights = train_state.with_trainable(weights, run.state["ema"])
     model = train_state.model_of(run.setup.program.graphdef, weights)
     save_hf(model, str(target), dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
             tokenizer_dir=run.export_tokenizer, overwrite=True)
