@@ -144,13 +144,13 @@ def loss_memory(cfg, args) -> dict:
 # ----------------------------------------------------------------------------- PyTorch
 def build_torch(cfg, args) -> tuple:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from jaxcpt.hf.families import config_to_hf
 
     hf = config_to_hf(cfg, "float32")
-    config_cls = Qwen2Config if cfg.family == "qwen2" else LlamaConfig
-    hf_config = config_cls(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type", "dtype", "torch_dtype")})
+    hf_config = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items()
+                                                          if k not in ("architectures", "model_type", "dtype", "torch_dtype")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)
     model.train()

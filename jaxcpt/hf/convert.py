@@ -26,8 +26,8 @@ from etils import epath
 from flax import nnx
 
 from jaxcpt.errors import HFFormatError, UserError
-from jaxcpt.hf.families import config_from_hf, config_to_hf, generation_config
-from jaxcpt.hf.mapping import Tensor, hf_names, tensor_table
+from jaxcpt.hf.families import config_from_hf, config_to_hf, generation_config, tensor_table
+from jaxcpt.hf.mapping import Tensor, hf_names
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.transformer import Transformer, abstract_model, state_shardings
 from jaxcpt.sharding.mesh import build_mesh
@@ -178,7 +178,7 @@ def load_hf(
     rules=None,
     **model_overrides,
 ) -> Transformer:
-    """Load an HF Llama/Mistral/Qwen2 checkpoint directory as a sharded jaxcpt model.
+    """Load an HF checkpoint directory of a supported family (``jaxcpt.hf.families``) as a sharded jaxcpt model.
 
     ``mesh``: where to place parameters (default: all devices on a data-parallel axis).
     ``dtype``: compute dtype (default float32); ``param_dtype``: storage dtype.

@@ -32,9 +32,11 @@ from jaxcpt.model.config import ModelConfig
 
 # Settings that decide the tensors' shapes and meaning: inputs must agree on all of them.
 STRUCTURE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_size", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias")
+                    "num_kv_heads", "head_size", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
+                    "post_norms")
 # Settings that leave the tensors alone: the merged model takes the first CPT model's, and a difference is noted.
-CONFIG_FIELDS = ("rope_theta", "rope_scaling", "rms_norm_eps", "sliding_window", "max_position_embeddings",
+CONFIG_FIELDS = ("rope_theta", "rope_scaling", "rope_local_theta", "rms_norm_eps", "sliding_window", "layer_types",
+                 "max_position_embeddings", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
                  "bos_token_id", "eos_token_id", "pad_token_id")
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
 
@@ -55,7 +57,7 @@ def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
 
     The only place the merge uses jaxcpt's HF name table.
     """
-    from jaxcpt.hf.mapping import tensor_table
+    from jaxcpt.hf.families import tensor_table
 
     out = []
     for row in tensor_table(cfg):
@@ -125,12 +127,11 @@ class CheckpointInput:
         import orbax.checkpoint as ocp
 
         from jaxcpt.checkpoint import read_meta, resolve_step_dir
-        from jaxcpt.config import from_dict
-        from jaxcpt.model.persist import resolve_run_checkpoints, tokenizer_dir_for
+        from jaxcpt.model.persist import config_from_meta, resolve_run_checkpoints, tokenizer_dir_for
 
         self.path = path
         self.step_dir = resolve_step_dir(resolve_run_checkpoints(path))
-        self.config = from_dict(ModelConfig, read_meta(self.step_dir)["model_config"], prefix="model")
+        self.config = config_from_meta(read_meta(self.step_dir))
         self._tokenizer_dir = tokenizer_dir_for(self.step_dir)
         tree = ocp.PyTreeCheckpointHandler().metadata(self.step_dir / "state").tree
         if not isinstance(tree, dict) or "params" not in tree:

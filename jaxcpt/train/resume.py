@@ -25,9 +25,10 @@ from pathlib import Path
 from etils import epath
 
 from jaxcpt.checkpoint import decode_files, encode_files
-from jaxcpt.config import from_dict, to_dict
+from jaxcpt.config import to_dict
 from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.persist import config_from_meta
 from jaxcpt.train.config import NUMERICS_FIELDS, TrainConfig
 
 log = logging.getLogger("jaxcpt.train")
@@ -68,7 +69,7 @@ _NOT_ARCHITECTURE = set(NUMERICS_FIELDS) | {"bos_token_id", "eos_token_id", "pad
 
 def model_config_from_checkpoint(cfg: TrainConfig, meta: dict) -> ModelConfig:
     """The checkpoint's architecture with this run's numerics (dtype, remat, attention)."""
-    saved = from_dict(ModelConfig, meta["model_config"], prefix="checkpoint model_config")
+    saved = config_from_meta(meta)
     if cfg.model.param_dtype != saved.param_dtype:
         raise UserError(
             f"model.param_dtype={cfg.model.param_dtype}, but the checkpoint stores parameters in {saved.param_dtype}; "

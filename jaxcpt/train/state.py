@@ -35,11 +35,10 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
         return dataclasses.replace(read_hf_config(cfg.init.path), **numerics)
     if cfg.init.source == "checkpoint":
         from jaxcpt.checkpoint import read_meta
-        from jaxcpt.config import from_dict
-        from jaxcpt.model.persist import resolve_run_checkpoints
+        from jaxcpt.model.persist import config_from_meta, resolve_run_checkpoints
 
         meta = read_meta(resolve_run_checkpoints(cfg.init.path))
-        return dataclasses.replace(from_dict(ModelConfig, meta["model_config"], prefix="model"), **numerics)
+        return dataclasses.replace(config_from_meta(meta), **numerics)
     return cfg.model
 
 

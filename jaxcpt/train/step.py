@@ -18,8 +18,8 @@ from flax import nnx
 
 from jaxcpt.optim.accumulate import accumulate_gradients
 from jaxcpt.train.ema import EMAConfig, decay_at, update_ema
+from jaxcpt.train.loss import model_token_loss_sums
 from jaxcpt.train.state import trainable_view, with_trainable
-from jaxcpt.train.loss import token_loss_sums
 
 
 def _per_source(values, source, num_sources: int):
@@ -31,8 +31,8 @@ def _loss_sums(params, batch, *, graphdef, num_sources: int, chunk_size: int, z_
     """((loss_sum, tokens), aux) for gradient accumulation: sums, so micro-batches add exactly."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])  # [B, T, E]
-    loss_rows, lse2_rows = token_loss_sums(hidden, model.output_weights(), batch["targets"], batch["loss_mask"],
-                                           chunk_size=chunk_size)  # [B], [B]
+    loss_rows, lse2_rows = model_token_loss_sums(model, hidden, batch["targets"], batch["loss_mask"],
+                                                 chunk_size=chunk_size)  # [B], [B]
     tokens_rows = batch["loss_mask"].astype(jnp.float32).sum(-1)  # [B]
     objective_sum = loss_rows.sum() + z_loss_weight * lse2_rows.sum()
     aux = {
@@ -112,5 +112,5 @@ def eval_step(params, batch, *, graphdef, chunk_size: int):
     """(loss_sum, tokens) of one evaluation batch, summed over its real target tokens."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])
-    loss_rows, _ = token_loss_sums(hidden, model.output_weights(), batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
+    loss_rows, _ = model_token_loss_sums(model, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
     return loss_rows.sum(), batch["loss_mask"].astype(jnp.float32).sum()
