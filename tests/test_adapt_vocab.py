@@ -43,7 +43,8 @@ def extended(request, tmp_path_factory):
                  "--out", str(root / "tokens")]) == 0
     assert main(["extend-vocab", str(root / "base"), "--tokens", str(root / "tokens"), "--out", str(root / "out"),
                  "--init", "subword-mean", "--measure-config", config]) == 0
-    return {"base": root / "base", "out": root / "out", "kind": request.param}
+    return {"base": root / "base", "out": root / "out", "tokens": root / "tokens", "root": root,
+            "domain": root / "domain.jsonl", "kind": request.param}
 
 
 def _tokenizers(extended):
@@ -147,3 +148,98 @@ def test_compression_gain_is_recorded(extended):
     (row,) = record["history"][0]["compression"]
     assert row["source"] == "domain" and row["split"] == "eval" and row["documents"] == 50
     assert row["tokens_per_byte"]["after"] < 0.6 * row["tokens_per_byte"]["before"]
+
+
+def test_a_jaxcpt_checkpoint_extends_like_its_hf_directory(extended):
+    if extended["kind"] != "sentencepiece":
+        pytest.skip("reading the checkpoint does not depend on the tokenizer's kind")
+    run, out = extended["root"] / "run", extended["root"] / "from_run"
+    assert main(["import-hf", str(extended["base"]), "--out", str(run)]) == 0
+    assert main(["extend-vocab", str(run), "--tokens", str(extended["tokens"]), "--out", str(out), "--init",
+                 "subword-mean", "--dtype", "float32"]) == 0
+    ours, theirs = load_file(str(out / "model.safetensors")), load_file(str(extended["out"] / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert (out / "tokenizer.json").read_bytes() == (extended["out"] / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_training_starts_from_the_extended_directory(extended, tmp_path):
+    """init.source: hf on the output, with its tokenizer taken from there; every parameter trains."""
+    from train_helpers import train_losses
+
+    from jaxcpt.train.config import load_train_config
+    from jaxcpt.train.loop import train
+
+    run = tmp_path / "run"
+    train(load_train_config(None, [
+        f"run_dir={run}", "init.source=hf", f"init.path={extended['out']}", "model.dtype=float32",
+        f"data.sources=[{{name: domain, paths: ['{extended['domain']}']}}]", "data.seq_len=32", "data.shuffle_buffer=64",
+        f"data.add_bos={extended['kind'] == 'sentencepiece'}",  # the byte-level base has no BOS, like Qwen
+        "train.steps=3", "train.batch_size=8", "train.loss_chunk_size=16", "eval.every=0", "checkpoint.every_steps=0",
+        "optim.schedule.peak_lr=1e-2", "optim.schedule.warmup_steps=1", "export.dtype=float32", "mesh={data: 8}"]))
+    assert len(train_losses(run)) == 3
+    before = load_file(str(extended["out"] / "model.safetensors"))["model.embed_tokens.weight"]
+    after = load_file(str(run / "hf" / "step_3" / "model.safetensors"))["model.embed_tokens.weight"]
+    start = read_adaptation(extended["out"])["new_token_ids"][0]
+    assert after.shape == before.shape
+    assert np.any(after[start:] != before[start:]) and np.any(after[:start] != before[:start])
+    assert AutoTokenizer.from_pretrained(run / "hf" / "step_3").get_vocab() == AutoTokenizer.from_pretrained(
+        extended["out"]).get_vocab()
+
+
+def test_bfloat16_base_stays_bfloat16_and_bit_identical(tmp_path):
+    import shutil
+
+    byte_level_base(tmp_path / "f32")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "f32", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tmp_path / "f32" / name, tmp_path / "base" / name)
+    (tmp_path / "tokens.txt").write_text(" dataframe\n tokenizer\n")
+    assert main(["extend-vocab", str(tmp_path / "base"), "--tokens", str(tmp_path / "tokens.txt"), "--out",
+                 str(tmp_path / "out"), "--init", "mean"]) == 0
+    base, out = load_file(str(tmp_path / "base" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert {v.dtype.name for v in out.values()} == {"bfloat16"}
+    for name, value in base.items():
+        rows = value.shape[0]
+        np.testing.assert_array_equal(out[name][:rows].view(np.uint16), value.view(np.uint16), err_msg=name)
+
+
+def _hand_made_sentencepiece(directory):
+    """A sentencepiece BPE model with pieces a, b, c, d, ab and abcd: 'abcd' alone encodes as [ab, c, d]
+    (no split of it into two pieces exists), so a new piece 'cd' would complete the old piece 'abcd'."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from jaxcpt.hf.tokenizer import sentencepiece_to_hf
+
+    proto = pb.ModelProto()
+    proto.trainer_spec.model_type, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id = 2, 1, 2
+    proto.normalizer_spec.name, proto.normalizer_spec.add_dummy_prefix = "identity", True
+    kinds = pb.ModelProto.SentencePiece.Type
+    pieces = [("<unk>", 0, kinds.UNKNOWN), ("<s>", 0, kinds.CONTROL), ("</s>", 0, kinds.CONTROL)]
+    pieces += [(p, -i, kinds.NORMAL) for i, p in enumerate(["ab", "abcd", "\u2581", "a", "b", "c", "d"], start=1)]
+    for text, score, kind in pieces:
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = text, score, kind
+    directory.mkdir()
+    (directory / "source.model").write_bytes(proto.SerializeToString())
+    return sentencepiece_to_hf(directory / "source.model", directory / "hf")
+
+
+def test_sentencepiece_rule_refuses_a_piece_that_would_complete_an_old_piece(tmp_path):
+    import sentencepiece as spm
+
+    from jaxcpt.adapt.spm import extend_model_file
+    from jaxcpt.adapt.vocab import plan_extension
+
+    base = _hand_made_sentencepiece(tmp_path / "sp")
+    old = spm.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
+    assert old.encode("abcd", out_type=str) == ["\u2581", "ab", "c", "d"]
+    (tmp_path / "naive.model").write_bytes(extend_model_file(base / "tokenizer.model", [(10, "cd")]))
+    naive = spm.SentencePieceProcessor(model_file=str(tmp_path / "naive.model"))
+    assert naive.encode("abcd", out_type=str) == ["\u2581", "abcd"]  # an old id, yet not the old encoding
+    (tmp_path / "tokens.txt").write_text("cd\nbc\n")
+    plan = plan_extension(base, str(tmp_path / "tokens.txt"), first_id=10)
+    assert plan.tokens == ["bc"] and plan.report["skipped"]["no_safe_merge_path"] == 1

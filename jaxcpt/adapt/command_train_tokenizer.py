@@ -31,12 +31,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-split", default="per_file", choices=["per_file", "blank_line"])
     parser.add_argument("--out", required=True, help="tokenizer directory to write")
     parser.add_argument("--vocab-size", type=int, required=True, help="size of the new tokenizer's vocabulary")
-    parser.add_argument("--base", help="the base model or tokenizer directory: its kind and settings are copied")
+    parser.add_argument("--base", help="the base model, tokenizer or jaxcpt run directory: its tokenizer's kind and "
+                        "settings are copied")
     parser.add_argument("--kind", choices=KINDS, help="sentencepiece or bpe (byte-level); default: from --base")
     parser.add_argument("--max-documents", type=int, default=0, help="documents read per source (0 = all)")
     parser.add_argument("--max-bytes", type=int, default=0, help="UTF-8 bytes read per source (0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the file order")
     parser.add_argument("--threads", type=int, default=2, help="sentencepiece trainer threads")
+
+
+def _tokenizer_dir(path: Path) -> Path:
+    """The tokenizer files of an HF model or tokenizer directory, or of a jaxcpt run (RUN/tokenizer)."""
+    for candidate in (path, path / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer.model").is_file():
+            return candidate
+    raise UserError(f"--base '{path}' holds no tokenizer.json or tokenizer.model (nor does {path / 'tokenizer'})")
 
 
 def run(args) -> int:
@@ -50,9 +59,13 @@ def run(args) -> int:
         raise UserError(f"'{out}' exists and is not empty; choose another --out")
     if args.vocab_size < 2:
         raise UserError(f"--vocab-size must be >= 2, got {args.vocab_size}")
-    kind = args.kind or (kind_of(args.base) if args.base else None)
+    base = _tokenizer_dir(Path(args.base)) if args.base else None
+    kind = args.kind or (kind_of(base) if base is not None else None)
     if kind is None:
         raise UserError("give --base (the tokenizer to extend later) or --kind sentencepiece|bpe")
+    if base is not None and kind != kind_of(base):
+        print(f"note: --kind {kind} differs from the base's kind ({kind_of(base)}); the base's settings are not used")
+        base = None
     sources = sources_from_args(args.config, args.source, args.inputs, text_field=args.text_field,
                                 text_split=args.text_split)
     budget = Budget(documents=args.max_documents, bytes=args.max_bytes)
@@ -74,7 +87,6 @@ def run(args) -> int:
     if not first:
         raise UserError("the sources hold no training documents within the budget")
     texts = itertools.chain(first, texts)
-    base = Path(args.base) if args.base else None
     if kind == "sentencepiece":
         model = base / "tokenizer.model" if base is not None and (base / "tokenizer.model").is_file() else None
         train_sentencepiece(texts, out, args.vocab_size, base_model=model, num_threads=args.threads)

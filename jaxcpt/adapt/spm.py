@@ -2,12 +2,18 @@
 
 Sentencepiece's BPE encoder joins *any* adjacent pair whose concatenation is a piece, best
 score first. New pieces get scores below every old piece, so encoding first reaches the
-old segmentation (the old pieces' merges, in the old order). One more rule keeps it there
-for text that forms no new piece: no old piece may be the concatenation of two pieces of
-the extended vocabulary of which at least one is new (``SentencePieceRule``). Otherwise a
-new piece, once formed, could join a neighbour into an *old* piece, and a text without new
-pieces would be encoded differently. With the rule, every join after the old segmentation
-produces a new piece: the argument of ``jaxcpt.adapt.bpe`` holds here too.
+old segmentation (the old pieces' joins, in the old order). What could still go wrong: a
+new piece, once formed, joins a neighbour into an *old* piece P, and a text without new
+pieces is encoded differently. ``SentencePieceRule`` refuses every new piece that could
+take part in such a join, i.e. one that makes P = A + B, with A, B both in the extended
+vocabulary and at least one of them new, and whose split A | B the old segmentation of P
+(encoded on its own) respects. Why encoding P on its own is the test: the join needs the
+pieces covering P's span at the end of the old merges to lie inside the span (A and B are
+built from them), so no old join crossed the span's edges; the joins inside the span then
+ran in the same order as for P alone (sentencepiece picks the best-scoring pair, position
+breaking ties), and ended where P alone ends. If P alone encodes as [P], or as pieces
+across A | B, the join cannot happen. With the rule, every join after the old
+segmentation produces a new piece: the argument of ``jaxcpt.adapt.bpe`` holds here too.
 
 Ids must match tokenizer.json's. When the model's embedding already has more rows than
 the sentencepiece model has pieces (ids reserved for added tokens, padding), the gap is
@@ -33,24 +39,44 @@ class SentencePieceRule:
     """``rule(token, pending)``: whether adding ``token`` keeps every old piece out of reach of new joins."""
 
     def __init__(self, model_file: Path, vocab: dict[str, int]):
+        import sentencepiece as spm
+
         proto = _proto(model_file)
         if proto.trainer_spec.model_type != 2:  # 1 unigram, 2 bpe
             raise UserError(f"'{model_file}' is not a BPE sentencepiece model; extend-vocab supports BPE tokenizers")
-        normal = [p.piece for p in proto.pieces if p.type == 1]
         self._vocab = vocab  # the growing vocabulary (old and new), shared with the BPE model
-        self._right_of: dict[str, set[str]] = {}  # left part -> right parts that complete an old piece
-        self._left_of: dict[str, set[str]] = {}
-        for piece in normal:
+        self._splits: dict[str, list[tuple[str, str]]] = {}  # part -> (left, right) splits of old pieces using it
+        for piece in (p.piece for p in proto.pieces if p.type == 1):
             for i in range(1, len(piece)):
-                self._right_of.setdefault(piece[:i], set()).add(piece[i:])
-                self._left_of.setdefault(piece[i:], set()).add(piece[:i])
+                split = (piece[:i], piece[i:])
+                self._splits.setdefault(split[0], []).append(split)
+                self._splits.setdefault(split[1], []).append(split)
+        # The old model on raw piece strings: no dummy prefix, no normalization.
+        proto.normalizer_spec.add_dummy_prefix = False
+        proto.normalizer_spec.remove_extra_whitespaces = False
+        proto.normalizer_spec.name, proto.normalizer_spec.precompiled_charsmap = "identity", b""
+        self._alone = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self._cuts: dict[str, frozenset[int]] = {}
+
+    def _old_cuts(self, piece: str) -> frozenset[int]:
+        """Character positions inside ``piece`` where its old segmentation, encoded alone, cuts it."""
+        if piece not in self._cuts:
+            ends, position = set(), 0
+            for part in self._alone.encode(piece, out_type=str):
+                position += len(part)
+                ends.add(position)
+            self._cuts[piece] = frozenset(ends - {len(piece)})
+        return self._cuts[piece]
 
     def __call__(self, token: str, pending: frozenset[str] = frozenset()) -> bool:
         """``pending``: the other tokens about to be added together with ``token``."""
         def present(part: str) -> bool:
             return part in self._vocab or part in pending or part == token
 
-        return not any(map(present, self._right_of.get(token, ()))) and not any(map(present, self._left_of.get(token, ())))
+        for left, right in self._splits.get(token, ()):
+            if present(left) and present(right) and len(left) in self._old_cuts(left + right):
+                return False
+        return True
 
 
 def extend_model_file(model_file: Path, new_tokens: list[tuple[int, str]]) -> bytes:

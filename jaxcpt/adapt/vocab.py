@@ -114,6 +114,34 @@ def plan_extension(base_dir: str | Path, spec: str, first_id: int, max_new_token
         rule = SentencePieceRule(base_dir / SENTENCEPIECE_MODEL, bpe.vocab)
     texts, kind = new_token_texts(spec)
     limit = max_new_tokens if max_new_tokens is not None else float("inf")
+    candidates, skipped = _grow(bpe, texts, rule, old_tokenizer, first_id, limit)
+    tokens = list(bpe.new_tokens)
+    new_json = bpe.to_json()
+    files = {TOKENIZER_JSON: json.dumps(new_json, ensure_ascii=False, indent=2).encode("utf-8")}
+    files.update(_slow_tokenizer_files(base_dir, new_json))
+    if (base_dir / SENTENCEPIECE_MODEL).is_file():
+        from jaxcpt.adapt.spm import extend_model_file
+
+        files[SENTENCEPIECE_MODEL] = extend_model_file(base_dir / SENTENCEPIECE_MODEL,
+                                                       [(first_id + i, t) for i, t in enumerate(tokens)])
+    ordinary = bpe.ordinary_tokens()
+    old_model = old_tokenizer.model
+    missed = unreachable(new_json, tokens)
+    wanted = set(texts)
+    from_source = sum(1 for t in tokens if bpe.alphabet.to_surface(t) in wanted)
+    report = {"source": str(spec), "source_kind": kind, "candidates": candidates, "added": len(tokens),
+              "from_source": from_source, "intermediates": len(tokens) - from_source, "skipped": skipped,
+              "unreachable": len(missed)}
+    return VocabExtension(
+        first_id=first_id, tokens=tokens, texts=[bpe.alphabet.to_surface(t) for t in tokens],
+        old_pieces=[[p.id for p in old_model.tokenize(t)] for t in tokens],
+        overlaps=[bpe.overlaps(t, ordinary) for t in tokens],
+        existing_ids=sorted(set(old_tokenizer.get_vocab(with_added_tokens=True).values())),
+        files=files, report=report)
+
+
+def _grow(bpe: BPEModel, texts: list[bytes], rule, old_tokenizer, first_id: int, limit: float) -> tuple[int, dict]:
+    """Add the usable ``texts`` (in order) to ``bpe`` until ``limit`` tokens; returns (candidates, skipped by reason)."""
     skipped = dict.fromkeys(("in_base", "not_spellable", "split_by_pre_tokenizer", "no_safe_merge_path"), 0)
     candidates = 0
     for text in dict.fromkeys(texts):
@@ -138,29 +166,7 @@ def plan_extension(base_dir: str | Path, spec: str, first_id: int, max_new_token
             break
         for new in plan:
             bpe.add(new, first_id + len(bpe.new_tokens))
-    tokens = list(bpe.new_tokens)
-    new_json = bpe.to_json()
-    files = {TOKENIZER_JSON: json.dumps(new_json, ensure_ascii=False, indent=2).encode("utf-8")}
-    files.update(_slow_tokenizer_files(base_dir, new_json))
-    if (base_dir / SENTENCEPIECE_MODEL).is_file():
-        from jaxcpt.adapt.spm import extend_model_file
-
-        files[SENTENCEPIECE_MODEL] = extend_model_file(base_dir / SENTENCEPIECE_MODEL,
-                                                       [(first_id + i, t) for i, t in enumerate(tokens)])
-    ordinary = bpe.ordinary_tokens()
-    old_model = old_tokenizer.model
-    missed = unreachable(new_json, tokens)
-    wanted = set(texts)
-    from_source = sum(1 for t in tokens if bpe.alphabet.to_surface(t) in wanted)
-    report = {"source": str(spec), "source_kind": kind, "candidates": candidates, "added": len(tokens),
-              "from_source": from_source, "intermediates": len(tokens) - from_source, "skipped": skipped,
-              "unreachable": len(missed)}
-    return VocabExtension(
-        first_id=first_id, tokens=tokens, texts=[bpe.alphabet.to_surface(t) for t in tokens],
-        old_pieces=[[p.id for p in old_model.tokenize(t)] for t in tokens],
-        overlaps=[bpe.overlaps(t, ordinary) for t in tokens],
-        existing_ids=sorted(set(old_tokenizer.get_vocab(with_added_tokens=True).values())),
-        files=files, report=report)
+    return candidates, skipped
 
 
 def _slow_tokenizer_files(base_dir: Path, new_json: dict) -> dict[str, bytes]:
