@@ -97,40 +97,55 @@ def heldout_texts(heldout: Path, count: int, max_bytes: int) -> list[str]:
 
 
 def bits_per_byte(model_dir: Path, texts: list[str], seq_len: int) -> dict:
-    """Sum over documents of -log p(token | BOS, earlier tokens), in bits per UTF-8 byte (float32)."""
+    """Sum over documents of -log p(token | BOS, earlier tokens), in bits per UTF-8 byte (float32).
+
+    Also split by target: bits from positions whose next token is an old token, and from those
+    whose next token is a new one, and the mean probability the model puts on the new tokens
+    where the next token is an old one (the mass new rows take from the old vocabulary)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
+    from jaxcpt.adapt.metadata import read_adaptation
     from jaxcpt.data.tokenize import HFTokenizer
     from jaxcpt.hf import load_hf
 
     tokenizer = HFTokenizer(str(model_dir))
     model = load_hf(model_dir)
+    record = read_adaptation(model_dir)
+    first_new = record["new_token_ids"][0] if record else model.config.vocab_size
     rows = [[tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(texts)]
     if max(map(len, rows)) > seq_len + 1:
         raise SystemExit(f"a held-out document has {max(map(len, rows))} tokens; lower --eval-bytes")
 
     @nnx.jit
-    def token_nats(model, inputs, targets):  # [B, T] -> [B, T]
-        logp = jax.nn.log_softmax(model(inputs), axis=-1)
-        return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    def score(model, inputs, targets):  # [B, T] -> nats [B, T], probability of the new tokens [B, T]
+        logp = jax.nn.log_softmax(model(inputs), axis=-1)  # [B, T, V]
+        nats = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return nats, jnp.exp(jax.nn.logsumexp(logp[..., first_new:], axis=-1))
 
-    nats, tokens = 0.0, 0
+    totals = {"old": 0.0, "new": 0.0, "old_tokens": 0, "new_tokens": 0, "new_mass_at_old": 0.0}
     for start in range(0, len(rows), 16):
         batch = rows[start : start + 16]
         ids = np.zeros((16, seq_len + 1), np.int32)
-        mask = np.zeros((16, seq_len), np.float64)
+        mask = np.zeros((16, seq_len), bool)
         for i, row in enumerate(batch):
             ids[i, : len(row)] = row
-            mask[i, : len(row) - 1] = 1.0
-        losses = np.asarray(token_nats(model, jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:])), np.float64)
-        nats += float((losses * mask).sum())
-        tokens += int(mask.sum())
+            mask[i, : len(row) - 1] = True
+        nats, new_mass = (np.asarray(x, np.float64) for x in score(model, jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:])))
+        is_new = ids[:, 1:] >= first_new
+        totals["old"] += float(nats[mask & ~is_new].sum())
+        totals["new"] += float(nats[mask & is_new].sum())
+        totals["old_tokens"] += int((mask & ~is_new).sum())
+        totals["new_tokens"] += int((mask & is_new).sum())
+        totals["new_mass_at_old"] += float(new_mass[mask & ~is_new].sum())
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"bits_per_byte": nats / (math.log(2) * nbytes), "nats_per_token": nats / tokens, "tokens": tokens,
-            "bytes": nbytes}
+    bits = math.log(2) * nbytes
+    return {"bits_per_byte": (totals["old"] + totals["new"]) / bits, "bits_per_byte_old_targets": totals["old"] / bits,
+            "bits_per_byte_new_targets": totals["new"] / bits, "tokens": totals["old_tokens"] + totals["new_tokens"],
+            "new_tokens": totals["new_tokens"], "bytes": nbytes,
+            "new_token_mass_at_old_targets": totals["new_mass_at_old"] / max(totals["old_tokens"], 1)}
 
 
 def continue_training(args, model_dir: Path, domain_train: Path, run: Path) -> Path:
@@ -195,15 +210,16 @@ def main(argv=None) -> int:
 
 def format_table(result: dict) -> str:
     before, after = result["before_training"], result["after_training"]
-    lines = ["| model (new rows) | bits/byte before training | gap to base | "
-             f"bits/byte after {result['settings']['cpt_steps']} steps | gap to base trained |",
-             "| --- | --- | --- | --- | --- |"]
+    steps = result["settings"]["cpt_steps"]
+    lines = [f"| model (new rows) | bits/byte before training | gap to base | of which at new-token targets | "
+             f"p(new tokens) at old-token targets | bits/byte after {steps} steps | gap to base trained |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in before:
         label = "base, original tokenizer" if name == "base" else f"extended, {name}"
-        lines.append(f"| {label} | {before[name]['bits_per_byte']:.4f} | "
-                     f"{before[name]['bits_per_byte'] - before['base']['bits_per_byte']:+.4f} | "
-                     f"{after[name]['bits_per_byte']:.4f} | "
-                     f"{after[name]['bits_per_byte'] - after['base']['bits_per_byte']:+.4f} |")
+        b, a = before[name], after[name]
+        lines.append(f"| {label} | {b['bits_per_byte']:.4f} | {b['bits_per_byte'] - before['base']['bits_per_byte']:+.4f} | "
+                     f"{b['bits_per_byte_new_targets']:.4f} | {b['new_token_mass_at_old_targets']:.3f} | "
+                     f"{a['bits_per_byte']:.4f} | {a['bits_per_byte'] - after['base']['bits_per_byte']:+.4f} |")
     (row,) = result["compression"]
     lines.append(f"\ntokens per byte on the held-out code: {row['tokens_per_byte']['before']:.4f} (base) -> "
                  f"{row['tokens_per_byte']['after']:.4f} (extended, {result['tokenizer']['added']} new tokens)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from pathlib import Path
 
 from jaxcpt.adapt.embeddings import INIT_METHODS
 from jaxcpt.errors import UserError
@@ -95,7 +96,7 @@ def run(args) -> int:
                **({"temperature": args.temperature} if args.init == "weighted" else {}),
                "tokenizer": report, "compression": compression}
     record = metadata.record_vocab_extension(
-        metadata.read_adaptation(source.directory), source=str(args.base), old_vocab_size=cfg.vocab_size,
+        metadata.read_adaptation(source.directory), source=str(Path(args.base).resolve()), old_vocab_size=cfg.vocab_size,
         new_vocab_size=new_cfg.vocab_size, num_layers=cfg.num_layers, details=details)
     metadata.write_adaptation(out, record)
     print(f"wrote {out}: vocabulary {cfg.vocab_size} -> {new_cfg.vocab_size} "

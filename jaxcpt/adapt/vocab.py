@@ -152,9 +152,9 @@ def _grow(bpe: BPEModel, texts: list[bytes], rule, old_tokenizer, first_id: int,
         if token in bpe.old:
             skipped["in_base"] += 1
             continue
+        candidates += 1
         if token in bpe.vocab:  # added already, as an intermediate of an earlier token
             continue
-        candidates += 1
         if not one_pretoken(old_tokenizer, text):
             skipped["split_by_pre_tokenizer"] += 1
             continue
