@@ -243,3 +243,17 @@ def test_sentencepiece_rule_refuses_a_piece_that_would_complete_an_old_piece(tmp
     (tmp_path / "tokens.txt").write_text("cd\nbc\n")
     plan = plan_extension(base, str(tmp_path / "tokens.txt"), first_id=10)
     assert plan.tokens == ["bc"] and plan.report["skipped"]["no_safe_merge_path"] == 1
+
+
+def test_sentencepiece_ids_past_a_gap_get_unused_placeholders(tmp_path):
+    """A model with more embedding rows than pieces: new pieces take the model's ids, the gap stays unproduced."""
+    import sentencepiece as spm
+
+    from jaxcpt.adapt.spm import extend_model_file
+
+    base = _hand_made_sentencepiece(tmp_path / "sp")
+    (tmp_path / "gap.model").write_bytes(extend_model_file(base / "tokenizer.model", [(16, "cd"), (17, "bc")]))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "gap.model"))
+    assert sp.get_piece_size() == 18 and (sp.piece_to_id("cd"), sp.piece_to_id("bc")) == (16, 17)
+    assert all(sp.is_unused(i) for i in range(10, 16))
+    assert sp.encode("dcb abd", out_type=str) == ["\u2581", "d", "c", "b", "\u2581", "ab", "d"]

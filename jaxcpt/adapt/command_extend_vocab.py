@@ -23,11 +23,13 @@ INIT_HELP = """\
 --init, for a new token whose string (in the tokenizer's alphabet) is s:
   subword-mean  input row and output column = the mean of the rows/columns of the pieces
                 the OLD tokenizer splits s into (fast vocabulary transfer)
-  weighted      sum over the ordinary old tokens u occurring in s of w(u) * row(u), with
-                w = softmax(c / --temperature), c(u) = len(u) / len(s) (the share of s that u
-                covers), for input rows and output columns alike; tokens with no such u get
-                subword-mean (FOCUS/OFA's similarity-weighted combination, the similarity
-                taken from string overlap instead of auxiliary embeddings)
+  weighted      sum over the old tokens u occurring in s as a substring (not special or
+                byte-fallback tokens) of w(u) * row(u), with w = softmax(c / --temperature)
+                over them and c(u) = len(u) / len(s), the share of s that u covers (lengths in
+                characters of the alphabet: bytes for byte-level BPE); input rows and output
+                columns alike; tokens with no such u get subword-mean. FOCUS/OFA's
+                similarity-weighted combination, the similarity taken from string overlap
+                instead of auxiliary embeddings
   mean          the mean of the rows/columns of every token of the old tokenizer
   random        independent N(0, initializer_range^2) entries
 --noise-std adds N(0, noise_std^2) to every new entry, whatever the method.
