@@ -1,10 +1,14 @@
 """Training checkpoints: a thin wrapper over an Orbax ``CheckpointManager``.
 
-One checkpoint is one step directory holding three items::
+One checkpoint is one step directory holding four items::
 
     RUN/checkpoints/1200/state   pytree of jax.Arrays (params, opt_state, step ...), Orbax StandardSave
     RUN/checkpoints/1200/data    JSON: the data iterator's state, so a resume continues the stream
-    RUN/checkpoints/1200/meta    JSON: run config, model config, library versions
+    RUN/checkpoints/1200/meta    JSON: run config, resolved model config, evaluation history, versions
+    RUN/checkpoints/1200/files   JSON: small files a resume needs (the tokenizer), base64-encoded
+
+so a checkpoint alone is enough to resume: the run directory (a TPU worker's local disk)
+and the model's source directory may both be gone.
 
 Guarantees this module leans on Orbax for, and which tests/test_checkpoint.py checks:
 
@@ -17,6 +21,9 @@ Guarantees this module leans on Orbax for, and which tests/test_checkpoint.py ch
 * Restoring re-shards: each leaf of ``abstract_state`` is a
   ``jax.ShapeDtypeStruct`` carrying the *new* sharding, and the mesh at save time
   does not matter.
+* A damaged newest checkpoint (a truncated or missing file after a disk fault) is
+  skipped: ``restore_newest`` falls back to the previous complete one, says which and
+  why, and never hands back a partly read state. All hosts agree on the step.
 
 Multi-host: every process must call ``save``/``restore``/``should_save`` with the
 same step; Orbax writes each process's array shards and only the primary process
@@ -161,8 +168,8 @@ class Checkpointer:
         )
         # Handlers named up front (not inferred from the first save's args) so a fresh
         # manager can read item metadata and restore before it has saved anything.
-        handlers = {"state": ocp.StandardCheckpointHandler(),
-                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(), "files": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         # Time-based saving counts from construction, so a restarted job does not save at once.
         self._last_save_time = time.monotonic()
@@ -191,8 +198,10 @@ class Checkpointer:
 
     # -- saving -------------------------------------------------------------------
     def save(self, step: int, state: Any, data_state: dict | None = None, meta: dict | None = None,
-             *, force: bool = False) -> bool:
+             *, files: dict | None = None, force: bool = False) -> bool:
         """Save if ``should_save(step)`` (or ``force``); returns whether a save started.
+
+        ``files``: a JSON dict of small files the run needs to resume (see ``encode_files``).
 
         Asynchronous by default: returns once arrays are copied off the devices, so
         ``state`` may be donated/overwritten by the next step. A step that already
@@ -207,6 +216,7 @@ class Checkpointer:
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(_check_json(data_state, "data")),
             meta=ocp.args.JsonSave(_check_json(meta, "meta")),
+            files=ocp.args.JsonSave(_check_json(files, "files")),
         )
         self._manager.save(step, args=args, force=True)  # force: the decision above is ours
         self._last_save_time = time.monotonic()
@@ -255,12 +265,94 @@ class Checkpointer:
                 raise UserError(f"no complete checkpoint in '{self.directory}'; expected {_EXPECTED}")
         if step not in self._manager.all_steps():
             raise UserError(f"no checkpoint for step {step} in '{self.directory}'; steps there: {self.all_steps()}")
-        on_disk = self._manager.item_metadata(step)["state"]
-        _check_tree(on_disk.tree, abstract_state, f"'{self.directory / str(step)}'")
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        return out["state"], out["data"], out["meta"]
+        return _restore_items(self.directory / str(step), abstract_state)[:3]
+
+    def restore_newest(self, abstract_state: Any) -> Restored:
+        """The newest checkpoint that reads completely, falling back past damaged ones.
+
+        A step whose files cannot be read (truncated, missing, corrupt) is skipped with a
+        warning naming it and the reason; the next older complete step is tried. Every
+        host tries the same step and all fall back together if any host failed, so no host
+        trains from a state another host could not read. A tree that does not match the
+        model being restored (``CheckpointMismatchError``) is a configuration error, not
+        damage, and is raised at once.
+        """
+        from jaxcpt.sharding.distributed import gather_json
+
+        self._manager.wait_until_finished()
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, data, meta, files = _restore_items(self.directory / str(step), abstract_state)
+                failure = None
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+                state = data = meta = files = None
+                failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            failures = [f for f in gather_json(failure) if f]  # collective: every host reaches it
+            if not failures:
+                return Restored(step, state, data, meta, files, skipped)
+            del state  # a partly usable state must not survive by accident
+            skipped.append((step, failures[0]))
+            log.warning("checkpoint step %d in %s cannot be read (%s); falling back to the previous one",
+                        step, self.directory, failures[0])
+        raise UserError(
+            f"no readable checkpoint in '{self.directory}': "
+            + "; ".join(f"step {s}: {why}" for s, why in skipped)
+            + ". Move the damaged step directories away to start afresh, or restore them from a copy."
+        )
+
+
+@dataclasses.dataclass
+class Restored:
+    """What ``restore_newest`` read: the step, its four items, and the damaged steps it skipped."""
+
+    step: int
+    state: Any
+    data: dict
+    meta: dict
+    files: dict
+    skipped: list[tuple[int, str]]
+
+
+def _restore_items(step_dir: epath.Path, abstract_state: Any) -> tuple[Any, dict, dict, dict]:
+    """(state, data, meta, files) of one step directory, read with Orbax's handlers.
+
+    The handlers, not ``CheckpointManager.restore``: the manager ends a restore with a
+    barrier across hosts, which a host whose read failed would never reach, leaving the
+    others waiting. Reading per host and agreeing afterwards (``restore_newest``) cannot hang.
+    """
+    if not ocp.step.is_path_finalized(step_dir):
+        raise UserError(f"checkpoint '{step_dir}' is incomplete (its save was interrupted)")
+    state_handler = ocp.StandardCheckpointHandler()
+    on_disk = state_handler.metadata(step_dir / "state")
+    _check_tree(getattr(on_disk, "tree", on_disk), abstract_state, f"'{step_dir}'")
+    state = state_handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_state))
+    json_handler = ocp.JsonCheckpointHandler()
+    data = json_handler.restore(step_dir / "data")
+    meta = json_handler.restore(step_dir / "meta")
+    files = json_handler.restore(step_dir / "files") if (step_dir / "files").exists() else {}
+    jax.block_until_ready(state)  # a read error surfaces here, inside the caller's try
+    return state, data, meta, files
+
+
+def encode_files(paths: dict[str, str | os.PathLike]) -> dict[str, str]:
+    """{name: base64 of the file's bytes}: small files stored in a checkpoint's ``files`` item."""
+    import base64
+
+    return {name: base64.b64encode(epath.Path(path).read_bytes()).decode("ascii") for name, path in paths.items()}
+
+
+def decode_files(encoded: dict[str, str], directory: str | os.PathLike) -> epath.Path:
+    """Write files stored by ``encode_files`` into ``directory`` (created); returns it."""
+    import base64
+
+    out = epath.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in encoded.items():
+        (out / name).write_bytes(base64.b64decode(data))
+    return out
 
 
 def _absolute(path: str | epath.PathLike) -> epath.Path:

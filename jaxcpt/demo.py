@@ -90,6 +90,33 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return summary.is_file() and json.loads(summary.read_text()).get("step") == steps
 
 
+def pretrain_base(out: Path, data_dir: Path, scale: DemoScale) -> Path:
+    """OUT/base: the small model pretrained on 'general' only (reused when already finished)."""
+    import shutil
+
+    base = out / "base"
+    if _finished(base, scale.pretrain_steps):
+        print(f"[2/5] base model: reusing {base}", flush=True)
+        return base
+    print(f"[2/5] pretraining the base model on 'general' for {scale.pretrain_steps} steps ...", flush=True)
+    if base.exists():
+        shutil.rmtree(base)
+    _train([f"run_dir={base}", "init.source=scratch", *_model_overrides(vocab_size=1024),
+            *_common(data_dir, scale.pretrain_steps), _sources(data_dir, general_weight=1.0, domain_weight=0.0),
+            f"train.steps={scale.pretrain_steps}", "optim.schedule.kind=warmup_cosine", "optim.schedule.peak_lr=3e-3",
+            "optim.schedule.warmup_fraction=0.05", "eval.dense_every=0", "export.final=false"])
+    return base
+
+
+def cpt_overrides(run_dir: Path, data_dir: Path, base: Path, general_weight: float, scale: DemoScale) -> list[str]:
+    """A CPT run from the base: general replay at ``general_weight``, the rest domain, re-warmed cosine schedule."""
+    # Re-warm to the base model's peak LR and decay again (cosine): the standard CPT recipe.
+    return [f"run_dir={run_dir}", "init.source=checkpoint", f"init.path={base}", "model.dtype=float32",
+            *_common(data_dir, scale.eval_every), _sources(data_dir, general_weight, 1.0 - general_weight),
+            f"train.steps={scale.cpt_steps}", "optim.schedule.kind=rewarm", "optim.schedule.peak_lr=3e-3",
+            "optim.schedule.warmup_fraction=0.1"]
+
+
 def run(args) -> int:
     import shutil
 
@@ -100,19 +127,7 @@ def run(args) -> int:
     data_dir = prepare_data(out, scale, args.fresh)
     if args.data_only:
         return 0
-    model = _model_overrides(vocab_size=1024)
-
-    base = out / "base"
-    if _finished(base, scale.pretrain_steps):
-        print(f"[2/5] base model: reusing {base}", flush=True)
-    else:
-        print(f"[2/5] pretraining the base model on 'general' for {scale.pretrain_steps} steps ...", flush=True)
-        if base.exists():
-            shutil.rmtree(base)
-        _train([f"run_dir={base}", "init.source=scratch", *model, *_common(data_dir, scale.pretrain_steps),
-                _sources(data_dir, general_weight=1.0, domain_weight=0.0), f"train.steps={scale.pretrain_steps}",
-                "optim.schedule.kind=warmup_cosine", "optim.schedule.peak_lr=3e-3", "optim.schedule.warmup_fraction=0.05",
-                "eval.dense_every=0", "export.final=false"])
+    base = pretrain_base(out, data_dir, scale)
 
     runs = {}
     for label, general_weight in (("no_replay", 0.0), ("replay", REPLAY_WEIGHT)):
@@ -122,11 +137,8 @@ def run(args) -> int:
         step = 3 if label == "no_replay" else 4
         print(f"[{step}/5] continuing on 'domain' {'with ' + format(general_weight, '.0%') + ' general replay' if general_weight else 'without replay'} "
               f"for {scale.cpt_steps} steps ...", flush=True)
-        # Re-warm to the base model's peak LR and decay again (cosine): the standard CPT recipe.
-        _train([f"run_dir={run_dir}", "init.source=checkpoint", f"init.path={base}", "model.dtype=float32",
-                *_common(data_dir, scale.eval_every), _sources(data_dir, general_weight, 1.0 - general_weight),
-                f"train.steps={scale.cpt_steps}", "optim.schedule.kind=rewarm", "optim.schedule.peak_lr=3e-3",
-                "optim.schedule.warmup_fraction=0.1", "export.final=" + ("true" if general_weight else "false")])
+        _train([*cpt_overrides(run_dir, data_dir, base, general_weight, scale),
+                "export.final=" + ("true" if general_weight else "false")])
         runs[label] = run_dir
 
     print("[5/5] forgetting report: without replay (A) vs with replay (B)", flush=True)

@@ -1,9 +1,7 @@
 """Tokenizers (sentencepiece, Hugging Face directory) and `jaxcpt tokenize` shards."""
 
-import functools
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from test_data_fixtures import (
     take,
     write_jsonl,
 )
+from tokenizer_fixtures import llama_style_tokenizer_dir
 
 from jaxcpt.cli import main
 from jaxcpt.data.pipeline import build_eval_batches, build_train_iterator
@@ -23,40 +22,29 @@ from jaxcpt.data.tokenize import load_tokenizer
 from jaxcpt.errors import UserError
 
 
-@functools.lru_cache(maxsize=None)
-def hf_dir(root: str) -> str:
-    """A Hugging Face fast tokenizer made by transformers from the sentencepiece model (FACTS.md recipe)."""
-    from transformers import LlamaTokenizer
-
-    src = os.path.join(root, "sp")
-    os.makedirs(src, exist_ok=True)
-    shutil.copy(sp_model(), os.path.join(src, "tokenizer.model"))
-    out = os.path.join(root, "hf")
-    LlamaTokenizer.from_pretrained(src).save_pretrained(out)
-    return out
-
-
 def test_sentencepiece_tokenizer_ids_and_special_tokens():
     tok = load_tokenizer(sp_model())
     texts = make_texts(5, seed=1)
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 3, 320)
-    assert tok.bos_id not in tok.encode(texts[0])  # special tokens are the pipeline's job
+    facts = tok.facts
+    assert (facts.bos_id, facts.eos_id, facts.pad_id, facts.num_ids, facts.kind) == (1, 2, 3, 320, "sentencepiece")
+    assert facts.bos_id not in tok.encode(texts[0])  # special tokens are the pipeline's job
 
 
-def test_hf_tokenizer_directory_matches_sentencepiece(tmp_path_factory):
-    hf = load_tokenizer(hf_dir(str(tmp_path_factory.getbasetemp())))
+def test_hf_tokenizer_directory_matches_sentencepiece():
+    hf = load_tokenizer(llama_style_tokenizer_dir())
     sp = load_tokenizer(sp_model())
     texts = make_texts(50, seed=2)
     assert hf.encode_batch(texts) == sp.encode_batch(texts)
-    assert (hf.bos_id, hf.eos_id, hf.vocab_size) == (sp.bos_id, sp.eos_id, sp.vocab_size)
+    assert (hf.facts.bos_id, hf.facts.eos_id, hf.facts.num_ids) == (sp.facts.bos_id, sp.facts.eos_id, sp.facts.num_ids)
 
 
-def test_pipeline_with_hf_tokenizer_gives_the_sentencepiece_batches(tmp_path, tmp_path_factory):
+def test_pipeline_with_hf_tokenizer_gives_the_sentencepiece_batches(tmp_path):
     path = write_jsonl(str(tmp_path / "a.jsonl"), make_texts(40, seed=3))
     batches = []
-    for tokenizer in (sp_model(), hf_dir(str(tmp_path_factory.getbasetemp()))):
-        cfg = data_config(sources=[{"name": "a", "paths": [path]}], tokenizer=tokenizer, seq_len=32, shuffle_buffer=8)
+    for tokenizer in (sp_model(), llama_style_tokenizer_dir()):
+        cfg = data_config(sources=[{"name": "a", "paths": [path]}], tokenizer=tokenizer, seq_len=32, shuffle_buffer=8,
+                          add_bos=True, add_eos=True)  # the same special tokens: only the tokenizers differ
         batches.append(take(build_train_iterator(cfg, batch_size=2, process_index=0, process_count=1), 5))
     assert_batches_equal(*batches)
 

@@ -96,3 +96,45 @@ def test_rule_naming_an_unknown_mesh_axis_is_a_clear_error():
 def test_a_mesh_axis_is_used_once_per_array():
     rules = make_rules({"vocab": "fsdp"})  # vocab and embed both want fsdp on the embedding
     assert logical_to_spec(("vocab", "embed"), rules, {"fsdp": 4}, (256, 64)) == P("fsdp")
+
+
+def _program(grad_accum_steps: int, mesh_axes: dict):
+    from jaxcpt.train.config import load_train_config
+    from jaxcpt.train.setup import build_program
+
+    cfg = load_train_config(None, [
+        "model.vocab_size=256", "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2",
+        "model.num_heads=4", "model.num_kv_heads=2", "model.dtype=float32", "data.seq_len=32", "train.batch_size=16",
+        f"optim.grad_accum_steps={grad_accum_steps}", "train.loss_chunk_size=16", "data.sources=[{name: a, paths: [x]}]"])
+    mesh = build_mesh(mesh_axes)
+    return build_program(cfg, cfg.model, mesh, make_rules(), num_sources=1)
+
+
+def test_gradient_accumulation_on_a_multi_device_mesh_matches_one_batch_and_spreads_each_micro_batch():
+    from jaxcpt.optim.accumulate import split_microbatches
+    from jaxcpt.train.state import fresh_state
+
+    mesh_axes = {"data": 4, "fsdp": 2}
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(0, 256, size=(16, 33))
+    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((16, 32), np.int32),
+                  "positions": np.tile(np.arange(32), (16, 1)), "loss_mask": (rng.rand(16, 32) > 0.2).astype(np.float32),
+                  "source": np.zeros((16,), np.int32)}
+    params = {}
+    for accum in (1, 2):
+        program = _program(accum, mesh_axes)
+        model = init_model(program.model_cfg, program.mesh, seed=1)
+        state = fresh_state(nnx.state(model, nnx.Param).to_pure_dict(), program.tx, program.state_shardings,
+                            program.trainable.keys)
+        batch = {k: jax.device_put(np.asarray(v, np.float32 if k == "loss_mask" else np.int32), program.batch_shardings[k])
+                 for k, v in host_batch.items()}
+        with jax.set_mesh(program.mesh):
+            new_state, metrics = program.train_step(state, batch)
+            if accum > 1:  # every micro-batch stays spread over all 8 devices: no replicated work
+                micro = jax.jit(lambda b, n=accum: split_microbatches(b, n))(batch)
+                spec = micro["inputs"].sharding.spec
+                assert spec[0] is None and spec[1] == ("data", "fsdp"), spec
+        params[accum] = jax.tree.map(np.asarray, new_state["params"])
+    for accum in (2,):
+        for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[accum])):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)

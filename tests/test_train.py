@@ -103,7 +103,7 @@ def test_loop_traces_under_the_mesh(tmp_path, monkeypatch):
         seen.append(dict(jax.sharding.get_abstract_mesh().shape))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("jaxcpt.train.loop.train_step", spy)
+    monkeypatch.setattr("jaxcpt.train.setup.train_step", spy)
     corpora = make_corpora(tmp_path / "data")
     train(load_train_config(None, tiny_overrides(tmp_path / "run", corpora, steps=3, mesh="{data: 2, fsdp: 2, tensor: 2}")))
     assert seen and seen[0] == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -174,9 +174,9 @@ def tokenize_source(
     units = list_units(resolve_files(src.paths, src.name), src.format, src.text_field, src.name)
     if any(u.fmt == "tokenized" for u in units):
         raise UserError(f"source '{src.name}' is already tokenized")
-    tok = load_tokenizer(tokenizer)
+    facts = load_tokenizer(tokenizer).facts
     os.makedirs(output, exist_ok=True)
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+    dtype = np.dtype(np.uint16 if facts.num_ids <= np.iinfo(np.uint16).max + 1 else np.uint32)
     counter = BadInputCounter(src.name, fatal=fatal_bad_input, max_fraction=1.0, min_records=0, warn_seconds=60.0)
     writer = _ShardWriter(output, dtype, shard_tokens)
     items = ((tokenizer, texts, hashes) for texts, hashes in _batches(_documents(src, units, counter), batch_size))
@@ -200,10 +200,12 @@ def tokenize_source(
         "format": TOKENIZED_FORMAT,
         "tokenizer": os.path.abspath(tokenizer),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": tok.vocab_size,
-        "bos_id": tok.bos_id,
-        "eos_id": tok.eos_id,
-        "pad_id": tok.pad_id,
+        "vocab_size": facts.num_ids,
+        "bos_id": facts.bos_id,
+        "eos_id": facts.eos_id,
+        "pad_id": facts.pad_id,
+        "adds_bos": facts.adds_bos,  # the tokenizer's convention, the default of data.add_bos without it
+        "adds_eos": facts.adds_eos,
         "dtype": dtype.name,
         "inputs": list(src.paths),
         "text_field": src.text_field,

@@ -143,8 +143,18 @@ class DataConfig:
         help="A sentencepiece .model file or a local Hugging Face tokenizer directory. May stay empty when every "
         "source is pre-tokenized (their BOS/EOS ids are then read from the shards).",
     )
-    add_bos: bool = field(True, help="Prepend the tokenizer's BOS token to every document.")
-    add_eos: bool = field(True, help="Append the tokenizer's EOS token to every document.")
+    add_bos: bool | None = field(
+        None,
+        help="Prepend the tokenizer's BOS token to every document. null: do what the tokenizer itself does "
+        "(a Hugging Face tokenizer: whether tokenizer(text) adds BOS, e.g. Llama yes, Qwen no; a sentencepiece "
+        ".model file: yes, if it has a BOS token). true with a tokenizer without BOS is an error.",
+    )
+    add_eos: bool | None = field(
+        None,
+        help="Append the tokenizer's EOS token to every document. null: do what the tokenizer itself does "
+        "(a Hugging Face tokenizer: whether tokenizer(text) appends EOS, which Llama and Qwen do not; a "
+        "sentencepiece .model file: yes, if it has an EOS token). true with a tokenizer without EOS is an error.",
+    )
     seq_len: int = field(
         2048, help="Tokens per packed row. build_train_iterator's seq_len argument, when the trainer passes one, wins."
     )

@@ -58,11 +58,7 @@ from jaxcpt.data.sources import (
     resolve_files,
 )
 from jaxcpt.data.state import decode_state, encode_state, fingerprint_diff
-from jaxcpt.data.tokenize import (
-    TokenizeDataset,
-    cached_tokenizer,
-    tokenizer_fingerprint,
-)
+from jaxcpt.data.tokenize import TokenizeDataset, tokenizer_facts, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -106,23 +102,26 @@ def _counter(cfg: DataConfig, name: str) -> BadInputCounter:
 
 
 def _special_tokens(cfg: DataConfig, files: list[list[str]]) -> tuple[int | None, int | None, str]:
-    """(bos_id, eos_id, tokenizer fingerprint), from the tokenizer or, without one, the token shards."""
+    """(BOS id to add, EOS id to add, tokenizer fingerprint): the tokenizer's convention unless
+    data.add_bos / add_eos say otherwise. Without a tokenizer, the facts come from the token shards."""
     metas = [
         read_tokenized_meta(os.path.dirname(f)) for fs in files for f in fs if os.path.basename(f) == TOKENIZED_META
     ]
     has_text = any(os.path.basename(f) != TOKENIZED_META for fs in files for f in fs)
     if cfg.tokenizer:
-        tok = cached_tokenizer(cfg.tokenizer)
-        bos, eos, fingerprint = tok.bos_id, tok.eos_id, tokenizer_fingerprint(cfg.tokenizer)
+        facts = tokenizer_facts(cfg.tokenizer)
+        bos, eos, adds = facts.bos_id, facts.eos_id, (facts.adds_bos, facts.adds_eos)
+        fingerprint, where = tokenizer_fingerprint(cfg.tokenizer), f"tokenizer '{cfg.tokenizer}'"
         for meta in metas:
             if meta["tokenizer_fingerprint"] != fingerprint:
                 raise ConfigError(
                     f"token shards '{meta['directory']}' were written with tokenizer '{meta['tokenizer']}', not "
                     f"data.tokenizer '{cfg.tokenizer}'; re-run `jaxcpt tokenize` or point data.tokenizer at it"
                 )
-    elif has_text:
+    elif has_text or not metas:
         raise ConfigError(
-            "data.tokenizer is empty but some sources hold text; set it to a .model file or tokenizer directory"
+            "data.tokenizer is empty but some sources hold text (or there is no source); set it to a sentencepiece "
+            ".model file or a tokenizer directory"
         )
     else:
         fingerprints = {m["tokenizer_fingerprint"] for m in metas}
@@ -130,11 +129,28 @@ def _special_tokens(cfg: DataConfig, files: list[list[str]]) -> tuple[int | None
             raise ConfigError(
                 f"token shards of different tokenizers are mixed: {sorted(m['directory'] for m in metas)}"
             )
-        bos, eos, fingerprint = metas[0]["bos_id"], metas[0]["eos_id"], metas[0]["tokenizer_fingerprint"]
-    for flag, token, name in ((cfg.add_bos, bos, "BOS"), (cfg.add_eos, eos, "EOS")):
+        meta = metas[0]
+        bos, eos, fingerprint = meta["bos_id"], meta["eos_id"], meta["tokenizer_fingerprint"]
+        # Shards written before the tokenizer's convention was recorded: BOS and EOS where they exist.
+        adds = (meta.get("adds_bos", bos is not None), meta.get("adds_eos", eos is not None))
+        where = f"tokenizer '{meta['tokenizer']}' (of the shards in '{meta['directory']}')"
+    added = []
+    for flag, token, default, name in ((cfg.add_bos, bos, adds[0], "bos"), (cfg.add_eos, eos, adds[1], "eos")):
         if flag and token is None:
-            raise ConfigError(f"the tokenizer has no {name} token; set data.add_{name.lower()}=false")
-    return (bos if cfg.add_bos else None), (eos if cfg.add_eos else None), fingerprint
+            raise ConfigError(
+                f"data.add_{name}=true, but the {where} has no {name.upper()} token; set data.add_{name}=false, or "
+                "leave it unset (null) to follow the tokenizer"
+            )
+        added.append(token if (default if flag is None else flag) else None)
+    return added[0], added[1], fingerprint
+
+
+def resolved_special_tokens(cfg: DataConfig) -> tuple[int | None, int | None]:
+    """The (BOS, EOS) ids the pipeline adds to every document (None: not added), after
+    data.add_bos / add_eos fall back to the tokenizer's convention (or the shards' without one)."""
+    files = [resolve_files(s.paths, s.name) for s in cfg.sources]
+    bos, eos, _ = _special_tokens(cfg, files)
+    return bos, eos
 
 
 def _units_fingerprint(units: list[Unit]) -> str:
@@ -163,8 +179,6 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
         else:
             eval_hashes.append(None)
     stream_keys = (
-        "add_bos",
-        "add_eos",
         "packing",
         "packing_bins",
         "seed",
@@ -175,6 +189,8 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
     )
     fingerprint = {
         **{k: getattr(cfg, k) for k in stream_keys},
+        "add_bos": bos is not None,  # resolved: an unset flag and the tokenizer's convention are the same stream
+        "add_eos": eos is not None,
         "seq_len": seq_len,
         "process_count": process_count,
         "process_index": process_index,

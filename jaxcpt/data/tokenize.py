@@ -1,9 +1,12 @@
 """Tokenizers (sentencepiece or a local Hugging Face directory) and the tokenizing pipeline stage.
 
 ``load_tokenizer(path)`` returns an object with ``encode(text) -> list[int]``,
-``encode_batch(texts) -> list[list[int]]``, ``vocab_size`` and ``bos_id`` / ``eos_id`` /
-``pad_id`` (``None`` where the tokenizer has no such token). Neither kind adds special
-tokens itself: BOS/EOS are added by the pipeline, as configured.
+``encode_batch(texts) -> list[list[int]]`` and ``facts``, a ``TokenizerFacts``: the special
+token ids, whether the tokenizer itself adds BOS/EOS, and how many ids it can emit.
+``tokenizer_facts(path)`` gives those facts for a path, which is what the trainer checks the
+model against. Encoding never adds special tokens: BOS/EOS are added by the pipeline, by
+default exactly where the tokenizer's own convention puts them (``data.add_bos`` /
+``data.add_eos``).
 
 ``TokenizeDataset`` pulls a batch of documents from its parent, tokenizes them in one
 call (per-call overhead dominates short documents), adds BOS/EOS, and yields the pieces
@@ -13,6 +16,7 @@ plus the number of pieces already yielded, so restoring re-tokenizes at most one
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
@@ -24,6 +28,19 @@ from jaxcpt.data.documents import EpochEnd
 from jaxcpt.errors import UserError
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizerFacts:
+    """What a tokenizer is, as far as the trainer and the pipeline care."""
+
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    adds_bos: bool  # the tokenizer's own convention prepends bos_id (tokenizer(text) does, for HF)
+    adds_eos: bool  # ... appends eos_id
+    num_ids: int  # one more than the largest id it can ever emit (added and special tokens counted)
+    kind: str  # 'sentencepiece' | 'huggingface'
+
+
 class SentencePieceTokenizer:
     kind = "sentencepiece"
 
@@ -32,10 +49,19 @@ class SentencePieceTokenizer:
 
         self.path = path
         self._sp = spm.SentencePieceProcessor(model_file=path)
-        self.vocab_size = int(self._sp.get_piece_size())
-        self.bos_id = _id_or_none(self._sp.bos_id())
-        self.eos_id = _id_or_none(self._sp.eos_id())
-        self.pad_id = _id_or_none(self._sp.pad_id())
+        bos, eos = _id_or_none(self._sp.bos_id()), _id_or_none(self._sp.eos_id())
+        # A bare .model file carries no convention of its own (sentencepiece adds nothing unless
+        # asked); jaxcpt's for it is what it always was: BOS and EOS around every document,
+        # each where the model defines the token.
+        self.facts = TokenizerFacts(
+            bos_id=bos,
+            eos_id=eos,
+            pad_id=_id_or_none(self._sp.pad_id()),
+            adds_bos=bos is not None,
+            adds_eos=eos is not None,
+            num_ids=int(self._sp.get_piece_size()),
+            kind=self.kind,
+        )
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -59,10 +85,18 @@ class HFTokenizer:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the Hugging Face tokenizer in '{path}': {e}") from None
         self._fast = getattr(self._tok, "backend_tokenizer", None)
-        self.vocab_size = len(self._tok)
-        self.bos_id = self._tok.bos_token_id
-        self.eos_id = self._tok.eos_token_id
-        self.pad_id = self._tok.pad_token_id
+        bos, eos, pad = self._tok.bos_token_id, self._tok.eos_token_id, self._tok.pad_token_id
+        adds_bos, adds_eos = _added_special_tokens(self._tok, bos, eos)
+        ids = [*self._tok.get_vocab().values(), *(i for i in (bos, eos, pad) if i is not None)]
+        self.facts = TokenizerFacts(
+            bos_id=bos,
+            eos_id=eos,
+            pad_id=pad,
+            adds_bos=adds_bos,
+            adds_eos=adds_eos,
+            num_ids=max(ids, default=-1) + 1,
+            kind=self.kind,
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -78,6 +112,25 @@ class HFTokenizer:
 
 def _id_or_none(i: int) -> int | None:
     return int(i) if i is not None and i >= 0 else None
+
+
+def _added_special_tokens(tok, bos: int | None, eos: int | None) -> tuple[bool, bool]:
+    """(adds BOS, adds EOS): what ``tok(text)`` puts around a text with add_special_tokens=True.
+
+    Measured by calling the tokenizer rather than read from ``add_bos_token``: the
+    post-processor in tokenizer.json is what transformers runs, and the attribute does not
+    always agree with it (a Llama tokenizer reloaded by transformers 5 reports
+    add_bos_token=False while its post-processor prepends <s>).
+    """
+    probe = "a b"
+    plain = tok(probe, add_special_tokens=False)["input_ids"]
+    full = tok(probe, add_special_tokens=True)["input_ids"]
+    prefix, suffix = full[:1], full[-1:]  # if the text's own tokens change, look at the ends only
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            prefix, suffix = full[:start], full[start + len(plain) :]
+            break
+    return bos is not None and bos in prefix, eos is not None and eos in suffix
 
 
 def load_tokenizer(path: str) -> SentencePieceTokenizer | HFTokenizer:
@@ -122,6 +175,11 @@ def cached_tokenizer(path: str):
     if path not in _LOADED:
         _LOADED[path] = load_tokenizer(path)
     return _LOADED[path]
+
+
+def tokenizer_facts(path: str) -> TokenizerFacts:
+    """The facts of the tokenizer at ``path`` (a sentencepiece .model file or an HF directory)."""
+    return cached_tokenizer(path).facts
 
 
 class TokenizeDataset(grain.IterDataset):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxcpt.errors import HFFormatError, UserError
@@ -206,6 +207,26 @@ def load_hf(
     return nnx.merge(graphdef, state)
 
 
+def _agree(value):
+    """Process 0's ``value`` on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return value
+    from jaxcpt.sharding.distributed import gather_json
+
+    return gather_json(value)[0]
+
+
+def _upload(local: Path, target: epath.Path) -> None:
+    """Copy a finished local export to a remote directory, replacing it; config.json goes last."""
+    if target.exists():
+        target.rmtree()
+    target.mkdir(parents=True, exist_ok=True)
+    files = sorted(local.iterdir(), key=lambda p: p.name == "config.json")
+    for file in files:
+        epath.Path(file).copy(target / file.name, overwrite=True)
+    shutil.rmtree(local)
+
+
 def _to_host(x: jax.Array) -> np.ndarray:
     """The whole array on this host, gathering from other hosts' devices when it spans them."""
     if x.is_fully_addressable:
@@ -254,15 +275,21 @@ def save_hf(
 ) -> Path | None:
     """Write ``model`` as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
-    Every process must call this (arrays spanning hosts are gathered collectively);
-    only process 0 writes. Returns the directory on process 0, None elsewhere.
+    ``path`` is a local directory or a ``gs://`` URL. Every process must call this (arrays
+    spanning hosts are gathered collectively); only process 0 writes. Returns the
+    directory on process 0, None elsewhere.
     """
     if dtype not in NUMPY_DTYPES:
         raise UserError(f"export dtype '{dtype}' is not one of {', '.join(NUMPY_DTYPES)}")
     cfg: ModelConfig = model.config
-    out = Path(path)
+    remote = "://" in str(path)
+    out = epath.Path(path) if remote else Path(path)
     writer = jax.process_index() == 0
-    if out.exists() and any(out.iterdir()) and not overwrite:  # every host checks: none may enter the gathers alone
+    # Process 0 looks at the target and every host follows its answer: with per-host disks only
+    # one host may see an old export, and a host that raised alone would leave the others
+    # blocked in the gathers below.
+    occupied = _agree(bool(out.exists() and any(out.iterdir())) if writer else None)
+    if occupied and not overwrite:
         raise UserError(f"'{out}' exists and is not empty; choose another --out or pass overwrite")
     hf_config = config_to_hf(cfg, dtype)
     table = tensor_table(cfg)
@@ -271,8 +298,12 @@ def save_hf(
     state = nnx.state(model)
     tmp = None
     if writer:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        # Local targets: a temporary sibling renamed into place at the end. Remote (gs://)
+        # targets: written locally first, then uploaded with config.json last, so a
+        # directory without config.json is an upload that did not finish.
+        staging_parent = Path(tempfile.gettempdir()) if remote else out.parent
+        staging_parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=staging_parent))
     weight_map: dict[str, str] = {}
     total = 0
     from safetensors.numpy import save_file
@@ -299,9 +330,12 @@ def save_hf(
         source = tokenizer_dir or getattr(model, "tokenizer_dir", None)
         if source:
             copy_companion_files(source, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if remote:
+            _upload(tmp, out)
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

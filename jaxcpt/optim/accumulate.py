@@ -31,7 +31,13 @@ LossFn = Callable[[Any, Any], tuple[tuple[jax.Array, jax.Array], Any]]
 
 
 def split_microbatches(batch: Any, num_microbatches: int) -> Any:
-    """Reshape every leaf ``[batch, ...]`` to ``[num_microbatches, batch // num_microbatches, ...]``."""
+    """Every leaf ``[batch, ...]`` as ``[num_microbatches, batch // num_microbatches, ...]``, strided.
+
+    Micro-batch ``i`` holds rows ``i, i + n, i + 2n, ...``: the batch is sharded over the
+    devices in contiguous blocks, and a strided split keeps every micro-batch spread over
+    all of them. A contiguous split (rows ``0..m-1`` first) would put each micro-batch on
+    a fraction of the devices and replicate its work over the rest.
+    """
 
     def split(x):
         if x.shape[0] % num_microbatches:
@@ -39,7 +45,8 @@ def split_microbatches(batch: Any, num_microbatches: int) -> Any:
                 f"batch of {x.shape[0]} sequences does not split into grad_accum_steps={num_microbatches} "
                 "equal micro-batches; make the batch size a multiple of optim.grad_accum_steps"
             )
-        return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+        rows = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])  # [m, n, ...]
+        return jnp.swapaxes(rows, 0, 1)  # [n, m, ...]
 
     return jax.tree.map(split, batch)
 

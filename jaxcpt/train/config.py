@@ -11,11 +11,12 @@ import dataclasses
 from typing import Literal
 
 from jaxcpt.checkpoint import CheckpointConfig
-from jaxcpt.config import ConfigError, apply_overrides, field, from_dict, read_yaml
+from jaxcpt.config import ConfigError, apply_overrides, field, from_dict, read_yaml, to_dict
 from jaxcpt.data.config import DataConfig
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.config import OptimConfig
 from jaxcpt.sharding.distributed import DistributedConfig
+from jaxcpt.train.ema import EMAConfig
 
 # ModelConfig fields that say how to compute, not what the model is; these apply
 # whatever the model's source (a HF checkpoint fixes the architecture, not the numerics).
@@ -72,10 +73,14 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
+    directory: str = field("", help="where exports go (STEP_N subdirectories): a local path or a gs:// URL; "
+                                    "empty = RUN_DIR/hf")
     hf_every: int = field(0, help="also export an HF directory every N steps; 0 = only at the final step")
     final: bool = field(True, help="export an HF directory at the end of the run (RUN/hf/step_N)")
     dtype: Literal["bfloat16", "float32", "float16"] = field("bfloat16", help="dtype of exported weights")
     max_shard_size: str = field("5GB", help="largest safetensors file of an export")
+    weights: Literal["raw", "ema"] = field("raw", help="which weights exports hold: raw (the trained parameters) or ema "
+                                                       "(their moving average; needs ema.decay > 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,7 @@ class TrainConfig:
     eval: EvalConfig = field(EvalConfig(), help="held-out evaluation schedule")
     checkpoint: CheckpointConfig = field(CheckpointConfig(), help="when to save and what to keep")
     export: ExportConfig = field(ExportConfig(), help="Hugging Face exports")
+    ema: EMAConfig = field(EMAConfig(), help="exponential moving average of the parameters")
     distributed: DistributedConfig = field(DistributedConfig(), help="multi-host initialisation")
 
     def validate(self) -> None:
@@ -104,10 +110,24 @@ class TrainConfig:
             )
         if not self.data.sources:
             raise ConfigError("data.sources is empty; a run needs at least one source to train on")
+        if self.export.weights == "ema" and not self.ema.enabled:
+            raise ConfigError("export.weights=ema needs a moving average: set ema.decay (e.g. 0.999)")
         if self.train.batch_size % self.optim.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of optim.grad_accum_steps ({self.optim.grad_accum_steps})"
             )
+
+
+def config_as_yaml_dict(cfg: TrainConfig) -> dict:
+    """``cfg`` as the dict RUN/config.yaml holds, which ``load_train_config`` reads back to ``cfg``.
+
+    With an HF or checkpoint init the architecture comes from that source, so the model
+    section keeps only the numerics (load_train_config refuses architecture keys there).
+    """
+    data = to_dict(cfg)
+    if cfg.init.source != "scratch":
+        data["model"] = {name: data["model"][name] for name in NUMERICS_FIELDS}
+    return data
 
 
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:

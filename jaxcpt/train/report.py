@@ -15,27 +15,31 @@ from jaxcpt.errors import UserError
 from jaxcpt.train.metrics import read_metrics
 
 
-def eval_curves(run_dir) -> dict[str, list[tuple[int, float]]]:
-    """{source: [(step, eval loss), ...]} from RUN/metrics.jsonl, in step order."""
+def eval_curves(run_dir, weights: str = "sources") -> dict[str, list[tuple[int, float]]]:
+    """{source: [(step, eval loss), ...]} from RUN/metrics.jsonl, in step order.
+
+    ``weights``: 'sources' (the raw weights) or 'ema' (their moving average, where kept).
+    """
     curves: dict[str, dict[int, float]] = {}
     for record in read_metrics(run_dir):
         if record.get("kind") == "eval":
-            for name, result in record["sources"].items():
+            for name, result in record.get(weights, {}).items():
                 curves.setdefault(name, {})[record["step"]] = result["loss"]
-    if not curves:
+    if not curves and weights == "sources":
         raise UserError(f"'{run_dir}' has no evaluation records in metrics.jsonl; is it a jaxcpt run directory with eval sources?")
     return {name: sorted(points.items()) for name, points in curves.items()}
 
 
-def summarize(run_dir) -> dict[str, dict[str, float]]:
-    """{source: {start, best, last, change, last_step}} for one run."""
+def summarize(run_dir, weights: str = "sources") -> dict[str, dict[str, float]]:
+    """{source: {start, best, last, change, last_step}} for one run (of its raw weights, or 'ema')."""
     out = {}
-    for name, points in eval_curves(run_dir).items():
-        steps = dict(points)
-        start = steps.get(0, points[0][1])
+    for name, points in eval_curves(run_dir, weights).items():
+        # The baseline is the base model's step-0 evaluation (resumed runs get it back from the
+        # checkpoint); a run without one says so in the table instead of comparing with a later step.
+        baseline_step, start = points[0]
         last = points[-1][1]
         out[name] = {"start": start, "best": min(v for _, v in points), "last": last, "change": last - start,
-                     "last_step": points[-1][0]}
+                     "last_step": points[-1][0], "baseline_step": baseline_step}
     return out
 
 
@@ -45,7 +49,13 @@ def format_table(run_dir) -> str:
              f"{'source':<16} {'step 0':>9} {'best':>9} {'last':>9} {'change':>9}"]
     for name, r in rows.items():
         lines.append(f"{name:<16} {r['start']:>9.4f} {r['best']:>9.4f} {r['last']:>9.4f} {r['change']:>+9.4f}")
+    for name, r in summarize(run_dir, "ema").items():  # the moving average, against the same step-0 model
+        start = rows[name]["start"] if name in rows else r["start"]
+        lines.append(f"{name + ' (ema)':<16} {start:>9.4f} {r['best']:>9.4f} {r['last']:>9.4f} {r['last'] - start:>+9.4f}")
     lines.append("change = last - step 0 eval loss: negative = learned, positive = forgotten")
+    late = sorted({r["baseline_step"] for r in rows.values() if r["baseline_step"] != 0})
+    if late:
+        lines.append(f"warning: no step-0 evaluation recorded; 'step 0' above is the evaluation at step {late[0]}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,249 @@
+"""Setting a run up: everything that is decided before the first step, with nothing written.
+
+``train()`` runs four stages: **set up** (this module: mesh, model config, optimizer,
+tokenizer, data, checkpoint directory, the compiled step), **start** (restore the newest
+readable checkpoint or initialise), **loop**, **finish** (final save, export, report).
+``jaxcpt train --check`` runs the set-up stage, prints what it resolved and exits, and
+``jaxcpt compile`` lowers the same ``TrainProgram`` for a TPU topology.
+
+    setup = set_up(cfg)
+    print(setup.describe())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+from jax.sharding import Mesh, NamedSharding
+
+from jaxcpt.config import ConfigError
+from jaxcpt.errors import UserError
+from jaxcpt.model.config import ModelConfig
+from jaxcpt.optim.optimizer import build_optimizer
+from jaxcpt.optim.trainable import resolve_trainable
+from jaxcpt.sharding.distributed import initialize_distributed
+from jaxcpt.sharding.mesh import build_mesh, describe_mesh
+from jaxcpt.sharding.rules import check_rules, logical_to_spec, make_rules
+from jaxcpt.train import layout as layout_lib
+from jaxcpt.train import resume as resume_lib
+from jaxcpt.train import state as train_state
+from jaxcpt.train.config import TrainConfig
+from jaxcpt.train.step import eval_step, train_step
+
+log = logging.getLogger("jaxcpt.train")
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32,
+                "loss_mask": jnp.float32, "source": jnp.int32}
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    """The jitted train and eval steps with every sharding they run under.
+
+    The same object drives training and ``jaxcpt compile``: what compiles for a TPU
+    topology is exactly the step a run executes.
+    """
+
+    mesh: Mesh
+    rules: Any
+    model_cfg: ModelConfig
+    tx: Any
+    schedule: Any
+    graphdef: Any
+    state_shardings: dict
+    batch_shardings: dict
+    batch_size: int  # global rows per optimizer step
+    seq_len: int
+    micro_batch: int  # rows per micro-batch (batch_size / grad_accum_steps)
+    train_step: Any  # jitted (state, batch) -> (state, metrics)
+    eval_step: Any  # jitted (params, batch) -> (loss_sum, tokens)
+    layout: str
+    trainable: Any  # jaxcpt.optim.trainable.TrainableSpec: what trains in which phase
+
+    def abstract_state(self) -> dict:
+        return train_state.abstract_state(self.tx, self.model_cfg, self.mesh, self.rules, keys=self.trainable.keys,
+                                          ema="ema" in self.state_shardings)
+
+    def lower_train_step(self):
+        """The train step lowered for this program's mesh (``.compile()`` it for memory analysis)."""
+        with jax.set_mesh(self.mesh):  # as in training: sharding constraints and shard_map see the mesh
+            return self.train_step.lower(self.abstract_state(), self.abstract_batch())
+
+    def abstract_batch(self, rows: int | None = None) -> dict:
+        rows = self.batch_size if rows is None else rows
+        return {k: jax.ShapeDtypeStruct((rows,) if k == "source" else (rows, self.seq_len), dtype,
+                                        sharding=self.batch_shardings[k]) for k, dtype in BATCH_DTYPES.items()}
+
+
+def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, num_sources: int,
+                  adaptation: dict | None = None) -> TrainProgram:
+    """Optimizer, shardings, layout checks and the jitted steps for ``model_cfg`` on ``mesh``.
+
+    ``adaptation``: the starting model's ``jaxcpt_adaptation.json`` record (new token ids,
+    inserted blocks), which ``optim.trainable`` selectors like ``embedding[new]`` read.
+    """
+    if model_cfg.param_dtype != "float32":
+        raise ConfigError(
+            f"model.param_dtype={model_cfg.param_dtype} would keep Adam's moments and every update in "
+            f"{model_cfg.param_dtype}, where an update smaller than ~1/256 of a weight (most updates at CPT "
+            "learning rates) rounds away. Train with model.param_dtype=float32 and model.dtype=bfloat16: the "
+            "matmuls run in bf16 and the float32 weights are the master copy, at no extra memory.")
+    micro = layout_lib.check_batch_split(cfg.train.batch_size, cfg.optim.grad_accum_steps, mesh, rules,
+                                         jax.process_count())
+    trainable = resolve_trainable(cfg.optim.trainable, train_state.param_infos(model_cfg, rules), adaptation,
+                                  cfg.train.steps)
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, trainable)
+    shardings = train_state.state_shardings(tx, model_cfg, mesh, rules, keys=trainable.keys, ema=cfg.ema.enabled)
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, dict(mesh.shape)))
+    source_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules, dict(mesh.shape)))
+    batch_shardings = {**{k: batch_sharding for k in BATCH_KEYS}, "source": source_sharding}
+    graphdef = train_state.graphdef_of(model_cfg, rules)
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, num_sources=num_sources,
+                          grad_accum_steps=cfg.optim.grad_accum_steps, chunk_size=cfg.train.loss_chunk_size,
+                          z_loss_weight=cfg.optim.z_loss_weight, trainable_keys=trainable.keys, ema=cfg.ema),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, chunk_size=cfg.train.loss_chunk_size),
+                      in_shardings=(shardings["params"], batch_shardings))
+    layout = layout_lib.format_layout(
+        layout_lib.parameter_rows(model_cfg, mesh, rules),
+        layout_lib.activation_rows(model_cfg, micro, cfg.data.seq_len, cfg.train.loss_chunk_size, mesh, rules))
+    return TrainProgram(mesh, rules, model_cfg, tx, schedule, graphdef, shardings, batch_shardings,
+                        cfg.train.batch_size, cfg.data.seq_len, micro, step_fn, eval_fn, layout, trainable)
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """Everything the start, loop and finish stages need, resolved and checked."""
+
+    cfg: TrainConfig
+    run_dir: epath.Path
+    checkpoint_dir: epath.Path
+    resume_from: tuple[int, dict] | None  # (step, meta) of the newest checkpoint; None = fresh start
+    program: TrainProgram
+    adaptation: dict | None  # the starting model's jaxcpt_adaptation.json, kept in every checkpoint
+    tokenizers: resume_lib.TokenizerFiles
+    data_cfg: Any
+    source_names: list[str]
+    data_iter: Any = None  # None after a --check
+    eval_batches: dict | None = None
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return self.program.model_cfg
+
+    def describe(self) -> str:
+        cfg, m = self.cfg, self.model_cfg
+        if self.resume_from:
+            start = f"resume from {self.checkpoint_dir / str(self.resume_from[0])} (model config from the checkpoint)"
+        else:
+            start = f"{cfg.init.source}" + (f" {cfg.init.path}" if cfg.init.path else "")
+        lines = [
+            f"run dir      {self.run_dir}",
+            f"checkpoints  {self.checkpoint_dir}",
+            f"start        {start}",
+            f"model        {m.family}: {m.num_layers} layers, width {m.hidden_size}, heads {m.num_heads}/"
+            f"{m.num_kv_heads}, vocab {m.vocab_size}, {m.num_params() / 1e6:.1f}M parameters, compute {m.dtype}, "
+            f"params {m.param_dtype}, remat {m.remat}, attention {m.attention}",
+            f"special ids  bos {m.bos_token_id}, eos {m.eos_token_id}, pad {m.pad_token_id} (written on export)",
+            f"tokenizer    {self.tokenizers.data or '(none: pre-tokenized sources)'}; exports ship "
+            f"{self.tokenizers.export or ('a conversion of it' if self.tokenizers.data else 'no tokenizer')}",
+            f"mesh         {describe_mesh(self.program.mesh)}",
+            f"batch        {cfg.train.batch_size} rows x {cfg.data.seq_len} tokens, {cfg.optim.grad_accum_steps} "
+            f"micro-batch(es) of {self.program.micro_batch} rows, {cfg.train.steps} steps",
+        ]
+        for source in self.data_cfg.sources:
+            lines.append(f"source       {source.name}: weight {source.weight}, paths {source.paths}")
+        lines.append(self.program.trainable.describe())
+        return "\n".join(lines + [self.program.layout])
+
+
+def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
+    """Resolve and check everything a run needs, in the order that lets each error name its cause.
+
+    Nothing is written; with ``check`` no data iterator is kept (its files are still resolved
+    and read enough to find their documents and the tokenizer).
+    """
+    initialize_distributed(cfg.distributed)
+    run_dir = epath.Path(cfg.run_dir)
+    mesh = build_mesh(cfg.mesh)
+    rules = make_rules(cfg.sharding_rules)
+    check_rules(rules, mesh)
+    checkpoint_dir = epath.Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else run_dir / "checkpoints"
+    resume_from = resume_lib.newest_meta(checkpoint_dir)
+    if resume_from is not None:
+        model_cfg = resume_lib.model_config_from_checkpoint(cfg, resume_from[1])
+        stored = _stored_files(checkpoint_dir, resume_from[0])
+        tokenizers = resume_lib.tokenizer_files_for_resume(cfg, stored)
+        adaptation = resume_from[1].get("adaptation")
+    else:
+        model_cfg = train_state.resolve_model_config(cfg)
+        tokenizers = resume_lib.tokenizer_files_for_start(cfg, train_state.init_tokenizer_dir(cfg))
+        adaptation = train_state.init_adaptation(cfg)
+    data_cfg = dataclasses.replace(cfg.data, tokenizer=tokenizers.data)
+    model_cfg = _agree_with_tokenizer(model_cfg, data_cfg, defaults_apply=cfg.init.source == "scratch" and not resume_from)
+    source_names = [s.name for s in data_cfg.sources]
+    program = build_program(cfg, model_cfg, mesh, rules, len(source_names), adaptation)
+
+    from jaxcpt.data.pipeline import build_eval_batches, build_train_iterator
+
+    local_batch = cfg.train.batch_size // jax.process_count()
+    run_data_cfg = dataclasses.replace(data_cfg, num_workers=0) if check else data_cfg
+    data_iter = build_train_iterator(run_data_cfg, batch_size=local_batch, seq_len=cfg.data.seq_len,
+                                     lr_schedule=program.schedule, total_steps=cfg.train.steps)
+    if check:
+        data_iter.close()
+        data_iter = None
+    eval_batches = build_eval_batches(data_cfg, batch_size=local_batch, seq_len=cfg.data.seq_len)
+    return RunSetup(cfg, run_dir, checkpoint_dir, resume_from, program, adaptation, tokenizers, data_cfg,
+                    source_names, data_iter, eval_batches)
+
+
+def _stored_files(checkpoint_dir: epath.Path, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    item = checkpoint_dir / str(step) / "files"
+    return ocp.JsonCheckpointHandler().restore(item) if item.exists() else {}
+
+
+def _agree_with_tokenizer(model_cfg: ModelConfig, data_cfg, defaults_apply: bool) -> ModelConfig:
+    """Check the tokenizer against the model; the special ids written on export follow the tokenizer.
+
+    Every id the tokenizer can emit must be a row of the embedding: an id past the table is
+    silently clamped or turns the loss into NaN. BOS/EOS/PAD: where the tokenizer defines one,
+    the model's config takes it (a list of stop tokens that contains it stays). A different
+    value is reported, unless it is ModelConfig's default on a model made from scratch
+    (``defaults_apply``), where following the tokenizer is what the default means.
+    """
+    if not data_cfg.tokenizer:
+        return model_cfg
+    from jaxcpt.data.tokenize import tokenizer_facts
+
+    facts = tokenizer_facts(data_cfg.tokenizer)
+    if facts.num_ids > model_cfg.vocab_size:
+        raise UserError(
+            f"the tokenizer '{data_cfg.tokenizer}' can emit ids up to {facts.num_ids - 1}, but the model's embedding "
+            f"has {model_cfg.vocab_size} rows (vocab_size); use the model's own tokenizer, or extend the model's "
+            "vocabulary first (jaxcpt extend-vocab)")
+    updates = {}
+    for key, token in (("bos_token_id", facts.bos_id), ("eos_token_id", facts.eos_id), ("pad_token_id", facts.pad_id)):
+        current = getattr(model_cfg, key)
+        if defaults_apply and current == getattr(ModelConfig(), key):
+            updates[key] = token  # a default follows the tokenizer, also to None (a tokenizer without BOS)
+            continue
+        if token is None or current == token or (isinstance(current, list) and token in current):
+            continue  # an HF config may name a BOS its tokenizer does not add (Qwen): keep it
+        if current is not None:
+            print(f"warning: model {key}={current} but the tokenizer's is {token}; exports will write {token}",
+                  flush=True)
+        updates[key] = token
+    return dataclasses.replace(model_cfg, **updates) if updates else model_cfg

@@ -1,0 +1,96 @@
+"""Stopping at a step boundary that every host agrees on: preemption notices and Ctrl-C.
+
+A preempted TPU VM or a SLURM job gets SIGTERM some 30 seconds before it is killed. The
+run must save at the next step boundary, and on several hosts all of them must save the
+*same* step: a host that stops while the others enter the next step's collectives hangs
+the job, and per-host checkpoints of different steps cannot be resumed.
+
+- One process: SIGTERM and SIGINT set a flag that the loop reads at the next boundary.
+- Several processes with JAX's coordination service (``jax.distributed.initialize``; the
+  preemption service is on unless ``jax_enable_preemption_service`` is off): JAX installs
+  its own SIGTERM handler and propagates the notice to every host; each host asks
+  ``reached_preemption_sync_point(step)`` at every step boundary, a local check that costs
+  nothing until a notice arrives, and the service names the same step on every host.
+  SIGINT is forwarded to that handler as a SIGTERM, so Ctrl-C on one host also stops all
+  of them at one step. We install no SIGTERM handler of our own there: it would replace
+  JAX's and the notice would never reach the service.
+- Several processes without the service (it was turned off): the hand-made fallback, a
+  flag per host and an allgather every ``check_every`` steps, the only agreement possible
+  without the service. A notice can then be acted on up to ``check_every`` steps late.
+
+A second signal while a stop is pending interrupts at once (a hung collective or a long
+compilation must still be stoppable).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+import numpy as np
+
+
+def _preemption_service_running() -> bool:
+    from jax._src import distributed  # the public API exposes no query; reached_preemption_sync_point reads this
+
+    state = distributed.global_state
+    return state.client is not None and state.preemption_sync_manager is not None
+
+
+class StopRequests:
+    """``should_stop(step)`` at every step boundary; True on every host at the same step."""
+
+    def __init__(self, check_every: int):
+        self.check_every = max(1, check_every)
+        self.several_hosts = jax.process_count() > 1
+        self.service = self.several_hosts and _preemption_service_running()
+        self.signal: int | None = None  # the signal this host received, if any
+        self._previous: dict = {}
+
+    @property
+    def mechanism(self) -> str:
+        if self.service:
+            return "JAX preemption service (checked every step)"
+        if self.several_hosts:
+            return f"per-host flags agreed every {self.check_every} steps (preemption service off)"
+        return "signal flag (checked every step)"
+
+    def install(self) -> None:
+        signals = (signal.SIGINT,) if self.service else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, _frame):
+        if self.signal is not None:
+            self.uninstall()
+            raise KeyboardInterrupt(f"second signal {signum}: stopping without a checkpoint")
+        self.signal = signum
+        if self.service:
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler tells the coordination service
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop before running step ``step + 1``. A collective on several hosts."""
+        if self.service:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        if not self.several_hosts:
+            return self.signal is not None
+        if step % self.check_every:
+            return False
+        return any_host(self.signal is not None)
+
+
+def any_host(flag: bool) -> bool:
+    """True on every host if ``flag`` is true on any host (a collective: all hosts must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
