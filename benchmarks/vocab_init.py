@@ -115,7 +115,8 @@ def bits_per_byte(model_dir: Path, texts: list[str], seq_len: int) -> dict:
     model = load_hf(model_dir)
     record = read_adaptation(model_dir)
     first_new = record["new_token_ids"][0] if record else model.config.vocab_size
-    rows = [[tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(texts)]
+    bos = [tokenizer.facts.bos_id] if tokenizer.facts.bos_id is not None else []
+    rows = [bos + ids for ids in tokenizer.encode_batch(texts)]
     if max(map(len, rows)) > seq_len + 1:
         raise SystemExit(f"a held-out document has {max(map(len, rows))} tokens; lower --eval-bytes")
 

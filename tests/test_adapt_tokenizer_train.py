@@ -33,7 +33,7 @@ def test_sentencepiece_tokenizer_takes_the_base_settings(tmp_path, corpus):
     assert len(proto.pieces) == 400 and proto.trainer_spec.byte_fallback and proto.trainer_spec.model_type == 2
     assert (proto.trainer_spec.bos_id, proto.trainer_spec.pad_id) == (1, 3)  # the base's special ids
     tok = load_tokenizer(str(tmp_path / "tok"))  # usable as data.tokenizer
-    assert tok.bos_id == 1 and len(tok.encode(" dataframe tokenizer")) <= 4
+    assert tok.facts.bos_id == 1 and len(tok.encode(" dataframe tokenizer")) <= 4
 
 
 def test_bpe_tokenizer_keeps_the_base_pre_tokenizer(tmp_path, corpus):

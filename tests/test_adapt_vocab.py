@@ -166,7 +166,8 @@ def test_a_jaxcpt_checkpoint_extends_like_its_hf_directory(extended):
 
 @pytest.mark.slow
 def test_training_starts_from_the_extended_directory(extended, tmp_path):
-    """init.source: hf on the output, with its tokenizer taken from there; every parameter trains."""
+    """init.source: hf on the output, with its tokenizer taken from there; every parameter trains; the
+    adaptation record survives training."""
     from train_helpers import train_losses
 
     from jaxcpt.train.config import load_train_config
@@ -187,6 +188,11 @@ def test_training_starts_from_the_extended_directory(extended, tmp_path):
     assert np.any(after[start:] != before[start:]) and np.any(after[:start] != before[:start])
     assert AutoTokenizer.from_pretrained(run / "hf" / "step_3").get_vocab() == AutoTokenizer.from_pretrained(
         extended["out"]).get_vocab()
+    # the run's checkpoint keeps the record: a depth expansion of the trained model carries the new ids on
+    assert main(["expand-depth", str(run), "--after", "0", "--out", str(tmp_path / "deeper")]) == 0
+    record = read_adaptation(tmp_path / "deeper")
+    assert record["new_token_ids"] == [start, after.shape[0]] and record["inserted_layers"] == [1]
+    assert [step["operation"] for step in record["history"]] == ["extend-vocab", "expand-depth"]
 
 
 def test_bfloat16_base_stays_bfloat16_and_bit_identical(tmp_path):

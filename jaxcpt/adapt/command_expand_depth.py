@@ -62,7 +62,7 @@ def run(args) -> int:
                      tokenizer_dir=source.tokenizer_dir, overwrite=args.overwrite)
     details = {"method": args.init, **({"noise_std": args.noise_std, "seed": args.seed} if args.init == "noise" else {})}
     record = metadata.record_depth_expansion(
-        metadata.read_adaptation(source.directory), source=str(Path(args.base).resolve()), vocab_size=cfg.vocab_size,
+        source.adaptation, source=str(Path(args.base).resolve()), vocab_size=cfg.vocab_size,
         old_num_layers=cfg.num_layers, new_num_layers=new_cfg.num_layers, inserted=inserted, copied_from=after,
         details=details)
     metadata.write_adaptation(out, record)

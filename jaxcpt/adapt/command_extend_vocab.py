@@ -98,7 +98,7 @@ def run(args) -> int:
                **({"temperature": args.temperature} if args.init == "weighted" else {}),
                "tokenizer": report, "compression": compression}
     record = metadata.record_vocab_extension(
-        metadata.read_adaptation(source.directory), source=str(Path(args.base).resolve()), old_vocab_size=cfg.vocab_size,
+        source.adaptation, source=str(Path(args.base).resolve()), old_vocab_size=cfg.vocab_size,
         new_vocab_size=new_cfg.vocab_size, num_layers=cfg.num_layers, details=details)
     metadata.write_adaptation(out, record)
     print(f"wrote {out}: vocabulary {cfg.vocab_size} -> {new_cfg.vocab_size} "

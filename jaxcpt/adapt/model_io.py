@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxcpt.adapt.metadata import read_adaptation
 from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
 
@@ -32,7 +33,7 @@ class SourceModel:
     params: dict  # nested dict of numpy arrays, the names of jaxcpt.model.persist.params_of
     dtype: str  # storage dtype of the source; exports use it, so untouched tensors stay bit-identical
     tokenizer_dir: str | None  # HF tokenizer files of the source, if any
-    directory: Path | None  # the HF directory (None for a jaxcpt checkpoint)
+    adaptation: dict | None  # what earlier adaptation steps added (jaxcpt.adapt.metadata), if any
 
 
 def host_mesh():
@@ -73,17 +74,19 @@ def load_source(path: str | os.PathLike, tokenizer: str | None = None) -> Source
         # bfloat16 sources stay bfloat16 in memory (half the host memory); float16 has no such storage dtype
         # here, and float32 holds it exactly.
         model = load_hf(directory, mesh=host_mesh(), param_dtype="bfloat16" if dtype == "bfloat16" else "float32")
-        hf_dir = directory
+        adaptation = read_adaptation(directory)
     else:
-        from jaxcpt.model.persist import load_model
+        from jaxcpt.checkpoint import read_meta
+        from jaxcpt.model.persist import load_model, resolve_run_checkpoints
 
         model = load_model(directory, mesh=host_mesh())
-        dtype, hf_dir = model.config.param_dtype, None
+        dtype = model.config.param_dtype
+        adaptation = read_meta(resolve_run_checkpoints(directory)).get("adaptation")  # the trainer keeps it there
     params = jax.tree.map(np.asarray, params_of(model))
     tokenizer_dir = tokenizer or model.tokenizer_dir
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise UserError(f"tokenizer directory '{tokenizer_dir}' does not exist")
-    return SourceModel(str(path), model.config, params, dtype, tokenizer_dir, hf_dir)
+    return SourceModel(str(path), model.config, params, dtype, tokenizer_dir, adaptation)
 
 
 def _fit_to(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
