@@ -1,19 +1,24 @@
 """Helpers for the adaptation tests: tiny base models with their tokenizers, and a domain corpus.
 
-Two kinds of base, both built in-process from random weights:
-- ``sp_base``: a Llama model (untied) with a sentencepiece BPE tokenizer (tokenizer.model +
-  tokenizer.json, BOS, byte fallback), as Llama 2 / Mistral ship;
-- ``byte_level_base``: a Qwen2 model (tied embeddings) with a byte-level BPE tokenizer and no
-  BOS, whose embedding has more rows than the tokenizer has ids, as Qwen ships.
+Two kinds of base, both random-weight models beside the shared real-shaped tokenizers of
+tests/tokenizer_fixtures.py:
+- ``sp_base``: a Llama model (untied) with the Llama-2-style sentencepiece BPE tokenizer
+  (tokenizer.model + tokenizer.json, BOS prepended, byte fallback; 320 ids, 320 rows);
+- ``byte_level_base``: a Qwen2 model (tied embeddings) with the Qwen-style byte-level BPE
+  tokenizer (no BOS; 400 BPE tokens, specials at 400..402) and 416 embedding rows, more
+  than the tokenizer has ids, as Qwen ships.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import torch
-from test_data_fixtures import make_texts, sp_model, write_jsonl
+from test_data_fixtures import make_texts, write_jsonl
+from tokenizer_fixtures import llama_style_tokenizer_dir, qwen_style_tokenizer_dir
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from hf_models import TINY
@@ -23,7 +28,7 @@ DOMAIN_WORDS = (
     "tensor matrix vector scalar batch epoch learning schedule warmup cosine decay momentum dropout residual "
     "normalization layernorm activation über naïve данные 模型 数据"
 ).split()
-SP_VOCAB, BYTE_LEVEL_TOKENIZER_VOCAB, BYTE_LEVEL_MODEL_VOCAB = 320, 300, 320
+SP_VOCAB, BYTE_LEVEL_TOKENIZER_IDS, BYTE_LEVEL_MODEL_VOCAB = 320, 403, 416
 
 
 def domain_texts(n: int, seed: int = 0) -> list[str]:
@@ -42,33 +47,24 @@ def _save_model(config, directory, seed: int = 0):
     return model
 
 
-def sp_base(directory) -> torch.nn.Module:
-    """Llama (untied) + the sentencepiece tokenizer of test_data_fixtures, saved to ``directory``."""
-    from jaxcpt.hf.tokenizer import sentencepiece_to_hf
+def _copy_tokenizer(source: str, directory) -> None:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for file in Path(source).iterdir():
+        shutil.copy2(file, Path(directory) / file.name)
 
-    sentencepiece_to_hf(sp_model(), directory)
+
+def sp_base(directory) -> torch.nn.Module:
+    """Llama (untied, 320 rows) + the Llama-style sentencepiece tokenizer, saved to ``directory``."""
+    _copy_tokenizer(llama_style_tokenizer_dir(), directory)
     config = LlamaConfig(**{**TINY, "vocab_size": SP_VOCAB}, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     return _save_model(config, directory)
 
 
-def byte_level_tokenizer(directory, texts: list[str], vocab_size: int = BYTE_LEVEL_TOKENIZER_VOCAB) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(directory)
-
-
 def byte_level_base(directory) -> torch.nn.Module:
-    """Qwen2 (tied, 320 embedding rows) + a 300-token byte-level BPE tokenizer without BOS."""
-    byte_level_tokenizer(directory, general_texts(1500))
+    """Qwen2 (tied, 416 rows) + the Qwen-style byte-level tokenizer (403 ids, no BOS), saved to ``directory``."""
+    _copy_tokenizer(qwen_style_tokenizer_dir(), directory)
     config = Qwen2Config(**{**TINY, "vocab_size": BYTE_LEVEL_MODEL_VOCAB}, num_key_value_heads=2,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=0)
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=400)
     return _save_model(config, directory)
 
 

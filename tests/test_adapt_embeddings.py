@@ -89,12 +89,12 @@ def test_old_rows_and_columns_are_copied_exactly(sp_case):
 
 
 def test_tied_embeddings_grow_one_table(tmp_path):
-    """Qwen-style: tied, and the embedding has rows (ids 300..319) the tokenizer does not use."""
+    """Qwen-style: tied, and the embedding has rows (ids 403..415) the tokenizer does not use."""
     byte_level_base(tmp_path / "base")
-    train_bpe(domain_texts(400), tmp_path / "tokens", 400, base_dir=tmp_path / "base")
+    train_bpe(domain_texts(400), tmp_path / "tokens", 500, base_dir=tmp_path / "base")
     source = load_source(tmp_path / "base")
     plan = plan_extension(tmp_path / "base", str(tmp_path / "tokens"), first_id=source.config.vocab_size)
-    assert plan.first_id == 320 and 300 not in plan.existing_ids  # the unused rows are not averaged in
+    assert plan.first_id == 416 and max(plan.existing_ids) == 402  # the unused rows are not averaged in
     params, cfg = extend_params(source.params, source.config, plan, "mean")
     assert "lm_head" not in params and cfg.tie_word_embeddings
     expected = source.params["embedding"][plan.existing_ids].mean(0)

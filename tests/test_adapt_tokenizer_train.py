@@ -1,10 +1,12 @@
 """train-tokenizer: trains on configured sources like the base was trained, within a budget, never on held-out text."""
 
 import json
+from pathlib import Path
 
 import pytest
-from adapt_fixtures import byte_level_tokenizer, general_texts, write_config, write_domain_corpus
-from test_data_fixtures import sp_model, write_jsonl
+from adapt_fixtures import general_texts, write_config, write_domain_corpus
+from test_data_fixtures import write_jsonl
+from tokenizer_fixtures import llama_style_tokenizer_dir, qwen_style_tokenizer_dir
 from tokenizers import Tokenizer
 
 from jaxcpt.cli import main
@@ -22,11 +24,9 @@ def _stats(directory) -> dict:
 
 
 def test_sentencepiece_tokenizer_takes_the_base_settings(tmp_path, corpus):
-    from jaxcpt.hf.tokenizer import sentencepiece_to_hf
     from sentencepiece import sentencepiece_model_pb2
 
-    sentencepiece_to_hf(sp_model(), tmp_path / "base")
-    assert main(["train-tokenizer", "--config", corpus, "--base", str(tmp_path / "base"), "--vocab-size", "400",
+    assert main(["train-tokenizer", "--config", corpus, "--base", llama_style_tokenizer_dir(), "--vocab-size", "400",
                  "--out", str(tmp_path / "tok")]) == 0
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString((tmp_path / "tok" / "tokenizer.model").read_bytes())
@@ -37,14 +37,14 @@ def test_sentencepiece_tokenizer_takes_the_base_settings(tmp_path, corpus):
 
 
 def test_bpe_tokenizer_keeps_the_base_pre_tokenizer(tmp_path, corpus):
-    byte_level_tokenizer(tmp_path / "base", general_texts(500))
-    assert main(["train-tokenizer", "--config", corpus, "--base", str(tmp_path / "base"), "--vocab-size", "400",
+    assert main(["train-tokenizer", "--config", corpus, "--base", qwen_style_tokenizer_dir(), "--vocab-size", "500",
                  "--out", str(tmp_path / "tok")]) == 0
     trained = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
-    base = json.loads((tmp_path / "base" / "tokenizer.json").read_text())
+    base = json.loads((Path(qwen_style_tokenizer_dir()) / "tokenizer.json").read_text())
     assert trained["pre_tokenizer"] == base["pre_tokenizer"] and trained["decoder"] == base["decoder"]
     tok = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
-    assert tok.get_vocab_size() == 400
+    assert 403 < tok.get_vocab_size() == _stats(tmp_path / "tok")["vocab_size"] <= 500  # stops when pairs run out
+    assert {t["content"] for t in trained["added_tokens"]} == {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
     text = " attention über 模型 dataframe"
     assert tok.decode(tok.encode(text).ids) == text
 

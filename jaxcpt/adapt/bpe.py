@@ -138,6 +138,7 @@ class BPEModel:
         for i, merge in enumerate(model.get("merges", [])):
             self.ranks.setdefault(_pair(merge), (0, i))
         self.added_ids = {t["id"] for t in tokenizer_json.get("added_tokens", [])}
+        self.placeholders: set[str] = set()
         self.new_tokens: list[str] = []
         self._new_index: dict[str, int] = {}
         self._by_prefix: dict[str, list[str]] = {}  # proper prefix -> new tokens starting with it
@@ -148,10 +149,30 @@ class BPEModel:
         """One past the largest id the tokenizer uses (vocabulary and added tokens)."""
         return max([*self.vocab.values(), *self.added_ids], default=-1) + 1
 
+    def reserve(self, first_id: int) -> None:
+        """Give every id below ``first_id`` a vocabulary entry, before new tokens are added from ``first_id``.
+
+        ``tokenizers`` re-numbers, when loading, each added token missing from the model's
+        vocabulary to the vocabulary's *entry count* (and numbers tokens added later the same
+        way): with new ids after a gap (a Qwen-style embedding with more rows than token ids)
+        that would move the special tokens and collide with the new ids. So added tokens are
+        entered at their own ids, and the unused ids in between get placeholders no text can
+        encode to (``<jaxcpt_unused_N>``: no merge produces them, no pre-tokenizer keeps them in
+        one piece), which makes the ids contiguous and ``len(tokenizer)`` the model's size."""
+        added = {t["id"]: t["content"] for t in self.json.get("added_tokens", [])}
+        used = set(self.vocab.values())
+        for token_id in range(first_id):
+            if token_id not in used:
+                token = added.get(token_id) or f"<jaxcpt_unused_{token_id}>"
+                self.vocab[token] = token_id
+                if token_id not in added:
+                    self.placeholders.add(token)
+        self.old = frozenset(self.vocab)
+
     def ordinary_tokens(self) -> dict[str, int]:
-        """Old tokens that spell text: not added/special tokens, not byte-fallback tokens."""
-        return {t: i for t, i in self.vocab.items()
-                if t in self.old and i not in self.added_ids and not BYTE_TOKEN.match(t)}
+        """Old tokens that spell text: not added/special tokens, byte-fallback tokens or placeholders."""
+        return {t: i for t, i in self.vocab.items() if t in self.old and i not in self.added_ids
+                and t not in self.placeholders and not BYTE_TOKEN.match(t)}
 
     def segment(self, word: str) -> list[str]:
         """``word``'s pieces under the current merges (characters missing from the vocabulary stay single)."""

@@ -94,10 +94,13 @@ def run(args) -> int:
         train_bpe(texts, out, args.vocab_size, base_dir=base if base is not None and (base / "tokenizer.json").is_file()
                   else None)
     bar.close()
-    summary = {"kind": kind, "vocab_size": args.vocab_size, "base": args.base, "sources": stats,
-               "budget_per_source": {"documents": args.max_documents, "bytes": args.max_bytes}}
+    from jaxcpt.data.tokenize import load_tokenizer
+
+    size = load_tokenizer(str(out)).facts.num_ids  # BPE stops early when no pair is frequent enough
+    summary = {"kind": kind, "vocab_size": size, "vocab_size_requested": args.vocab_size, "base": args.base,
+               "sources": stats, "budget_per_source": {"documents": args.max_documents, "bytes": args.max_bytes}}
     (out / STATS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     total = sum(s["documents"] for s in stats.values())
-    print(f"wrote {out}: {kind} tokenizer, vocabulary {args.vocab_size}, trained on {total} documents "
-          f"({sum(s['bytes'] for s in stats.values()) / 1e6:.1f} MB)")
+    print(f"wrote {out}: {kind} tokenizer, vocabulary {size}" + (f" (of {args.vocab_size} asked)" if size != args.vocab_size
+          else "") + f", trained on {total} documents ({sum(s['bytes'] for s in stats.values()) / 1e6:.1f} MB)")
     return 0

@@ -107,6 +107,7 @@ def plan_extension(base_dir: str | Path, spec: str, first_id: int, max_new_token
     if bpe.size > first_id:
         raise UserError(f"the base tokenizer uses ids up to {bpe.size - 1}, but the model has only {first_id} "
                         "embedding rows; tokenizer and model do not belong together")
+    bpe.reserve(first_id)
     rule = lambda token, pending: True  # noqa: E731 - byte-level bases need no rule beyond the BPE one
     if (base_dir / SENTENCEPIECE_MODEL).is_file():
         from jaxcpt.adapt.spm import SentencePieceRule
