@@ -101,8 +101,27 @@ def test_splash_kernel_soft_caps_and_slides_like_the_reference_forward_and_backw
 def test_auto_never_picks_a_kernel_that_ignores_soft_capping(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert choose_attention("auto", "bfloat16", 128).__name__ == "attention_cudnn"
-    assert choose_attention("auto", "bfloat16", 128, softcap=50.0) is attention_reference
+    assert choose_attention("auto", "bfloat16", 128, softcap=50.0) is attention_xla  # honours the cap
     with pytest.raises(UserError, match="cannot soft-cap"):
         choose_attention("cudnn", "bfloat16", 128, softcap=50.0)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert choose_attention("auto", "bfloat16", 128, softcap=50.0).func is attention_splash  # it soft-caps
+
+
+def test_auto_on_gpu_in_float32_takes_the_xla_path_not_the_einsum_oracle(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose_attention("auto", "float32", 128) is attention_xla
+
+
+def test_packed_segments_give_cudnn_the_offsets_and_lengths_of_every_document():
+    from jaxcpt.model.attention import packed_segments
+
+    segment_ids = np.array([[1, 1, 1, 2, 2, 3, 0, 0],   # three documents, padding at the end
+                            [1, 1, 1, 1, 1, 1, 1, 1],   # one document filling the row
+                            [0, 1, 1, 0, 2, 2, 2, 0]])  # padding between documents
+    lengths, offsets = map(np.asarray, packed_segments(jax.numpy.asarray(segment_ids)))
+    assert lengths.shape == (3, 8) and offsets.shape == (3, 9)
+    assert lengths[0, :4].tolist() == [3, 2, 1, -1] and offsets[0, :4].tolist() == [0, 3, 5, -1]
+    assert lengths[1, :2].tolist() == [8, -1] and offsets[1, :2].tolist() == [0, -1]
+    assert lengths[2, :3].tolist() == [2, 3, -1] and offsets[2, :3].tolist() == [1, 4, -1]
+    assert (offsets[:, -1] == -1).all()

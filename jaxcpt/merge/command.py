@@ -182,8 +182,26 @@ def _sweep(args, cfg, base, models) -> int:
     import yaml
 
     evaluator = HeldOutLoss(cfg, batch_size=args.batch_size, mesh_axes=yaml.safe_load(args.mesh) if args.mesh else None)
+    extra = {"tasks": _downstream_evaluator(cfg, evaluator.mesh)} if cfg.eval.downstream.enabled else None
     result = run_sweep(base, models[0], args.method, coefficients, evaluator, out, general=args.general,
-                       domain=args.domain, tolerance=args.tolerance, keep=args.keep, dtype=args.dtype, run_dir=args.run)
+                       domain=args.domain, tolerance=args.tolerance, keep=args.keep, dtype=args.dtype, run_dir=args.run,
+                       extra_evaluators=extra)
     print(format_table(result))
     print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
     return 0
+
+
+def _downstream_evaluator(cfg, mesh):
+    """The run's eval.downstream tasks on each merged model: {task: {metric: value}} per coefficient."""
+    from jaxcpt.eval.downstream import run_tasks, scores, task_manager
+    from jaxcpt.eval.harness import JaxcptLM
+
+    downstream = cfg.eval.downstream
+    manager = task_manager(downstream.include_path)
+
+    def evaluate(merged_dir):
+        lm = JaxcptLM.from_path(str(merged_dir), mesh=mesh, dtype=cfg.model.dtype, batch_size=downstream.batch_size,
+                                max_length=downstream.max_length, max_gen_toks=downstream.max_gen_toks)
+        return scores(run_tasks(lm, downstream, manager))
+
+    return evaluate

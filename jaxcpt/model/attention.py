@@ -10,10 +10,11 @@ is given (Gemma 2), before the mask. They differ in how:
 - ``xla``: ``jax.nn.dot_product_attention(implementation='xla')``. That function has no
   soft-capping, so with a cap this path computes the einsum form (the same XLA ops as
   ``reference``) instead of dropping the cap.
-- ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')``, cuDNN flash
-  attention (GPU, bf16/fp16); causality and the window go to the kernel, documents
-  as a mask. No soft-capping: asking for it with a cap is an error, and ``auto``
-  does not pick it then.
+- ``cudnn``: cuDNN flash attention (GPU, bf16/fp16) through the function that
+  ``jax.nn.dot_product_attention(implementation='cudnn')`` wraps; causality and the
+  window go to the kernel, documents as cuDNN's packed-sequence offsets and lengths
+  (no [B, 1, T, T] mask). No soft-capping: asking for it with a cap is an error, and
+  ``auto`` does not pick it then (nor in float32, where it picks ``xla``).
 - ``splash``: the Pallas splash-attention kernel (TPU), block-sparse causal/local
   masks with segment ids and the kernel's own logit soft-capping, run per device under
   ``shard_map``. On CPU it runs in Pallas interpret mode, which is how the tests check it.
@@ -73,10 +74,44 @@ def attention_xla(q, k, v, segment_ids, sliding_window=None, *, scale=None, soft
     return _dot_product_attention(q, k, v, segment_ids, sliding_window, scale, "xla")
 
 
+def packed_segments(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(lengths [B, M], offsets [B, M + 1]) of the documents packed in each row, cuDNN's packed layout.
+
+    A document is a run of one non-zero segment id; M = T slots (a row can hold at most T
+    documents), unused slots are -1, as cuDNN wants. Padding (id 0) may sit anywhere.
+    """
+    b, t = segment_ids.shape
+    real = segment_ids != 0
+    before = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)  # [B, T]: the id on the left
+    after = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
+    starts_mask, ends_mask = real & (segment_ids != before), real & (segment_ids != after)
+
+    def one_row(starts_row, ends_row):
+        starts = jnp.nonzero(starts_row, size=t, fill_value=-1)[0]
+        ends = jnp.nonzero(ends_row, size=t, fill_value=-1)[0]
+        lengths = jnp.where(starts >= 0, ends - starts + 1, -1)
+        return lengths.astype(jnp.int32), jnp.concatenate([starts, jnp.full((1,), -1)]).astype(jnp.int32)
+
+    return jax.vmap(one_row)(starts_mask, ends_mask)
+
+
 def attention_cudnn(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None):
+    """cuDNN flash attention over packed rows: documents go to the kernel as (offsets, lengths), its
+    packed-sequence layout, so no [B, 1, T, T] mask is built; causality and the window are the kernel's.
+
+    ``jax.nn.dot_product_attention`` does not expose cuDNN's packed layout (only one length per
+    row), so this calls the function it wraps, ``jax._src.cudnn.fused_attention_stablehlo``.
+    """
     if softcap is not None:
         raise UserError("cuDNN attention has no logit soft-capping; set model.attention to auto, xla or reference")
-    return _dot_product_attention(q, k, v, segment_ids, sliding_window, scale, "cudnn")
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    lengths, offsets = packed_segments(segment_ids)
+    d = q.shape[-1]
+    return cudnn_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
+                           scale=d**-0.5 if scale is None else scale, mask_type=MaskType.PADDING_CAUSAL,
+                           sliding_window_length=sliding_window, qkv_layout="BTNH")
 
 
 def _splash_kernel(num_query_heads: int, length: int, sliding_window: int | None, softcap: float | None,
@@ -153,6 +188,8 @@ def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: floa
             name = "splash"
         elif backend == "gpu" and dtype in ("bfloat16", "float16") and softcap is None:
             name = "cudnn"
+        elif backend == "gpu":  # float32 (or soft-capped): XLA's fused path, not the einsum oracle
+            name = "xla"
         else:
             name = "reference"
     if name == "cudnn" and softcap is not None:

@@ -99,7 +99,7 @@ class ModelConfig:
     attention: Literal["auto", "reference", "xla", "cudnn", "splash"] = field(
         "auto",
         help="attention kernel: reference (einsum, the oracle), xla (jax.nn.dot_product_attention), cudnn (flash, GPU), "
-        "splash (Pallas, TPU), auto (splash on TPU, cudnn on GPU in bf16/fp16 without soft-capping, else reference)",
+        "splash (Pallas, TPU), auto (splash on TPU; on GPU cudnn in bf16/fp16 without soft-capping, else xla; reference on CPU)",
     )
 
     @property

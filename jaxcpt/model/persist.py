@@ -56,9 +56,11 @@ def config_from_meta(meta: dict) -> ModelConfig:
 
 
 def tokenizer_dir_for(step_dir: epath.Path) -> str | None:
-    """RUN/tokenizer for a checkpoint RUN/checkpoints/STEP, if the run kept tokenizer files."""
+    """RUN/tokenizer for a checkpoint RUN/checkpoints/STEP, else the copy the checkpoint stores."""
+    from jaxcpt.checkpoint import stored_export_tokenizer
+
     candidate = step_dir.parent.parent / "tokenizer"
-    return str(candidate) if candidate.is_dir() else None
+    return str(candidate) if candidate.is_dir() else stored_export_tokenizer(step_dir)
 
 
 def load_model(path, mesh: Mesh | None = None, rules=None, **model_overrides) -> Transformer:

@@ -101,11 +101,14 @@ class LayerStack(nnx.Module):
         return {name: getattr(self, name)[...] for name in self.names}
 
 
-def decoder_block(p: dict, x, is_sliding, ropes: dict, segment_ids, *, cfg: ModelConfig, rules, attention_fn):
-    """One pre-norm block on x [B, T, E]; ``p`` holds this layer's weights (no [L] axis).
+def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rules, attend):
+    """One pre-norm block on x [B, T, E] -> (x [B, T, E], aux); ``p`` holds this layer's weights (no [L] axis).
 
     ``ropes`` maps each layer kind to its (cos, sin) [B, T, D]; ``is_sliding`` is this
     layer's kind as a scanned boolean, or None when every layer is of the one kind in ``ropes``.
+    ``attend(q, k, v, kind) -> (out [B, T, H, D], aux)`` attends rotated queries to rotated
+    keys: within the packed row in training (``packed_attention``), over a KV cache when
+    decoding (``jaxcpt.model.decode``, whose aux is the updated cache).
     """
     dt = jnp.dtype(cfg.dtype)
     p = {name: w.astype(dt) for name, w in p.items()}
@@ -125,17 +128,15 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, segment_ids, *, cfg: Mode
     k = constrain(k, ("batch", "length", "act_kv_heads", None), rules)
     v = constrain(v, ("batch", "length", "act_kv_heads", None), rules)
 
-    def attend(kind):  # -> [B, T, H, D]
+    def rotated(kind):
         cos, sin = ropes[kind]
-        window = cfg.sliding_window if kind == SLIDING else None
-        return attention_fn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, segment_ids, window,
-                            scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap)
+        return attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, kind)
 
     if is_sliding is None:
         (kind,) = ropes
-        attn = attend(kind)
+        attn, aux = rotated(kind)
     else:
-        attn = jax.lax.cond(is_sliding, lambda: attend(SLIDING), lambda: attend(FULL))
+        attn, aux = jax.lax.cond(is_sliding, lambda: rotated(SLIDING), lambda: rotated(FULL))
     attn_out = dense(attn, p["o"], contract=2)  # [B, T, E]
     if cfg.o_bias:
         attn_out = attn_out + p["o_bias"]
@@ -148,7 +149,17 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, segment_ids, *, cfg: Mode
                         activation=cfg.activation)
     if cfg.post_norms:
         mlp_out = norm(mlp_out, p["post_mlp_norm"])
-    return x + constrain(mlp_out, act, rules)
+    return x + constrain(mlp_out, act, rules), aux
+
+
+def packed_attention(cfg: ModelConfig, attention_fn, segment_ids):
+    """``attend`` for ``decoder_block`` over packed rows: causal within each document, no aux."""
+
+    def attend(q, k, v, kind):
+        window = cfg.sliding_window if kind == SLIDING else None
+        return attention_fn(q, k, v, segment_ids, window, scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap), None
+
+    return attend
 
 
 def rope_tables(cfg: ModelConfig, kind: str, positions, segment_ids):
@@ -188,6 +199,26 @@ class Transformer(nnx.Module):
             return self.embedding[...].T
         return self.lm_head[...]
 
+    def embed(self, input_ids) -> jax.Array:
+        """Token embeddings [B, T, E] in the compute dtype (scaled by sqrt(E) where the family does)."""
+        cfg = self.config
+        x = jnp.take(self.embedding[...], input_ids, axis=0).astype(cfg.dtype)  # [B, T, E]
+        if cfg.scale_embeddings:  # the scale rounded to the compute dtype first, as transformers does
+            x = x * jnp.asarray(cfg.hidden_size**0.5, cfg.dtype)
+        return x
+
+    def rope_and_kinds(self, positions, segment_ids) -> tuple[dict, jax.Array | None]:
+        """({layer kind: (cos, sin) [B, T, D]}, the [L] is-sliding flags, or None when all layers are alike)."""
+        kinds = self.config.layer_kinds()
+        ropes = {kind: rope_tables(self.config, kind, positions, segment_ids) for kind in sorted(set(kinds))}
+        # [L] layer kinds as scanned data when the layers differ; None keeps a uniform model cond-free
+        is_sliding = jnp.asarray([kind == SLIDING for kind in kinds]) if len(ropes) > 1 else None
+        return ropes, is_sliding
+
+    def final_norm_of(self, x) -> jax.Array:
+        cfg = self.config
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
+
     def hidden_states(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         """Final-norm hidden states [B, T, E] in the compute dtype."""
         cfg = self.config
@@ -196,24 +227,20 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((batch, length), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        x = jnp.take(self.embedding[...], input_ids, axis=0).astype(cfg.dtype)  # [B, T, E]
-        if cfg.scale_embeddings:  # the scale rounded to the compute dtype first, as transformers does
-            x = x * jnp.asarray(cfg.hidden_size**0.5, cfg.dtype)
-        kinds = cfg.layer_kinds()
-        ropes = {kind: rope_tables(cfg, kind, positions, segment_ids) for kind in sorted(set(kinds))}
-        # [L] layer kinds as scanned data when the layers differ; None keeps a uniform model cond-free
-        is_sliding = jnp.asarray([kind == SLIDING for kind in kinds]) if len(ropes) > 1 else None
+        x = self.embed(input_ids)  # [B, T, E]
+        ropes, is_sliding = self.rope_and_kinds(positions, segment_ids)
         attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules, softcap=cfg.attn_logit_softcap)
-        block = functools.partial(decoder_block, cfg=cfg, rules=self.rules, attention_fn=attention_fn)
+        block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
+                                  attend=packed_attention(cfg, attention_fn, segment_ids))
         if cfg.remat != "none":
             block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
 
         def scan_body(carry, layer):
             layer_params, layer_is_sliding = layer
-            return block(layer_params, carry, layer_is_sliding, ropes, segment_ids), None
+            return block(layer_params, carry, layer_is_sliding, ropes)[0], None
 
         x, _ = jax.lax.scan(scan_body, x, (self.layers.arrays(), is_sliding))
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
+        return self.final_norm_of(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., E] -> logits [..., vocab_size] in float32, soft-capped when the model says so.

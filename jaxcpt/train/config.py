@@ -13,6 +13,7 @@ from typing import Literal
 from jaxcpt.checkpoint import CheckpointConfig
 from jaxcpt.config import ConfigError, apply_overrides, field, from_dict, read_yaml, to_dict
 from jaxcpt.data.config import DataConfig
+from jaxcpt.eval.downstream import DownstreamConfig
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.config import OptimConfig
 from jaxcpt.sharding.distributed import DistributedConfig
@@ -62,6 +63,7 @@ class EvalConfig:
     every: int = field(200, help="evaluate every N steps (and always at step 0, before any update, and at the end); 0 = only those")
     dense_every: int = field(0, help="early in the run, evaluate every N steps instead, to see the 'stability gap'; 0 = off")
     dense_until: int = field(0, help="the dense interval applies to steps below this")
+    downstream: DownstreamConfig = field(DownstreamConfig(), help="lm-eval harness tasks run during training")
 
     def due(self, step: int, last_step: int) -> bool:
         if step == 0 or step == last_step:

@@ -76,6 +76,7 @@ class Run:
     eval_history: list[dict]
     exports: list[str] = dataclasses.field(default_factory=list)
     step: int = 0
+    harness: tuple | None = None  # (JaxcptLM, lm-eval TaskManager), made at the first downstream evaluation
 
     def to_global(self, local: dict) -> dict:
         shardings = self.setup.program.batch_shardings
@@ -155,12 +156,50 @@ def run_eval(run: Run, step: int) -> None:
         _say(f"  ema step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f}" for n, r in record["ema"].items()))
 
 
+def run_downstream(run: Run, step: int) -> None:
+    """lm-eval tasks (eval.downstream) on the raw weights and, when kept, their moving average.
+
+    Every host runs them (the model spans all hosts); process 0 records one score per task and
+    metric. The harness model and its compiled shapes are built once and reused.
+    """
+    from jaxcpt.eval.downstream import run_tasks, scores
+
+    setup, cfg = run.setup, run.setup.cfg.eval.downstream
+    if run.harness is None:
+        from jaxcpt.eval.downstream import task_manager
+        from jaxcpt.eval.harness import JaxcptLM
+        from transformers import AutoTokenizer
+
+        tokenizer_dir = resume_lib.hf_tokenizer_dir(setup.tokenizers)
+        if tokenizer_dir is None:
+            from jaxcpt.errors import UserError
+
+            raise UserError("eval.downstream needs a tokenizer, and this run has none (pre-tokenized data without "
+                            "one); set data.tokenizer")
+        run.harness = (JaxcptLM(setup.program.graphdef, run.state["params"], setup.model_cfg,
+                                AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+                                mesh=setup.program.mesh, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                max_gen_toks=cfg.max_gen_toks), task_manager(cfg.include_path))
+    lm, manager = run.harness
+    lm.params = run.state["params"]
+    record = {"tasks": scores(run_tasks(lm, cfg, manager))}
+    if "ema" in run.state:
+        lm.params = train_state.with_trainable(run.state["params"], run.state["ema"])
+        record["ema"] = scores(run_tasks(lm, cfg, manager))
+    lm.params = None  # the next step donates these buffers
+    run.eval_history.append({"kind": "downstream", "step": step, **record})
+    _record(run, "downstream", step, record)
+    _say(f"tasks step {step} | " + " | ".join(
+        f"{task} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) for task, metrics in record["tasks"].items()))
+
+
 def save(run: Run, step: int, force: bool = False) -> None:
     setup = run.setup
     if not force and not run.ckpt.should_save(step):
         return
     meta = {"model_config": to_dict(setup.model_cfg), "jaxcpt_version": __version__, "run_config": config_as_yaml_dict(setup.cfg),
-            "source_names": setup.source_names, "eval_history": run.eval_history, "adaptation": setup.adaptation}
+            "source_names": setup.source_names, "eval_history": run.eval_history, "adaptation": setup.adaptation,
+            "trainable_keys": list(setup.program.trainable.keys)}
     data_state = {"hosts": gather_json(setup.data_iter.get_state())}
     run.ckpt.save(step, run.state, data_state, meta, files=run.files, force=True)
 
@@ -246,8 +285,11 @@ def loop(run: Run) -> bool:
     metrics = _StepMetrics(run)
     # Running out of data must be agreed like a signal: only checked when a source is read once.
     may_run_out = jax.process_count() > 1 and any(not source.repeat for source in setup.data_cfg.sources)
+    downstream = cfg.eval.downstream
     if run.step == 0:
         run_eval(run, 0)
+        if downstream.due(0, total_steps):
+            run_downstream(run, 0)
     while run.step < total_steps:
         if run.stop.should_stop(run.step):
             metrics.flush()
@@ -271,6 +313,10 @@ def loop(run: Run) -> bool:
         if cfg.eval.due(run.step, total_steps):
             metrics.flush()  # read this step's metrics before evaluating
             run_eval(run, run.step)
+            metrics.restart_clock()
+        if downstream.due(run.step, total_steps):
+            metrics.flush()
+            run_downstream(run, run.step)
             metrics.restart_clock()
         save(run, run.step)
         if cfg.export.hf_every and run.step % cfg.export.hf_every == 0 and run.step < total_steps:
