@@ -142,3 +142,33 @@ def test_phase_switch_resumes_exactly_after_sigkill(tmp_path):
     expected, got = train_losses(tmp_path / "straight"), train_losses(killed)
     assert sorted(got) == list(range(1, 13))
     assert [got[s] for s in range(1, 13)] == [expected[s] for s in range(1, 13)]
+
+
+def test_the_adaptation_record_travels_through_import_and_export(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jaxcpt.checkpoint import read_meta
+    from jaxcpt.cli import main
+    from jaxcpt.train.setup import set_up
+
+    torch.manual_seed(0)
+    hf = tmp_path / "extended"
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(hf)
+    record = {"format": "jaxcpt-adaptation-v1", "new_token_ids": [300, 320], "inserted_layers": [], "history": []}
+    (hf / "jaxcpt_adaptation.json").write_text(json.dumps(record))
+    assert main(["import-hf", str(hf), "--out", str(tmp_path / "ckpt")]) == 0
+    assert read_meta(tmp_path / "ckpt" / "checkpoints")["adaptation"]["new_token_ids"] == [300, 320]
+
+    corpora = make_corpora(tmp_path / "data")
+    overrides = [o for o in tiny_overrides(tmp_path / "run", corpora, steps=2) if not o.startswith("model.")]
+    overrides += ["init.source=checkpoint", f"init.path={tmp_path / 'ckpt'}", "export.final=true",
+                  "optim.trainable=[{params: ['embedding[new]']}]"]
+    setup = set_up(load_train_config(None, overrides), check=True)
+    assert setup.program.trainable.phases[0]["embedding"].indices == tuple(range(300, 320))
+
+    from jaxcpt.train.loop import train
+
+    export = train(load_train_config(None, overrides))["exports"][-1]
+    assert json.loads(open(os.path.join(export, "jaxcpt_adaptation.json")).read())["new_token_ids"] == [300, 320]

@@ -38,6 +38,7 @@ from jaxcpt.sharding.rules import make_rules
 COMPANION_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "jaxcpt_adaptation.json",  # what extend-vocab / expand-depth added (jaxcpt.adapt.metadata), kept with the model
 )
 
 
@@ -272,12 +273,13 @@ def save_hf(
     max_shard_size: int | str = "5GB",
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path | None:
     """Write ``model`` as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     ``path`` is a local directory or a ``gs://`` URL. Every process must call this (arrays
-    spanning hosts are gathered collectively); only process 0 writes. Returns the
-    directory on process 0, None elsewhere.
+    spanning hosts are gathered collectively); only process 0 writes. ``extra_files``
+    ({name: text}) are written beside the weights. Returns the directory on process 0, None elsewhere.
     """
     if dtype not in NUMPY_DTYPES:
         raise UserError(f"export dtype '{dtype}' is not one of {', '.join(NUMPY_DTYPES)}")
@@ -330,6 +332,8 @@ def save_hf(
         source = tokenizer_dir or getattr(model, "tokenizer_dir", None)
         if source:
             copy_companion_files(source, tmp)
+        for name, text in (extra_files or {}).items():  # e.g. the run's jaxcpt_adaptation.json
+            (tmp / name).write_text(text)
         if remote:
             _upload(tmp, out)
         else:

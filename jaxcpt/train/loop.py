@@ -215,9 +215,14 @@ def export(run: Run, step: int) -> None:
         weights = train_state.with_trainable(weights, run.state["ema"])
     model = train_state.model_of(run.setup.program.graphdef, weights)
     save_hf(model, str(target), dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
-            tokenizer_dir=run.export_tokenizer, overwrite=True)
+            tokenizer_dir=run.export_tokenizer, overwrite=True, extra_files=_adaptation_file(run.setup.adaptation))
     run.exports.append(str(target))
     _say(f"exported {target}")
+
+
+def _adaptation_file(adaptation: dict | None) -> dict[str, str] | None:
+    """The starting model's adaptation record, shipped with every export (it describes the same shapes)."""
+    return {"jaxcpt_adaptation.json": json.dumps(adaptation, indent=2) + "\n"} if adaptation else None
 
 
 class _StepMetrics:
