@@ -60,7 +60,7 @@ from jaxcpt.data.sources import (
     resolve_files,
 )
 from jaxcpt.data.state import decode_state, encode_state, fingerprint_diff
-from jaxcpt.data.tokenize import TokenizeDataset, tokenizer_facts, tokenizer_fingerprint
+from jaxcpt.data.tokenize import TokenizeDataset, token_byte_lengths, tokenizer_facts, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -463,4 +463,10 @@ def build_eval_batches(
             stack_rows(mine[b * batch_size : (b + 1) * batch_size], batch_size, plan.seq_len)
             for b in range(num_batches)
         ]
+        # Bytes of text each target token spells, so held-out loss is also reported in bits per byte
+        # (zeros, and no bits per byte, for token shards read without their tokenizer).
+        byte_lengths = token_byte_lengths(cfg.tokenizer) if cfg.tokenizer else None
+        for batch in out[src.name]:
+            batch["target_bytes"] = (np.zeros(batch["targets"].shape, np.float32) if byte_lengths is None else
+                                     (byte_lengths[batch["targets"]] * (batch["loss_mask"] > 0)).astype(np.float32))
     return out

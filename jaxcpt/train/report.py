@@ -24,17 +24,19 @@ from jaxcpt.errors import UserError
 from jaxcpt.train.metrics import read_metrics
 
 
-def eval_curves(run_dir, weights: str = "sources") -> dict[str, list[tuple[int, float]]]:
+def eval_curves(run_dir, weights: str = "sources", unit: str = "loss") -> dict[str, list[tuple[int, float]]]:
     """{source: [(step, eval loss), ...]} from RUN/metrics.jsonl, in step order.
 
     ``weights``: 'sources' (the raw weights) or 'ema' (their moving average, where kept).
+    ``unit``: 'loss' (nats per token) or 'bits_per_byte' (comparable across tokenizers).
     """
     curves: dict[str, dict[int, float]] = {}
     for record in read_metrics(run_dir):
         if record.get("kind") == "eval":
             for name, result in record.get(weights, {}).items():
-                curves.setdefault(name, {})[record["step"]] = result["loss"]
-    if not curves and weights == "sources":
+                if unit in result:
+                    curves.setdefault(name, {})[record["step"]] = result[unit]
+    if not curves and weights == "sources" and unit == "loss":
         raise UserError(f"'{run_dir}' has no evaluation records in metrics.jsonl; is it a jaxcpt run directory with eval sources?")
     return {name: sorted(points.items()) for name, points in curves.items()}
 
@@ -60,9 +62,9 @@ def _summary(points: list[tuple[int, float]], lower_is_better: bool = True) -> d
             "change": last - start, "last_step": points[-1][0], "baseline_step": baseline_step}
 
 
-def summarize(run_dir, weights: str = "sources") -> dict[str, dict[str, float]]:
+def summarize(run_dir, weights: str = "sources", unit: str = "loss") -> dict[str, dict[str, float]]:
     """{source: {start, best, last, change, last_step, baseline_step}} for one run (raw weights, or 'ema')."""
-    return {name: _summary(points) for name, points in eval_curves(run_dir, weights).items()}
+    return {name: _summary(points) for name, points in eval_curves(run_dir, weights, unit).items()}
 
 
 def merge_sweeps(run_dir) -> list[dict]:
@@ -84,6 +86,11 @@ def format_table(run_dir) -> str:
     for name, r in summarize(run_dir, "ema").items():  # the moving average, against the same step-0 model
         start = rows[name]["start"] if name in rows else r["start"]
         lines.append(f"  {name + ' (ema)':<20} {start:>9.4f} {r['best']:>9.4f} {r['last']:>9.4f} {r['last'] - start:>+9.4f}")
+    bpb = summarize(run_dir, unit="bits_per_byte")
+    if bpb:  # the same losses per byte of text: fair across tokenizers (a vocabulary extension)
+        lines.append(f"{'bits per byte':<22} {'step 0':>9} {'best':>9} {'last':>9} {'change':>9}")
+        for name, r in bpb.items():
+            lines.append(f"  {name:<20} {r['start']:>9.4f} {r['best']:>9.4f} {r['last']:>9.4f} {r['change']:>+9.4f}")
     lines.append("  change = last - step 0: negative = learned, positive = forgotten")
     late = sorted({r["baseline_step"] for r in rows.values() if r["baseline_step"] != 0})
     if late:
@@ -201,6 +208,14 @@ def compare(run_a, run_b) -> tuple[str, dict[str, float | None]]:
         if name in a_ema and name in b_ema:
             line(f"{name} (ema)", a_ema[name], b_ema[name], a[name]["start"], b[name]["start"])
     lines.append("chg = last - step 0 eval loss; forgetting removed = 1 - rise_B / rise_A, for sources whose loss rose in A")
+    a_bpb, b_bpb = summarize(run_a, unit="bits_per_byte"), summarize(run_b, unit="bits_per_byte")
+    shared = [n for n in names if n in a_bpb and n in b_bpb]
+    if shared:  # per byte of text: fair also when A and B tokenize differently (a vocabulary extension)
+        lines.append(f"{'bits per byte':<{width}} {'A start':>8} {'A last':>8} {'A chg':>8} {'B start':>8} {'B last':>8} {'B chg':>8}")
+        for name in shared:
+            ra, rb = a_bpb[name], b_bpb[name]
+            lines.append(f"{name:<{width}} {ra['start']:>8.4f} {ra['last']:>8.4f} {ra['change']:>+8.4f} "
+                         f"{rb['start']:>8.4f} {rb['last']:>8.4f} {rb['change']:>+8.4f}")
     for run in (run_a, run_b):
         for sweep in merge_sweeps(run):
             lines += _sweep_lines(sweep)

@@ -62,7 +62,7 @@ class TrainProgram:
     seq_len: int
     micro_batch: int  # rows per micro-batch (batch_size / grad_accum_steps)
     train_step: Any  # jitted (state, batch) -> (state, metrics)
-    eval_step: Any  # jitted (params, batch) -> (loss_sum, tokens)
+    eval_step: Any  # jitted (params, eval batch) -> (loss_sum, tokens, bytes)
     layout: str
     trainable: Any  # jaxcpt.optim.trainable.TrainableSpec: what trains in which phase
 
@@ -113,7 +113,7 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
         donate_argnums=0,
     )
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, chunk_size=cfg.train.loss_chunk_size),
-                      in_shardings=(shardings["params"], batch_shardings))
+                      in_shardings=(shardings["params"], {**batch_shardings, "target_bytes": batch_sharding}))
     layout = layout_lib.format_layout(
         layout_lib.parameter_rows(model_cfg, mesh, rules),
         layout_lib.activation_rows(model_cfg, micro, cfg.data.seq_len, cfg.train.loss_chunk_size, mesh, rules))

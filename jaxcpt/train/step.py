@@ -109,8 +109,13 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
 
 
 def eval_step(params, batch, *, graphdef, chunk_size: int):
-    """(loss_sum, tokens) of one evaluation batch, summed over its real target tokens."""
+    """(loss_sum, tokens, bytes) of one evaluation batch, summed over its real target tokens.
+
+    ``bytes`` sums ``batch['target_bytes']`` (the UTF-8 bytes each target token spells) when the
+    batch has it, for bits per byte; else 0.
+    """
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])
     loss_rows, _ = model_token_loss_sums(model, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
-    return loss_rows.sum(), batch["loss_mask"].astype(jnp.float32).sum()
+    target_bytes = batch["target_bytes"].sum() if "target_bytes" in batch else jnp.zeros((), jnp.float32)
+    return loss_rows.sum(), batch["loss_mask"].astype(jnp.float32).sum(), target_bytes
