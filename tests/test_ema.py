@@ -55,6 +55,7 @@ def test_stored_average_equals_the_closed_form_ema_of_the_parameter_trajectory(w
         assert not np.allclose(np.asarray(got), raw)  # really an average, not the last weights
 
 
+@pytest.mark.slow
 def test_ema_resumes_bitwise_and_is_evaluated_and_exported(tmp_path):
     from safetensors.numpy import load_file
 
