@@ -177,3 +177,16 @@ def test_downstream_tasks_in_training_are_scored_at_step_0_and_later_and_resume_
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
     assert _downstream_records(killed) == straight
+
+
+def test_downstream_evaluation_without_lm_eval_installed_stops_before_any_work(monkeypatch):
+    import importlib.util
+
+    from jaxcpt.errors import UserError
+    from jaxcpt.eval.downstream import DownstreamConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    DownstreamConfig().validate()  # not enabled: nothing needed
+    with pytest.raises(UserError, match=r"pip install 'jaxcpt\[eval\]'"):
+        DownstreamConfig(tasks=["arc_easy"]).validate()

@@ -33,7 +33,9 @@ def run(args) -> int:
 
     import yaml
 
-    from jaxcpt.eval.downstream import DownstreamConfig, run_tasks
+    from jaxcpt.eval.downstream import DownstreamConfig, require_harness, run_tasks
+
+    require_harness("jaxcpt evaluate")
     from jaxcpt.eval.harness import JaxcptLM
     from jaxcpt.sharding.distributed import DistributedConfig, initialize_distributed, is_writer
     from jaxcpt.sharding.mesh import build_mesh

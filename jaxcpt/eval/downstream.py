@@ -51,10 +51,23 @@ class DownstreamConfig:
         return bool(self.every) and step % self.every == 0
 
     def validate(self) -> None:
+        if self.enabled:
+            require_harness("eval.downstream")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"eval.downstream.limit must be >= 1 or null, got {self.limit}")
         if self.every < 0 or self.batch_size < 1 or self.max_gen_toks < 1:
             raise ConfigError("eval.downstream.every must be >= 0, batch_size and max_gen_toks >= 1")
+
+
+def require_harness(what: str) -> None:
+    """Stop before any work when lm-eval, an optional dependency, is not installed."""
+    import importlib.util
+
+    from jaxcpt.errors import UserError
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError(f"{what} runs EleutherAI's lm-evaluation-harness, which is not installed; "
+                        "install it with: pip install 'jaxcpt[eval]'")
 
 
 def task_manager(include_path: str = ""):
