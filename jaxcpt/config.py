@@ -66,6 +66,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(arg, value, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # X | None: X's own error says what is wrong inside the value
+            raise ConfigError(errors[0])
         raise ConfigError(f"config key '{where}': {value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
         if value not in args:
@@ -258,6 +260,8 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         item_classes = [a for arg in typing.get_args(tp) for a in (typing.get_args(arg) or (arg,))]
         if typing.get_origin(tp) is list:  # describe the fields of list items too: 'data.sources[].name'
             rows.extend(row for cls_ in item_classes if dataclasses.is_dataclass(cls_) for row in describe(cls_, key + "[]"))
+        elif typing.get_origin(tp) in (Union, types.UnionType):  # X | None: X's fields when set ('model.lora.rank')
+            rows.extend(row for cls_ in typing.get_args(tp) if dataclasses.is_dataclass(cls_) for row in describe(cls_, key))
     return rows
 
 

@@ -77,9 +77,9 @@ def load_source(path: str | os.PathLike, tokenizer: str | None = None) -> Source
         adaptation = read_adaptation(directory)
     else:
         from jaxcpt.checkpoint import read_meta
-        from jaxcpt.model.persist import load_model, resolve_run_checkpoints
+        from jaxcpt.model.persist import load_model, merged_model, resolve_run_checkpoints
 
-        model = load_model(directory, mesh=host_mesh())
+        model = merged_model(load_model(directory, mesh=host_mesh()))  # a LoRA run's adapters folded in
         dtype = model.config.param_dtype
         adaptation = read_meta(resolve_run_checkpoints(directory)).get("adaptation")  # the trainer keeps it there
     params = jax.tree.map(np.asarray, params_of(model))

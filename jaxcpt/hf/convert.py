@@ -28,6 +28,7 @@ from flax import nnx
 from jaxcpt.errors import HFFormatError, UserError
 from jaxcpt.hf.families import config_from_hf, config_to_hf, generation_config, tensor_table
 from jaxcpt.hf.mapping import Tensor, hf_names
+from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.transformer import Transformer, abstract_model, state_shardings
 from jaxcpt.sharding.mesh import build_mesh
@@ -217,19 +218,66 @@ def _agree(value):
     return gather_json(value)[0]
 
 
+# The file whose presence says a directory is complete: copied last to remote targets.
+_LAST_FILES = ("config.json", "adapter_config.json")
+
+
 def _upload(local: Path, target: epath.Path) -> None:
     """Copy a finished local export to a remote directory, replacing it; config.json goes last."""
     if target.exists():
         target.rmtree()
     target.mkdir(parents=True, exist_ok=True)
-    files = sorted(local.iterdir(), key=lambda p: p.name == "config.json")
+    files = sorted(local.iterdir(), key=lambda p: p.name in _LAST_FILES)
     for file in files:
         epath.Path(file).copy(target / file.name, overwrite=True)
     shutil.rmtree(local)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+class StagedExport:
+    """An export directory that appears under its name only once it is complete.
+
+    Every process creates one (they agree on whether the target may be written); only process 0
+    writes, into ``tmp``: for a local target a temporary sibling renamed into place by
+    ``publish``; for a remote (gs://) one a local directory uploaded with config.json last, so a
+    directory without config.json is an upload that did not finish.
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool):
+        self.remote = "://" in str(path)
+        self.out = epath.Path(path) if self.remote else Path(path)
+        self.writer = jax.process_index() == 0
+        # Process 0 looks at the target and every host follows its answer: with per-host disks only
+        # one host may see an old export, and a host that raised alone would leave the others
+        # blocked in the gathers that follow.
+        occupied = _agree(bool(self.out.exists() and any(self.out.iterdir())) if self.writer else None)
+        if occupied and not overwrite:
+            raise UserError(f"'{self.out}' exists and is not empty; choose another --out or pass overwrite")
+        self.tmp: Path | None = None
+        if self.writer:
+            parent = Path(tempfile.gettempdir()) if self.remote else self.out.parent
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=parent))
+
+    def publish(self, barrier: str) -> Path | None:
+        """Move the finished files into place; returns the directory on process 0, None elsewhere."""
+        if self.writer:
+            if self.remote:
+                _upload(self.tmp, self.out)
+            else:
+                if self.out.exists():
+                    shutil.rmtree(self.out)
+                os.replace(self.tmp, self.out)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(barrier)
+        return self.out if self.writer else None
+
+
+def to_host(x: jax.Array) -> np.ndarray:
     """The whole array on this host, gathering from other hosts' devices when it spans them."""
+    if isinstance(x, np.ndarray):
+        return x
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
@@ -265,6 +313,14 @@ def _plan_shards(table: list[Tensor], cfg: ModelConfig, itemsize: int, max_bytes
     return shards
 
 
+def _folded(state, cfg: ModelConfig, row: Tensor, layer: int | None, value: jax.Array) -> jax.Array:
+    """One layer's projection with its LoRA update folded in (float32); every other tensor as it is."""
+    if cfg.lora is None or row.path[0] != "layers" or row.path[-1] not in cfg.lora.targets:
+        return value
+    a, b = (_at(state, ("layers", name))[...][layer] for name in lora_lib.adapter_names(row.path[-1]))
+    return lora_lib.fold(value, a, b, cfg.lora.scale)
+
+
 def save_hf(
     model: Transformer,
     path: str | os.PathLike,
@@ -279,33 +335,21 @@ def save_hf(
 
     ``path`` is a local directory or a ``gs://`` URL. Every process must call this (arrays
     spanning hosts are gathered collectively); only process 0 writes. ``extra_files``
-    ({name: text}) are written beside the weights. Returns the directory on process 0, None elsewhere.
+    ({name: text}) are written beside the weights. A model with LoRA adapters is written merged:
+    each target's W + scale * A @ B, formed in float32 one layer at a time, then cast to ``dtype``
+    (``jaxcpt.hf.peft_export.save_peft_adapter`` writes the adapters themselves). Returns the directory
+    on process 0, None elsewhere.
     """
     if dtype not in NUMPY_DTYPES:
         raise UserError(f"export dtype '{dtype}' is not one of {', '.join(NUMPY_DTYPES)}")
     cfg: ModelConfig = model.config
-    remote = "://" in str(path)
-    out = epath.Path(path) if remote else Path(path)
-    writer = jax.process_index() == 0
-    # Process 0 looks at the target and every host follows its answer: with per-host disks only
-    # one host may see an old export, and a host that raised alone would leave the others
-    # blocked in the gathers below.
-    occupied = _agree(bool(out.exists() and any(out.iterdir())) if writer else None)
-    if occupied and not overwrite:
-        raise UserError(f"'{out}' exists and is not empty; choose another --out or pass overwrite")
     hf_config = config_to_hf(cfg, dtype)
     table = tensor_table(cfg)
     np_dtype = NUMPY_DTYPES[dtype]
     shards = _plan_shards(table, cfg, np.dtype(np_dtype).itemsize, parse_size(max_shard_size))
+    staged = StagedExport(path, overwrite)
+    writer, tmp = staged.writer, staged.tmp
     state = nnx.state(model)
-    tmp = None
-    if writer:
-        # Local targets: a temporary sibling renamed into place at the end. Remote (gs://)
-        # targets: written locally first, then uploaded with config.json last, so a
-        # directory without config.json is an upload that did not finish.
-        staging_parent = Path(tempfile.gettempdir()) if remote else out.parent
-        staging_parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=staging_parent))
     weight_map: dict[str, str] = {}
     total = 0
     from safetensors.numpy import save_file
@@ -315,8 +359,8 @@ def save_hf(
         tensors = {}
         for name, row, layer in shard:
             value = _at(state, row.path)[...]
-            value = value[layer] if layer is not None else value
-            host = row.to_hf(_to_host(value.astype(jnp.dtype(dtype))))
+            value = _folded(state, cfg, row, layer, value[layer] if layer is not None else value)
+            host = row.to_hf(to_host(value.astype(jnp.dtype(dtype))))
             if writer:
                 tensors[name] = host
                 weight_map[name] = file
@@ -334,14 +378,4 @@ def save_hf(
             copy_companion_files(source, tmp)
         for name, text in (extra_files or {}).items():  # e.g. the run's jaxcpt_adaptation.json
             (tmp / name).write_text(text)
-        if remote:
-            _upload(tmp, out)
-        else:
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxcpt.save_hf")
-    return out if writer else None
+    return staged.publish("jaxcpt.save_hf")

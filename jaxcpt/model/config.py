@@ -12,6 +12,7 @@ import dataclasses
 from typing import Literal
 
 from jaxcpt.config import ConfigError, field
+from jaxcpt.model.lora import LoraConfig
 
 LayerType = Literal["full_attention", "sliding_attention"]  # the words transformers' layer_types uses
 
@@ -91,7 +92,10 @@ class ModelConfig:
         2, help="written to config.json / generation_config.json on export (a list for models with several stop tokens)")
     pad_token_id: int | None = field(None, help="written to config.json on export")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="compute dtype of matmuls (bfloat16 on accelerators); parameters stay param_dtype")
-    param_dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype parameters are stored (and trained) in")
+    param_dtype: Literal["float32", "bfloat16"] = field(
+        "float32", help="dtype parameters are stored in. Parameters that train must be float32 (Adam's updates round "
+        "away in bfloat16); bfloat16 halves the memory of frozen ones, e.g. a LoRA run's base (adapters are always "
+        "float32)")
     remat: Literal["none", "minimal", "full"] = field(
         "none", help="activation rematerialisation per layer: none, minimal (save the projections' outputs; recompute "
         "norms, activations and attention), full (save only layer inputs)"
@@ -101,6 +105,9 @@ class ModelConfig:
         help="attention kernel: reference (einsum, the oracle), xla (jax.nn.dot_product_attention), cudnn (flash, GPU), "
         "splash (Pallas, TPU), auto (splash on TPU; on GPU cudnn in bf16/fp16 without soft-capping, else xla; reference on CPU)",
     )
+    lora: LoraConfig | None = field(
+        None, help="LoRA adapters on the projections (jaxcpt/model/lora.py); null = none. Allowed with any init.source: "
+        "the adapters are added to the starting model, and by default only they train. Exports: export.lora")
 
     @property
     def head_size(self) -> int:
@@ -123,6 +130,8 @@ class ModelConfig:
         return (kind,) * self.num_layers
 
     def validate(self) -> None:
+        if self.lora is not None:
+            self.lora.validate()
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim is None and self.hidden_size % self.num_heads:
@@ -151,7 +160,8 @@ class ModelConfig:
                                       f"longrope, got {None if factors is None else len(factors)}")
 
     def num_params(self) -> int:
-        """Parameters as stored: the padded vocabulary rows included, the embedding counted once when tied."""
+        """Parameters as stored: the padded vocabulary rows included, the embedding counted once when tied, adapters
+        included."""
         e, f, d = self.hidden_size, self.intermediate_size, self.head_size
         h, k = self.num_heads, self.num_kv_heads
         attn = e * d * (h + 2 * k) + h * d * e + (d * (h + 2 * k) if self.qkv_bias else 0) + (e if self.o_bias else 0)
@@ -160,4 +170,13 @@ class ModelConfig:
         per_layer = attn + mlp + norms
         vocab = self.padded_vocab_size
         head = 0 if self.tie_word_embeddings else e * vocab
-        return vocab * e + self.num_layers * per_layer + e + head
+        return vocab * e + self.num_layers * per_layer + e + head + self.num_adapter_params()
+
+    def num_adapter_params(self) -> int:
+        """Parameters of the LoRA adapters (A and B of every target, all layers); 0 without LoRA."""
+        if self.lora is None:
+            return 0
+        e, f, d, h, k = self.hidden_size, self.intermediate_size, self.head_size, self.num_heads, self.num_kv_heads
+        sizes = {"q": (e, h * d), "k": (e, k * d), "v": (e, k * d), "o": (h * d, e), "gate": (e, f), "up": (e, f),
+                 "down": (f, e)}  # (in, out) of each projection
+        return self.num_layers * self.lora.rank * sum(sum(sizes[t]) for t in self.lora.targets)

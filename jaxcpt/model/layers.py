@@ -81,15 +81,22 @@ ACTIVATIONS = {
 }
 
 
-def gated_mlp(x, gate_w, up_w, down_w, gate_b=None, up_b=None, down_b=None, activation: str = "silu"):
-    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu; x [B, T, E], gate/up [E, F], down [F, E]."""
-    gate = dense(x, gate_w)  # [B, T, F]
-    up = dense(x, up_w)  # [B, T, F]
-    if gate_b is not None:
-        gate, up = gate + gate_b, up + up_b
-    hidden = ACTIVATIONS[activation](gate) * up  # [B, T, F]
-    out = dense(hidden, down_w)  # [B, T, E]
-    return out + down_b if down_b is not None else out
+def gated_mlp(x, project, activation: str = "silu"):
+    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu; x [B, T, E].
+
+    ``project(x, name)`` applies the projection ``name`` (gate, up [E, F]; down [F, E]) with its
+    bias and adapter, if any: the block knows those, the MLP's math does not need to.
+    """
+    hidden = ACTIVATIONS[activation](project(x, "gate")) * project(x, "up")  # [B, T, F]
+    return project(hidden, "down")  # [B, T, E]
+
+
+def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, contract: int = 1) -> jax.Array:
+    """LoRA's update of a projection, scale * (x a) b: x [..., *in], a [*in, r], b [r, *out] -> [..., *out].
+
+    Two thin matmuls instead of forming a @ b [*in, *out]: the [..., r] intermediate is small.
+    """
+    return scale * dense(dense(x, a, contract), b)  # [..., r] -> [..., *out]
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

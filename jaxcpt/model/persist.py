@@ -7,6 +7,9 @@ checkpoint's ``meta`` item.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 from etils import epath
 from flax import nnx
@@ -14,6 +17,7 @@ from jax.sharding import Mesh
 
 from jaxcpt import __version__
 from jaxcpt.config import from_dict, to_dict
+from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.transformer import Transformer, abstract_model, state_shardings
 from jaxcpt.sharding.mesh import build_mesh
@@ -38,6 +42,58 @@ def model_from_params(cfg: ModelConfig, params: dict, rules=None, tokenizer_dir:
     graphdef, state = nnx.split(abstract_model(cfg, rules, tokenizer_dir))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def fresh_adapters(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> dict[str, jax.Array]:
+    """{'q_lora_a': [L, E, r], ...}: new adapters of ``cfg.lora`` (A random, B zero), created in their shardings.
+
+    The whole model is traced but only the adapters are returned, so XLA drops the base weights'
+    initialisation: nothing of the base is materialised.
+    """
+    names = [name for target in cfg.lora.targets for name in lora_lib.adapter_names(target)]
+    layer_shardings = state_shardings(nnx.state(abstract_model(cfg, rules), nnx.Param), mesh, rules)["layers"]
+
+    @functools.partial(jax.jit, out_shardings={name: layer_shardings[name] for name in names})
+    def create():
+        layers = nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed), rules=rules).layers, nnx.Param)
+        return {name: layers[name].get_value() for name in names}
+
+    with jax.set_mesh(mesh):
+        return create()
+
+
+def with_adapters(params: dict, adapters: dict[str, jax.Array]) -> dict:
+    """Base parameters with adapters (``fresh_adapters``) added to their layer stack."""
+    return {**params, "layers": {**params["layers"], **adapters}}
+
+
+def merged_model(model: Transformer) -> Transformer:
+    """The model with every LoRA update folded into its projection (in float32, stored back in the
+    projection's dtype) and no adapters; a model without LoRA is returned as it is."""
+    cfg = model.config
+    if cfg.lora is None:
+        return model
+    params = params_of(model)
+    layers = dict(params["layers"])
+    for target in cfg.lora.targets:
+        a, b = (layers.pop(name) for name in lora_lib.adapter_names(target))
+        w = layers[target]
+        fold = jax.jit(lambda w, a, b: lora_lib.fold(w, a, b, cfg.lora.scale).astype(w.dtype), out_shardings=w.sharding)
+        layers[target] = fold(w, a, b)
+    return model_from_params(dataclasses.replace(cfg, lora=None), {**params, "layers": layers}, model.rules,
+                             model.tokenizer_dir)
+
+
+def base_model(model: Transformer) -> Transformer:
+    """The model without its LoRA adapters (what they apply to); a model without LoRA as it is."""
+    cfg = model.config
+    if cfg.lora is None:
+        return model
+    params = params_of(model)
+    adapters = {name for target in cfg.lora.targets for name in lora_lib.adapter_names(target)}
+    layers = {name: value for name, value in params["layers"].items() if name not in adapters}
+    return model_from_params(dataclasses.replace(cfg, lora=None), {**params, "layers": layers}, model.rules,
+                             model.tokenizer_dir)
 
 
 def model_meta(model: Transformer) -> dict:

@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 
 from jaxcpt.model.attention import choose_attention
 from jaxcpt.model.config import ModelConfig
-from jaxcpt.model.layers import PROJECTION, dense, gated_mlp, output_logits, rms_norm
+from jaxcpt.model import lora as lora_lib
+from jaxcpt.model.layers import PROJECTION, dense, gated_mlp, low_rank_update, output_logits, rms_norm
 from jaxcpt.model.rope import apply_rope, rope_cos_sin
 from jaxcpt.sharding.rules import constrain, make_rules, named_sharding
 
@@ -95,6 +96,12 @@ class LayerStack(nnx.Module):
             self.post_attn_norm = p((L, E), ("layers", "norm"), norm_init)
             self.post_mlp_norm = p((L, E), ("layers", "norm"), norm_init)
             names += ["post_attn_norm", "post_mlp_norm"]
+        if cfg.lora is not None:  # layers.{target}_lora_a / _lora_b beside each target (jaxcpt.model.lora)
+            for target in cfg.lora.targets:
+                a, b = lora_lib.adapter_params(rngs.params(), getattr(self, target), target, cfg.lora.rank)
+                for name, param in zip(lora_lib.adapter_names(target), (a, b)):
+                    setattr(self, name, param)
+                    names.append(name)
         self.names = tuple(names)
 
     def arrays(self) -> dict[str, jax.Array]:
@@ -115,13 +122,23 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
     norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     act = ("batch", "length", "act_embed")
     x = constrain(x, act, rules)
+    adapted = set(cfg.lora.targets) if cfg.lora is not None else set()
+
+    def project(inputs, name: str):
+        """The projection ``name`` of ``inputs``, its bias and its LoRA update (when it has them) included."""
+        contract = lora_lib.PROJECTIONS[name]
+        out = dense(inputs, p[name], contract)
+        if f"{name}_bias" in p:
+            out = out + p[f"{name}_bias"]
+        if name in adapted:  # added last, as peft adds it to the base layer's output
+            a, b = lora_lib.adapter_names(name)
+            out = out + low_rank_update(inputs, p[a], p[b], cfg.lora.scale, contract)
+        return out
 
     h = norm(x, p["attn_norm"])
-    q = dense(h, p["q"])  # [B, T, H, D]
-    k = dense(h, p["k"])  # [B, T, K, D]
-    v = dense(h, p["v"])  # [B, T, K, D]
-    if cfg.qkv_bias:
-        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    q = project(h, "q")  # [B, T, H, D]
+    k = project(h, "k")  # [B, T, K, D]
+    v = project(h, "v")  # [B, T, K, D]
     if cfg.qk_norm:
         q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
     q = constrain(q, ("batch", "length", "act_heads", None), rules)
@@ -137,16 +154,13 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
         attn, aux = rotated(kind)
     else:
         attn, aux = jax.lax.cond(is_sliding, lambda: rotated(SLIDING), lambda: rotated(FULL))
-    attn_out = dense(attn, p["o"], contract=2)  # [B, T, E]
-    if cfg.o_bias:
-        attn_out = attn_out + p["o_bias"]
+    attn_out = project(attn, "o")  # [B, T, E]
     if cfg.post_norms:
         attn_out = norm(attn_out, p["post_attn_norm"])
     x = x + constrain(attn_out, act, rules)
 
     h = norm(x, p["mlp_norm"])
-    mlp_out = gated_mlp(h, p["gate"], p["up"], p["down"], p.get("gate_bias"), p.get("up_bias"), p.get("down_bias"),
-                        activation=cfg.activation)
+    mlp_out = gated_mlp(h, project, activation=cfg.activation)
     if cfg.post_norms:
         mlp_out = norm(mlp_out, p["post_mlp_norm"])
     return x + constrain(mlp_out, act, rules), aux

@@ -74,6 +74,7 @@ SELECTABLE_AXES = ("vocab", "layers")
 class ParamInfo:
     shape: tuple[int, ...]
     axes: tuple  # logical axis names, e.g. ('vocab', 'embed')
+    dtype: str = "float32"  # as stored
 
 
 @dataclasses.dataclass(frozen=True)

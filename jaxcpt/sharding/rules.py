@@ -44,6 +44,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    "lora_rank": None,  # LoRA adapters' rank axis: small, replicated; their other axes are their base weight's
 }
 
 

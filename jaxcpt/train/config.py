@@ -22,6 +22,9 @@ from jaxcpt.train.ema import EMAConfig
 # ModelConfig fields that say how to compute, not what the model is; these apply
 # whatever the model's source (a HF checkpoint fixes the architecture, not the numerics).
 NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+# ModelConfig fields that add parameters to whatever model a run starts from: LoRA adapters are
+# architecture (they are parameters), but no HF directory holds them, so the run's config sets them.
+ADDED_FIELDS = ("lora",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,10 @@ class ExportConfig:
     max_shard_size: str = field("5GB", help="largest safetensors file of an export")
     weights: Literal["raw", "ema"] = field("raw", help="which weights exports hold: raw (the trained parameters) or ema "
                                                        "(their moving average; needs ema.decay > 0)")
+    lora: Literal["merged", "adapter", "both"] = field(
+        "both", help="a LoRA run (model.lora) exports merged (RUN/hf/step_N: a plain HF directory, each adapter folded "
+        "into its projection), adapter (RUN/hf/step_N-adapter: a PEFT directory for PeftModel.from_pretrained on the "
+        "base) or both. The adapter's base is init.path for an HF start, else RUN/hf/base (written once)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +121,12 @@ class TrainConfig:
             raise ConfigError("data.sources is empty; a run needs at least one source to train on")
         if self.export.weights == "ema" and not self.ema.enabled:
             raise ConfigError("export.weights=ema needs a moving average: set ema.decay (e.g. 0.999)")
+        lora = self.model.lora
+        if lora is not None and (lora.train_embeddings or lora.train_norms) and self.optim.trainable:
+            raise ConfigError(
+                "model.lora.train_embeddings / train_norms choose what trains only when optim.trainable is empty; "
+                "with optim.trainable set, list everything there, e.g. optim.trainable=[{params: ['layers.*_lora_a', "
+                "'layers.*_lora_b', 'embedding']}]")
         if self.train.batch_size % self.optim.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of optim.grad_accum_steps ({self.optim.grad_accum_steps})"
@@ -128,7 +141,7 @@ def config_as_yaml_dict(cfg: TrainConfig) -> dict:
     """
     data = to_dict(cfg)
     if cfg.init.source != "scratch":
-        data["model"] = {name: data["model"][name] for name in NUMERICS_FIELDS}
+        data["model"] = {name: data["model"][name] for name in NUMERICS_FIELDS + ADDED_FIELDS}
     return data
 
 
@@ -136,10 +149,11 @@ def load_train_config(path: str | None, overrides: list[str] | None = None) -> T
     """Read YAML + dotted overrides into a ``TrainConfig``; every mistake is a ConfigError before any compilation."""
     raw = apply_overrides(read_yaml(path) if path else {}, overrides or [])
     source = (raw.get("init") or {}).get("source", "scratch")
-    architecture = sorted(set(raw.get("model") or {}) - set(NUMERICS_FIELDS))
+    allowed = NUMERICS_FIELDS + ADDED_FIELDS
+    architecture = sorted(set(raw.get("model") or {}) - set(allowed))
     if source != "scratch" and architecture:
         raise ConfigError(
             f"model.{architecture[0]} is set, but with init.source={source} the architecture comes from the "
-            f"checkpoint; only model.{{{', '.join(NUMERICS_FIELDS)}}} may be set"
+            f"checkpoint; only model.{{{', '.join(allowed)}}} may be set"
         )
     return from_dict(TrainConfig, raw)

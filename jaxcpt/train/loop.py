@@ -205,24 +205,11 @@ def save(run: Run, step: int, force: bool = False) -> None:
 
 
 def export(run: Run, step: int) -> None:
-    from jaxcpt.hf.convert import save_hf
+    from jaxcpt.train.export import export as write_exports
 
-    cfg = run.setup.cfg
-    root = cfg.export.directory or str(run.setup.run_dir / "hf")
-    target = f"{root.rstrip('/')}/step_{step}"
-    weights = run.state["params"]
-    if cfg.export.weights == "ema":  # the average of the trainable parameters; frozen ones are as they are
-        weights = train_state.with_trainable(weights, run.state["ema"])
-    model = train_state.model_of(run.setup.program.graphdef, weights)
-    save_hf(model, str(target), dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
-            tokenizer_dir=run.export_tokenizer, overwrite=True, extra_files=_adaptation_file(run.setup.adaptation))
-    run.exports.append(str(target))
-    _say(f"exported {target}")
-
-
-def _adaptation_file(adaptation: dict | None) -> dict[str, str] | None:
-    """The starting model's adaptation record, shipped with every export (it describes the same shapes)."""
-    return {"jaxcpt_adaptation.json": json.dumps(adaptation, indent=2) + "\n"} if adaptation else None
+    for target in write_exports(run, step):
+        run.exports.append(target)
+        _say(f"exported {target}")
 
 
 class _StepMetrics:
@@ -234,7 +221,10 @@ class _StepMetrics:
         self.pending = None  # (step, metrics) of the step whose metrics are not read yet
         self.nonfinite_in_a_row = 0
         self.peak = device_peak_flops()
-        self.flops_token = flops_per_token(setup.model_cfg, setup.program.seq_len)
+        trained = set(setup.program.trainable.keys)
+        frozen = setup.model_cfg.lora is not None and not trained & {f"layers.{p}" for p in ("q", "k", "v", "o", "gate",
+                                                                                              "up", "down")}
+        self.flops_token = flops_per_token(setup.model_cfg, setup.program.seq_len, frozen_projections=frozen)
         self.num_devices = setup.program.mesh.devices.size
         self.progress = Progress(setup.cfg.train.steps, run.start_step)
         # Step time = time between the completions of consecutive steps (reading a step's

@@ -38,7 +38,7 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
     return None
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, frozen_projections: bool = False) -> float:
     """Training FLOPs per token: 6 x matmul weights + attention scores and values.
 
     Matmul weights are the projections of every layer and the output projection, with its
@@ -47,12 +47,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     token (QK^T and PV, forward and backward), counted for the full T x T square, not halved
     for causality nor cut by sliding windows: the convention of the PaLM paper's MFU, which
     most stacks report.
+
+    ``frozen_projections`` (a LoRA run training its adapters only): the layers' projections get
+    no weight gradient, so they count 4x (forward and input gradient), the adapters 6x.
     """
     e, f, d, h, k = cfg.hidden_size, cfg.intermediate_size, cfg.head_size, cfg.num_heads, cfg.num_kv_heads
     per_layer = e * d * (h + 2 * k) + h * d * e + 3 * e * f  # q, k, v, o, gate, up, down
-    matmul_weights = cfg.num_layers * per_layer + e * cfg.padded_vocab_size
+    projections, head = cfg.num_layers * per_layer, e * cfg.padded_vocab_size
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
-    return 6 * matmul_weights + attention
+    if frozen_projections:
+        return 4 * projections + 6 * (head + cfg.num_adapter_params()) + attention
+    return 6 * (projections + head + cfg.num_adapter_params()) + attention
 
 
 class MetricsWriter:

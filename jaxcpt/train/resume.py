@@ -29,7 +29,7 @@ from jaxcpt.config import to_dict
 from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.persist import config_from_meta
-from jaxcpt.train.config import NUMERICS_FIELDS, TrainConfig
+from jaxcpt.train.config import ADDED_FIELDS, NUMERICS_FIELDS, TrainConfig
 
 log = logging.getLogger("jaxcpt.train")
 
@@ -64,7 +64,8 @@ def newest_meta(directory: epath.Path) -> tuple[int, dict] | None:
 
 
 # -- the model ------------------------------------------------------------------------
-_NOT_ARCHITECTURE = set(NUMERICS_FIELDS) | {"bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"}
+_NOT_ARCHITECTURE = set(NUMERICS_FIELDS + ADDED_FIELDS) | {"bos_token_id", "eos_token_id", "pad_token_id",
+                                                            "initializer_range"}
 
 
 def model_config_from_checkpoint(cfg: TrainConfig, meta: dict) -> ModelConfig:
@@ -74,6 +75,11 @@ def model_config_from_checkpoint(cfg: TrainConfig, meta: dict) -> ModelConfig:
         raise UserError(
             f"model.param_dtype={cfg.model.param_dtype}, but the checkpoint stores parameters in {saved.param_dtype}; "
             f"resume with model.param_dtype={saved.param_dtype}")
+    if cfg.model.lora != saved.lora:
+        raise UserError(
+            f"model.lora is {to_dict(cfg.model.lora)}, but the checkpoints in this run have {to_dict(saved.lora)}; "
+            "resume with the run's own model.lora, or start a new run directory (init.source=checkpoint starts from "
+            "this run's model, its adapters merged)")
     numerics = {name: getattr(cfg.model, name) for name in NUMERICS_FIELDS}
     model_cfg = dataclasses.replace(saved, **numerics)
     _warn_if_source_changed(cfg, model_cfg)

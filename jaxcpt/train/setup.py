@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxcpt.config import ConfigError
 from jaxcpt.errors import UserError
+from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.optimizer import build_optimizer
 from jaxcpt.optim.trainable import resolve_trainable
@@ -88,16 +89,12 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
     ``adaptation``: the starting model's ``jaxcpt_adaptation.json`` record (new token ids,
     inserted blocks), which ``optim.trainable`` selectors like ``embedding[new]`` read.
     """
-    if model_cfg.param_dtype != "float32":
-        raise ConfigError(
-            f"model.param_dtype={model_cfg.param_dtype} would keep Adam's moments and every update in "
-            f"{model_cfg.param_dtype}, where an update smaller than ~1/256 of a weight (most updates at CPT "
-            "learning rates) rounds away. Train with model.param_dtype=float32 and model.dtype=bfloat16: the "
-            "matmuls run in bf16 and the float32 weights are the master copy, at no extra memory.")
     micro = layout_lib.check_batch_split(cfg.train.batch_size, cfg.optim.grad_accum_steps, mesh, rules,
                                          jax.process_count())
-    trainable = resolve_trainable(cfg.optim.trainable, train_state.param_infos(model_cfg, rules), adaptation,
-                                  cfg.train.steps)
+    infos = train_state.param_infos(model_cfg, rules)
+    phases = cfg.optim.trainable or lora_lib.default_trainable(model_cfg.lora, infos)
+    trainable = resolve_trainable(phases, infos, adaptation, cfg.train.steps)
+    _check_trained_dtypes(model_cfg, trainable)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, trainable)
     shardings = train_state.state_shardings(tx, model_cfg, mesh, rules, keys=trainable.keys, ema=cfg.ema.enabled)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, dict(mesh.shape)))
@@ -119,6 +116,21 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
         layout_lib.activation_rows(model_cfg, micro, cfg.data.seq_len, cfg.train.loss_chunk_size, mesh, rules))
     return TrainProgram(mesh, rules, model_cfg, tx, schedule, graphdef, shardings, batch_shardings,
                         cfg.train.batch_size, cfg.data.seq_len, micro, step_fn, eval_fn, layout, trainable)
+
+
+def _check_trained_dtypes(model_cfg: ModelConfig, trainable) -> None:
+    """Parameters that train must be float32; frozen ones may be stored in bfloat16 (they get no updates)."""
+    low = [path for path in trainable.keys if trainable.params[path].dtype != "float32"]
+    if not low:
+        return
+    shown = ", ".join(low[:6]) + (f" and {len(low) - 6} more" if len(low) > 6 else "")
+    raise ConfigError(
+        f"model.param_dtype={model_cfg.param_dtype} stores {shown} in {model_cfg.param_dtype}, and they train: Adam's "
+        f"moments and every update would be {model_cfg.param_dtype}, where an update smaller than ~1/256 of a weight "
+        "(most updates at CPT learning rates) rounds away. Train with model.param_dtype=float32 and "
+        "model.dtype=bfloat16: the matmuls run in bf16 and the float32 weights are the master copy, at no extra "
+        "memory. bfloat16 storage is for frozen parameters only, e.g. the base of a LoRA run (model.lora, whose "
+        "adapters are float32) that trains nothing else.")
 
 
 @dataclasses.dataclass
@@ -169,6 +181,10 @@ class RunSetup:
                          f"{'EOS ' + str(eos) if eos is not None else 'no EOS'} after each document")
         for source in self.data_cfg.sources:
             lines.append(f"source       {source.name}: weight {source.weight}, paths {source.paths}")
+        if m.lora is not None:
+            lines.append(f"lora         rank {m.lora.rank}, alpha {m.lora.alpha:g} (scale {m.lora.scale:g}) on "
+                         f"{', '.join(m.lora.targets)}: {m.num_adapter_params() / 1e6:.2f}M adapter parameters "
+                         f"(float32); exports {cfg.export.lora}")
         lines.append(self.program.trainable.describe())
         return "\n".join(lines + [self.program.layout])
 

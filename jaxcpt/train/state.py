@@ -19,16 +19,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcpt.model.config import ModelConfig
-from jaxcpt.model.persist import abstract_params, load_model, params_of
+from jaxcpt.model.persist import abstract_params, fresh_adapters, load_model, merged_model, params_of, with_adapters
 from jaxcpt.model.transformer import Transformer, abstract_model, init_model
-from jaxcpt.train.config import NUMERICS_FIELDS, TrainConfig
+from jaxcpt.train.config import ADDED_FIELDS, NUMERICS_FIELDS, TrainConfig
 from jaxcpt.optim.trainable import ParamInfo
 from jaxcpt.train.ema import init_ema
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The model's config: architecture from the init source, numerics from ``cfg.model``."""
-    numerics = {name: getattr(cfg.model, name) for name in NUMERICS_FIELDS}
+    """The model's config: architecture from the init source, numerics and adapters (LoRA) from ``cfg.model``."""
+    numerics = {name: getattr(cfg.model, name) for name in NUMERICS_FIELDS + ADDED_FIELDS}
     if cfg.init.source == "hf":
         from jaxcpt.hf.convert import read_hf_config
 
@@ -76,19 +76,27 @@ def init_adaptation(cfg: TrainConfig) -> dict | None:
 
 
 def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[dict, str | None]:
-    """(params, tokenizer_dir) for a fresh run, from the configured source."""
+    """(params, tokenizer_dir) for a fresh run, from the configured source.
+
+    With ``model.lora`` the source gives the base and fresh adapters are added (B = 0: the same
+    function). A checkpoint that has adapters of its own starts as its merged model.
+    """
     numerics = {name: getattr(model_cfg, name) for name in NUMERICS_FIELDS}
+    if cfg.init.source == "scratch":
+        model = init_model(model_cfg, mesh, rules, seed=cfg.init.seed)
+        return params_of(model), model.tokenizer_dir
     if cfg.init.source == "hf":
         from jaxcpt.hf.convert import load_hf
 
         overrides = {k: v for k, v in numerics.items() if k not in ("dtype", "param_dtype")}
         model = load_hf(cfg.init.path, mesh=mesh, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
                         rules=rules, **overrides)
-    elif cfg.init.source == "checkpoint":
-        model = load_model(cfg.init.path, mesh=mesh, rules=rules, **numerics)
     else:
-        model = init_model(model_cfg, mesh, rules, seed=cfg.init.seed)
-    return params_of(model), model.tokenizer_dir
+        model = merged_model(load_model(cfg.init.path, mesh=mesh, rules=rules, **numerics))
+    params = params_of(model)
+    if model_cfg.lora is not None:
+        params = with_adapters(params, fresh_adapters(model_cfg, mesh, rules, seed=cfg.init.seed))
+    return params, model.tokenizer_dir
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, view_abstract: dict, mesh: Mesh):
@@ -117,7 +125,8 @@ def param_infos(model_cfg: ModelConfig, rules) -> dict[str, ParamInfo]:
     out = {}
     for path, variable in state.flat_state():
         shape = tuple(variable.get_value().shape)
-        out[".".join(str(p) for p in path)] = ParamInfo(shape, tuple(variable.get_metadata().get("axes") or (None,) * len(shape)))
+        axes = tuple(variable.get_metadata().get("axes") or (None,) * len(shape))
+        out[".".join(str(p) for p in path)] = ParamInfo(shape, axes, str(variable.get_value().dtype))
     return out
 
 

@@ -1,0 +1,136 @@
+"""A LoRA model's adapters as a PEFT adapter directory, which ``PeftModel.from_pretrained(base, DIR)`` loads.
+
+    adapter_config.json          peft's LoraConfig: r, lora_alpha, use_rslora, target_modules (q_proj ...),
+                                 modules_to_save, base_model_name_or_path, task_type CAUSAL_LM
+    adapter_model.safetensors    base_model.model.{module}.lora_A.weight [r, in] and .lora_B.weight [out, r]
+                                 for every target of every layer, and the whole tensors of modules_to_save
+                                 (base_model.model.{HF tensor name})
+
+Names and layouts come from the family's tensor table (``jaxcpt.hf.mapping``), so they are the
+HF module names the merged export uses: ``layers.q_lora_a`` [L, E, r] of ``layers.q``
+(HF ``model.layers.{i}.self_attn.q_proj.weight`` [H*D, E]) becomes
+``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` [r, E], and
+``layers.q_lora_b`` [L, r, H, D] becomes its ``lora_B.weight`` [H*D, r] (heads major, as
+q_proj's rows). peft computes ``base(x) + scale * lora_B(lora_A(x))``, jaxcpt's block the same.
+
+Parameters other than adapters that trained (``optim.trainable``, e.g. ``model.lora.train_embeddings``)
+go into ``modules_to_save``, whole (also when only some rows trained). peft matches those names as
+suffixes of module paths, so they are written as the path after ``model.layers.{i}.`` (``input_layernorm``,
+``self_attn.q_norm``) or the full path (``model.embed_tokens``, ``model.norm``, ``lm_head``). A tied
+embedding sets ``ensure_weight_tying``, so peft ties the output projection to the saved embedding
+and saves it as ``lm_head.weight`` too, as peft itself does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcpt.errors import UserError
+from jaxcpt.hf.convert import NUMPY_DTYPES, StagedExport, copy_companion_files, to_host
+from jaxcpt.hf.families import tensor_table
+from jaxcpt.hf.mapping import Tensor
+from jaxcpt.model import lora as lora_lib
+from jaxcpt.model.transformer import Transformer
+
+PREFIX = "base_model.model."  # where PeftModel keeps the transformers model
+ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
+
+
+def _module(row: Tensor) -> str:
+    """The HF module of a tensor row: model.layers.{i}.self_attn.q_proj.weight -> model.layers.{i}.self_attn.q_proj."""
+    return row.hf_name.removesuffix(".weight")
+
+
+def _save_name(row: Tensor) -> str:
+    """The modules_to_save entry of a row: peft matches it as a suffix of the module's path."""
+    return _module(row).split("{i}.", 1)[-1]
+
+
+def adapter_config(model: Transformer, base_model_name_or_path: str | None, modules_to_save: list[str],
+                   tie: bool) -> dict:
+    """The adapter_config.json fields, as peft's ``LoraConfig`` reads them."""
+    lora = model.config.lora
+    table = {row.path: row for row in tensor_table(model.config)}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "use_rslora": lora.rslora,
+        "target_modules": sorted(_module(table[("layers", t)]).rsplit(".", 1)[-1] for t in lora.targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": modules_to_save or None,
+        "ensure_weight_tying": tie,
+        "inference_mode": True,
+    }
+
+
+def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model_name_or_path: str | None,
+                      trained: tuple[str, ...] = (), dtype: str = "bfloat16", overwrite: bool = False,
+                      tokenizer_dir: str | None = None) -> Path | None:
+    """Write ``model``'s adapters (and the trained non-adapter tensors ``trained``, dotted parameter paths)
+    as a PEFT LoRA directory. Every process must call this; only process 0 writes.
+
+    ``base_model_name_or_path``: the HF directory the adapter applies to (written into the config;
+    peft loads the base from it when given only the adapter directory). The tokenizer files of
+    ``tokenizer_dir`` (default: the model's) are copied beside the adapter, as peft's own saves do.
+    """
+    cfg = model.config
+    if cfg.lora is None:
+        raise UserError("this model has no LoRA adapters (model.lora is null); export it as an HF directory instead")
+    if dtype not in NUMPY_DTYPES:
+        raise UserError(f"export dtype '{dtype}' is not one of {', '.join(NUMPY_DTYPES)}")
+    rows = tensor_table(cfg)
+    by_path = {row.path: row for row in rows}
+    state = nnx.state(model)
+    staged = StagedExport(path, overwrite)
+    tensors: dict[str, np.ndarray] = {}
+
+    def host(value) -> np.ndarray:  # a gather on every process; the array on process 0
+        return to_host(value.astype(jnp.dtype(dtype)))
+
+    for target in cfg.lora.targets:
+        module = _module(by_path[("layers", target)])
+        a_all, b_all = (state["layers"][name][...] for name in lora_lib.adapter_names(target))
+        for layer in range(cfg.num_layers):
+            a, b = host(a_all[layer]), host(b_all[layer])  # [*in, r], [r, *out]
+            rank = a.shape[-1]
+            name = PREFIX + module.format(i=layer)
+            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, rank).T)  # [r, in]
+            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(rank, -1).T)  # [out, r]
+
+    modules_to_save = []
+    for row in rows:
+        if ".".join(row.path) not in trained:
+            continue
+        modules_to_save.append(_save_name(row))
+        value = state
+        for key in row.path:
+            value = value[key]
+        value = value[...]
+        for layer in range(cfg.num_layers) if row.stacked else [None]:
+            tensors[PREFIX + row.hf_name.format(i=layer)] = row.to_hf(host(value if layer is None else value[layer]))
+    tie = cfg.tie_word_embeddings and "embedding" in trained
+    if tie:  # peft ties lm_head to the saved embedding and expects it saved as well
+        tensors[PREFIX + "lm_head.weight"] = tensors[PREFIX + by_path[("embedding",)].hf_name]
+
+    if staged.writer:
+        from safetensors.numpy import save_file
+
+        save_file(tensors, str(staged.tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        config = adapter_config(model, base_model_name_or_path, modules_to_save, tie)
+        (staged.tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        source = tokenizer_dir or getattr(model, "tokenizer_dir", None)
+        if source:
+            copy_companion_files(source, staged.tmp)
+    return staged.publish("jaxcpt.save_peft_adapter")

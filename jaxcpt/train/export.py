@@ -1,0 +1,86 @@
+"""A run's Hugging Face exports (``export.*``): RUN/hf/step_N, and for a LoRA run its PEFT adapter.
+
+Every process calls these (arrays spanning hosts are gathered collectively); process 0 writes.
+
+A LoRA run (``model.lora``) exports, following ``export.lora``:
+
+    merged    RUN/hf/step_N            a plain HF directory: each adapter folded into its projection
+    adapter   RUN/hf/step_N-adapter    a PEFT directory (adapter_config.json, adapter_model.safetensors)
+    both      the two
+
+A PEFT adapter names the model it applies to (``base_model_name_or_path``): the ``init.path``
+of an HF start (the directory the run began from, unchanged by training), else RUN/hf/base,
+the run's frozen base written once beside the step exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jaxcpt.sharding.distributed import gather_json, is_writer
+from jaxcpt.train import state as train_state
+
+
+def export(run, step: int) -> list[str]:
+    """Write step ``step``'s exports; returns their paths (recorded in ``run.exports``)."""
+    from jaxcpt.hf.convert import save_hf
+
+    setup, cfg = run.setup, run.setup.cfg
+    root = (cfg.export.directory or str(setup.run_dir / "hf")).rstrip("/")
+    weights = run.state["params"]
+    if cfg.export.weights == "ema":  # the average of the trainable parameters; frozen ones are as they are
+        weights = train_state.with_trainable(weights, run.state["ema"])
+    model = train_state.model_of(setup.program.graphdef, weights)
+    common = dict(tokenizer_dir=run.export_tokenizer, overwrite=True, extra_files=adaptation_file(setup.adaptation))
+    lora = model.config.lora is not None
+    written = []
+    if not lora or cfg.export.lora in ("merged", "both"):
+        target = f"{root}/step_{step}"
+        save_hf(model, target, dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size, **common)
+        written.append(target)
+    if lora and cfg.export.lora in ("adapter", "both"):
+        from jaxcpt.hf.peft_export import save_peft_adapter
+
+        target = f"{root}/step_{step}-adapter"
+        trained = tuple(key for key in setup.program.trainable.keys if not _is_adapter(key))
+        save_peft_adapter(model, target, base_model_name_or_path=_adapter_base(run, model, root, common),
+                          trained=trained, dtype=cfg.export.dtype, overwrite=True,
+                          tokenizer_dir=run.export_tokenizer)
+        written.append(target)
+    return written
+
+
+def _is_adapter(key: str) -> bool:
+    from jaxcpt.model.lora import is_adapter
+
+    return is_adapter(key)
+
+
+def _adapter_base(run, model, root: str, common: dict) -> str:
+    """The directory a PEFT export's adapters apply to: init.path of an HF start, else RUN/hf/base."""
+    cfg = run.setup.cfg
+    if cfg.init.source == "hf":
+        path = cfg.init.path
+        return path if "://" in path else os.path.abspath(path)
+    target = f"{root}/base"
+    # Process 0 looks and every host follows (exports are collective): the base is frozen, so one
+    # written by an earlier attempt of this run is the same model.
+    present = gather_json(_has_config(target) if is_writer() else None)[0]
+    if not present:
+        from jaxcpt.hf.convert import save_hf
+        from jaxcpt.model.persist import base_model
+
+        save_hf(base_model(model), target, dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size, **common)
+    return target
+
+
+def _has_config(directory: str) -> bool:
+    from etils import epath
+
+    return (epath.Path(directory) / "config.json").exists()
+
+
+def adaptation_file(adaptation: dict | None) -> dict[str, str] | None:
+    """The starting model's adaptation record, shipped with every export (it describes the same shapes)."""
+    return {"jaxcpt_adaptation.json": json.dumps(adaptation, indent=2) + "\n"} if adaptation else None
