@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("jaxcpt.hf.command_export", "write a jaxcpt checkpoint as a Hugging Face directory transformers can load"),
     "tokenize": ("jaxcpt.data.command", "pre-tokenize a source into shards once, for reuse across runs"),
     "plot-schedule": ("jaxcpt.optim.command", "draw a config's learning-rate schedule to a PNG and print its phase boundaries"),
+    "compile": ("jaxcpt.aot.command", "compile a config's train step for a TPU topology on this host: per-chip memory, fit, layout"),
     "report": ("jaxcpt.train.report_command", "print the forgetting report of one run, or compare two runs"),
     "demo": ("jaxcpt.demo", "the built-in continual-pretraining demo: pretrain, continue with and without replay, compare"),
     "config-reference": ("jaxcpt.config_reference", "print the reference of every config key, generated from the dataclasses"),
