@@ -112,6 +112,23 @@ def test_the_report_prints_each_part_and_the_verdict():
     assert "of 16.00 GiB HBM" in text and "DOES NOT FIT" in text
 
 
+def test_a_compile_the_tpu_compiler_refuses_for_hbm_is_reported_as_not_fitting():
+    mesh = build_mesh({"data": 8}, jax.devices()[:8])
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = {"params": jax.ShapeDtypeStruct((256, 256), np.float32, sharding=replicated),
+             "opt_state": [jax.ShapeDtypeStruct((256, 256), np.float32, sharding=replicated)] * 2,
+             "step": jax.ShapeDtypeStruct((), np.int32, sharding=replicated)}
+    batch = {"inputs": jax.ShapeDtypeStruct((64, 128), np.int32, sharding=NamedSharding(mesh, PartitionSpec("data")))}
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (166.82G) "
+               "exceeds available HBM (15.75G).")
+    report = MemoryReport.from_refusal(message, state, batch, hbm=16 * GiB)
+    assert report.refused and not report.fits
+    assert report.temporaries == int(166.82 * GiB)
+    assert (report.params, report.opt_state, report.batch) == (256 * 256 * 4, 2 * 256 * 256 * 4 + 4, 8 * 128 * 4)
+    assert "compiler refused" in report.format() and "DOES NOT FIT" in report.format()
+    assert MemoryReport.from_refusal("INTERNAL: something else", state, batch, hbm=16 * GiB) is None
+
+
 def _levers(report, **kw):
     args = dict(remat="none", grad_accum_steps=1, micro_batch=64, batch_ways=8, loss_chunk_size=2048, seq_len=8192,
                 logits_chunk_bytes=2 * GiB, mesh_shape={"data": 4, "fsdp": 8}, sharded_state_bytes=3 * GiB)

@@ -80,6 +80,8 @@ def test_a_batch_too_large_for_the_chip_exits_1_naming_what_to_change(capsys, tm
                  "train.batch_size=65536", "--json", str(tmp_path / "report.json")])
     out = capsys.readouterr().out
     assert code == 1
+    # 65536 rows need ~170 GiB of temporaries: XLA:TPU itself refuses the step (its HBM check), and we report it
+    assert "the TPU compiler refused the step" in out
     assert "DOES NOT FIT" in out and "What would lower it" in out
     assert "optim.grad_accum_steps=2" in out and "micro-batches of 65536 -> 32768 rows" in out
     import json

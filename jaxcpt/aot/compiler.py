@@ -14,6 +14,7 @@ import math
 import time
 from unittest import mock
 
+import jax
 from jax.sharding import Mesh
 
 from jaxcpt.aot.memory import MemoryReport, per_device_bytes, replicated_bytes
@@ -93,11 +94,15 @@ def compile_train_step(cfg: TrainConfig, model_cfg: ModelConfig, topology: Topol
         lowered = program.lower_train_step()
     lower_s = time.perf_counter() - start
     pallas = lowered.as_text().count(PALLAS_TPU_CALL)
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
     state, batch = program.abstract_state(), program.abstract_batch()
-    memory = MemoryReport.from_compiled(compiled, state, batch, topology.generation.hbm_bytes)
+    start = time.perf_counter()
+    try:
+        memory = MemoryReport.from_compiled(lowered.compile(), state, batch, topology.generation.hbm_bytes)
+    except jax.errors.JaxRuntimeError as e:  # far too large: XLA:TPU stops at its own HBM check
+        memory = MemoryReport.from_refusal(str(e), state, batch, topology.generation.hbm_bytes)
+        if memory is None:
+            raise
+    compile_s = time.perf_counter() - start
     state_only = {"params": state["params"], "opt_state": state["opt_state"]}
     sharded = per_device_bytes(state_only) - replicated_bytes(state_only)
     return CompileResult(topology, mesh, hosts, program, memory, pallas, sharded, lower_s, compile_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import numpy as np
@@ -19,6 +20,8 @@ import numpy as np
 from jaxcpt.aot.topology import GiB
 
 NEAR_LIMIT = 0.94  # the TPU runtime keeps a few percent of HBM for itself
+_REFUSAL = re.compile(r"RESOURCE_EXHAUSTED.*?HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM", re.S)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}  # XLA writes sizes in binary units
 
 
 def per_device_bytes(tree) -> int:
@@ -46,6 +49,23 @@ class MemoryReport:
     aliased: int
     temporaries: int
     code: int
+    refused: bool = False  # the TPU compiler stopped at its own HBM check: only the temporaries it reported are known
+
+    @classmethod
+    def from_refusal(cls, message: str, abstract_state: dict, abstract_batch: dict, hbm: int) -> "MemoryReport | None":
+        """The report of a compile the TPU compiler refused for lack of HBM, or None for any other error.
+
+        XLA:TPU stops compiling when the temporaries alone exceed the chip's usable HBM and says
+        how much they needed ("HLO temporaries (166.82G) exceeds available HBM (15.75G)").
+        """
+        match = _REFUSAL.search(message)
+        if match is None:
+            return None
+        temporaries = int(float(match.group(1)) * _UNITS[match.group(2)])
+        state = per_device_bytes(abstract_state)
+        return cls(hbm=hbm, params=per_device_bytes(abstract_state["params"]), opt_state=state - per_device_bytes(
+            abstract_state["params"]), batch=per_device_bytes(abstract_batch), arguments=state + per_device_bytes(
+            abstract_batch), outputs=state, aliased=state, temporaries=temporaries, code=0, refused=True)
 
     @classmethod
     def from_compiled(cls, compiled, abstract_state: dict, abstract_batch: dict, hbm: int) -> "MemoryReport":
@@ -86,7 +106,11 @@ class MemoryReport:
         ]
 
     def format(self) -> str:
-        lines = ["memory per chip (XLA's plan for the compiled train step):"]
+        if self.refused:
+            lines = ["memory per chip: the TPU compiler refused the step, its temporaries alone exceed the chip's "
+                     "usable HBM (the arguments are the shardings' prediction; code not counted):"]
+        else:
+            lines = ["memory per chip (XLA's plan for the compiled train step):"]
         for name, value, note in self.rows():
             lines.append(f"  {name:<20} {_gib(value):>11}   {note}".rstrip())
         verdict = "FITS" if self.fits else "DOES NOT FIT"
@@ -98,8 +122,9 @@ class MemoryReport:
 
     def as_dict(self) -> dict:
         fields = dataclasses.asdict(self)
+        refused = fields.pop("refused")
         return {**{f"{k}_bytes": v for k, v in fields.items()}, "state_bytes": self.state, "total_bytes": self.total,
-                "fits": self.fits, "fraction_of_hbm": self.total / self.hbm}
+                "fits": self.fits, "fraction_of_hbm": self.total / self.hbm, "compiler_refused": refused}
 
 
 def _gib(value: float) -> str:
