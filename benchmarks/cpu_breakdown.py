@@ -127,13 +127,18 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-chunk", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--checkout", action="append", default=[], metavar="NAME=PATH",
+                        help="also time jaxcpt-f32 with the jaxcpt package found under PATH (a changed copy), as NAME")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_breakdown.json"))
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
 
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    checkouts = dict(item.split("=", 1) for item in args.checkout)
+    for name in checkouts:
+        VARIANTS[name] = VARIANTS["jaxcpt-f32"]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()] + list(checkouts)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
@@ -141,7 +146,10 @@ def main(argv=None) -> int:
     for name in names:  # one at a time: compilation of one does not slow another's
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + VARIANTS[name][2]).strip()
-        cmd = [sys.executable, __file__, "--worker", name, "--shape", args.shape, "--seq-len", str(args.seq_len),
+        if name in checkouts:
+            env["PYTHONPATH"] = checkouts[name] + os.pathsep + env.get("PYTHONPATH", "")
+        worker_name = "jaxcpt-f32" if name in checkouts else name
+        cmd = [sys.executable, __file__, "--worker", worker_name, "--shape", args.shape, "--seq-len", str(args.seq_len),
                "--batch", str(args.batch), "--loss-chunk", str(args.loss_chunk)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         if proc.stdout.readline().strip() != "ready":
