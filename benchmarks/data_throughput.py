@@ -1,7 +1,7 @@
-"""Packed tokens per second that the data pipeline delivers to one training process.
+"""Packed tokens per second that the data pipeline delivers, and how readers share a source.
 
-Configurations, run interleaved (round-robin, ``--rounds`` times) so that a change in the
-machine's other load hits all of them alike:
+Part ``throughput``: configurations run interleaved (round-robin, ``--rounds`` times) so that
+a change in the machine's other load hits all of them alike:
 
 - pre-tokenized shards (``jaxcpt tokenize`` format),
 - tokenizing on the fly with sentencepiece,
@@ -12,7 +12,18 @@ first rows), then times ``--seconds`` of batches (seq_len 2048, per-host batch 8
 non-padding tokens. The CPU used meanwhile by other processes (from /proc/stat minus this
 process tree) and the load average are recorded with each measurement.
 
-    python benchmarks/data_throughput.py            # prints a table, writes benchmarks/results/data_throughput.json
+Part ``sharding``: 4 JSONL files (plain, and the same as .zst) read by 8 and 16 simulated
+readers (``process_index`` / ``process_count``, one after the other in this process), each
+reading its whole share once through the full pipeline. Per reader it records the records
+scanned (read from the files, kept or not), the seconds spent inside reading (decompressing,
+cutting records) and in total, and the tokens delivered. ``--baseline DIR`` measures another
+checkout of jaxcpt (e.g. main before the split) the same way, interleaved, each measurement in
+a fresh process with that checkout first on PYTHONPATH.
+
+    python benchmarks/data_throughput.py                       # both parts
+    python benchmarks/data_throughput.py --parts sharding --baseline /tmp/main_checkout
+
+Writes benchmarks/results/data_throughput.json (a part not run keeps its previous results).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,14 +216,200 @@ def measure(cfg, seconds: float) -> dict:
     }
 
 
+def sharding_corpus(root: str, files: int, docs_per_file: int) -> dict[str, list[str]]:
+    """{format: paths}: the same documents as plain JSONL and as .jsonl.zst files."""
+    import zstandard
+
+    docs = make_corpus(root, files * docs_per_file, seed=1)
+    out: dict[str, list[str]] = {"jsonl": [], "jsonl.zst": []}
+    for f in range(files):
+        lines = "".join(json.dumps({"text": d}) + "\n" for d in docs[f * docs_per_file : (f + 1) * docs_per_file])
+        plain = os.path.join(root, f"part-{f}.jsonl")
+        with open(plain, "w") as fh:
+            fh.write(lines)
+        with open(plain + ".zst", "wb") as fh:
+            fh.write(zstandard.ZstdCompressor(level=3).compress(lines.encode()))
+        out["jsonl"].append(plain)
+        out["jsonl.zst"].append(plain + ".zst")
+    return out
+
+
+def measure_readers(paths: list[str], tokenizer: str, readers: int) -> dict:
+    """Each of ``readers`` simulated hosts reads its whole share once; per-reader counts and times."""
+    import jaxcpt
+    import jaxcpt.data.documents as documents
+    from jaxcpt.config import from_dict
+    from jaxcpt.data.config import DataConfig
+    from jaxcpt.data.pipeline import build_train_iterator
+    from jaxcpt.data.tokenize import cached_tokenizer
+
+    counts = {"records": 0, "read_cpu_s": 0.0}
+    read_unit = documents.read_unit
+
+    # CPU time of this thread, not wall time: on a shared machine, waiting for a core is not reading.
+    def counting_read_unit(*args, **kwargs):
+        records = read_unit(*args, **kwargs)
+        while True:
+            t0 = time.thread_time()
+            try:
+                item = next(records)
+            except StopIteration:
+                counts["read_cpu_s"] += time.thread_time() - t0
+                return
+            counts["read_cpu_s"] += time.thread_time() - t0
+            counts["records"] += 1
+            yield item
+
+    documents.read_unit = counting_read_unit
+    cfg = from_dict(
+        DataConfig,
+        {"sources": [{"name": "bench", "paths": paths, "repeat": False}], "tokenizer": tokenizer, "seq_len": SEQ_LEN,
+         "shuffle_buffer": 1000},
+    )
+    cached_tokenizer(tokenizer)  # loaded once, outside the timings
+    busy0, total0 = _jiffies_total()
+    ours0 = _tree_jiffies(os.getpid())
+    per_reader = []
+    for index in range(readers):
+        counts.update(records=0, read_cpu_s=0.0)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        tokens = 0
+        for batch in build_train_iterator(cfg, batch_size=BATCH, process_index=index, process_count=readers):
+            tokens += int(batch["loss_mask"].sum())
+        seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+        per_reader.append({"reader": index, "records_scanned": counts["records"], "read_cpu_s": counts["read_cpu_s"],
+                           "seconds": seconds, "cpu_s": cpu_s, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                           "tokens_per_cpu_s": tokens / cpu_s})
+    busy1, total1 = _jiffies_total()
+    window_cores = (total1 - total0) / os.cpu_count()
+    other_busy = max(0, (busy1 - busy0) - (_tree_jiffies(os.getpid()) - ours0))
+    return {"jaxcpt": os.path.dirname(os.path.dirname(jaxcpt.__file__)), "per_reader": per_reader,
+            "other_processes_cpu_cores": other_busy / window_cores if window_cores else None}
+
+
+def _git_commit(directory: str) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", directory, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def sharding_part(args) -> dict:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    codes = {"this checkout": here}
+    if args.baseline:
+        codes = {args.baseline_name: os.path.abspath(args.baseline), **codes}
+    root = tempfile.mkdtemp(prefix="jaxcpt_bench_sharding_")
+    runs = []
+    try:
+        corpus = sharding_corpus(root, files=4, docs_per_file=args.sharding_docs_per_file)
+        sp_path, _ = make_tokenizers(root, [json.loads(line)["text"] for line in open(corpus["jsonl"][0])])
+        total_records = args.sharding_docs_per_file * 4
+        for round_index in range(args.rounds):
+            for readers in (8, 16):
+                for fmt, paths in corpus.items():
+                    for label, code in codes.items():
+                        spec = json.dumps({"paths": paths, "tokenizer": sp_path, "readers": readers})
+                        env = {**os.environ, "PYTHONPATH": code}
+                        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-readers", spec],
+                                               env=env, capture_output=True, text=True, check=True)
+                        result = json.loads(child.stdout.strip().splitlines()[-1])
+                        per = result["per_reader"]
+                        run = {
+                            "code": label, "commit": _git_commit(code), "format": fmt, "readers": readers,
+                            "round": round_index, "records_in_source": total_records,
+                            "records_scanned_per_reader_mean": statistics.mean(r["records_scanned"] for r in per),
+                            "records_scanned_per_reader_max": max(r["records_scanned"] for r in per),
+                            "read_cpu_s_all_readers": sum(r["read_cpu_s"] for r in per),
+                            "cpu_s_all_readers": sum(r["cpu_s"] for r in per),
+                            "seconds_all_readers": sum(r["seconds"] for r in per),
+                            "slowest_reader_s": max(r["seconds"] for r in per),
+                            "tokens_per_s_per_reader_median": statistics.median(r["tokens_per_s"] for r in per),
+                            "tokens_per_cpu_s": sum(r["tokens"] for r in per) / sum(r["cpu_s"] for r in per),
+                            "tokens": sum(r["tokens"] for r in per),
+                            "other_processes_cpu_cores": result["other_processes_cpu_cores"],
+                            "per_reader": per,
+                        }
+                        runs.append(run)
+                        print(
+                            f"  {label:14s} {fmt:9s} readers={readers:2d} round={round_index}: scanned/reader "
+                            f"{run['records_scanned_per_reader_mean']:>8,.0f} of {total_records:,}, reading "
+                            f"{run['read_cpu_s_all_readers']:6.2f} CPU s in all, {run['tokens_per_cpu_s']:>10,.0f} "
+                            f"tokens per CPU s (other load {run['other_processes_cpu_cores']:.2f} cores)",
+                            flush=True,
+                        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    summary = []
+    for readers in (8, 16):
+        for fmt in corpus:
+            for label in codes:
+                mine = [r for r in runs if (r["readers"], r["format"], r["code"]) == (readers, fmt, label)]
+                summary.append({
+                    "code": label, "commit": mine[0]["commit"], "format": fmt, "readers": readers,
+                    "records_in_source": total_records,
+                    "records_scanned_per_reader": statistics.median(r["records_scanned_per_reader_mean"] for r in mine),
+                    "read_cpu_s_all_readers_median": statistics.median(r["read_cpu_s_all_readers"] for r in mine),
+                    "cpu_s_all_readers_median": statistics.median(r["cpu_s_all_readers"] for r in mine),
+                    "tokens_per_cpu_s_median": statistics.median(r["tokens_per_cpu_s"] for r in mine),
+                    "tokens_per_s_per_reader_median": statistics.median(r["tokens_per_s_per_reader_median"] for r in mine),
+                    "other_processes_cpu_cores_mean": float(np.mean([r["other_processes_cpu_cores"] for r in mine])),
+                })
+    print(f"\n{'code':14s} {'format':9s} {'readers':>7s} {'scanned/reader':>14s} {'reading CPU s':>13s} "
+          f"{'all CPU s':>9s} {'tokens/CPU s':>12s}")
+    for r in summary:
+        print(f"{r['code']:14s} {r['format']:9s} {r['readers']:>7d} {r['records_scanned_per_reader']:>14,.0f} "
+              f"{r['read_cpu_s_all_readers_median']:>13.2f} {r['cpu_s_all_readers_median']:>9.2f} "
+              f"{r['tokens_per_cpu_s_median']:>12,.0f}")
+    return {
+        "what": "4 JSONL files (plain and .zst, the same documents) read once by 8 and 16 simulated readers "
+        "(process_count), one after the other; per reader: records scanned, CPU seconds inside reading "
+        "(decompressing, cutting records) and in all, wall seconds, tokens delivered",
+        "seq_len": SEQ_LEN,
+        "batch_size": BATCH,
+        "codes": {label: {"path": path, "commit": _git_commit(path)} for label, path in codes.items()},
+        "documents": total_records,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**machine_info(), "loadavg_at_end": list(os.getloadavg())},
+        "summary": summary,
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="throughput,sharding", help="comma-separated: throughput, sharding")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per measurement")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
     parser.add_argument("--docs", type=int, default=6000, help="documents in the synthetic corpus")
     parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--sharding-docs-per-file", type=int, default=1500, help="documents in each of the 4 files")
+    parser.add_argument("--baseline", help="sharding: another jaxcpt checkout to measure alongside (e.g. main)")
+    parser.add_argument("--baseline-name", default="baseline", help="sharding: the baseline's name in the results")
+    parser.add_argument("--measure-readers", help=argparse.SUPPRESS)  # internal: one sharding measurement
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data_throughput.json"))
     args = parser.parse_args()
+    if args.measure_readers:
+        spec = json.loads(args.measure_readers)
+        print(json.dumps(measure_readers(spec["paths"], spec["tokenizer"], spec["readers"])))
+        return
+    parts = set(args.parts.split(","))
+    report = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            report = json.load(f)
+    if "throughput" in parts:
+        report.update(throughput_part(args))
+    if "sharding" in parts:
+        report["sharding"] = sharding_part(args)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+def throughput_part(args) -> dict:
 
     import sentencepiece as spm
 
@@ -278,7 +476,7 @@ def main() -> None:
             f"{s['input']:14s} {s['workers']:>7d} {s['tokens_per_s_median']:>16,.0f} {runs:>28s} "
             f"{s['other_processes_cpu_cores_mean']:>19.2f}"
         )
-    report = {
+    return {
         "benchmark": "data_throughput",
         "what": "non-padding packed tokens per second delivered to one training process (per host)",
         "seq_len": SEQ_LEN,
@@ -295,10 +493,6 @@ def main() -> None:
         "summary": summary,
         "runs": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

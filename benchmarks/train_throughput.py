@@ -136,15 +136,20 @@ def jax_training(cfg, args, mesh) -> tuple:
 
     from jaxcpt.model.persist import params_of
     from jaxcpt.model.transformer import init_model
+    from jaxcpt.train.state import trainable_view
     from jaxcpt.train.step import train_step
 
     model = init_model(cfg, mesh)
     graphdef = nnx.split(model)[0]
     tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
     params = params_of(model)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32)}
+    keys = tuple(".".join(str(getattr(k, "key", k)) for k in path)  # every parameter trains
+                 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    state = {"params": params, "opt_state": jax.jit(tx.init)(trainable_view(params, keys)),
+             "step": jnp.zeros((), jnp.int32)}
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lambda s: 1e-4, num_sources=1,
-                                        grad_accum_steps=1, chunk_size=args.loss_chunk, z_loss_weight=0.0),
+                                        grad_accum_steps=1, chunk_size=args.loss_chunk, z_loss_weight=0.0,
+                                        trainable_keys=keys),
                       donate_argnums=0)
     return state, graphdef, step_fn
 
@@ -194,13 +199,13 @@ def loss_memory(cfg, args) -> dict:
 def build_torch(cfg, args, compiled: bool) -> tuple:
     """A transformers + PyTorch training step on the same shape: eager, or under torch.compile."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from jaxcpt.hf.families import config_to_hf
 
     hf = config_to_hf(cfg, "float32")
-    config_cls = Qwen2Config if cfg.family == "qwen2" else LlamaConfig
-    hf_config = config_cls(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type", "dtype", "torch_dtype")})
+    hf_config = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items()
+                                                          if k not in ("architectures", "model_type", "dtype", "torch_dtype")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)

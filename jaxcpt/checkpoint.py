@@ -380,8 +380,9 @@ def resolve_step_dir(path: str | epath.PathLike) -> epath.Path:
     return p / str(max(steps))
 
 
-def restore_params(path: str | epath.PathLike, abstract_params: Any) -> Any:
-    """Restore only ``state['params']`` from a checkpoint root or step directory.
+def restore_params(path: str | epath.PathLike, abstract_params: Any, item: str = "params") -> Any:
+    """Restore only ``state[item]`` (the parameters, or e.g. their moving average 'ema') from a
+    checkpoint root or step directory.
 
     The optimizer state on disk is never read, so its structure need not be known
     (Orbax ``PyTreeRestore(partial_restore=True)``). Leaves of ``abstract_params``
@@ -389,20 +390,35 @@ def restore_params(path: str | epath.PathLike, abstract_params: Any) -> Any:
     """
     step_dir = resolve_step_dir(path)
     on_disk = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
-    if not isinstance(on_disk, dict) or "params" not in on_disk:
+    if not isinstance(on_disk, dict) or item not in on_disk:
         top = sorted(on_disk) if isinstance(on_disk, dict) else type(on_disk).__name__
-        raise CheckpointMismatchError(f"checkpoint '{step_dir}' has no 'params' in its state (top level: {top})")
-    target = {"params": abstract_params}
-    _check_tree({"params": on_disk["params"]}, target, f"'{step_dir}'")
+        raise CheckpointMismatchError(f"checkpoint '{step_dir}' has no '{item}' in its state (top level: {top})")
+    target = {item: abstract_params}
+    _check_tree({item: on_disk[item]}, target, f"'{step_dir}'")
     # PyTreeRestore, not StandardRestore: only it accepts a target that omits subtrees
     # (opt_state, step) which are on disk.
     args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
     reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     try:
-        return reader.restore(step_dir / "state", args=args)["params"]
+        return reader.restore(step_dir / "state", args=args)[item]
     finally:
         reader.close()
+
+
+def stored_export_tokenizer(path: str | epath.PathLike) -> str | None:
+    """The HF tokenizer files a checkpoint stores (its ``files`` item), written to a temporary
+    directory; None for checkpoints without them. Lets a checkpoint whose run directory is gone
+    still export and evaluate with its tokenizer."""
+    import tempfile
+
+    step_dir = resolve_step_dir(path)
+    if not (step_dir / "files").exists():
+        return None
+    files = ocp.JsonCheckpointHandler().restore(step_dir / "files")
+    if not files.get("export_tokenizer"):
+        return None
+    return str(decode_files(files["export_tokenizer"], tempfile.mkdtemp(prefix="jaxcpt-tokenizer-")))
 
 
 def read_meta(path: str | epath.PathLike) -> dict:

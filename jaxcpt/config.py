@@ -8,7 +8,7 @@ on: an unknown key names the closest valid one, a wrong type names the field and
 what it expected.
 
     cfg = from_dict(TrainConfig, yaml_dict)              # strict, typed
-    d = apply_overrides(yaml_dict, ["optim.peak_lr=3e-4"]) # dotted overrides
+    d = apply_overrides(yaml_dict, ["optim.schedule.peak_lr=3e-4"])  # dotted overrides
     to_dict(cfg)                                          # back to YAML-able dicts
 """
 
@@ -176,7 +176,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'optim.peak_lr=3e-4'`` -> (['optim', 'peak_lr'], 3e-4); the value is parsed as YAML."""
+    """``'optim.schedule.peak_lr=3e-4'`` -> (['optim', 'schedule', 'peak_lr'], 3e-4); the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like 'section.key=value'")
     key, raw = text.split("=", 1)

@@ -4,9 +4,11 @@
    Python code = 'domain') and trains a sentencepiece tokenizer on them;
 2. pretrains a small base model on the general corpus (reused if already built);
 3. continues it on the domain twice, without replay and with 25% general replay,
-   both with a re-warmed cosine schedule;
-4. prints the forgetting report side by side and plots both runs;
-5. exports the replay run to a Hugging Face directory, loads it with transformers
+   both with a re-warmed cosine schedule, each keeping a moving average (EMA) of its weights;
+4. merges the base with the no-replay model at several coefficients (``jaxcpt merge --sweep``)
+   and names the one within a forgetting tolerance;
+5. prints the forgetting report side by side (replay, EMA and merge rows) and plots both runs;
+6. exports the replay run to a Hugging Face directory, loads it with transformers
    and generates a few tokens.
 
 Every run is an ordinary ``jaxcpt train`` run: each run directory holds the
@@ -28,13 +30,18 @@ class DemoScale:
     pretrain_steps: int
     cpt_steps: int
     eval_every: int
+    ema_decay: float  # an average over the last ~1 / (1 - decay) steps of the CPT runs
+    merge_coefficients: str
 
 
 SCALES = {
-    "full": DemoScale(documents=8000, pretrain_steps=400, cpt_steps=200, eval_every=25),
-    "fast": DemoScale(documents=3000, pretrain_steps=150, cpt_steps=60, eval_every=20),
+    "full": DemoScale(documents=8000, pretrain_steps=400, cpt_steps=200, eval_every=25, ema_decay=0.98,
+                      merge_coefficients="0,0.1,...,1"),
+    "fast": DemoScale(documents=3000, pretrain_steps=150, cpt_steps=60, eval_every=20, ema_decay=0.95,
+                      merge_coefficients="0,0.25,0.5,0.75,1"),
 }
 REPLAY_WEIGHT = 0.25
+MERGE_TOLERANCE = 0.15  # nats of general-loss rise the merge may cost
 
 
 def add_arguments(parser) -> None:
@@ -68,9 +75,9 @@ def prepare_data(out: Path, scale: DemoScale, fresh: bool) -> Path:
 
     data_dir = out / "data"
     if not fresh and (data_dir / "tokenizer.model").is_file():
-        print(f"[1/5] corpora and tokenizer: reusing {data_dir}", flush=True)
+        print(f"[1/6] corpora and tokenizer: reusing {data_dir}", flush=True)
         return data_dir
-    print("[1/5] building corpora from the Python standard library and training a tokenizer ...", flush=True)
+    print("[1/6] building corpora from the Python standard library and training a tokenizer ...", flush=True)
     files = build_corpora(data_dir, scale.documents)
     train_tokenizer(files, data_dir, vocab_size=1024)
     for name, path in files.items():
@@ -90,6 +97,33 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return summary.is_file() and json.loads(summary.read_text()).get("step") == steps
 
 
+def pretrain_base(out: Path, data_dir: Path, scale: DemoScale) -> Path:
+    """OUT/base: the small model pretrained on 'general' only (reused when already finished)."""
+    import shutil
+
+    base = out / "base"
+    if _finished(base, scale.pretrain_steps):
+        print(f"[2/6] base model: reusing {base}", flush=True)
+        return base
+    print(f"[2/6] pretraining the base model on 'general' for {scale.pretrain_steps} steps ...", flush=True)
+    if base.exists():
+        shutil.rmtree(base)
+    _train([f"run_dir={base}", "init.source=scratch", *_model_overrides(vocab_size=1024),
+            *_common(data_dir, scale.pretrain_steps), _sources(data_dir, general_weight=1.0, domain_weight=0.0),
+            f"train.steps={scale.pretrain_steps}", "optim.schedule.kind=warmup_cosine", "optim.schedule.peak_lr=3e-3",
+            "optim.schedule.warmup_fraction=0.05", "eval.dense_every=0", "export.final=false"])
+    return base
+
+
+def cpt_overrides(run_dir: Path, data_dir: Path, base: Path, general_weight: float, scale: DemoScale) -> list[str]:
+    """A CPT run from the base: general replay at ``general_weight``, the rest domain, re-warmed cosine schedule."""
+    # Re-warm to the base model's peak LR and decay again (cosine): the standard CPT recipe.
+    return [f"run_dir={run_dir}", "init.source=checkpoint", f"init.path={base}", "model.dtype=float32",
+            *_common(data_dir, scale.eval_every), _sources(data_dir, general_weight, 1.0 - general_weight),
+            f"train.steps={scale.cpt_steps}", "optim.schedule.kind=rewarm", "optim.schedule.peak_lr=3e-3",
+            "optim.schedule.warmup_fraction=0.1", f"ema.decay={scale.ema_decay}"]
+
+
 def run(args) -> int:
     import shutil
 
@@ -100,36 +134,26 @@ def run(args) -> int:
     data_dir = prepare_data(out, scale, args.fresh)
     if args.data_only:
         return 0
-    model = _model_overrides(vocab_size=1024)
-
-    base = out / "base"
-    if _finished(base, scale.pretrain_steps):
-        print(f"[2/5] base model: reusing {base}", flush=True)
-    else:
-        print(f"[2/5] pretraining the base model on 'general' for {scale.pretrain_steps} steps ...", flush=True)
-        if base.exists():
-            shutil.rmtree(base)
-        _train([f"run_dir={base}", "init.source=scratch", *model, *_common(data_dir, scale.pretrain_steps),
-                _sources(data_dir, general_weight=1.0, domain_weight=0.0), f"train.steps={scale.pretrain_steps}",
-                "optim.schedule.kind=warmup_cosine", "optim.schedule.peak_lr=3e-3", "optim.schedule.warmup_fraction=0.05",
-                "eval.dense_every=0", "export.final=false"])
+    base = pretrain_base(out, data_dir, scale)
 
     runs = {}
     for label, general_weight in (("no_replay", 0.0), ("replay", REPLAY_WEIGHT)):
         run_dir = out / f"cpt_{label}"
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        step = 3 if label == "no_replay" else 4
-        print(f"[{step}/5] continuing on 'domain' {'with ' + format(general_weight, '.0%') + ' general replay' if general_weight else 'without replay'} "
+        print(f"[3/6] continuing on 'domain' {'with ' + format(general_weight, '.0%') + ' general replay' if general_weight else 'without replay'} "
               f"for {scale.cpt_steps} steps ...", flush=True)
-        # Re-warm to the base model's peak LR and decay again (cosine): the standard CPT recipe.
-        _train([f"run_dir={run_dir}", "init.source=checkpoint", f"init.path={base}", "model.dtype=float32",
-                *_common(data_dir, scale.eval_every), _sources(data_dir, general_weight, 1.0 - general_weight),
-                f"train.steps={scale.cpt_steps}", "optim.schedule.kind=rewarm", "optim.schedule.peak_lr=3e-3",
-                "optim.schedule.warmup_fraction=0.1", "export.final=" + ("true" if general_weight else "false")])
+        _train([*cpt_overrides(run_dir, data_dir, base, general_weight, scale),
+                "export.final=" + ("true" if general_weight else "false")])
         runs[label] = run_dir
 
-    print("[5/5] forgetting report: without replay (A) vs with replay (B)", flush=True)
+    print(f"[4/6] merging the base with the no-replay model at {scale.merge_coefficients} ...", flush=True)
+    from jaxcpt.cli import main as jaxcpt_main
+
+    if jaxcpt_main(["merge", "--run", str(runs["no_replay"]), "--sweep", scale.merge_coefficients,
+                    "--tolerance", str(MERGE_TOLERANCE)]) != 0:
+        raise UserError("the demo's merge sweep failed; see the message above")
+    print("[5/6] forgetting report: without replay (A) vs with replay (B)", flush=True)
     from jaxcpt.train.report import compare, plot
 
     table, removed = compare(runs["no_replay"], runs["replay"])
@@ -144,6 +168,7 @@ def run(args) -> int:
     for path, what in ((data_dir, "the two corpora and the tokenizer"), (base, "the base model run"),
                        (runs["no_replay"], "CPT without replay"), (runs["replay"], "CPT with 25% replay"),
                        (export_dir, "the replay run as a Hugging Face model"),
+                       (runs["no_replay"] / "merge_sweep_linear", "the merge sweep: base + t x (CPT - base)"),
                        (out / "forgetting.png", "eval loss per source over steps, both runs"),
                        (out / "forgetting.txt", "the comparison table")):
         print(f"  {path}  -- {what}")
@@ -151,12 +176,13 @@ def run(args) -> int:
 
 
 def _generate(export_dir: Path) -> str:
-    """Load the export with transformers and generate a few tokens (proves the hand-off works)."""
+    """[6/6] Load the export with transformers and generate a few tokens (proves the hand-off works)."""
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise UserError(f"the demo's last step needs transformers and torch ({e}); pip install torch") from None
+    print(f"[6/6] loading {export_dir} with transformers ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     prompt = "def __init__(self"

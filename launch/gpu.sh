@@ -11,7 +11,10 @@ usage() {
   cat <<EOF
 Usage: $PROG --config PATH --run-dir DIR [options] [-- key=value ...]
 
-Run 'jaxcpt train' once, on all GPUs of this machine.
+Run 'jaxcpt train' once, on all GPUs of this machine. First 'jaxcpt train --check'
+(read-only: config, mesh, init source, tokenizer/model, data paths, layout) runs
+with the same arguments and environment; if it fails, its message is printed and
+nothing is started.
 
 Options:
   --config PATH         YAML config to train with (required)
@@ -21,8 +24,9 @@ Options:
                         JAX preallocates (default 0.90; JAX's own default is 0.75)
   --xla-flags FLAGS     more XLA flags, appended after the defaults (and after any
                         XLA_FLAGS already in the environment, which are kept)
-  --dry-run             print the command, prefixed "+ ", and run nothing
-                        (also skips the nvidia-smi check)
+  --dry-run             run only the read-only 'jaxcpt train --check' and print the
+                        training command, prefixed "+ ", without running it (also
+                        skips the nvidia-smi check)
   -h, --help            show this help
 
 Everything after -- is passed to 'jaxcpt train' as dotted overrides (key=value).
@@ -30,7 +34,7 @@ Everything after -- is passed to 'jaxcpt train' as dotted overrides (key=value).
 Default XLA flags: $GPU_XLA_FLAGS
 
 Example:
-  $PROG --config configs/llama3_8b_cpt.yaml --run-dir runs/cpt-1 -- optim.peak_lr=3e-5
+  $PROG --config configs/qwen2.5-7b-8xh100.yaml --run-dir runs/qwen-cpt -- optim.schedule.peak_lr=3e-5
 EOF
 }
 
@@ -90,27 +94,36 @@ done
 [[ -n $RUN_DIR ]] || die "missing --run-dir DIR (where checkpoints and logs go)"
 [[ $MEM_FRACTION =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] || die "--mem-fraction '$MEM_FRACTION' is not a number in (0, 1]"
 for override in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
-  [[ $override == *=* ]] || die "override '$override' after -- is not key=value (e.g. optim.peak_lr=3e-5)"
+  [[ $override == *=* ]] || die "override '$override' after -- is not key=value (e.g. optim.schedule.peak_lr=3e-5)"
 done
 
 if ((DRY_RUN)); then
-  echo "# dry run: skipping the nvidia-smi check, running nothing"
+  echo "# dry run: skipping the nvidia-smi check; running only the read-only 'jaxcpt train --check'"
 else
   command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this script needs NVIDIA GPUs and their driver"
   gpu_count=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -c .) ||
     die "nvidia-smi lists no GPUs; check the driver with 'nvidia-smi'"
   echo "# nvidia-smi: $gpu_count GPU(s) on $(hostname)"
-  command -v jaxcpt >/dev/null ||
-    die "'jaxcpt' is not on PATH; activate the environment it is installed in (pip install -e '.[test]')"
 fi
+command -v jaxcpt >/dev/null ||
+  die "'jaxcpt' is not on PATH; activate the environment it is installed in (pip install -e '.[test]')"
 
 # Ours first, so flags already in the environment and --xla-flags win on conflict.
 xla_flags="$GPU_XLA_FLAGS${XLA_FLAGS:+ $XLA_FLAGS}${EXTRA_XLA_FLAGS:+ $EXTRA_XLA_FLAGS}"
 environment=(XLA_FLAGS="$xla_flags" XLA_PYTHON_CLIENT_MEM_FRACTION="$MEM_FRACTION")
 [[ -z $GPUS ]] || environment+=(CUDA_VISIBLE_DEVICES="$GPUS")
 
-command=(env "${environment[@]}" jaxcpt train --config "$CONFIG" "run_dir=$RUN_DIR"
-  ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+train_args=(--config "$CONFIG" "run_dir=$RUN_DIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+# The check sees what training would: the same arguments, environment and GPUs.
+check=(env "${environment[@]}" jaxcpt train --check "${train_args[@]}")
+command=(env "${environment[@]}" jaxcpt train "${train_args[@]}")
+echo "+ $(quote_words "${check[@]}")"
+status=0
+"${check[@]}" || status=$?
+if ((status != 0)); then
+  echo "$PROG: error: 'jaxcpt train --check' failed (exit $status): see its message above; training was not started" >&2
+  exit "$status"
+fi
 echo "+ $(quote_words "${command[@]}")"
 if ((DRY_RUN)); then
   exit 0

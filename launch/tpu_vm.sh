@@ -20,7 +20,9 @@ same 'jaxcpt train' on all workers, follow the logs, and delete the VM.
 Commands:
   create    create the TPU VM (--queued: a queued resource, waited on until ACTIVE)
   install   pip install 'jax[tpu]' and jaxcpt on every worker
-  train     copy the config to every worker and start 'jaxcpt train' on all of them
+  train     copy the config to every worker, run the read-only 'jaxcpt train --check'
+            on all of them (training starts only if it passes everywhere), then start
+            'jaxcpt train' on all of them
   logs      follow the training log of one worker (or all)
   delete    delete the TPU VM (--queued: the queued resource, with --force)
   all       create, install, train, then logs
@@ -54,8 +56,8 @@ jax.distributed.initialize() finds the coordinator and the process ids by itself
 
 Example:
   $PROG all --name cpt-v5p --zone us-east5-a --accelerator-type v5p-64 --spot \\
-    --git-url https://github.com/ORG/jaxcpt.git --config configs/llama3_8b_cpt.yaml \\
-    --run-dir gs://my-bucket/runs/cpt-1 -- optim.peak_lr=3e-5
+    --git-url https://github.com/ORG/jaxcpt.git --config configs/llama3.1-8b-v5p64.yaml \\
+    --run-dir gs://my-bucket/runs/llama31-8b -- optim.schedule.peak_lr=3e-5
 EOF
 }
 
@@ -166,7 +168,7 @@ done
 [[ -n $ZONE ]] || die "missing --zone ZONE (the zone of TPU VM '$NAME', e.g. us-east5-a)"
 [[ $LOG_WORKER =~ ^([0-9]+|all)$ ]] || die "--worker '$LOG_WORKER' is not a worker number or 'all'"
 for override in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
-  [[ $override == *=* ]] || die "override '$override' after -- is not key=value (e.g. optim.peak_lr=3e-5)"
+  [[ $override == *=* ]] || die "override '$override' after -- is not key=value (e.g. optim.schedule.peak_lr=3e-5)"
 done
 
 wants() { [[ $COMMAND == "$1" || $COMMAND == all ]]; }
@@ -253,14 +255,21 @@ start_training() {
   local config_name=${CONFIG##*/}
   ssh_all "mkdir -p ~/$REMOTE_DIR"
   run gcloud compute tpus tpu-vm scp "$CONFIG" "$NAME:$REMOTE_DIR/$config_name" "${LOCATION[@]}" --worker=all
-  local train
   # Checkpoints go to GCS, shared by all workers; the run directory (metrics, reports,
   # HF exports, written by worker 0 only) is local to each worker, under ~/$REMOTE_DIR/run.
-  train=$(quote_remote_words jaxcpt train --config "$config_name" run_dir=run "checkpoint.directory=$RUN_DIR/checkpoints" distributed.initialize=true ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+  local args=(--config "$config_name" run_dir=run "checkpoint.directory=$RUN_DIR/checkpoints"
+    distributed.initialize=true ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+  local check train
+  check=$(quote_remote_words jaxcpt train --check "${args[@]}")
+  train=$(quote_remote_words jaxcpt train "${args[@]}")
   # pip --user puts the jaxcpt script in ~/.local/bin, which a non-login ssh shell
   # does not have on PATH; $HOME and $PATH must expand on the worker, not here.
   # shellcheck disable=SC2016
   local prelude='cd ~/'"$REMOTE_DIR"' && export PATH="$HOME/.local/bin:$PATH"'
+  # Every worker checks first, in the foreground: a worker that failed its check would
+  # leave the others waiting in jax.distributed.initialize, so none starts unless all pass.
+  ssh_all "$prelude && $check" ||
+    die "'jaxcpt train --check' failed on at least one worker: see its message above; training was not started"
   if ((FOREGROUND)); then
     ssh_all "$prelude && $train"
   else

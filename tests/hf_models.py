@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                          Qwen3Config)
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=512, rms_norm_eps=1e-5)
@@ -19,11 +20,47 @@ FAMILY_CONFIGS = {
     "qwen2_tied": lambda: Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=True),
 }
 
+# The newer families and options. A vocabulary of 300 is stored padded to 384 rows, so these
+# cases cover the padding too. Soft-caps are small enough to bite on random weights, the
+# rope scalings' original lengths shorter than the test documents, and windows shorter still.
+SMALL = dict(TINY, vocab_size=300)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+LONG = dict(max_position_embeddings=64)  # = factor x original length, as transformers expects for yarn
+OPTION_CONFIGS = {
+    "qwen3_untied": lambda: Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32),  # head_dim != 64 / 4
+    "qwen3_tied": lambda: Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
+    "qwen3_sliding_layers": lambda: Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                                                sliding_window=6, max_window_layers=1),
+    # larger weights, so attention scores and logits reach the caps
+    "gemma2_softcap_window": lambda: Gemma2Config(**dict(SMALL, num_hidden_layers=3), num_key_value_heads=2, head_dim=16,
+                                                  initializer_range=0.2,
+                                                  query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=1.5,
+                                                  final_logit_softcapping=3.0),
+    "gemma3_pattern_two_bases": lambda: Gemma3TextConfig(
+        **dict(SMALL, num_hidden_layers=3), num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=6, sliding_window_pattern=3, final_logit_softcapping=None, rope_parameters={
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 4.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+    "gemma3_yarn_global": lambda: Gemma3TextConfig(
+        **dict(SMALL, **LONG, num_hidden_layers=3), num_key_value_heads=1, head_dim=16, layer_types=[
+            "full_attention", "sliding_attention", "full_attention"], sliding_window=5, rope_parameters={
+            "full_attention": dict(YARN, rope_theta=1000000.0), "sliding_attention": {"rope_type": "default",
+                                                                                      "rope_theta": 10000.0}}),
+    "llama_yarn": lambda: LlamaConfig(**dict(SMALL, **LONG), num_key_value_heads=2, rope_parameters=YARN),
+    "qwen2_yarn": lambda: Qwen2Config(**dict(SMALL, max_position_embeddings=32), num_key_value_heads=2,
+                                      rope_parameters=dict(YARN, factor=2.0, beta_fast=16.0, attention_factor=1.2)),
+    "llama_dynamic": lambda: LlamaConfig(**dict(SMALL, max_position_embeddings=16), num_key_value_heads=2,
+                                         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+    "llama_longrope": lambda: LlamaConfig(**dict(SMALL, **LONG), num_key_value_heads=2, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 0.7 * i for i in range(8)]}),
+}
+
 
 def make_hf_model(name: str, directory, dtype=torch.float32, seed: int = 0):
     """Random-weight model ``name`` saved to ``directory``; returns the torch model (eval mode)."""
     torch.manual_seed(seed)
-    config = FAMILY_CONFIGS[name]()
+    config = {**FAMILY_CONFIGS, **OPTION_CONFIGS}[name]()
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # biases and norm scales start at 0/1; randomise so the test sees them
         for pname, p in model.named_parameters():
@@ -32,6 +69,24 @@ def make_hf_model(name: str, directory, dtype=torch.float32, seed: int = 0):
     model = model.to(dtype).eval()
     model.save_pretrained(directory)
     return model
+
+
+# For each case, ModelConfig overrides that each switch one of its options off: the parity tests
+# check that the logits then disagree with transformers, so they would catch an option going missing.
+OPTION_OFF = {
+    "qwen3_untied": [dict(qk_norm=False)],
+    "qwen3_tied": [dict(qk_norm=False)],
+    "qwen3_sliding_layers": [dict(layer_types=None, sliding_window=None)],
+    "gemma2_softcap_window": [dict(attn_logit_softcap=None), dict(final_logit_softcap=None),
+                              dict(query_pre_attn_scalar=None), dict(layer_types=None)],
+    "gemma3_pattern_two_bases": [dict(rope_local_theta=None), dict(rope_scaling=None), dict(qk_norm=False),
+                                 dict(scale_embeddings=False)],
+    "gemma3_yarn_global": [dict(rope_scaling=None)],
+    "llama_yarn": [dict(rope_scaling=None)],
+    "qwen2_yarn": [dict(rope_scaling=None)],
+    "llama_dynamic": [dict(rope_scaling=None)],
+    "llama_longrope": [dict(rope_scaling=None)],
+}
 
 
 def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcpt.errors import UserError
 from jaxcpt.model.attention import attention_reference, attention_splash, attention_xla, choose_attention
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
@@ -57,3 +58,70 @@ def test_splash_gradient_matches_reference():
 def test_auto_picks_reference_on_cpu_and_names_resolve():
     assert choose_attention("auto", "bfloat16", 128) is attention_reference
     assert choose_attention("xla", "float32", 128) is attention_xla
+
+
+# Gemma-style settings: scores scaled by query_pre_attn_scalar**-0.5 and soft-capped, a sliding window
+GEMMA = dict(scale=24**-0.5, softcap=1.5)
+
+
+def large_inputs():
+    q, k, v, seg = inputs()
+    return 3 * q, 3 * k, v, seg  # scores large enough for the cap to bite
+
+
+def test_soft_cap_changes_the_reference():
+    q, k, v, seg = large_inputs()
+    capped = attention_reference(q, k, v, seg, 7, **GEMMA)
+    assert np.abs(capped - attention_reference(q, k, v, seg, 7, scale=GEMMA["scale"])).max() > 1e-2
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_xla_path_honours_scale_and_soft_cap(window):
+    q, k, v, seg = large_inputs()
+    expected = attention_reference(q, k, v, seg, window, **GEMMA)
+    np.testing.assert_allclose(attention_xla(q, k, v, seg, window, **GEMMA), expected, atol=2e-6)
+    np.testing.assert_allclose(attention_xla(q, k, v, seg, window, scale=GEMMA["scale"]),
+                               attention_reference(q, k, v, seg, window, scale=GEMMA["scale"]), atol=2e-6)
+
+
+def test_splash_kernel_soft_caps_and_slides_like_the_reference_forward_and_backward():
+    """The kernel's own attn_logits_soft_cap with a local mask, in interpret mode, values and gradients."""
+    q, k, v, seg = large_inputs()
+
+    def loss(fn):
+        return jax.value_and_grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    got = loss(lambda q, k, v: attention_splash(q, k, v, seg, 7, **GEMMA, rules=make_rules(), interpret=True))
+    want = loss(lambda q, k, v: attention_reference(q, k, v, seg, 7, **GEMMA))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def test_auto_never_picks_a_kernel_that_ignores_soft_capping(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose_attention("auto", "bfloat16", 128).__name__ == "attention_cudnn"
+    assert choose_attention("auto", "bfloat16", 128, softcap=50.0) is attention_xla  # honours the cap
+    with pytest.raises(UserError, match="cannot soft-cap"):
+        choose_attention("cudnn", "bfloat16", 128, softcap=50.0)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert choose_attention("auto", "bfloat16", 128, softcap=50.0).func is attention_splash  # it soft-caps
+
+
+def test_auto_on_gpu_in_float32_takes_the_xla_path_not_the_einsum_oracle(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose_attention("auto", "float32", 128) is attention_xla
+
+
+def test_packed_segments_give_cudnn_the_offsets_and_lengths_of_every_document():
+    from jaxcpt.model.attention import packed_segments
+
+    segment_ids = np.array([[1, 1, 1, 2, 2, 3, 0, 0],   # three documents, padding at the end
+                            [1, 1, 1, 1, 1, 1, 1, 1],   # one document filling the row
+                            [0, 1, 1, 0, 2, 2, 2, 0]])  # padding between documents
+    lengths, offsets = map(np.asarray, packed_segments(jax.numpy.asarray(segment_ids)))
+    assert lengths.shape == (3, 8) and offsets.shape == (3, 9)
+    assert lengths[0, :4].tolist() == [3, 2, 1, -1] and offsets[0, :4].tolist() == [0, 3, 5, -1]
+    assert lengths[1, :2].tolist() == [8, -1] and offsets[1, :2].tolist() == [0, -1]
+    assert lengths[2, :3].tolist() == [2, 3, -1] and offsets[2, :3].tolist() == [1, 4, -1]
+    assert (offsets[:, -1] == -1).all()

@@ -81,3 +81,40 @@ def _as_dict(cfg):
     from jaxcpt.config import to_dict
 
     return to_dict(cfg)
+
+
+def _trained_texts(cfg) -> set[str]:
+    """The texts the training stream holds, decoded from each packed segment."""
+    import sentencepiece as spm
+
+    from jaxcpt.data.pipeline import build_train_iterator
+
+    sp = spm.SentencePieceProcessor(model_file=sp_model())
+    texts = set()
+    for batch in build_train_iterator(cfg, batch_size=4, process_index=0, process_count=1):
+        for inputs, segments in zip(batch["inputs"], batch["segment_ids"]):
+            for segment in range(1, segments.max(initial=0) + 1):
+                texts.add(sp.decode(inputs[segments == segment][1:].tolist()))  # drop the BOS
+    return texts
+
+
+@pytest.mark.parametrize("held_out", [{"eval_documents": 5}, {"eval_fraction": 0.2}])
+def test_a_document_held_out_by_one_source_is_trained_on_by_no_source(corpus, tmp_path, held_out):
+    root, texts = corpus
+    write_jsonl(str(tmp_path / "replay.jsonl"), texts[:100])  # the same documents in a second source
+    cfg = data_config(
+        sources=[
+            {"name": "domain", "paths": [str(root / "a.jsonl")], "weight": 0.0, **held_out},
+            {"name": "replay", "paths": [str(tmp_path / "replay.jsonl")], "repeat": False},
+        ],
+        tokenizer=sp_model(),
+        seq_len=512,
+        shuffle_buffer=0,
+    )
+    if "eval_documents" in held_out:
+        held = set(texts[:5])  # the first documents of domain's file
+    else:
+        held = {t for t in texts[:200] if text_hash(t.encode()) < 0.2 * 2**64}
+    replay = set(texts[:100])
+    assert held & replay
+    assert _trained_texts(cfg) == replay - held  # replay trains on all of its documents but domain's held-out ones

@@ -158,3 +158,54 @@ def test_gzip_resume_position_counts_decompressed_bytes(tmp_path):
     with gzip.open(path, "rb") as f:
         assert positions[-1] == len(f.read()) != os.path.getsize(path)
     assert np.diff(positions).min() > 0
+
+
+@pytest.mark.parametrize("name", ["a.txt.gz", "a.md.zst"])
+@pytest.mark.parametrize("split", ["per_file", "blank_line"])
+def test_compressed_text_files_are_decompressed_not_counted_as_invalid_utf8(tmp_path, name, split):
+    import zstandard
+
+    texts = make_texts(4, seed=8)
+    raw = "\n\n".join(texts).encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else zstandard.ZstdCompressor().compress(raw))
+    docs, counter = _read_source([str(path)], text_split=split)
+    assert docs == (["\n\n".join(texts)] if split == "per_file" else texts)
+    assert counter.counts["invalid_utf8"] == 0
+
+
+def _data_directory(root):
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    write_jsonl(str(root / "a.jsonl"), ["alpha"])
+    write_jsonl(str(root / "sub" / "b.jsonl.zst"), ["beta"])
+    for name in ("README.md", "LICENSE", "LICENSE.txt", ".gitattributes", ".gitignore", "notes.py", "sub/CHANGELOG.md"):
+        (root / name).write_text("not a document\n")
+    (root / ".git" / "config.json").write_text("{}\n")
+
+
+def test_a_data_directory_reads_only_data_files_and_names_what_it_skipped(tmp_path, caplog):
+    _data_directory(tmp_path / "corpus")
+    files = resolve_files([str(tmp_path / "corpus")], "web")
+    assert [os.path.relpath(f, tmp_path / "corpus") for f in files] == ["a.jsonl", "sub/b.jsonl.zst"]
+    assert "source 'web': skipped 7 file(s)" in caplog.text and "README.md" in caplog.text
+    # A glob skips the same; a file named explicitly is read whatever its name.
+    assert [os.path.basename(f) for f in resolve_files([str(tmp_path / "corpus" / "*")], "web2")] == [
+        "a.jsonl", "b.jsonl.zst"
+    ]
+    assert resolve_files([str(tmp_path / "corpus" / "README.md")], "web") == [str(tmp_path / "corpus" / "README.md")]
+
+
+def test_a_declared_text_format_reads_any_text_file_but_not_readmes(tmp_path):
+    (tmp_path / "code").mkdir()
+    for name in ("main.py", "util.md", "README.md", "data.parquet", ".hidden.py"):
+        (tmp_path / "code" / name).write_text("x = 1\n")
+    files = resolve_files([str(tmp_path / "code")], "code", "text")
+    assert [os.path.basename(f) for f in files] == ["main.py", "util.md"]
+
+
+def test_a_directory_without_data_files_is_an_error_naming_what_was_skipped(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("# a dataset card\n")
+    with pytest.raises(ConfigError, match=r"holds no data file \(skipped: '.*README.md'\)"):
+        resolve_files([str(tmp_path / "empty")], "web")

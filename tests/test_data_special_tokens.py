@@ -60,14 +60,15 @@ def test_tokenizer_facts_of_a_sentencepiece_model():
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
-def test_default_special_tokens_are_what_the_hf_tokenizer_adds(tmp_path, name):
+def test_default_special_tokens_are_the_hf_tokenizers_bos_and_an_eos_per_document(tmp_path, name):
     from transformers import AutoTokenizer
 
     texts, path = _short_docs(tmp_path)
     tokenizer = TOKENIZERS[name]()
     cfg = data_config(sources=[{"name": "d", "paths": [path], "repeat": False}], tokenizer=tokenizer, seq_len=64)
     hf = AutoTokenizer.from_pretrained(tokenizer)
-    assert _documents_in_stream(cfg) == sorted(hf(t)["input_ids"] for t in texts)
+    # BOS as the tokenizer adds it; EOS closes every document, as in pretraining
+    assert _documents_in_stream(cfg) == sorted(hf(t)["input_ids"] + [hf.eos_token_id] for t in texts)
 
 
 def test_default_special_tokens_of_a_sentencepiece_model_are_bos_and_eos(tmp_path):
@@ -85,9 +86,9 @@ def test_explicit_flags_override_the_tokenizer(tmp_path):
     llama = data_config(sources=source, tokenizer=llama_style_tokenizer_dir(), add_bos=False, add_eos=True)
     assert resolved_special_tokens(llama) == (None, 2)
     assert all(d[0] != 1 and d[-1] == 2 for d in _documents_in_stream(llama))
-    qwen = data_config(sources=source, tokenizer=qwen_style_tokenizer_dir(), add_eos=True)
-    assert resolved_special_tokens(qwen) == (None, 400)
-    assert resolved_special_tokens(data_config(sources=source, tokenizer=qwen_style_tokenizer_dir())) == (None, None)
+    qwen = data_config(sources=source, tokenizer=qwen_style_tokenizer_dir(), add_eos=False)
+    assert resolved_special_tokens(qwen) == (None, None)
+    assert resolved_special_tokens(data_config(sources=source, tokenizer=qwen_style_tokenizer_dir())) == (None, 400)
 
 
 def test_explicit_add_bos_with_a_tokenizer_without_bos_is_an_error_naming_the_fix(tmp_path):
@@ -102,8 +103,8 @@ def test_token_shards_without_a_tokenizer_follow_the_convention_they_were_writte
     out = str(tmp_path / "qwen_tok")
     assert main(["tokenize", "--tokenizer", qwen_style_tokenizer_dir(), "--output", out, path]) == 0
     shards = data_config(sources=[{"name": "d", "paths": [out]}])
-    assert resolved_special_tokens(shards) == (None, None)  # Qwen adds neither
-    assert resolved_special_tokens(data_config(sources=[{"name": "d", "paths": [out]}], add_eos=True)) == (None, 400)
+    assert resolved_special_tokens(shards) == (None, 400)  # Qwen: no BOS, EOS closes each document
+    assert resolved_special_tokens(data_config(sources=[{"name": "d", "paths": [out]}], add_eos=False)) == (None, None)
     # Shards from before the convention was recorded: BOS and EOS where the tokenizer has them.
     meta_path = os.path.join(out, TOKENIZED_META)
     meta = json.load(open(meta_path))

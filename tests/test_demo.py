@@ -32,6 +32,7 @@ def test_demo_fast_mode_shows_learning_and_less_forgetting_with_replay(tmp_path)
     assert result["generated"].startswith("def __init__(self")
     assert (out / "forgetting.png").stat().st_size > 10_000
     assert "forgetting removed by B" in output and "transformers loaded" in output
+    assert "general (ema)" in output and "merge sweep (linear" in output and "<- recommended" in output
 
 
 def test_tiny_config_trains_and_writes_everything_a_run_should(tmp_path, monkeypatch):

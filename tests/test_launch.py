@@ -1,13 +1,17 @@
 """Launch scripts: shellcheck-clean, and their --dry-run plans are the commands we mean.
 
 Every test puts failing fakes of gcloud, srun, nvidia-smi and jaxcpt first on PATH, so a
-dry run that executed anything would fail loudly (and leave a marker file behind).
+dry run that executed anything would fail loudly (and leave a marker file behind). Tests of
+the read-only ``jaxcpt train --check`` that runs before training replace the fake jaxcpt with
+one that records its arguments (``recording_jaxcpt``), and real-run tests replace srun and
+gcloud with fakes that run the command they are given here.
 Printed commands are "+ word word ..." lines that shlex reads back into argv lists.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shlex
 import shutil
@@ -65,8 +69,34 @@ def fake_bin(tmp_path: Path) -> Path:
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "cpt.yaml"
-    path.write_text("model:\n  preset: tiny\n")
+    path.write_text((LAUNCH.parent / "configs" / "tiny.yaml").read_text())
     return path
+
+
+class RecordingJaxcpt:
+    """A fake ``jaxcpt`` that appends each call's argv (one JSON list per line) and exits with
+    ``exit_code``, printing ``message`` to stderr when given."""
+
+    def __init__(self, path: Path, log: Path):
+        self.path, self.log = path, log
+        self.set(exit_code=0)
+
+    def set(self, exit_code: int, message: str = "") -> None:
+        record = f"{shlex.quote(sys.executable)} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+        self.path.write_text(
+            f'#!/bin/sh\n{record} "$@" >> {shlex.quote(str(self.log))}\n'
+            + (f"echo {shlex.quote(message)} >&2\n" if message else "")
+            + f"exit {exit_code}\n"
+        )
+        self.path.chmod(0o755)
+
+    def calls(self) -> list[list[str]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
+
+
+@pytest.fixture
+def recording_jaxcpt(fake_bin: Path, tmp_path: Path) -> RecordingJaxcpt:
+    return RecordingJaxcpt(fake_bin / "jaxcpt", tmp_path / "jaxcpt_calls")
 
 
 def run_script(script: Path, *args: str, fake_bin: Path, env: dict[str, str] | None = None):
@@ -145,9 +175,9 @@ def test_missing_required_argument_is_named(script, args, named, fake_bin, confi
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_override_without_equals_is_rejected(script, fake_bin, config):
     args = ["train", *tpu_args(config)] if script == TPU else ["--dry-run", "--config", str(config), "--run-dir", "/r"]
-    result = run_script(script, *args, "--", "optim.peak_lr", fake_bin=fake_bin, env=FAKE_SLURM_ENV)
+    result = run_script(script, *args, "--", "optim.schedule.peak_lr", fake_bin=fake_bin, env=FAKE_SLURM_ENV)
     assert result.returncode != 0
-    assert "'optim.peak_lr'" in result.stderr and "key=value" in result.stderr
+    assert "'optim.schedule.peak_lr'" in result.stderr and "key=value" in result.stderr
 
 
 # ---------------------------------------------------------------- tpu_vm.sh
@@ -157,7 +187,7 @@ def test_tpu_all_dry_run_creates_installs_trains_on_every_worker_and_follows_log
     wheel = tmp_path / "jaxcpt-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"")
     result = run_script(
-        TPU, "all", *tpu_args(config, "--spot", "--wheel", str(wheel)), "--", "optim.peak_lr=3e-5",
+        TPU, "all", *tpu_args(config, "--spot", "--wheel", str(wheel)), "--", "optim.schedule.peak_lr=3e-5",
         fake_bin=fake_bin,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -175,16 +205,18 @@ def test_tpu_all_dry_run_creates_installs_trains_on_every_worker_and_follows_log
 
     sshs = [c for c in commands if c[3:5] == ["tpu-vm", "ssh"]]
     assert all("--zone=us-east5-a" in c for c in sshs)
-    *setup, train, logs = sshs
-    assert all("--worker=all" in c for c in setup + [train])
+    *setup, check, train, logs = sshs
+    assert all("--worker=all" in c for c in setup + [check, train])
     install = next(value_of(c, "--command") for c in setup if "pip install" in value_of(c, "--command"))
     assert '"jax[tpu]"' in install and f"./{wheel.name}[gcs]" in install
 
+    args = ("--config cpt.yaml run_dir=run checkpoint.directory=gs://bucket/runs/cpt-1/checkpoints "
+            "distributed.initialize=true")
+    check_command = value_of(check, "--command")
+    assert f"jaxcpt train --check {args}" in check_command and "nohup" not in check_command  # in the foreground
     train_command = value_of(train, "--command")
-    expected = ("nohup jaxcpt train --config cpt.yaml run_dir=run checkpoint.directory=gs://bucket/runs/cpt-1/checkpoints "
-                "distributed.initialize=true")
-    assert expected in train_command
-    assert "optim.peak_lr=3e-5" in train_command
+    assert f"nohup jaxcpt train {args}" in train_command
+    assert "optim.schedule.peak_lr=3e-5" in train_command and "optim.schedule.peak_lr=3e-5" in check_command
     assert "--worker=0" in logs and "tail" in value_of(logs, "--command")
 
 
@@ -210,6 +242,41 @@ def test_tpu_remote_train_command_runs_on_a_worker_with_overrides_intact(fake_bi
         "train", "--config", "cpt.yaml", "run_dir=run", "checkpoint.directory=gs://bucket/runs/cpt-1/checkpoints",
         "distributed.initialize=true", *tricky,
     ]  # fmt: skip
+
+
+@pytest.fixture
+def tpu_worker(fake_bin: Path, tmp_path: Path) -> Path:
+    """fake_bin whose gcloud runs each ssh --command here, as one worker would (HOME = a fake worker home
+    whose ~/.local/bin/jaxcpt is the recording fake); other gcloud calls succeed doing nothing."""
+    home = tmp_path / "worker_home"
+    (home / ".local" / "bin").mkdir(parents=True)
+    (fake_bin / "gcloud").write_text(
+        "#!/bin/bash\n"
+        'command=""\n'
+        'while (($#)); do [[ $1 == --command ]] && command=$2; shift; done\n'
+        '[[ -z $command ]] && exit 0\n'
+        f'HOME={shlex.quote(str(home))} PATH=/usr/bin:/bin exec bash -c "$command"\n'
+    )
+    return home
+
+
+@pytest.mark.parametrize("check_passes", [True, False])
+def test_tpu_train_checks_on_the_workers_first_and_trains_only_after_the_check_passed(fake_bin, tpu_worker, config,
+                                                                                      tmp_path, check_passes):
+    jaxcpt = RecordingJaxcpt(tpu_worker / ".local" / "bin" / "jaxcpt", tmp_path / "worker_calls")
+    if not check_passes:
+        jaxcpt.set(exit_code=2, message="data.sources[0]: '/mnt/data' does not exist")
+    args = [a for a in tpu_args(config, "--foreground") if a != "--dry-run"]
+    result = run_script(TPU, "train", *args, fake_bin=fake_bin)
+    expected = ["--config", "cpt.yaml", "run_dir=run", "checkpoint.directory=gs://bucket/runs/cpt-1/checkpoints",
+                "distributed.initialize=true"]
+    if check_passes:
+        assert result.returncode == 0, result.stderr
+        assert jaxcpt.calls() == [["train", "--check", *expected], ["train", *expected]]
+    else:
+        assert result.returncode != 0
+        assert jaxcpt.calls() == [["train", "--check", *expected]]
+        assert "'/mnt/data' does not exist" in result.stderr and "training was not started" in result.stderr
 
 
 def test_tpu_queued_resource_create_and_forced_delete(fake_bin, config):
@@ -256,47 +323,83 @@ def test_tpu_run_dir_must_be_on_gcs_and_says_why(fake_bin, config):
 # ---------------------------------------------------------------- gpu.sh
 
 
-def test_gpu_dry_run_runs_one_process_with_gpu_xla_flags(fake_bin, config):
+def test_gpu_dry_run_runs_the_check_and_prints_the_one_training_process(fake_bin, config, recording_jaxcpt):
     result = run_script(
-        GPU, "--dry-run", "--config", str(config), "--run-dir", "runs/cpt-1", "--mem-fraction", "0.8",
-        "--", "optim.peak_lr=3e-5", "train.steps=100",
+        GPU, "--dry-run", "--config", str(config), "--run-dir", "runs/cpt-1", "--mem-fraction", "0.8", "--gpus", "0,1",
+        "--", "optim.schedule.peak_lr=3e-5", "train.steps=100",
         fake_bin=fake_bin,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    (command,) = printed_commands(result.stdout)  # one process; nvidia-smi was not run
+    train_args = ["--config", str(config), "run_dir=runs/cpt-1", "optim.schedule.peak_lr=3e-5", "train.steps=100"]
+    assert recording_jaxcpt.calls() == [["train", "--check", *train_args]]  # the read-only check really ran
+    check, command = printed_commands(result.stdout)  # one process; nvidia-smi was not run
     assert command[0] == "env"
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in next(w for w in command if w.startswith("XLA_FLAGS="))
-    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.8" in command
-    start = command.index("jaxcpt")
-    assert command[start:] == [
-        "jaxcpt", "train", "--config", str(config), "run_dir=runs/cpt-1", "optim.peak_lr=3e-5", "train.steps=100",
-    ]  # fmt: skip
+    assert {"XLA_PYTHON_CLIENT_MEM_FRACTION=0.8", "CUDA_VISIBLE_DEVICES=0,1"} <= set(command)
+    assert command[command.index("jaxcpt"):] == ["jaxcpt", "train", *train_args]
+    assert check[: check.index("jaxcpt")] == command[: command.index("jaxcpt")]  # the same environment and GPUs
+    assert check[check.index("jaxcpt"):] == ["jaxcpt", "train", "--check", *train_args]
+
+
+def test_gpu_dry_run_stops_with_the_checks_message_when_it_fails(fake_bin, config, recording_jaxcpt):
+    recording_jaxcpt.set(exit_code=2, message="jaxcpt train: error: data.sources[0]: '/data/x' does not exist")
+    result = run_script(GPU, "--dry-run", "--config", str(config), "--run-dir", "r", fake_bin=fake_bin)
+    assert result.returncode == 2
+    assert "'/data/x' does not exist" in result.stderr and "training was not started" in result.stderr
+    assert len(printed_commands(result.stdout)) == 1  # the check; no training command follows
+
+
+@pytest.fixture
+def gpu_node(fake_bin: Path) -> Path:
+    """fake_bin whose nvidia-smi lists two GPUs, for real (not dry) runs of gpu.sh."""
+    (fake_bin / "nvidia-smi").write_text("#!/bin/sh\nprintf 'NVIDIA H100\\nNVIDIA H100\\n'\n")
+    return fake_bin
+
+
+@pytest.mark.parametrize("check_passes", [True, False])
+def test_gpu_run_checks_first_and_trains_only_after_the_check_passed(gpu_node, config, recording_jaxcpt,
+                                                                     check_passes):
+    if not check_passes:
+        recording_jaxcpt.set(exit_code=2, message="init.path '/models/x' does not exist")
+    result = run_script(GPU, "--config", str(config), "--run-dir", "r", fake_bin=gpu_node)
+    train_args = ["--config", str(config), "run_dir=r"]
+    if check_passes:
+        assert result.returncode == 0, result.stderr
+        assert recording_jaxcpt.calls() == [["train", "--check", *train_args], ["train", *train_args]]
+    else:
+        assert result.returncode == 2
+        assert recording_jaxcpt.calls() == [["train", "--check", *train_args]]
+        assert "'/models/x' does not exist" in result.stderr and "training was not started" in result.stderr
 
 
 # ---------------------------------------------------------------- slurm.sbatch
 
 
-def slurm_task_command(stdout: str) -> tuple[list[str], str]:
-    (command,) = printed_commands(stdout)
-    assert command[0] == "srun"
-    return command, value_of(command, "-c")
+def slurm_task_commands(stdout: str) -> tuple[list[str], str, str]:
+    """(the training srun argv, the check's task command, the training's task command)."""
+    check, train = printed_commands(stdout)
+    assert check[0] == train[0] == "srun"
+    assert check[: check.index("-c")] == train[: train.index("-c")]  # same nodes, tasks and environment
+    return train, value_of(check, "-c"), value_of(train, "-c")
 
 
 def test_slurm_dry_run_derives_coordinator_from_nodelist(fake_bin, config):
     result = run_script(
-        SLURM, "--dry-run", "--config", str(config), "--run-dir", "/shared/runs/cpt-1", "--", "optim.peak_lr=3e-5",
+        SLURM, "--dry-run", "--config", str(config), "--run-dir", "/shared/runs/cpt-1", "--",
+        "optim.schedule.peak_lr=3e-5",
         fake_bin=fake_bin, env=FAKE_SLURM_ENV,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    srun, task = slurm_task_command(result.stdout)
+    srun, check, task = slurm_task_commands(result.stdout)
     assert {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1"} <= set(srun)
     assert task.startswith(f"exec jaxcpt train --config {config} run_dir=/shared/runs/cpt-1 ")
+    assert check == task.replace("exec jaxcpt train ", "exec jaxcpt train --check ", 1)  # printed first, same args
     for override in [
         "distributed.initialize=true",
         "distributed.coordinator_address=node01:12355",
         "distributed.num_processes=2",
         "distributed.process_id=$SLURM_PROCID",  # unexpanded: each task fills in its own
-        "optim.peak_lr=3e-5",
+        "optim.schedule.peak_lr=3e-5",
     ]:
         assert override in shlex.split(task)
 
@@ -307,19 +410,43 @@ def test_slurm_process_id_is_expanded_per_task(fake_bin, config, tmp_path):
         fake_bin=fake_bin, env=FAKE_SLURM_ENV,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    _, task = slurm_task_command(result.stdout)
+    _, check, task = slurm_task_commands(result.stdout)
     echo_bin = tmp_path / "task_bin"
     echo_bin.mkdir()
     (echo_bin / "jaxcpt").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
     (echo_bin / "jaxcpt").chmod(0o755)
-    for procid in ["0", "1"]:
-        env = {"PATH": f"{echo_bin}:/usr/bin:/bin", "SLURM_PROCID": procid}
-        argv = subprocess.run(["bash", "-c", task], env=env, capture_output=True, text=True, timeout=10)
-        assert argv.returncode == 0, argv.stderr
-        args = argv.stdout.splitlines()
-        assert f"distributed.process_id={procid}" in args
-        assert "distributed.coordinator_address=node01:23456" in args
-        assert args[-1] == "a.b=x y"
+    for command in (check, task):
+        for procid in ["0", "1"]:
+            env = {"PATH": f"{echo_bin}:/usr/bin:/bin", "SLURM_PROCID": procid}
+            argv = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=10)
+            assert argv.returncode == 0, argv.stderr
+            args = argv.stdout.splitlines()
+            assert f"distributed.process_id={procid}" in args
+            assert "distributed.coordinator_address=node01:23456" in args
+            assert args[-1] == "a.b=x y"
+
+
+@pytest.fixture
+def slurm_node(fake_bin: Path) -> Path:
+    """fake_bin whose srun runs its command here, once, as task 0 (a real run without SLURM)."""
+    (fake_bin / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nSLURM_PROCID=0 exec "$@"\n')
+    return fake_bin
+
+
+@pytest.mark.parametrize("check_passes", [True, False])
+def test_slurm_run_checks_on_the_nodes_first_and_trains_only_after_the_check_passed(slurm_node, config,
+                                                                                    recording_jaxcpt, check_passes):
+    if not check_passes:
+        recording_jaxcpt.set(exit_code=2, message="data.sources[0]: '/shared/data' does not exist")
+    result = run_script(SLURM, "--config", str(config), "--run-dir", "/r", fake_bin=slurm_node, env=FAKE_SLURM_ENV)
+    calls = recording_jaxcpt.calls()
+    assert calls[0][:2] == ["train", "--check"] and "distributed.process_id=0" in calls[0]
+    if check_passes:
+        assert result.returncode == 0, result.stderr
+        assert calls[1:] == [["train", *calls[0][2:]]]
+    else:
+        assert result.returncode == 2 and len(calls) == 1
+        assert "'/shared/data' does not exist" in result.stderr and "training was not started" in result.stderr
 
 
 def test_slurm_outside_an_allocation_explains_what_to_set(fake_bin, config):

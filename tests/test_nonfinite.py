@@ -14,7 +14,13 @@ from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.persist import params_of
 from jaxcpt.model.transformer import init_model
 from jaxcpt.sharding.mesh import build_mesh
+from jaxcpt.train.state import trainable_view
 from jaxcpt.train.step import train_step
+
+
+def _paths(tree, prefix=""):
+    for key, value in tree.items():
+        yield from _paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
 
 
 def test_nonfinite_step_leaves_params_and_moments_unchanged():
@@ -24,12 +30,13 @@ def test_nonfinite_step_leaves_params_and_moments_unchanged():
     params = params_of(model)
     params["final_norm"] = params["final_norm"].at[0].set(jnp.nan)
     tx = optax.adamw(1e-3)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    keys = tuple(trainable_view(params, [k for k in _paths(params)]))
+    state = {"params": params, "opt_state": tx.init(trainable_view(params, keys)), "step": jnp.zeros((), jnp.int32)}
     ones = jnp.ones((2, 8), jnp.int32)
     batch = {"inputs": ones, "targets": ones, "segment_ids": ones, "positions": jnp.tile(jnp.arange(8), (2, 1)),
              "loss_mask": jnp.ones((2, 8)), "source": jnp.zeros((2,), jnp.int32)}
     new_state, metrics = train_step(state, batch, graphdef=graphdef, tx=tx, schedule=lambda s: 1e-3, num_sources=1,
-                                    grad_accum_steps=1, chunk_size=0, z_loss_weight=0.0)
+                                    grad_accum_steps=1, chunk_size=0, z_loss_weight=0.0, trainable_keys=keys)
     assert not bool(metrics["finite"])
     assert int(new_state["step"]) == 1
     before = jax.tree_util.tree_flatten_with_path({"params": state["params"], "opt": state["opt_state"]})[0]

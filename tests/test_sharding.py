@@ -124,7 +124,8 @@ def test_gradient_accumulation_on_a_multi_device_mesh_matches_one_batch_and_spre
     for accum in (1, 2):
         program = _program(accum, mesh_axes)
         model = init_model(program.model_cfg, program.mesh, seed=1)
-        state = fresh_state(nnx.state(model, nnx.Param).to_pure_dict(), program.tx, program.state_shardings)
+        state = fresh_state(nnx.state(model, nnx.Param).to_pure_dict(), program.tx, program.state_shardings,
+                            program.trainable.keys)
         batch = {k: jax.device_put(np.asarray(v, np.float32 if k == "loss_mask" else np.int32), program.batch_shardings[k])
                  for k, v in host_batch.items()}
         with jax.set_mesh(program.mesh):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hf_models import rel_err
 from train_helpers import make_corpora, tiny_overrides, train_losses
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
 
 from jaxcpt.cli import main
 from jaxcpt.config import ConfigError
@@ -32,12 +32,23 @@ def test_checkpoint_from_data_parallel_mesh_resumes_on_fsdp_tensor_mesh(tmp_path
     assert abs(resharded[5] - straight[5]) / straight[5] < 1e-5
 
 
-def test_step0_eval_of_hf_model_equals_transformers_loss(tmp_path):
+# (config class, extra fields): the tokenizer's 320 ids are stored padded to 384 rows
+STEP0_MODELS = {
+    "llama": (LlamaConfig, {}),
+    "gemma3": (Gemma3TextConfig, dict(head_dim=16, sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=16)),
+    "qwen3": (Qwen3Config, dict(head_dim=32, tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("family", list(STEP0_MODELS))
+def test_step0_eval_of_hf_model_equals_transformers_loss(family, tmp_path):
     corpora = make_corpora(tmp_path / "data")
     torch.manual_seed(0)
     hf_dir = tmp_path / "hf"
-    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(hf_dir)
+    config_class, extra = STEP0_MODELS[family]
+    config = config_class(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, **extra)
+    AutoModelForCausalLM.from_config(config).save_pretrained(hf_dir)
     overrides = [o for o in tiny_overrides(tmp_path / "run", corpora, steps=2) if not o.startswith("model.")]
     overrides += ["init.source=hf", f"init.path={hf_dir}", "model.dtype=float32"]
     cfg = load_train_config(None, overrides)
@@ -46,7 +57,7 @@ def test_step0_eval_of_hf_model_equals_transformers_loss(tmp_path):
     step0 = next(r for r in records if r["kind"] == "eval" and r["step"] == 0)["sources"]
 
     # transformers cannot pack: run every document of every held-out row on its own
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     for name, batches in build_eval_batches(cfg.data, batch_size=cfg.train.batch_size).items():
         loss_sum, tokens = 0.0, 0.0
         for batch in batches:

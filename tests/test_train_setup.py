@@ -26,6 +26,7 @@ def test_check_prints_config_layout_and_data_and_writes_nothing(tmp_path, capsys
     assert "layers.k" in out and "per device" in out
     # 2 KV heads split over tensor=2; the embedding's 320 rows over tensor=2
     assert "source       general" in out and "source       domain" in out
+    assert "documents    BOS 1 before, EOS 2 after each document" in out
     assert not run_dir.exists()
 
 
@@ -128,3 +129,19 @@ def test_hf_export_writes_the_tokenizers_special_ids(tmp_path):
     assert exported["eos_token_id"] == QWEN_STYLE["eos_id"] and exported["pad_token_id"] == QWEN_STYLE["pad_id"]
     assert exported["bos_token_id"] == 7  # the tokenizer has none: the model's own stays
     assert (tmp_path / "run" / "hf" / "step_2" / "tokenizer.json").is_file()  # the tokenizer trained with ships
+
+
+def test_training_from_a_qwen_style_hf_directory_with_default_data_settings(tmp_path):
+    """No BOS token, EOS/PAD after the BPE vocabulary: the shipped defaults train and export it."""
+    from jaxcpt.train.loop import train
+
+    corpora = make_corpora(tmp_path / "data")
+    hf = _qwen_style_hf_dir(tmp_path)
+    overrides = [o for o in tiny_overrides(tmp_path / "run", corpora, steps=2) if not o.startswith(("model.", "data.tokenizer"))]
+    summary = train(load_train_config(None, overrides + ["init.source=hf", f"init.path={hf}", "export.final=true"]))
+    export = summary["exports"][-1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.bos_token is None and tokenizer.eos_token_id == QWEN_STYLE["eos_id"]
+    assert AutoModelForCausalLM.from_pretrained(export).config.eos_token_id == QWEN_STYLE["eos_id"]

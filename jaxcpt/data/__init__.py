@@ -12,8 +12,9 @@ worker processes, which import these modules, stay light):
     it.source_names, it.step, it.bad_input_counts()
 
 Modules: ``config`` (DataConfig, SourceConfig, MixtureStage), ``sources`` (files, formats,
-resumable reading), ``documents`` (per-host/worker shares, epochs, held-out split, bad
-input), ``shuffle``, ``tokenize`` (tokenizers, the tokenizing stage), ``packing``,
+resumable reading of files and ranges of them), ``shares`` (splitting sources into ranges
+when readers outnumber files; each host's and worker's share), ``documents`` (epochs,
+held-out split, bad input), ``shuffle``, ``tokenize`` (tokenizers, the tokenizing stage), ``packing``,
 ``mixture`` (weights over training, the interleaver), ``state`` (JSON-safe iterator
 states), ``pipeline`` (assembly, TrainIterator, eval batches), ``command`` (``jaxcpt tokenize``).
 """

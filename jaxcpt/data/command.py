@@ -171,7 +171,7 @@ def tokenize_source(
     ):
         raise UserError(f"'{output}' already holds token shards; choose a new directory or delete them")
     # Inputs and tokenizer are checked before anything is written.
-    units = list_units(resolve_files(src.paths, src.name), src.format, src.text_field, src.name)
+    units = list_units(resolve_files(src.paths, src.name, src.format), src.format, src.text_field, src.name)
     if any(u.fmt == "tokenized" for u in units):
         raise UserError(f"source '{src.name}' is already tokenized")
     facts = load_tokenizer(tokenizer).facts
@@ -204,8 +204,9 @@ def tokenize_source(
         "bos_id": facts.bos_id,
         "eos_id": facts.eos_id,
         "pad_id": facts.pad_id,
-        "adds_bos": facts.adds_bos,  # the tokenizer's convention, the default of data.add_bos without it
-        "adds_eos": facts.adds_eos,
+        # the document convention, what data.add_bos / add_eos default to when there is no tokenizer
+        "adds_bos": facts.document_convention[0],
+        "adds_eos": facts.document_convention[1],
         "dtype": dtype.name,
         "inputs": list(src.paths),
         "text_field": src.text_field,

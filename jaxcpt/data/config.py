@@ -45,13 +45,19 @@ class SourceConfig:
 
     name: str = field(help="Name of the source; used in stage weights, metrics (loss per source) and eval batches.")
     paths: list[str] = field(
-        help="Files, directories (read recursively) or glob patterns ('**' allowed). A missing file or a pattern "
-        "matching nothing is an error at build time."
+        help="Files, directories (read recursively) or glob patterns ('**' allowed). Directories and globs take "
+        "only data files: no dotfiles or dot-directories, no README/LICENSE/CHANGELOG-like files, and only files "
+        "whose extension names a known format (with a declared format: does not name another one); a warning names "
+        "what was skipped. A file named explicitly is always read. A missing file or a pattern matching nothing is "
+        "an error at build time."
     )
     format: SourceFormat = field(
         "auto",
-        help="jsonl (.jsonl/.json/.ndjson, plain, .gz or .zst), parquet, text (one document per file or per "
-        "blank-line block), tokenized (a directory written by `jaxcpt tokenize`). auto: from each file's extension.",
+        help="jsonl (.jsonl/.json/.ndjson), parquet, text (.txt/.md/.rst/...: one document per file or per "
+        "blank-line block), tokenized (a directory written by `jaxcpt tokenize`); jsonl and text files may be .gz or "
+        ".zst compressed. auto: from each file's extension. With fewer files than readers (hosts x workers), "
+        "uncompressed JSONL and blank-line text are split by byte range, Parquet by row group and row range, "
+        "token shards by document range; compressed files cannot be split (a warning says so).",
     )
     text_field: str = field("text", help="Field (JSONL) or column (Parquet) holding the document text.")
     text_split: TextSplit = field(
@@ -68,12 +74,15 @@ class SourceConfig:
     eval_fraction: float = field(
         0.0,
         help="Fraction of documents held out for evaluation, chosen by a stable hash (blake2b) of the document "
-        "text, so a held-out document is never trained on, whatever the host count or seed.",
+        "text, so a held-out document is never trained on, whatever the host count or seed. No source trains on "
+        "a document held out by any source: every source's training skips the texts whose hash is below the "
+        "largest eval_fraction of all sources (so a source also loses that fraction of its own documents).",
     )
     eval_documents: int = field(
         0,
         help="Hold out exactly this many documents: the first ones in sorted file order (an alternative to "
-        "eval_fraction; give one or neither). Training skips every document whose text hash matches one of them.",
+        "eval_fraction; give one or neither). The training of every source skips every document whose text hash "
+        "matches one of them (the union over all sources).",
     )
 
     def validate(self) -> None:
@@ -151,9 +160,10 @@ class DataConfig:
     )
     add_eos: bool | None = field(
         None,
-        help="Append the tokenizer's EOS token to every document. null: do what the tokenizer itself does "
-        "(a Hugging Face tokenizer: whether tokenizer(text) appends EOS, which Llama and Qwen do not; a "
-        "sentencepiece .model file: yes, if it has an EOS token). true with a tokenizer without EOS is an error.",
+        help="Append the tokenizer's EOS token to every document. null: yes whenever the tokenizer has an EOS "
+        "token, as pretraining does (Llama 3 and Qwen end documents with <|end_of_text|> / <|endoftext|>, although "
+        "their HF tokenizers append nothing to a prompt); without EOS between documents a continued model forgets "
+        "where documents stop. true with a tokenizer without EOS is an error.",
     )
     seq_len: int = field(
         2048, help="Tokens per packed row. build_train_iterator's seq_len argument, when the trainer passes one, wins."

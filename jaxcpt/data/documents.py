@@ -5,30 +5,35 @@ token arrays for pre-tokenized shards), with an ``EpochEnd`` marker between epoc
 whose state is a few integers: epoch, unit position, offset in the unit, record count,
 bad-input counts.
 
-Sharding. Hosts split a source first, then each host's Grain workers split the host's
-part. Each level hands out whole units (files, row groups, token shards) when there are
-at least as many as readers, and otherwise records: every reader of the level reads the
-same units and keeps the records whose ordinal within the epoch is its index modulo the
-reader count (it does not parse the others). Either way the shares are disjoint and cover
-the source, and a host's share does not depend on its worker count.
+Sharding (``jaxcpt.data.shares``). Hosts split a source first, then each host's Grain
+workers split the host's part. Each level hands out whole units (files, row groups, token
+shards, or ranges of them) when there are at least as many as readers, and otherwise
+records: every reader of the level reads the same units and keeps the records whose ordinal
+within the epoch is its index modulo the reader count (it does not parse the others). Either
+way the shares are disjoint and cover the source.
 
 Epochs. With ``repeat`` the source starts over when exhausted, with the unit order
 reshuffled from (seed, source name, epoch); the epoch number is part of the state.
 
-Held-out split. A document is held out when the blake2b hash of its UTF-8 text is below
-``eval_fraction * 2**64``, or when its hash is among those of the first ``eval_documents``
-documents of the source; the training split skips exactly those, the eval split keeps only
-them. Pre-tokenized shards store each document's text hash, so the split is the same.
+Held-out split. A source's own held-out documents are those whose blake2b text hash is
+below ``eval_fraction * 2**64``, or is among the hashes of its first ``eval_documents``
+documents; its eval split keeps only them. The training split of every source skips every
+document held out by ANY source (``HeldOut``: the largest of the sources' hash thresholds,
+and the union of their eval_documents hashes), so a document that two sources share is never
+trained on when one of them holds it out. Pre-tokenized shards store each document's text
+hash, so the split is the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import grain
 import numpy as np
 
+from jaxcpt.data.shares import share
 from jaxcpt.data.sources import BAD_KINDS, Unit, parse_record, read_unit, text_hash
 from jaxcpt.errors import UserError
 
@@ -105,13 +110,28 @@ class BadInputCounter:
         self.records = int(snapshot[-1])
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """Documents held out for evaluation, by text hash: below ``threshold`` or in ``hashes``."""
+
+    threshold: int = 0  # eval_fraction * 2**64
+    hashes: frozenset[int] = frozenset()
+
+    def __contains__(self, doc_hash: int) -> bool:
+        return doc_hash < self.threshold or doc_hash in self.hashes
+
+
 def stable_seed(*parts: object) -> int:
     """A 31-bit seed from strings and ints, the same in every process and Python version."""
     return text_hash(repr(parts).encode()) % (2**31 - 1)
 
 
 class DocumentDataset(grain.IterDataset):
-    """Documents of one source (see the module docstring). ``split`` is ``"train"`` or ``"eval"``."""
+    """Documents of one source (see the module docstring). ``split`` is ``"train"`` or ``"eval"``.
+
+    ``eval_fraction`` / ``eval_hashes`` are the source's own held-out split; ``held_out_anywhere``
+    (all sources' held-out documents) is skipped by the training split as well.
+    """
 
     def __init__(
         self,
@@ -123,6 +143,7 @@ class DocumentDataset(grain.IterDataset):
         split: str,
         eval_fraction: float,
         eval_hashes: frozenset[int] | None,
+        held_out_anywhere: HeldOut | None = None,
         counter: BadInputCounter,
         repeat: bool,
         seed: int,
@@ -138,6 +159,7 @@ class DocumentDataset(grain.IterDataset):
         self.split = split
         self.eval_threshold = int(eval_fraction * 2**64)
         self.eval_hashes = eval_hashes
+        self.held_out_anywhere = held_out_anywhere  # training also skips these (other sources' held-out)
         self.counter = counter
         self.repeat = repeat and split == "train"
         self.seed = seed
@@ -161,7 +183,7 @@ class DocumentIterator(grain.DatasetIterator):
     def __init__(self, ds: DocumentDataset):
         super().__init__()
         self._ds = ds
-        self._units, self._shard, self._count = _share(
+        self._units, self._shard, self._count = share(
             ds.units, (ds.host_index, ds.host_count), (ds.worker_index, ds.worker_count)
         )
         self._epoch = 0
@@ -228,7 +250,10 @@ class DocumentIterator(grain.DatasetIterator):
                 continue
             ds.counter.good()
             content, doc_hash = payload
-            if self._is_eval(doc_hash) != (ds.split == "eval"):
+            if ds.split == "eval":
+                if not self._is_eval(doc_hash):
+                    continue
+            elif self._is_eval(doc_hash) or (ds.held_out_anywhere is not None and doc_hash in ds.held_out_anywhere):
                 continue
             self._kept += 1
             return content
@@ -252,26 +277,6 @@ class DocumentIterator(grain.DatasetIterator):
         self._ds.counter.restore(state["bad"])
         self._order = self._unit_order(self._epoch)
         self._reader = None
-
-
-def _share(units: list[Unit], host: tuple[int, int], worker: tuple[int, int]) -> tuple[list[Unit], int, int]:
-    """(units to read, record shard, record shard count): this host's and worker's part of a source.
-
-    Hosts split first, then each host's workers split the host's part, so a host reads the
-    same documents whatever its worker count. Each level hands out whole units when there
-    are enough, else records: those whose ordinal in the (shared) unit order is the shard
-    index modulo the count.
-    """
-    (h, hosts), (w, workers) = host, worker
-    if len(units) >= hosts:
-        units = units[h::hosts]
-        shard, count = 0, 1
-    else:
-        shard, count = h, hosts
-    if count == 1 and len(units) >= workers:
-        return units[w::workers], 0, 1
-    # Records r with r % count == shard, split among workers: r % (count * workers) == shard + count * w.
-    return units, shard + count * w, count * workers
 
 
 def _where(unit: Unit, position: int) -> str:

@@ -43,11 +43,13 @@ from jaxcpt.data.config import DataConfig
 from jaxcpt.data.documents import (
     BadInputCounter,
     DocumentDataset,
+    HeldOut,
     first_document_hashes,
     stable_seed,
 )
 from jaxcpt.data.mixture import MixtureDataset, WeightSchedule, resolve_stage_steps
 from jaxcpt.data.packing import document_pieces, pack, stack_rows
+from jaxcpt.data.shares import split_units
 from jaxcpt.data.shuffle import WindowShuffleDataset
 from jaxcpt.data.sources import (
     BAD_KINDS,
@@ -58,7 +60,7 @@ from jaxcpt.data.sources import (
     resolve_files,
 )
 from jaxcpt.data.state import decode_state, encode_state, fingerprint_diff
-from jaxcpt.data.tokenize import TokenizeDataset, tokenizer_facts, tokenizer_fingerprint
+from jaxcpt.data.tokenize import TokenizeDataset, token_byte_lengths, tokenizer_facts, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class _Plan:
     process_count: int
     units: list[list[Unit]]  # per source
     eval_hashes: list[frozenset[int] | None]  # per source; set for eval_documents splits
+    held_out_anywhere: HeldOut  # every source's held-out documents: no source trains on them
     bos_id: int | None
     eos_id: int | None
     fingerprint: dict
@@ -102,15 +105,16 @@ def _counter(cfg: DataConfig, name: str) -> BadInputCounter:
 
 
 def _special_tokens(cfg: DataConfig, files: list[list[str]]) -> tuple[int | None, int | None, str]:
-    """(BOS id to add, EOS id to add, tokenizer fingerprint): the tokenizer's convention unless
-    data.add_bos / add_eos say otherwise. Without a tokenizer, the facts come from the token shards."""
+    """(BOS id to add, EOS id to add, tokenizer fingerprint): BOS as the tokenizer adds it and EOS
+    where it has one, unless data.add_bos / add_eos say otherwise. Without a tokenizer, the facts
+    come from the token shards."""
     metas = [
         read_tokenized_meta(os.path.dirname(f)) for fs in files for f in fs if os.path.basename(f) == TOKENIZED_META
     ]
     has_text = any(os.path.basename(f) != TOKENIZED_META for fs in files for f in fs)
     if cfg.tokenizer:
         facts = tokenizer_facts(cfg.tokenizer)
-        bos, eos, adds = facts.bos_id, facts.eos_id, (facts.adds_bos, facts.adds_eos)
+        bos, eos, adds = facts.bos_id, facts.eos_id, facts.document_convention
         fingerprint, where = tokenizer_fingerprint(cfg.tokenizer), f"tokenizer '{cfg.tokenizer}'"
         for meta in metas:
             if meta["tokenizer_fingerprint"] != fingerprint:
@@ -148,7 +152,7 @@ def _special_tokens(cfg: DataConfig, files: list[list[str]]) -> tuple[int | None
 def resolved_special_tokens(cfg: DataConfig) -> tuple[int | None, int | None]:
     """The (BOS, EOS) ids the pipeline adds to every document (None: not added), after
     data.add_bos / add_eos fall back to the tokenizer's convention (or the shards' without one)."""
-    files = [resolve_files(s.paths, s.name) for s in cfg.sources]
+    files = [resolve_files(s.paths, s.name, s.format) for s in cfg.sources]
     bos, eos, _ = _special_tokens(cfg, files)
     return bos, eos
 
@@ -157,7 +161,10 @@ def _units_fingerprint(units: list[Unit]) -> str:
     root = os.path.commonpath([u.path for u in units]) if len(units) > 1 else os.path.dirname(units[0].path)
     digest = hashlib.blake2b(digest_size=8)
     for unit in units:  # relative paths and sizes: moving the corpus keeps positions valid, editing it does not
-        digest.update(f"{os.path.relpath(unit.path, root)}|{unit.part}|{os.path.getsize(unit.path)}\n".encode())
+        line = f"{os.path.relpath(unit.path, root)}|{unit.part}|{os.path.getsize(unit.path)}"
+        if (unit.begin, unit.end) != (0, None):  # a range (split_units): another split is another stream
+            line += f"|{unit.begin}:{unit.end}"
+        digest.update(f"{line}\n".encode())
     return digest.hexdigest()
 
 
@@ -168,8 +175,17 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
     if seq_len < 2:
         raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
     process_index, process_count = _host(process_index, process_count)
-    files = [resolve_files(s.paths, s.name) for s in cfg.sources]
-    units = [list_units(f, s.format, s.text_field, s.name) for f, s in zip(files, cfg.sources)]
+    files = [resolve_files(s.paths, s.name, s.format) for s in cfg.sources]
+    units = [
+        split_units(
+            list_units(f, s.format, s.text_field, s.name),
+            hosts=process_count,
+            workers=max(1, cfg.num_workers),
+            text_split=s.text_split,
+            source=s.name,
+        )
+        for f, s in zip(files, cfg.sources)
+    ]
     bos, eos, tok_fingerprint = _special_tokens(cfg, files)
     eval_hashes = []
     for s, u in zip(cfg.sources, units):
@@ -178,6 +194,10 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
             eval_hashes.append(frozenset(first_document_hashes(**kw, counter=_counter(cfg, s.name))))
         else:
             eval_hashes.append(None)
+    held_out_anywhere = HeldOut(
+        threshold=max(int(s.eval_fraction * 2**64) for s in cfg.sources),
+        hashes=frozenset().union(*(h for h in eval_hashes if h is not None)),
+    )
     stream_keys = (
         "packing",
         "packing_bins",
@@ -200,7 +220,9 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
             for s, u in zip(cfg.sources, units)
         ],
     }
-    return _Plan(cfg, seq_len, process_index, process_count, units, eval_hashes, bos, eos, fingerprint)
+    return _Plan(
+        cfg, seq_len, process_index, process_count, units, eval_hashes, held_out_anywhere, bos, eos, fingerprint
+    )
 
 
 def _source_rows(
@@ -217,6 +239,7 @@ def _source_rows(
         split=split,
         eval_fraction=src.eval_fraction,
         eval_hashes=plan.eval_hashes[index],
+        held_out_anywhere=plan.held_out_anywhere,
         counter=counter,
         repeat=src.repeat,
         seed=seed,
@@ -440,4 +463,10 @@ def build_eval_batches(
             stack_rows(mine[b * batch_size : (b + 1) * batch_size], batch_size, plan.seq_len)
             for b in range(num_batches)
         ]
+        # Bytes of text each target token spells, so held-out loss is also reported in bits per byte
+        # (zeros, and no bits per byte, for token shards read without their tokenizer).
+        byte_lengths = token_byte_lengths(cfg.tokenizer) if cfg.tokenizer else None
+        for batch in out[src.name]:
+            batch["target_bytes"] = (np.zeros(batch["targets"].shape, np.float32) if byte_lengths is None else
+                                     (byte_lengths[batch["targets"]] * (batch["loss_mask"] > 0)).astype(np.float32))
     return out

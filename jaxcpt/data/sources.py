@@ -1,10 +1,21 @@
 """Finding a source's files and reading their records, resumably and without loading a corpus.
 
-A source is cut into *units*, the smallest pieces that can be handed to different hosts:
-a file, a Parquet row group, or one shard of a pre-tokenized directory. ``read_unit``
-streams one unit's records from a position (a decompressed byte offset, a row index or a
-document index) and reports the position after each record, which is what a data
-checkpoint stores: resuming seeks there (plain files) or decompresses up to it (.gz, .zst).
+A source is cut into *units*, the pieces that can be handed to different readers (hosts x
+Grain workers): a file, a Parquet row group, or one shard of a pre-tokenized directory.
+When a source has fewer units than readers, ``split_units`` cuts the splittable ones into
+ranges, so that no two readers scan the same records: uncompressed JSONL and blank-line
+text files by byte range, Parquet row groups by row range, token shards by document
+range. A record belongs to the range its *anchor* falls in: a JSONL line's first byte, a
+blank-line block's preceding blank line (or the file's first byte), a row's or a
+document's index. The reader of a byte range that does not start at 0 therefore skips to
+the first line that starts inside it, and every reader finishes the record it started
+even past its range's end: each record is read by exactly one reader. Compressed files
+cannot be entered in the middle; they stay whole units.
+
+``read_unit`` streams one unit's records from a position (a decompressed byte offset, a
+row index or a document index) and reports the position after each record, which is what
+a data checkpoint stores: resuming seeks there (plain files) or decompresses up to it
+(.gz, .zst).
 
 ``parse_record`` turns a raw record into ``("doc", text)`` (``("doc", (tokens, text hash))``
 for tokenized shards) or ``(bad kind, reason)`` with a kind from ``BAD_KINDS``; the caller
@@ -18,7 +29,9 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -26,6 +39,8 @@ import numpy as np
 
 from jaxcpt.config import ConfigError
 from jaxcpt.errors import UserError
+
+log = logging.getLogger(__name__)
 
 BAD_KINDS = ("malformed_json", "missing_field", "non_string_field", "empty", "invalid_utf8")
 
@@ -37,12 +52,23 @@ _COMPRESSED = (".gz", ".zst", ".zstd")
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".tex", ".html", ".xml", ".csv", ".tsv")
 
 
+# Repository and dataset-card files that share a directory with data (README.md, LICENSE.txt ...).
+_NOT_DATA = re.compile(
+    r"^(readme|license|licence|copying|notice|authors|changelog|changes|contributing|citation|code_of_conduct"
+    r"|security|manifest)(\.[^/]*)?$",
+    re.IGNORECASE,
+)
+
+
 class Unit(NamedTuple):
-    """A piece of a source that one reader takes whole: a file, a Parquet row group, a token shard."""
+    """A piece of a source that one reader takes whole: a file, a Parquet row group, a token shard,
+    or a range of one (``split_units``)."""
 
     path: str  # file; for tokenized, the shard's tokens .npy
     fmt: str  # jsonl | parquet | text | tokenized
     part: int  # Parquet row group; -1 otherwise
+    begin: int = 0  # the range: byte offset (jsonl, text), row (parquet) or document (tokenized) ...
+    end: int | None = None  # ... up to here, exclusive; None = to the end of the file / row group / shard
 
 
 def text_hash(data: bytes) -> int:
@@ -50,13 +76,18 @@ def text_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def resolve_files(patterns: list[str], source: str) -> list[str]:
+def resolve_files(patterns: list[str], source: str, declared_format: str = "auto") -> list[str]:
     """Expand files, directories (recursively) and globs into a sorted, duplicate-free list.
 
     Sorting makes the list, and so every host's share of it, independent of the file system's
-    listing order. A pattern that matches nothing is an error naming the pattern.
+    listing order. A pattern that matches nothing is an error naming the pattern. Directories
+    and globs yield only data files: never dotfiles or anything under a dot-directory (.git,
+    .cache), never README / LICENSE / CHANGELOG-like files, and only files whose format the
+    extension tells (with ``format: auto``) or does not contradict (with a declared format);
+    what they skip is named in a warning. A file named explicitly is read whatever its name.
     """
     files: list[str] = []
+    skipped: list[str] = []
     for pattern in patterns:
         if "://" in pattern:
             raise ConfigError(
@@ -64,7 +95,8 @@ def resolve_files(patterns: list[str], source: str) -> list[str]:
                 "bucket (e.g. gcsfuse) or copy the data to local disk and use that path"
             )
         expanded = os.path.expanduser(pattern)
-        if glob.has_magic(expanded):
+        is_glob = glob.has_magic(expanded)
+        if is_glob:
             matches = sorted(glob.glob(expanded, recursive=True))
             if not matches:
                 raise ConfigError(f"source '{source}': the pattern '{pattern}' matches no file")
@@ -72,23 +104,85 @@ def resolve_files(patterns: list[str], source: str) -> list[str]:
             matches = [expanded]
         else:
             raise ConfigError(f"source '{source}': '{pattern}' does not exist")
+        found: list[str] = []
+        not_data: list[str] = []
         for match in matches:
             if os.path.isdir(match):
                 if os.path.isfile(os.path.join(match, TOKENIZED_META)):
-                    files.append(os.path.join(match, TOKENIZED_META))
+                    found.append(os.path.join(match, TOKENIZED_META))
                     continue
-                found = [
-                    os.path.join(root, name)
-                    for root, dirs, names in os.walk(match)
-                    for name in names
-                    if not name.startswith(".")
-                ]
-                if not found:
-                    raise ConfigError(f"source '{source}': the directory '{match}' (from '{pattern}') holds no file")
-                files.extend(found)
+                for root, dirs, names in os.walk(match):
+                    dirs[:] = [d for d in dirs if not d.startswith(".")]
+                    for name in names:
+                        path = os.path.join(root, name)
+                        (found if _is_data_file(name, declared_format) else not_data).append(path)
+            elif is_glob and not _is_data_file(os.path.basename(match), declared_format):
+                not_data.append(match)
             else:
-                files.append(match)
+                found.append(match)
+        if not found:
+            raise ConfigError(
+                f"source '{source}': '{pattern}' holds no data file (skipped: {describe_paths(not_data)}); name the "
+                "files explicitly, or set the source's format if their extension does not tell it"
+            )
+        files.extend(found)
+        skipped.extend(not_data)
+    if skipped:
+        warn_once(
+            f"source '{source}': skipped {len(skipped)} file(s) that are not data by their name or extension: "
+            f"{describe_paths(skipped)}. Name a file explicitly in paths to read it anyway, or set the source's format."
+        )
     return sorted(set(files))
+
+
+def _is_data_file(name: str, declared_format: str) -> bool:
+    if name.startswith(".") or _NOT_DATA.match(name):
+        return False
+    by_extension = _extension_format(name)
+    if declared_format == "auto":
+        return by_extension is not None
+    return by_extension in (declared_format, None)  # e.g. format: text reads .py files, not .parquet ones
+
+
+def describe_paths(paths: list[str], limit: int = 5) -> str:
+    """The first few paths, quoted, and how many more."""
+    shown = ", ".join(f"'{p}'" for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "") if paths else "nothing"
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log a build-time warning once per process: plans are made for training, evaluation and checks alike."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
+def is_compressed(path: str) -> bool:
+    return path.lower().endswith(_COMPRESSED)
+
+
+def _without_compression(name: str) -> str:
+    for suffix in _COMPRESSED:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _extension_format(path: str) -> str | None:
+    """The format a file's name says (compression suffixes looked through); None when it says none."""
+    name = _without_compression(os.path.basename(path).lower())
+    if name == TOKENIZED_META:
+        return "tokenized"
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(_TEXT_SUFFIXES):
+        return "text"
+    return None
 
 
 def detect_format(path: str, declared: str) -> str:
@@ -98,18 +192,11 @@ def detect_format(path: str, declared: str) -> str:
                 f"'{path}' is not a tokenized directory (no {TOKENIZED_META}); write one with `jaxcpt tokenize`"
             )
         return declared
-    name = path.lower()
-    if os.path.basename(name) == TOKENIZED_META:
-        return "tokenized"
-    for suffix in _COMPRESSED:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    if name.endswith(_JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(_TEXT_SUFFIXES) or "." not in os.path.basename(name):
-        return "text"
+    fmt = _extension_format(path)
+    if fmt is not None:
+        return fmt
+    if "." not in _without_compression(os.path.basename(path)):
+        return "text"  # a file named without an extension (explicitly: directories skip those)
     raise ConfigError(f"cannot tell the format of '{path}' from its extension; set the source's format")
 
 
@@ -169,7 +256,7 @@ def _seek(stream, offset: int, path: str) -> None:
     """Move to a decompressed byte offset: a real seek for plain files, read-and-drop for compressed ones."""
     if offset <= 0:
         return
-    if not path.lower().endswith((".gz", ".zst", ".zstd")):
+    if not is_compressed(path):
         stream.seek(offset)
         return
     remaining = offset
@@ -178,6 +265,23 @@ def _seek(stream, offset: int, path: str) -> None:
         if not chunk:
             break
         remaining -= len(chunk)
+
+
+def _enter(stream, unit: Unit, start: int) -> tuple[int, bool]:
+    """Position ``stream`` where reading ``unit`` from ``start`` begins: (offset, at a record boundary).
+
+    ``start`` > 0 is a saved position, always just after a record. ``start`` == 0 is the
+    unit's beginning: a range starting inside the file skips the rest of the line its first
+    byte belongs to (a line starting exactly at ``begin`` is kept: the skip starts one byte
+    earlier), and does not know whether the line before was blank.
+    """
+    if start > 0:
+        _seek(stream, start, unit.path)
+        return start, True
+    if unit.begin == 0:
+        return 0, True
+    stream.seek(unit.begin - 1)  # ranges exist only for uncompressed files
+    return unit.begin - 1 + len(stream.readline()), False
 
 
 def _decode(raw: bytes) -> tuple[str, object]:
@@ -212,60 +316,82 @@ def _parse_json_line(line: bytes, text_field: str) -> tuple[str, object]:
     return "doc", text
 
 
-def _read_jsonl(path: str, start: int) -> Iterator[tuple[int, object]]:
-    with _open_binary(path) as stream:
-        _seek(stream, start, path)
-        offset = start
+def _read_jsonl(unit: Unit, start: int) -> Iterator[tuple[int, object]]:
+    with _open_binary(unit.path) as stream:
+        offset, _ = _enter(stream, unit, start)
         for line in stream:
+            if unit.end is not None and offset >= unit.end:
+                return  # this line starts in the next range
             offset += len(line)
             if line.strip():  # a blank line (e.g. a trailing newline) is no record
                 yield offset, line
 
 
-def _read_text(path: str, start: int, split: str) -> Iterator[tuple[int, object]]:
-    if split == "per_file":
-        if start == 0:
-            with open(path, "rb") as f:
-                yield 1, f.read()
-        return
-    with _open_binary(path) as stream:
-        _seek(stream, start, path)
-        offset, block = start, []
+def _read_blocks(unit: Unit, start: int) -> Iterator[tuple[int, object]]:
+    """Blank-line separated blocks. A block's anchor is the blank line just before it (or the scan's
+    start, when that is the file's start or a saved position); a range reads the blocks anchored in it.
+    The position after a block is the start of the blank line that ends it: the next block's anchor
+    (or one before it), so a resumed reader sees it."""
+    with _open_binary(unit.path) as stream:
+        offset, after_blank = _enter(stream, unit, start)
+        anchor, block = offset, []
         for line in stream:
-            offset += len(line)
-            if line.strip():
-                block.append(line)
-            elif block:  # a blank line ends a block; runs of blank lines separate nothing more
-                yield offset, b"".join(block).rstrip(b"\r\n")
-                block = []
+            line_start, offset = offset, offset + len(line)
+            past_end = unit.end is not None and line_start >= unit.end
+            if past_end and not block and not (after_blank and anchor < unit.end):
+                return  # whatever starts here is anchored at or past the end: the next range's
+            if not line.strip():
+                if block:
+                    yield line_start, b"".join(block).rstrip(b"\r\n")
+                    block = []
+                anchor, after_blank = line_start, True
+                continue
+            if not block:
+                if not after_blank:
+                    continue  # the rest of a block anchored before this range
+                if unit.end is not None and anchor >= unit.end:
+                    return  # anchored in the next range
+                after_blank = False
+            block.append(line)
         if block:
             yield offset, b"".join(block).rstrip(b"\r\n")
+
+
+def _read_text(unit: Unit, start: int, split: str) -> Iterator[tuple[int, object]]:
+    if split == "blank_line":
+        yield from _read_blocks(unit, start)
+    elif start == 0:  # per_file: the whole (decompressed) file is one record
+        with _open_binary(unit.path) as f:
+            yield 1, f.read()
 
 
 class _NotText(NamedTuple):
     column_type: str
 
 
-def _read_parquet(path: str, row_group: int, start: int, text_field: str) -> Iterator[tuple[int, object]]:
+def _read_parquet(unit: Unit, start: int, text_field: str) -> Iterator[tuple[int, object]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # One row group in memory at a time: Parquet's unit of reading.
-    column = pq.ParquetFile(path).read_row_group(row_group, columns=[text_field]).column(0)
+    # One row group in memory at a time: Parquet's unit of reading (a row range still decodes its group).
+    column = pq.ParquetFile(unit.path).read_row_group(unit.part, columns=[text_field]).column(0)
+    first = start if start > 0 else unit.begin
+    last = len(column) if unit.end is None else min(unit.end, len(column))
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        for row in range(start, len(column)):
+        for row in range(first, last):
             yield row + 1, _NotText(str(column.type))
         return
-    values = column.to_pylist()
-    for row in range(start, len(values)):
-        yield row + 1, values[row]
+    values = column.slice(first, max(0, last - first)).to_pylist()
+    for row, value in enumerate(values, start=first):
+        yield row + 1, value
 
 
-def _read_tokenized(tokens_path: str, start: int) -> Iterator[tuple[int, object]]:
-    tokens = np.load(tokens_path, mmap_mode="r")  # [total_tokens] uint16 | int32
-    offsets = np.load(tokens_path.replace(".tokens.npy", ".offsets.npy"))  # [docs + 1] int64
-    hashes = np.load(tokens_path.replace(".tokens.npy", ".hashes.npy"))  # [docs] uint64, text_hash of each
-    for doc in range(start, len(offsets) - 1):
+def _read_tokenized(unit: Unit, start: int) -> Iterator[tuple[int, object]]:
+    tokens = np.load(unit.path, mmap_mode="r")  # [total_tokens] uint16 | int32
+    offsets = np.load(unit.path.replace(".tokens.npy", ".offsets.npy"))  # [docs + 1] int64
+    hashes = np.load(unit.path.replace(".tokens.npy", ".hashes.npy"))  # [docs] uint64, text_hash of each
+    last = len(offsets) - 1 if unit.end is None else min(unit.end, len(offsets) - 1)
+    for doc in range(start if start > 0 else unit.begin, last):
         yield doc + 1, (tokens[offsets[doc] : offsets[doc + 1]], int(hashes[doc]))
 
 
@@ -288,16 +414,17 @@ def parse_record(fmt: str, raw: object, text_field: str) -> tuple[str, object]:
 
 
 def read_unit(unit: Unit, start: int, text_field: str, text_split: str) -> Iterator[tuple[int, object]]:
-    """Raw records of one unit from position ``start``: ``(position after the record, raw record)``."""
+    """Raw records of one unit from position ``start`` (0 = the unit's beginning, else a position it
+    reported): ``(position after the record, raw record)``."""
     try:
         if unit.fmt == "jsonl":
-            yield from _read_jsonl(unit.path, start)
+            yield from _read_jsonl(unit, start)
         elif unit.fmt == "text":
-            yield from _read_text(unit.path, start, text_split)
+            yield from _read_text(unit, start, text_split)
         elif unit.fmt == "parquet":
-            yield from _read_parquet(unit.path, unit.part, start, text_field)
+            yield from _read_parquet(unit, start, text_field)
         elif unit.fmt == "tokenized":
-            yield from _read_tokenized(unit.path, start)
+            yield from _read_tokenized(unit, start)
         else:
             raise ValueError(f"unknown unit format {unit.fmt}")
     except FileNotFoundError:

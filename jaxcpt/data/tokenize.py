@@ -17,6 +17,7 @@ plus the number of pieces already yielded, so restoring re-tokenizes at most one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -39,6 +40,17 @@ class TokenizerFacts:
     adds_eos: bool  # ... appends eos_id
     num_ids: int  # one more than the largest id it can ever emit (added and special tokens counted)
     kind: str  # 'sentencepiece' | 'huggingface'
+
+    @property
+    def document_convention(self) -> tuple[bool, bool]:
+        """(add BOS, add EOS) around every training document when data.add_bos / add_eos are unset.
+
+        BOS as the tokenizer adds it (what the model saw before). EOS wherever the tokenizer has
+        one: HF tokenizers append nothing because they are set up for prompts, but pretraining
+        ends every document with EOS (Llama 3's <|end_of_text|>, Qwen's <|endoftext|>), and a model
+        continued without it forgets where documents stop and generates on and on.
+        """
+        return self.adds_bos, self.eos_id is not None
 
 
 class SentencePieceTokenizer:
@@ -70,6 +82,16 @@ class SentencePieceTokenizer:
         # One thread: parallelism comes from Grain workers, and more threads per worker would
         # oversubscribe the cores the trainer also needs.
         return self._sp.encode(texts, out_type=int, num_threads=1)
+
+    def token_bytes(self) -> np.ndarray:
+        """[num_ids] UTF-8 bytes each id spells: '▁' is a space, <0xNN> one byte, control tokens none."""
+        sp = self._sp
+        out = np.zeros(self.facts.num_ids, np.int32)
+        for i in range(sp.get_piece_size()):
+            if sp.is_control(i) or sp.is_unknown(i):
+                continue
+            out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
 
 
 class HFTokenizer:
@@ -108,6 +130,28 @@ class HFTokenizer:
             encode = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)
             return [e.ids for e in encode(texts, add_special_tokens=False)]
         return self._tok(texts, add_special_tokens=False)["input_ids"]
+
+    def token_bytes(self) -> np.ndarray:
+        """[num_ids] UTF-8 bytes each id spells; special and added tokens spell none.
+
+        Byte-level BPE (GPT-2, Llama 3, Qwen): every character of a token stands for one byte.
+        Sentencepiece-style vocabularies (Llama 2, Gemma): '▁' is a space, <0xNN> one byte.
+        """
+        vocab = self._tok.get_vocab()
+        out = np.zeros(self.facts.num_ids, np.int32)
+        decoder = type(getattr(self._fast, "decoder", None)).__name__ if self._fast is not None else ""
+        byte_level = "ByteLevel" in decoder or "ByteLevel" in repr(getattr(self._fast, "decoder", ""))
+        special = set(self._tok.all_special_ids) | {i for i, t in self._tok.added_tokens_decoder.items() if t.special}
+        for token, i in vocab.items():
+            if i in special or i >= len(out):
+                continue
+            if byte_level:
+                out[i] = len(token)
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                out[i] = 1
+            else:
+                out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+        return out
 
 
 def _id_or_none(i: int) -> int | None:
@@ -175,6 +219,17 @@ def cached_tokenizer(path: str):
     if path not in _LOADED:
         _LOADED[path] = load_tokenizer(path)
     return _LOADED[path]
+
+
+@functools.lru_cache(maxsize=8)
+def token_byte_lengths(path: str) -> np.ndarray:
+    """[num_ids] int32: the UTF-8 bytes of text each token id spells, for bits per byte.
+
+    Summed over a document's tokens this is the document's byte length (sentencepiece
+    models count the one-space prefix they add); BOS/EOS/padding count 0. Bits per byte
+    compare models with different tokenizers, e.g. before and after a vocabulary extension.
+    """
+    return cached_tokenizer(path).token_bytes()
 
 
 def tokenizer_facts(path: str) -> TokenizerFacts:

@@ -22,6 +22,7 @@ def run(args) -> int:
 
     from jaxcpt.sharding.distributed import DistributedConfig, initialize_distributed, is_writer
 
+    from jaxcpt.adapt.metadata import read_adaptation
     from jaxcpt.checkpoint import CheckpointConfig, Checkpointer
     from jaxcpt.hf.convert import copy_companion_files, load_hf
     from jaxcpt.model.persist import model_meta, params_of
@@ -37,7 +38,9 @@ def run(args) -> int:
     cfg = model.config
     print(f"{cfg.family}: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_params() / 1e6:.1f}M parameters", flush=True)
     with Checkpointer(out / "checkpoints", CheckpointConfig(async_save=False)) as ckpt:
-        ckpt.save(0, {"params": params_of(model)}, {}, {**model_meta(model), "source": str(Path(args.hf_dir).resolve())}, force=True)
+        meta = {**model_meta(model), "source": str(Path(args.hf_dir).resolve()),
+                "adaptation": read_adaptation(args.hf_dir)}  # optim.trainable's [new] selectors read it
+        ckpt.save(0, {"params": params_of(model)}, {}, meta, force=True)
     if model.tokenizer_dir and is_writer():
         copy_companion_files(model.tokenizer_dir, out / "tokenizer")
     print(f"wrote {out}/checkpoints/0" + (f" and {out}/tokenizer" if model.tokenizer_dir else ""))

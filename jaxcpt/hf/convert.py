@@ -26,8 +26,8 @@ from etils import epath
 from flax import nnx
 
 from jaxcpt.errors import HFFormatError, UserError
-from jaxcpt.hf.families import config_from_hf, config_to_hf, generation_config
-from jaxcpt.hf.mapping import Tensor, hf_names, tensor_table
+from jaxcpt.hf.families import config_from_hf, config_to_hf, generation_config, tensor_table
+from jaxcpt.hf.mapping import Tensor, hf_names
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.transformer import Transformer, abstract_model, state_shardings
 from jaxcpt.sharding.mesh import build_mesh
@@ -38,6 +38,7 @@ from jaxcpt.sharding.rules import make_rules
 COMPANION_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "jaxcpt_adaptation.json",  # what extend-vocab / expand-depth added (jaxcpt.adapt.metadata), kept with the model
 )
 
 
@@ -178,7 +179,7 @@ def load_hf(
     rules=None,
     **model_overrides,
 ) -> Transformer:
-    """Load an HF Llama/Mistral/Qwen2 checkpoint directory as a sharded jaxcpt model.
+    """Load an HF checkpoint directory of a supported family (``jaxcpt.hf.families``) as a sharded jaxcpt model.
 
     ``mesh``: where to place parameters (default: all devices on a data-parallel axis).
     ``dtype``: compute dtype (default float32); ``param_dtype``: storage dtype.
@@ -272,12 +273,13 @@ def save_hf(
     max_shard_size: int | str = "5GB",
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path | None:
     """Write ``model`` as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     ``path`` is a local directory or a ``gs://`` URL. Every process must call this (arrays
-    spanning hosts are gathered collectively); only process 0 writes. Returns the
-    directory on process 0, None elsewhere.
+    spanning hosts are gathered collectively); only process 0 writes. ``extra_files``
+    ({name: text}) are written beside the weights. Returns the directory on process 0, None elsewhere.
     """
     if dtype not in NUMPY_DTYPES:
         raise UserError(f"export dtype '{dtype}' is not one of {', '.join(NUMPY_DTYPES)}")
@@ -330,6 +332,8 @@ def save_hf(
         source = tokenizer_dir or getattr(model, "tokenizer_dir", None)
         if source:
             copy_companion_files(source, tmp)
+        for name, text in (extra_files or {}).items():  # e.g. the run's jaxcpt_adaptation.json
+            (tmp / name).write_text(text)
         if remote:
             _upload(tmp, out)
         else:

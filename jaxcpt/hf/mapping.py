@@ -1,4 +1,4 @@
-"""Parameter names and layouts: jaxcpt <-> Hugging Face (Llama, Mistral and Qwen2 share them).
+"""Parameter names and layouts: jaxcpt <-> Hugging Face decoder checkpoints.
 
 HF stores each layer's weights separately, as torch Linear matrices [out, in];
 jaxcpt stacks layers on a leading axis and keeps heads as their own axis:
@@ -7,8 +7,9 @@ jaxcpt stacks layers on a leading axis and keeps heads as their own axis:
     jax layers.q                                   [L, E, H, D]
 
 Each ``Tensor`` row says how one HF tensor of one layer becomes one slice of a jaxcpt
-parameter and back; both directions are exact reshapes/transposes, so a round trip
-is bit-identical.
+parameter and back; both directions are exact reshapes/transposes (and, for the
+vocabulary tables, zero rows appended or dropped), so a round trip is bit-identical.
+``decoder_tensors`` builds the table every family shares; a family only names its norms.
 """
 
 from __future__ import annotations
@@ -42,9 +43,20 @@ def _t(x):
     return np.ascontiguousarray(x.T)
 
 
-def tensor_table(cfg: ModelConfig) -> list[Tensor]:
-    """Every parameter of a model with config ``cfg``, in the order HF checkpoints list them."""
-    E, H, K, D, F, V = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.intermediate_size, cfg.vocab_size
+# The norms every decoder has, as (jaxcpt leaf, HF name inside model.layers.{i}.). Families
+# with more norms (Gemma) or other names pass their own list.
+LLAMA_NORMS = (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"))
+QK_NORMS = (("q_norm", "self_attn.q_norm"), ("k_norm", "self_attn.k_norm"))
+
+
+def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS) -> list[Tensor]:
+    """Every parameter of a model with config ``cfg``, in the order HF checkpoints list them.
+
+    ``norms``: (jaxcpt leaf, HF name) of the per-layer norm weights; q/k norms (``cfg.qk_norm``)
+    and biases come from the config.
+    """
+    E, H, K, D, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.intermediate_size
+    V, padded = cfg.vocab_size, cfg.padded_vocab_size
 
     def proj_in(heads):  # HF [heads*D, E] <-> jax [E, heads, D]
         return (lambda w: np.ascontiguousarray(w.T.reshape(E, heads, D)),
@@ -53,29 +65,34 @@ def tensor_table(cfg: ModelConfig) -> list[Tensor]:
     def bias(heads):  # HF [heads*D] <-> jax [heads, D]
         return (lambda b: b.reshape(heads, D), lambda b: b.reshape(heads * D))
 
+    def pad_rows(w):  # HF [V, E] -> [Vp, E], zero rows appended
+        return np.pad(w, ((0, padded - V), (0, 0)))
+
     pre = "model.layers.{i}."
-    rows = [Tensor(("embedding",), "model.embed_tokens.weight", _same, _same, (V, E))]
-    rows.append(Tensor(("layers", "attn_norm"), pre + "input_layernorm.weight", _same, _same, (E,)))
+    rows = [Tensor(("embedding",), "model.embed_tokens.weight", pad_rows, lambda w: np.ascontiguousarray(w[:V]), (V, E))]
+    for leaf, hf in norms:
+        rows.append(Tensor(("layers", leaf), pre + f"{hf}.weight", _same, _same, (E,)))
     for name, heads in (("q", H), ("k", K), ("v", K)):
         to_jax, to_hf = proj_in(heads)
         rows.append(Tensor(("layers", name), pre + f"self_attn.{name}_proj.weight", to_jax, to_hf, (heads * D, E)))
         if cfg.qkv_bias:
             to_jax, to_hf = bias(heads)
             rows.append(Tensor(("layers", f"{name}_bias"), pre + f"self_attn.{name}_proj.bias", to_jax, to_hf, (heads * D,)))
+    if cfg.qk_norm:
+        rows += [Tensor(("layers", leaf), pre + f"{hf}.weight", _same, _same, (D,)) for leaf, hf in QK_NORMS]
     # o_proj: HF [E, H*D] <-> jax [H, D, E]
     rows.append(Tensor(("layers", "o"), pre + "self_attn.o_proj.weight",
                        lambda w: np.ascontiguousarray(w.T.reshape(H, D, E)),
                        lambda w: np.ascontiguousarray(w.reshape(H * D, E).T), (E, H * D)))
     if cfg.o_bias:
         rows.append(Tensor(("layers", "o_bias"), pre + "self_attn.o_proj.bias", _same, _same, (E,)))
-    rows.append(Tensor(("layers", "mlp_norm"), pre + "post_attention_layernorm.weight", _same, _same, (E,)))
     for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
         rows.append(Tensor(("layers", name), pre + f"mlp.{name}_proj.weight", _t, _t, shape))
         if cfg.mlp_bias:
             rows.append(Tensor(("layers", f"{name}_bias"), pre + f"mlp.{name}_proj.bias", _same, _same, (shape[0],)))
     rows.append(Tensor(("final_norm",), "model.norm.weight", _same, _same, (E,)))
-    if not cfg.tie_word_embeddings:
-        rows.append(Tensor(("lm_head",), "lm_head.weight", _t, _t, (V, E)))
+    if not cfg.tie_word_embeddings:  # HF [V, E] <-> jax [E, Vp]
+        rows.append(Tensor(("lm_head",), "lm_head.weight", lambda w: _t(pad_rows(w)), lambda w: _t(w[:, :V]), (V, E)))
     return rows
 
 

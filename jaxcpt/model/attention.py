@@ -2,16 +2,22 @@
 
 Every implementation computes the same thing: each query attends to keys at or
 before it (by index in the row), in the same document (``segment_ids``), and, with
-a sliding window W, to the last W positions only. They differ in how:
+a sliding window W, to the last W positions only. Scores are ``scale * q.k``
+(default ``D**-0.5``), soft-capped to ``softcap * tanh(scores / softcap)`` when a cap
+is given (Gemma 2), before the mask. They differ in how:
 
 - ``reference``: einsum + explicit mask, softmax in float32. The oracle; CPU default.
-- ``xla``: ``jax.nn.dot_product_attention(implementation='xla')``.
-- ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')``, cuDNN flash
-  attention (GPU, bf16/fp16); causality and the window go to the kernel, documents
-  as a mask.
+- ``xla``: ``jax.nn.dot_product_attention(implementation='xla')``. That function has no
+  soft-capping, so with a cap this path computes the einsum form (the same XLA ops as
+  ``reference``) instead of dropping the cap.
+- ``cudnn``: cuDNN flash attention (GPU, bf16/fp16) through the function that
+  ``jax.nn.dot_product_attention(implementation='cudnn')`` wraps; causality and the
+  window go to the kernel, documents as cuDNN's packed-sequence offsets and lengths
+  (no [B, 1, T, T] mask). No soft-capping: asking for it with a cap is an error, and
+  ``auto`` does not pick it then (nor in float32, where it picks ``xla``).
 - ``splash``: the Pallas splash-attention kernel (TPU), block-sparse causal/local
-  masks with segment ids, run per device under ``shard_map``. On CPU it runs in
-  Pallas interpret mode, which is how the tests check it.
+  masks with segment ids and the kernel's own logit soft-capping, run per device under
+  ``shard_map``. On CPU it runs in Pallas interpret mode, which is how the tests check it.
 
 Shapes: q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T]; H = K * G.
 """
@@ -19,11 +25,12 @@ Shapes: q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T]; H = K * G.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
+from jaxcpt.errors import UserError
+from jaxcpt.model.layers import softcap as apply_softcap
 
 
 def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -38,11 +45,13 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Ar
     return (allowed[None] & same_doc)[:, None, None]  # [B, 1, 1, T, S]
 
 
-def attention_reference(q, k, v, segment_ids, sliding_window=None):
+def attention_reference(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None):
     b, t, h, d = q.shape
     kv = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
     q = q.reshape(b, t, kv, h // kv, d)  # [B, T, K, G, D]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = apply_softcap(scores, softcap)  # [B, K, G, T, S]
     scores = jnp.where(attention_mask(segment_ids, sliding_window), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
@@ -53,19 +62,60 @@ def _document_mask(segment_ids):
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
 
 
-def attention_xla(q, k, v, segment_ids, sliding_window=None):
+def _dot_product_attention(q, k, v, segment_ids, sliding_window, scale, implementation):
     window = (sliding_window - 1, 0) if sliding_window is not None else None
-    return jax.nn.dot_product_attention(q, k, v, mask=_document_mask(segment_ids), is_causal=True,
-                                        local_window_size=window, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=_document_mask(segment_ids), scale=scale, is_causal=True,
+                                        local_window_size=window, implementation=implementation)
 
 
-def attention_cudnn(q, k, v, segment_ids, sliding_window=None):
-    window = (sliding_window - 1, 0) if sliding_window is not None else None
-    return jax.nn.dot_product_attention(q, k, v, mask=_document_mask(segment_ids), is_causal=True,
-                                        local_window_size=window, implementation="cudnn")
+def attention_xla(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None):
+    if softcap is not None:  # jax.nn.dot_product_attention cannot soft-cap; never drop the cap
+        return attention_reference(q, k, v, segment_ids, sliding_window, scale=scale, softcap=softcap)
+    return _dot_product_attention(q, k, v, segment_ids, sliding_window, scale, "xla")
 
 
-def _splash_kernel(num_query_heads: int, length: int, sliding_window: int | None, interpret: bool):
+def packed_segments(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(lengths [B, M], offsets [B, M + 1]) of the documents packed in each row, cuDNN's packed layout.
+
+    A document is a run of one non-zero segment id; M = T slots (a row can hold at most T
+    documents), unused slots are -1, as cuDNN wants. Padding (id 0) may sit anywhere.
+    """
+    b, t = segment_ids.shape
+    real = segment_ids != 0
+    before = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)  # [B, T]: the id on the left
+    after = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
+    starts_mask, ends_mask = real & (segment_ids != before), real & (segment_ids != after)
+
+    def one_row(starts_row, ends_row):
+        starts = jnp.nonzero(starts_row, size=t, fill_value=-1)[0]
+        ends = jnp.nonzero(ends_row, size=t, fill_value=-1)[0]
+        lengths = jnp.where(starts >= 0, ends - starts + 1, -1)
+        return lengths.astype(jnp.int32), jnp.concatenate([starts, jnp.full((1,), -1)]).astype(jnp.int32)
+
+    return jax.vmap(one_row)(starts_mask, ends_mask)
+
+
+def attention_cudnn(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None):
+    """cuDNN flash attention over packed rows: documents go to the kernel as (offsets, lengths), its
+    packed-sequence layout, so no [B, 1, T, T] mask is built; causality and the window are the kernel's.
+
+    ``jax.nn.dot_product_attention`` does not expose cuDNN's packed layout (only one length per
+    row), so this calls the function it wraps, ``jax._src.cudnn.fused_attention_stablehlo``.
+    """
+    if softcap is not None:
+        raise UserError("cuDNN attention has no logit soft-capping; set model.attention to auto, xla or reference")
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    lengths, offsets = packed_segments(segment_ids)
+    d = q.shape[-1]
+    return cudnn_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
+                           scale=d**-0.5 if scale is None else scale, mask_type=MaskType.PADDING_CAUSAL,
+                           sliding_window_length=sliding_window, qkv_layout="BTNH")
+
+
+def _splash_kernel(num_query_heads: int, length: int, sliding_window: int | None, softcap: float | None,
+                   interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -75,17 +125,18 @@ def _splash_kernel(num_query_heads: int, length: int, sliding_window: int | None
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     return splash.make_splash_mqa_single_device(masks.MultiHeadMask([one] * num_query_heads), block_sizes=sizes,
-                                                interpret=interpret)
+                                                attn_logits_soft_cap=softcap, interpret=interpret)
 
 
-def _splash_local(q, k, v, segment_ids, *, sliding_window, interpret):
+def _splash_local(q, k, v, segment_ids, *, sliding_window, scale, softcap, interpret):
     """Per-device splash: q [b, T, h, D], k/v [b, T, kv, D] -> [b, T, h, D]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
     b, t, h, d = q.shape
     kv = k.shape[2]
-    kernel = _splash_kernel(h // kv, t, sliding_window, interpret)
-    q = (q / math.sqrt(d)).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, G, T, D]
+    kernel = _splash_kernel(h // kv, t, sliding_window, softcap, interpret)
+    scale = d**-0.5 if scale is None else scale
+    q = (q * scale).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, G, T, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, T, D]
 
     def one_row(q_row, k_row, v_row, seg_row):  # q [kv, G, T, D], k/v [kv, T, D]
@@ -96,18 +147,18 @@ def _splash_local(q, k, v, segment_ids, *, sliding_window, interpret):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def attention_splash(q, k, v, segment_ids, sliding_window=None, *, rules=(), interpret=None):
+def attention_splash(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None, rules=(),
+                     interpret=None):
     """Splash attention, under ``shard_map`` when a mesh is active (batch and heads stay sharded)."""
     from jaxcpt.sharding.rules import logical_to_spec
 
     if q.shape[1] % 128:
-        from jaxcpt.errors import UserError
-
         raise UserError(f"splash attention needs a sequence length that is a multiple of 128, got {q.shape[1]}; "
                         "set model.attention to auto, reference or xla")
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
-    local = functools.partial(_splash_local, sliding_window=sliding_window, interpret=interpret)
+    local = functools.partial(_splash_local, sliding_window=sliding_window, scale=scale, softcap=softcap,
+                              interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return local(q, k, v, segment_ids)
@@ -125,16 +176,25 @@ def attention_splash(q, k, v, segment_ids, sliding_window=None, *, rules=(), int
         q, k, v, segment_ids)
 
 
-def choose_attention(name: str, dtype: str, length: int, rules=()):
-    """The attention function for ``name`` ('auto' picks by platform, dtype and length)."""
+def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: float | None = None):
+    """The attention function for ``name``: ``fn(q, k, v, segment_ids, window, *, scale, softcap)``.
+
+    'auto' picks by platform, dtype and length, and only a kernel that honours every setting
+    (cuDNN cannot soft-cap, so a capped model on GPU gets the reference).
+    """
     if name == "auto":
         backend = jax.default_backend()
         if backend == "tpu" and length % 128 == 0:
             name = "splash"
-        elif backend == "gpu" and dtype in ("bfloat16", "float16"):
+        elif backend == "gpu" and dtype in ("bfloat16", "float16") and softcap is None:
             name = "cudnn"
+        elif backend == "gpu":  # float32 (or soft-capped): XLA's fused path, not the einsum oracle
+            name = "xla"
         else:
             name = "reference"
+    if name == "cudnn" and softcap is not None:
+        raise UserError("model.attention=cudnn cannot soft-cap attention logits (attn_logit_softcap is set); "
+                        "use auto, xla or reference")
     if name == "splash":
         return functools.partial(attention_splash, rules=rules)
     return {"reference": attention_reference, "xla": attention_xla, "cudnn": attention_cudnn}[name]

@@ -1,4 +1,10 @@
-"""The shape and numerics of a Llama-family decoder: one config covers Llama 2/3.x, Mistral, Qwen2/2.5."""
+"""The shape and numerics of a decoder-only transformer, with the block options families declare.
+
+One config covers Llama 2/3.x, Mistral, Qwen2/2.5/3 and Gemma 2/3: the shared decoder in
+``transformer.py`` reads the options below (norm form, extra norms, activation, q/k norms,
+soft-capping, the per-layer attention pattern ...), and each family module in
+``jaxcpt.hf.families`` declares which ones its checkpoints set.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +13,78 @@ from typing import Literal
 
 from jaxcpt.config import ConfigError, field
 
+LayerType = Literal["full_attention", "sliding_attention"]  # the words transformers' layer_types uses
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling, as in HF ``rope_parameters`` (``rope_type`` != 'default')."""
 
-    type: Literal["linear", "llama3"] = field("llama3", help="'llama3' (Llama 3.1+ long context) or 'linear' (position interpolation)")
+    type: Literal["linear", "llama3", "yarn", "dynamic", "longrope"] = field(
+        "llama3", help="'linear' (position interpolation), 'llama3' (Llama 3.1+), 'yarn', 'dynamic' (NTK, grows with "
+        "a document beyond max_position_embeddings) or 'longrope' (short/long factors)")
     factor: float = field(8.0, help="scaling factor")
     low_freq_factor: float = field(1.0, help="llama3 only")
     high_freq_factor: float = field(4.0, help="llama3 only")
-    original_max_position_embeddings: int = field(8192, help="llama3 only: context length of the original pretraining")
+    original_max_position_embeddings: int = field(
+        8192, help="llama3, yarn, longrope: context length of the original pretraining")
+    attention_factor: float | None = field(
+        None, help="yarn, longrope: scale of cos/sin (so of q and k); null: derived from factor as transformers does")
+    beta_fast: float = field(32.0, help="yarn only: extrapolation boundary of the ramp")
+    beta_slow: float = field(1.0, help="yarn only: interpolation boundary of the ramp")
+    mscale: float | None = field(None, help="yarn only: with mscale_all_dim, derives attention_factor")
+    mscale_all_dim: float | None = field(None, help="yarn only")
+    truncate: bool = field(True, help="yarn only: round the correction range to whole dimensions")
+    short_factor: tuple[float, ...] | None = field(None, help="longrope only: head_dim/2 factors for documents within "
+                                                   "original_max_position_embeddings")
+    long_factor: tuple[float, ...] | None = field(None, help="longrope only: head_dim/2 factors for longer documents")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["llama", "mistral", "qwen2"] = field("llama", help="HF family written on export (model_type/architectures)")
-    vocab_size: int = field(32000, help="vocabulary size (rows of the embedding)")
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"] = field(
+        "llama", help="HF family written on export (model_type/architectures); its block options must match")
+    vocab_size: int = field(32000, help="vocabulary size (real rows of the embedding)")
+    vocab_pad_multiple: int = field(
+        128, help="embedding and output projection are stored with their rows padded to a multiple of this, so a "
+        "tensor axis can split them; padded rows stay zero and their logits are masked; 1 = no padding")
     hidden_size: int = field(512, help="model width")
-    intermediate_size: int = field(1536, help="SwiGLU hidden width")
+    intermediate_size: int = field(1536, help="gated MLP hidden width")
     num_layers: int = field(8, help="decoder blocks")
     num_heads: int = field(8, help="query heads")
     num_kv_heads: int = field(8, help="key/value heads (< num_heads: grouped-query attention)")
     head_dim: int | None = field(None, help="per-head width; default hidden_size // num_heads")
-    rope_theta: float = field(10000.0, help="RoPE base")
-    rope_scaling: RopeScaling | None = field(None, help="RoPE scaling (llama3 / linear); null for none")
-    max_position_embeddings: int = field(4096, help="longest context the model is meant for (written on export)")
+    rope_theta: float = field(10000.0, help="RoPE base (of full-attention layers, when rope_local_theta is set)")
+    rope_scaling: RopeScaling | None = field(None, help="RoPE scaling of full-attention layers; null for none")
+    rope_local_theta: float | None = field(
+        None, help="RoPE base of sliding-window layers, unscaled (Gemma 3's local base); null: the same RoPE as "
+        "full-attention layers")
+    max_position_embeddings: int = field(4096, help="longest context the model is meant for (dynamic RoPE scales "
+                                         "beyond it; written on export)")
     rms_norm_eps: float = field(1e-5, help="RMSNorm epsilon")
-    tie_word_embeddings: bool = field(False, help="output projection shares the input embedding (Llama 3.2 1B/3B, small Qwen2)")
+    norm_plus_one: bool = field(False, help="RMSNorm scales by (1 + weight), in float32 (Gemma); weights start at 0")
+    post_norms: bool = field(False, help="also RMSNorm the attention and MLP outputs before each residual add (Gemma)")
+    qk_norm: bool = field(False, help="per-head RMSNorm on queries and keys before RoPE (Qwen3, Gemma 3)")
+    activation: Literal["silu", "gelu_tanh"] = field(
+        "silu", help="gated MLP activation: silu (SwiGLU) or gelu_tanh (GeGLU, tanh approximation; Gemma)")
+    scale_embeddings: bool = field(False, help="multiply input embeddings by sqrt(hidden_size) in the compute dtype "
+                                   "(Gemma)")
+    query_pre_attn_scalar: float | None = field(
+        None, help="attention scores are scaled by query_pre_attn_scalar**-0.5 (Gemma); null: head_dim**-0.5")
+    attn_logit_softcap: float | None = field(
+        None, help="attention scores become cap * tanh(scores / cap) before masking (Gemma 2); null: none")
+    final_logit_softcap: float | None = field(
+        None, help="output logits become cap * tanh(logits / cap) (Gemma 2); null: none")
+    tie_word_embeddings: bool = field(False, help="output projection shares the input embedding (Llama 3.2 1B/3B, "
+                                      "small Qwen, Gemma)")
     qkv_bias: bool = field(False, help="bias on q/k/v projections (Qwen2)")
     o_bias: bool = field(False, help="bias on the attention output projection (Llama attention_bias=True)")
     mlp_bias: bool = field(False, help="bias on MLP projections (Llama mlp_bias=True)")
-    sliding_window: int | None = field(None, help="attend only to the last N positions (Mistral); null for full causal")
+    sliding_window: int | None = field(None, help="sliding-window layers attend only to the last N positions; "
+                                       "null for full causal")
+    layer_types: tuple[LayerType, ...] | None = field(
+        None, help="attention of each layer, full_attention or sliding_attention (Gemma 2/3, Qwen with "
+        "use_sliding_window); null: every layer slides when sliding_window is set (Mistral)")
     initializer_range: float = field(0.02, help="std of the normal init for a model trained from scratch")
     bos_token_id: int | None = field(1, help="written to config.json / generation_config.json on export")
     eos_token_id: int | list[int] | None = field(
@@ -46,17 +93,34 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="compute dtype of matmuls (bfloat16 on accelerators); parameters stay param_dtype")
     param_dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype parameters are stored (and trained) in")
     remat: Literal["none", "minimal", "full"] = field(
-        "none", help="activation rematerialisation per layer: none, minimal (save matmul outputs), full (save only layer inputs)"
+        "none", help="activation rematerialisation per layer: none, minimal (save the projections' outputs; recompute "
+        "norms, activations and attention), full (save only layer inputs)"
     )
     attention: Literal["auto", "reference", "xla", "cudnn", "splash"] = field(
         "auto",
         help="attention kernel: reference (einsum, the oracle), xla (jax.nn.dot_product_attention), cudnn (flash, GPU), "
-        "splash (Pallas, TPU), auto (splash on TPU, cudnn on GPU in bf16/fp16, else reference)",
+        "splash (Pallas, TPU), auto (splash on TPU; on GPU cudnn in bf16/fp16 without soft-capping, else xla; reference on CPU)",
     )
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows the embedding and output projection really have (vocab_size rounded up to vocab_pad_multiple)."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_size) ** -0.5
+
+    def layer_kinds(self) -> tuple[LayerType, ...]:
+        """The attention of every layer, spelled out."""
+        if self.layer_types is not None:
+            return self.layer_types
+        kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+        return (kind,) * self.num_layers
 
     def validate(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -65,15 +129,35 @@ class ModelConfig:
             raise ConfigError(f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); set head_dim")
         if self.head_size % 2:
             raise ConfigError(f"head_dim ({self.head_size}) must be even for RoPE")
+        if self.vocab_pad_multiple < 1:
+            raise ConfigError(f"vocab_pad_multiple must be >= 1 (1 = no padding), got {self.vocab_pad_multiple}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"layer_types lists {len(self.layer_types)} layers, but num_layers is {self.num_layers}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError("layer_types has sliding_attention layers but sliding_window is null; set it")
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0 or null, got {value}")
+        s = self.rope_scaling
+        if s is not None and s.type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                factors = getattr(s, name)
+                if factors is None or len(factors) != self.head_size // 2:
+                    raise ConfigError(f"rope_scaling.{name} needs head_dim/2 = {self.head_size // 2} numbers for "
+                                      f"longrope, got {None if factors is None else len(factors)}")
 
     def num_params(self) -> int:
-        """Parameter count (embedding counted once when tied)."""
+        """Parameters as stored: the padded vocabulary rows included, the embedding counted once when tied."""
         e, f, d = self.hidden_size, self.intermediate_size, self.head_size
         h, k = self.num_heads, self.num_kv_heads
         attn = e * d * (h + 2 * k) + h * d * e + (d * (h + 2 * k) if self.qkv_bias else 0) + (e if self.o_bias else 0)
         mlp = 3 * e * f + ((2 * f + e) if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * e
-        head = 0 if self.tie_word_embeddings else e * self.vocab_size
-        return self.vocab_size * e + self.num_layers * per_layer + e + head
+        norms = 2 * e + (2 * e if self.post_norms else 0) + (2 * d if self.qk_norm else 0)
+        per_layer = attn + mlp + norms
+        vocab = self.padded_vocab_size
+        head = 0 if self.tie_word_embeddings else e * vocab
+        return vocab * e + self.num_layers * per_layer + e + head

@@ -44,10 +44,23 @@ def model_meta(model: Transformer) -> dict:
     return {"model_config": to_dict(model.config), "jaxcpt_version": __version__}
 
 
+def config_from_meta(meta: dict) -> ModelConfig:
+    """The ``ModelConfig`` a checkpoint's meta records.
+
+    Checkpoints written before vocabulary padding existed have no ``vocab_pad_multiple``;
+    their tables hold exactly ``vocab_size`` rows, which is a multiple of 1.
+    """
+    fields = dict(meta["model_config"])
+    fields.setdefault("vocab_pad_multiple", 1)
+    return from_dict(ModelConfig, fields, prefix="model")
+
+
 def tokenizer_dir_for(step_dir: epath.Path) -> str | None:
-    """RUN/tokenizer for a checkpoint RUN/checkpoints/STEP, if the run kept tokenizer files."""
+    """RUN/tokenizer for a checkpoint RUN/checkpoints/STEP, else the copy the checkpoint stores."""
+    from jaxcpt.checkpoint import stored_export_tokenizer
+
     candidate = step_dir.parent.parent / "tokenizer"
-    return str(candidate) if candidate.is_dir() else None
+    return str(candidate) if candidate.is_dir() else stored_export_tokenizer(step_dir)
 
 
 def load_model(path, mesh: Mesh | None = None, rules=None, **model_overrides) -> Transformer:
@@ -57,7 +70,7 @@ def load_model(path, mesh: Mesh | None = None, rules=None, **model_overrides) ->
     from jaxcpt.checkpoint import read_meta, resolve_step_dir, restore_params
 
     step_dir = resolve_step_dir(resolve_run_checkpoints(path))
-    cfg = from_dict(ModelConfig, read_meta(step_dir)["model_config"], prefix="model")
+    cfg = config_from_meta(read_meta(step_dir))
     cfg = dataclasses.replace(cfg, **model_overrides)
     mesh = mesh if mesh is not None else build_mesh()
     rules = rules if rules is not None else make_rules()

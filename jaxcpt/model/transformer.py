@@ -1,12 +1,18 @@
-"""The Llama-family decoder as a Flax NNX module, with layers stacked and scanned.
+"""The decoder-only transformer as a Flax NNX module, with layers stacked and scanned.
 
 All layers' weights live in one ``LayerStack`` with a leading ``layers`` axis, and
 the forward pass runs ``jax.lax.scan`` over it: compile time stays flat in depth and
 one set of rules shards every layer alike. Every parameter carries its logical axes
 in an ``axes`` metadata field; ``jaxcpt.sharding`` turns those into shardings.
 
+What families do differently (Gemma's ``(1 + w)`` norms and extra norms, GeGLU, q/k
+norms, soft-capping, a local/global layer pattern ...) are options of ``ModelConfig``
+that the block below reads; it never asks which family it is. A layer pattern stays
+inside the scan: each layer's kind is scanned data, and ``lax.cond`` picks that
+layer's window and RoPE tables.
+
     model = init_model(cfg, mesh)                       # random init, sharded
-    logits = model(input_ids, segment_ids, positions)   # [B, T, V] float32
+    logits = model(input_ids, segment_ids, positions)   # [B, T, vocab_size] float32
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.attention import choose_attention
-from jaxcpt.model.layers import apply_rope, dense, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
+from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.layers import PROJECTION, dense, gated_mlp, output_logits, rms_norm
+from jaxcpt.model.rope import apply_rope, rope_cos_sin
 from jaxcpt.sharding.rules import constrain, make_rules, named_sharding
 
 REMAT_POLICIES = {
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.save_only_these_names(PROJECTION),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str = "normal") -> nnx.Param:
@@ -40,6 +48,14 @@ def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str = "normal") 
     return nnx.Param(value, axes=tuple(axes))
 
 
+def _vocab_param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, vocab_axis: int) -> nnx.Param:
+    """A random vocabulary table whose padding rows (from vocab_size on) are zero."""
+    param = _param(rngs, cfg, shape, axes)
+    real = jnp.arange(shape[vocab_axis]) < cfg.vocab_size
+    param.set_value(jnp.where(jnp.expand_dims(real, 1 - vocab_axis), param[...], 0).astype(param[...].dtype))
+    return param
+
+
 class LayerStack(nnx.Module):
     """Weights of all decoder blocks, each with a leading [L] axis."""
 
@@ -47,12 +63,13 @@ class LayerStack(nnx.Module):
         L, E, H, K, D, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size,
                             cfg.intermediate_size)
         p = functools.partial(_param, rngs, cfg)
-        self.attn_norm = p((L, E), ("layers", "norm"), "ones")
+        norm_init = "zeros" if cfg.norm_plus_one else "ones"  # (1 + w) norms start at w = 0
+        self.attn_norm = p((L, E), ("layers", "norm"), norm_init)
         self.q = p((L, E, H, D), ("layers", "embed", "heads", "head_dim"))
         self.k = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
         self.v = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
         self.o = p((L, H, D, E), ("layers", "heads", "head_dim", "embed"))
-        self.mlp_norm = p((L, E), ("layers", "norm"), "ones")
+        self.mlp_norm = p((L, E), ("layers", "norm"), norm_init)
         self.gate = p((L, E, F), ("layers", "embed", "mlp"))
         self.up = p((L, E, F), ("layers", "embed", "mlp"))
         self.down = p((L, F, E), ("layers", "mlp", "embed"))
@@ -70,63 +87,137 @@ class LayerStack(nnx.Module):
             self.up_bias = p((L, F), ("layers", "mlp"), "zeros")
             self.down_bias = p((L, E), ("layers", "embed"), "zeros")
             names += ["gate_bias", "up_bias", "down_bias"]
+        if cfg.qk_norm:  # one scale per head_dim channel, shared by all heads
+            self.q_norm = p((L, D), ("layers", "head_dim"), norm_init)
+            self.k_norm = p((L, D), ("layers", "head_dim"), norm_init)
+            names += ["q_norm", "k_norm"]
+        if cfg.post_norms:
+            self.post_attn_norm = p((L, E), ("layers", "norm"), norm_init)
+            self.post_mlp_norm = p((L, E), ("layers", "norm"), norm_init)
+            names += ["post_attn_norm", "post_mlp_norm"]
         self.names = tuple(names)
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.names}
 
 
-def decoder_block(p: dict, x, cos, sin, segment_ids, *, cfg: ModelConfig, rules, attention_fn):
-    """One pre-norm block on x [B, T, E]; ``p`` holds this layer's weights (no [L] axis)."""
+def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rules, attend):
+    """One pre-norm block on x [B, T, E] -> (x [B, T, E], aux); ``p`` holds this layer's weights (no [L] axis).
+
+    ``ropes`` maps each layer kind to its (cos, sin) [B, T, D]; ``is_sliding`` is this
+    layer's kind as a scanned boolean, or None when every layer is of the one kind in ``ropes``.
+    ``attend(q, k, v, kind) -> (out [B, T, H, D], aux)`` attends rotated queries to rotated
+    keys: within the packed row in training (``packed_attention``), over a KV cache when
+    decoding (``jaxcpt.model.decode``, whose aux is the updated cache).
+    """
     dt = jnp.dtype(cfg.dtype)
     p = {name: w.astype(dt) for name, w in p.items()}
+    norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     act = ("batch", "length", "act_embed")
     x = constrain(x, act, rules)
 
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    h = norm(x, p["attn_norm"])
     q = dense(h, p["q"])  # [B, T, H, D]
     k = dense(h, p["k"])  # [B, T, K, D]
     v = dense(h, p["v"])  # [B, T, K, D]
     if cfg.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if cfg.qk_norm:
+        q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
     q = constrain(q, ("batch", "length", "act_heads", None), rules)
     k = constrain(k, ("batch", "length", "act_kv_heads", None), rules)
     v = constrain(v, ("batch", "length", "act_kv_heads", None), rules)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn = attention_fn(q, k, v, segment_ids, cfg.sliding_window)  # [B, T, H, D]
+
+    def rotated(kind):
+        cos, sin = ropes[kind]
+        return attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, kind)
+
+    if is_sliding is None:
+        (kind,) = ropes
+        attn, aux = rotated(kind)
+    else:
+        attn, aux = jax.lax.cond(is_sliding, lambda: rotated(SLIDING), lambda: rotated(FULL))
     attn_out = dense(attn, p["o"], contract=2)  # [B, T, E]
     if cfg.o_bias:
         attn_out = attn_out + p["o_bias"]
+    if cfg.post_norms:
+        attn_out = norm(attn_out, p["post_attn_norm"])
     x = x + constrain(attn_out, act, rules)
 
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    mlp_out = swiglu(h, p["gate"], p["up"], p["down"], p.get("gate_bias"), p.get("up_bias"), p.get("down_bias"))
-    return x + constrain(mlp_out, act, rules)
+    h = norm(x, p["mlp_norm"])
+    mlp_out = gated_mlp(h, p["gate"], p["up"], p["down"], p.get("gate_bias"), p.get("up_bias"), p.get("down_bias"),
+                        activation=cfg.activation)
+    if cfg.post_norms:
+        mlp_out = norm(mlp_out, p["post_mlp_norm"])
+    return x + constrain(mlp_out, act, rules), aux
+
+
+def packed_attention(cfg: ModelConfig, attention_fn, segment_ids):
+    """``attend`` for ``decoder_block`` over packed rows: causal within each document, no aux."""
+
+    def attend(q, k, v, kind):
+        window = cfg.sliding_window if kind == SLIDING else None
+        return attention_fn(q, k, v, segment_ids, window, scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap), None
+
+    return attend
+
+
+def rope_tables(cfg: ModelConfig, kind: str, positions, segment_ids):
+    """(cos, sin) [B, T, D] of the layers of ``kind``: sliding layers may have their own, unscaled base."""
+    theta, scaling = cfg.rope_theta, cfg.rope_scaling
+    if kind == SLIDING and cfg.rope_local_theta is not None:
+        theta, scaling = cfg.rope_local_theta, None
+    return rope_cos_sin(positions, segment_ids, theta=theta, scaling=scaling, dim=cfg.head_size,
+                        max_positions=cfg.max_position_embeddings)
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM: ``model(input_ids, segment_ids=None, positions=None) -> logits [B, T, V]``.
+    """Decoder-only LM: ``model(input_ids, segment_ids=None, positions=None) -> logits [B, T, vocab_size]``.
 
     ``segment_ids`` [B, T] (1, 2, ... per packed document, 0 = padding) keep documents
     from attending to each other; ``positions`` [B, T] restart at 0 per document.
     Without them the row is one document at positions 0..T-1.
+
+    The embedding and output projection hold ``cfg.padded_vocab_size`` rows; the rows
+    past ``vocab_size`` stay zero, and logits are only ever returned for the real ones.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules=None, tokenizer_dir: str | None = None):
         self.config = cfg
         self.rules = rules if rules is not None else make_rules()
         self.tokenizer_dir = tokenizer_dir  # HF tokenizer files to ship with an export, if any
-        self.embedding = _param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        vocab, width = cfg.padded_vocab_size, cfg.hidden_size
+        self.embedding = _vocab_param(rngs, cfg, (vocab, width), ("vocab", "embed"), vocab_axis=0)
         self.layers = LayerStack(cfg, rngs)
-        self.final_norm = _param(rngs, cfg, (cfg.hidden_size,), ("norm",), "ones")
+        self.final_norm = _param(rngs, cfg, (width,), ("norm",), "zeros" if cfg.norm_plus_one else "ones")
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+            self.lm_head = _vocab_param(rngs, cfg, (width, vocab), ("embed", "vocab"), vocab_axis=1)
 
     def output_weights(self) -> jax.Array:
-        """The output projection [E, V] (the embedding, transposed, when tied)."""
+        """The output projection [E, padded vocab] (the embedding, transposed, when tied)."""
         if self.config.tie_word_embeddings:
             return self.embedding[...].T
         return self.lm_head[...]
+
+    def embed(self, input_ids) -> jax.Array:
+        """Token embeddings [B, T, E] in the compute dtype (scaled by sqrt(E) where the family does)."""
+        cfg = self.config
+        x = jnp.take(self.embedding[...], input_ids, axis=0).astype(cfg.dtype)  # [B, T, E]
+        if cfg.scale_embeddings:  # the scale rounded to the compute dtype first, as transformers does
+            x = x * jnp.asarray(cfg.hidden_size**0.5, cfg.dtype)
+        return x
+
+    def rope_and_kinds(self, positions, segment_ids) -> tuple[dict, jax.Array | None]:
+        """({layer kind: (cos, sin) [B, T, D]}, the [L] is-sliding flags, or None when all layers are alike)."""
+        kinds = self.config.layer_kinds()
+        ropes = {kind: rope_tables(self.config, kind, positions, segment_ids) for kind in sorted(set(kinds))}
+        # [L] layer kinds as scanned data when the layers differ; None keeps a uniform model cond-free
+        is_sliding = jnp.asarray([kind == SLIDING for kind in kinds]) if len(ropes) > 1 else None
+        return ropes, is_sliding
+
+    def final_norm_of(self, x) -> jax.Array:
+        cfg = self.config
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
 
     def hidden_states(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         """Final-norm hidden states [B, T, E] in the compute dtype."""
@@ -136,23 +227,29 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((batch, length), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        x = jnp.take(self.embedding[...], input_ids, axis=0).astype(cfg.dtype)  # [B, T, E]
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))  # [B, T, D]
-        attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules)
-        block = functools.partial(decoder_block, cfg=cfg, rules=self.rules, attention_fn=attention_fn)
+        x = self.embed(input_ids)  # [B, T, E]
+        ropes, is_sliding = self.rope_and_kinds(positions, segment_ids)
+        attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules, softcap=cfg.attn_logit_softcap)
+        block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
+                                  attend=packed_attention(cfg, attention_fn, segment_ids))
         if cfg.remat != "none":
             block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
 
-        def scan_body(carry, layer_params):
-            return block(layer_params, carry, cos, sin, segment_ids), None
+        def scan_body(carry, layer):
+            layer_params, layer_is_sliding = layer
+            return block(layer_params, carry, layer_is_sliding, ropes)[0], None
 
-        x, _ = jax.lax.scan(scan_body, x, self.layers.arrays())
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        x, _ = jax.lax.scan(scan_body, x, (self.layers.arrays(), is_sliding))
+        return self.final_norm_of(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [..., E] -> logits [..., V] in float32 (matmul in the compute dtype, f32 accumulation)."""
-        w = self.output_weights().astype(self.config.dtype)
-        return dense(hidden, w, out_dtype=jnp.float32)
+        """hidden [..., E] -> logits [..., vocab_size] in float32, soft-capped when the model says so.
+
+        The matmul runs in the compute dtype with float32 accumulation; padded columns are dropped.
+        """
+        cfg = self.config
+        w = self.output_weights().astype(cfg.dtype)
+        return output_logits(hidden, w, vocab_size=cfg.vocab_size, cap=cfg.final_logit_softcap)[..., : cfg.vocab_size]
 
     def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         out = self.logits(self.hidden_states(input_ids, segment_ids, positions))

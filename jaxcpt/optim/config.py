@@ -16,6 +16,7 @@ import dataclasses
 from typing import Literal
 
 from jaxcpt.config import ConfigError, field
+from jaxcpt.optim.trainable import TrainablePhase
 
 ScheduleKind = Literal["warmup_cosine", "rewarm", "wsd", "infinite", "constant", "inverse_sqrt"]
 DecayShape = Literal["cosine", "linear", "1-sqrt"]
@@ -193,6 +194,11 @@ class OptimConfig:
     z_loss_weight: float = field(0.0, help="Weight of the z-loss (log(Z)^2) that keeps output logits from drifting; 0 = off.")
     grad_accum_steps: int = field(
         1, help="Micro-batches per optimizer step; the per-step batch is split into this many and gradients summed."
+    )
+    trainable: list[TrainablePhase] = field(
+        [], help="What trains, in phases (see jaxcpt/optim/trainable.py): e.g. [{params: ['embedding[new]', "
+        "'lm_head[new]'], steps: 500}, {params: ['*']}]. Empty = every parameter for the whole run. Parameters no "
+        "phase trains carry no optimizer state."
     )
 
     def validate(self) -> None:

@@ -18,6 +18,7 @@ import optax
 
 from jaxcpt.optim.config import OptimConfig
 from jaxcpt.optim.schedules import Schedule, build_schedule
+from jaxcpt.optim.trainable import TrainableSpec, gated, group_labels, has_row_masks, label_phases, row_masks
 
 # Path components that belong to the container (nnx.Variable's ``value``), not to the parameter name.
 _CONTAINER_KEYS = ("value", "raw_value")
@@ -73,19 +74,35 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
-    """``(tx, schedule)``: clip (if on) then AdamW with the masked decay and the lr schedule of ``cfg``."""
+def build_optimizer(cfg: OptimConfig, total_steps: int,
+                    trainable: TrainableSpec | None = None) -> tuple[optax.GradientTransformation, Schedule]:
+    """``(tx, schedule)``: clip (if on) then AdamW with the masked decay and the lr schedule of ``cfg``.
+
+    ``trainable`` (``jaxcpt.optim.trainable``): with phases or row selections, the optimizer
+    works on the flat ``{path: array}`` view of the trainable parameters, one phase-gated
+    Adam per group of parameters that train in the same phases, row masks around it, and the
+    learning rate applied last on the global step. Without (or when everything trains for
+    the whole run) it is plain ``optax.adamw``.
+    """
     cfg.validate()
     schedule = build_schedule(cfg.schedule, total_steps)
     b1, b2 = cfg.betas
-    adamw = optax.adamw(
-        learning_rate=schedule,
-        b1=b1,
-        b2=b2,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=lambda params: weight_decay_mask(params, cfg.decay_embeddings),
-    )
-    if cfg.clip_grad_norm:  # 0 and None both mean off
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw), schedule
-    return adamw, schedule
+
+    def decay_mask(params):
+        return weight_decay_mask(params, cfg.decay_embeddings)
+
+    clip = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []  # 0 and None both mean off
+    if trainable is None or (len(trainable.phases) == 1 and not has_row_masks(trainable)):
+        adamw = optax.adamw(learning_rate=schedule, b1=b1, b2=b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            mask=decay_mask)
+        return optax.chain(*clip, adamw) if clip else adamw, schedule
+
+    def adam_with_decay():  # optax.adamw without its learning rate, which is applied after the gates
+        return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=cfg.eps),
+                           optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
+
+    labels = group_labels(trainable)
+    groups = {label: gated(adam_with_decay(), label_phases(label), trainable.starts) for label in sorted(set(labels.values()))}
+    masks = [row_masks(trainable)] if has_row_masks(trainable) else []
+    tx = optax.chain(*masks, *clip, optax.multi_transform(groups, labels), optax.scale_by_learning_rate(schedule), *masks)
+    return tx, schedule

@@ -13,9 +13,11 @@ from typing import Literal
 from jaxcpt.checkpoint import CheckpointConfig
 from jaxcpt.config import ConfigError, apply_overrides, field, from_dict, read_yaml, to_dict
 from jaxcpt.data.config import DataConfig
+from jaxcpt.eval.downstream import DownstreamConfig
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.config import OptimConfig
 from jaxcpt.sharding.distributed import DistributedConfig
+from jaxcpt.train.ema import EMAConfig
 
 # ModelConfig fields that say how to compute, not what the model is; these apply
 # whatever the model's source (a HF checkpoint fixes the architecture, not the numerics).
@@ -61,6 +63,7 @@ class EvalConfig:
     every: int = field(200, help="evaluate every N steps (and always at step 0, before any update, and at the end); 0 = only those")
     dense_every: int = field(0, help="early in the run, evaluate every N steps instead, to see the 'stability gap'; 0 = off")
     dense_until: int = field(0, help="the dense interval applies to steps below this")
+    downstream: DownstreamConfig = field(DownstreamConfig(), help="lm-eval harness tasks run during training")
 
     def due(self, step: int, last_step: int) -> bool:
         if step == 0 or step == last_step:
@@ -78,6 +81,8 @@ class ExportConfig:
     final: bool = field(True, help="export an HF directory at the end of the run (RUN/hf/step_N)")
     dtype: Literal["bfloat16", "float32", "float16"] = field("bfloat16", help="dtype of exported weights")
     max_shard_size: str = field("5GB", help="largest safetensors file of an export")
+    weights: Literal["raw", "ema"] = field("raw", help="which weights exports hold: raw (the trained parameters) or ema "
+                                                       "(their moving average; needs ema.decay > 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,7 @@ class TrainConfig:
     eval: EvalConfig = field(EvalConfig(), help="held-out evaluation schedule")
     checkpoint: CheckpointConfig = field(CheckpointConfig(), help="when to save and what to keep")
     export: ExportConfig = field(ExportConfig(), help="Hugging Face exports")
+    ema: EMAConfig = field(EMAConfig(), help="exponential moving average of the parameters")
     distributed: DistributedConfig = field(DistributedConfig(), help="multi-host initialisation")
 
     def validate(self) -> None:
@@ -106,6 +112,8 @@ class TrainConfig:
             )
         if not self.data.sources:
             raise ConfigError("data.sources is empty; a run needs at least one source to train on")
+        if self.export.weights == "ema" and not self.ema.enabled:
+            raise ConfigError("export.weights=ema needs a moving average: set ema.decay (e.g. 0.999)")
         if self.train.batch_size % self.optim.grad_accum_steps:
             raise ConfigError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of optim.grad_accum_steps ({self.optim.grad_accum_steps})"

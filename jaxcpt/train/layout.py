@@ -72,7 +72,7 @@ def activation_rows(model_cfg: ModelConfig, micro_batch: int, seq_len: int, loss
              mesh, rules),
         _row("keys/values", ("batch", "length", "act_kv_heads", None),
              (micro_batch, seq_len, c.num_kv_heads, c.head_size), mesh, rules),
-        _row("logits (loss chunk)", ("batch", "length", "act_vocab"), (micro_batch, chunk, c.vocab_size), mesh, rules),
+        _row("logits (loss chunk)", ("batch", "length", "act_vocab"), (micro_batch, chunk, c.padded_vocab_size), mesh, rules),
     ]
 
 

@@ -76,6 +76,7 @@ class Run:
     eval_history: list[dict]
     exports: list[str] = dataclasses.field(default_factory=list)
     step: int = 0
+    harness: tuple | None = None  # (JaxcptLM, lm-eval TaskManager), made at the first downstream evaluation
 
     def to_global(self, local: dict) -> dict:
         shardings = self.setup.program.batch_shardings
@@ -113,7 +114,7 @@ def start(setup: RunSetup) -> Run:
     else:
         _say(f"starting from {cfg.init.source}" + (f" {cfg.init.path}" if cfg.init.path else ""))
         params, _ = train_state.initial_params(cfg, program.model_cfg, program.mesh, program.rules)
-        state = train_state.fresh_state(params, program.tx, program.state_shardings)
+        state = train_state.fresh_state(params, program.tx, program.state_shardings, program.trainable.keys)
         history = []
         if is_writer():
             truncate_metrics(run_dir, -1)  # records of an attempt that crashed before its first checkpoint
@@ -138,13 +139,58 @@ def _record(run: Run, kind: str, step: int, values: dict) -> None:
 
 
 def run_eval(run: Run, step: int) -> None:
+    """Held-out loss per source of the raw weights and, when kept, of their moving average."""
     setup = run.setup
     results = evaluate(setup.program.eval_step, run.state["params"], setup.eval_batches, run.to_global)
-    if results:
-        run.eval_history.append({"kind": "eval", "step": step, "sources": results})
-        _record(run, "eval", step, {"sources": results})
-        _say(f"eval  step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f}"
-                                                   for n, r in results.items()))
+    if not results:
+        return
+    record = {"sources": results}
+    if "ema" in run.state:
+        average = train_state.with_trainable(run.state["params"], run.state["ema"])
+        record["ema"] = evaluate(setup.program.eval_step, average, setup.eval_batches, run.to_global)
+    run.eval_history.append({"kind": "eval", "step": step, **record})
+    _record(run, "eval", step, record)
+    _say(f"eval  step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f}"
+                                               for n, r in results.items()))
+    if "ema" in record:
+        _say(f"  ema step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f}" for n, r in record["ema"].items()))
+
+
+def run_downstream(run: Run, step: int) -> None:
+    """lm-eval tasks (eval.downstream) on the raw weights and, when kept, their moving average.
+
+    Every host runs them (the model spans all hosts); process 0 records one score per task and
+    metric. The harness model and its compiled shapes are built once and reused.
+    """
+    from jaxcpt.eval.downstream import run_tasks, scores
+
+    setup, cfg = run.setup, run.setup.cfg.eval.downstream
+    if run.harness is None:
+        from jaxcpt.eval.downstream import task_manager
+        from jaxcpt.eval.harness import JaxcptLM
+        from transformers import AutoTokenizer
+
+        tokenizer_dir = resume_lib.hf_tokenizer_dir(setup.tokenizers)
+        if tokenizer_dir is None:
+            from jaxcpt.errors import UserError
+
+            raise UserError("eval.downstream needs a tokenizer, and this run has none (pre-tokenized data without "
+                            "one); set data.tokenizer")
+        run.harness = (JaxcptLM(setup.program.graphdef, run.state["params"], setup.model_cfg,
+                                AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+                                mesh=setup.program.mesh, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                max_gen_toks=cfg.max_gen_toks), task_manager(cfg.include_path))
+    lm, manager = run.harness
+    lm.params = run.state["params"]
+    record = {"tasks": scores(run_tasks(lm, cfg, manager))}
+    if "ema" in run.state:
+        lm.params = train_state.with_trainable(run.state["params"], run.state["ema"])
+        record["ema"] = scores(run_tasks(lm, cfg, manager))
+    lm.params = None  # the next step donates these buffers
+    run.eval_history.append({"kind": "downstream", "step": step, **record})
+    _record(run, "downstream", step, record)
+    _say(f"tasks step {step} | " + " | ".join(
+        f"{task} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) for task, metrics in record["tasks"].items()))
 
 
 def save(run: Run, step: int, force: bool = False) -> None:
@@ -152,7 +198,8 @@ def save(run: Run, step: int, force: bool = False) -> None:
     if not force and not run.ckpt.should_save(step):
         return
     meta = {"model_config": to_dict(setup.model_cfg), "jaxcpt_version": __version__, "run_config": config_as_yaml_dict(setup.cfg),
-            "source_names": setup.source_names, "eval_history": run.eval_history}
+            "source_names": setup.source_names, "eval_history": run.eval_history, "adaptation": setup.adaptation,
+            "trainable_keys": list(setup.program.trainable.keys)}
     data_state = {"hosts": gather_json(setup.data_iter.get_state())}
     run.ckpt.save(step, run.state, data_state, meta, files=run.files, force=True)
 
@@ -163,11 +210,19 @@ def export(run: Run, step: int) -> None:
     cfg = run.setup.cfg
     root = cfg.export.directory or str(run.setup.run_dir / "hf")
     target = f"{root.rstrip('/')}/step_{step}"
-    model = train_state.model_of(run.setup.program.graphdef, run.state["params"])
+    weights = run.state["params"]
+    if cfg.export.weights == "ema":  # the average of the trainable parameters; frozen ones are as they are
+        weights = train_state.with_trainable(weights, run.state["ema"])
+    model = train_state.model_of(run.setup.program.graphdef, weights)
     save_hf(model, str(target), dtype=cfg.export.dtype, max_shard_size=cfg.export.max_shard_size,
-            tokenizer_dir=run.export_tokenizer, overwrite=True)
+            tokenizer_dir=run.export_tokenizer, overwrite=True, extra_files=_adaptation_file(run.setup.adaptation))
     run.exports.append(str(target))
     _say(f"exported {target}")
+
+
+def _adaptation_file(adaptation: dict | None) -> dict[str, str] | None:
+    """The starting model's adaptation record, shipped with every export (it describes the same shapes)."""
+    return {"jaxcpt_adaptation.json": json.dumps(adaptation, indent=2) + "\n"} if adaptation else None
 
 
 class _StepMetrics:
@@ -235,8 +290,11 @@ def loop(run: Run) -> bool:
     metrics = _StepMetrics(run)
     # Running out of data must be agreed like a signal: only checked when a source is read once.
     may_run_out = jax.process_count() > 1 and any(not source.repeat for source in setup.data_cfg.sources)
+    downstream = cfg.eval.downstream
     if run.step == 0:
         run_eval(run, 0)
+        if downstream.due(0, total_steps):
+            run_downstream(run, 0)
     while run.step < total_steps:
         if run.stop.should_stop(run.step):
             metrics.flush()
@@ -260,6 +318,10 @@ def loop(run: Run) -> bool:
         if cfg.eval.due(run.step, total_steps):
             metrics.flush()  # read this step's metrics before evaluating
             run_eval(run, run.step)
+            metrics.restart_clock()
+        if downstream.due(run.step, total_steps):
+            metrics.flush()
+            run_downstream(run, run.step)
             metrics.restart_clock()
         save(run, run.step)
         if cfg.export.hf_every and run.step % cfg.export.hf_every == 0 and run.step < total_steps:

@@ -39,18 +39,20 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + attention scores and values.
+    """Training FLOPs per token: 6 x matmul weights + attention scores and values.
 
-    Matmul parameters exclude the input embedding (a lookup) but include the output
-    projection. Attention adds 6 x 2 x L x H x D x T per token (QK^T and PV, forward
-    and backward), counted for the full T x T square, not halved for causality: the
-    convention of the PaLM paper's MFU, which most stacks report.
+    Matmul weights are the projections of every layer and the output projection, with its
+    vocabulary padding (those columns are computed, then masked); the input embedding is a
+    lookup, and norms and biases are not matmuls. Attention adds 6 x 2 x L x H x D x T per
+    token (QK^T and PV, forward and backward), counted for the full T x T square, not halved
+    for causality nor cut by sliding windows: the convention of the PaLM paper's MFU, which
+    most stacks report.
     """
-    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size
-    if cfg.tie_word_embeddings:
-        matmul_params += cfg.vocab_size * cfg.hidden_size  # the tied table is also the output projection
+    e, f, d, h, k = cfg.hidden_size, cfg.intermediate_size, cfg.head_size, cfg.num_heads, cfg.num_kv_heads
+    per_layer = e * d * (h + 2 * k) + h * d * e + 3 * e * f  # q, k, v, o, gate, up, down
+    matmul_weights = cfg.num_layers * per_layer + e * cfg.padded_vocab_size
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
-    return 6 * matmul_params + attention
+    return 6 * matmul_weights + attention
 
 
 class MetricsWriter:

@@ -25,9 +25,10 @@ from pathlib import Path
 from etils import epath
 
 from jaxcpt.checkpoint import decode_files, encode_files
-from jaxcpt.config import from_dict, to_dict
+from jaxcpt.config import to_dict
 from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.persist import config_from_meta
 from jaxcpt.train.config import NUMERICS_FIELDS, TrainConfig
 
 log = logging.getLogger("jaxcpt.train")
@@ -68,7 +69,7 @@ _NOT_ARCHITECTURE = set(NUMERICS_FIELDS) | {"bos_token_id", "eos_token_id", "pad
 
 def model_config_from_checkpoint(cfg: TrainConfig, meta: dict) -> ModelConfig:
     """The checkpoint's architecture with this run's numerics (dtype, remat, attention)."""
-    saved = from_dict(ModelConfig, meta["model_config"], prefix="checkpoint model_config")
+    saved = config_from_meta(meta)
     if cfg.model.param_dtype != saved.param_dtype:
         raise UserError(
             f"model.param_dtype={cfg.model.param_dtype}, but the checkpoint stores parameters in {saved.param_dtype}; "
@@ -186,16 +187,31 @@ def ship_export_tokenizer(files: TokenizerFiles, run_dir: epath.Path) -> str | N
     return str(target) if target.exists() else None
 
 
+def hf_tokenizer_dir(files: TokenizerFiles) -> str | None:
+    """An HF tokenizer directory for this process (the downstream harness reads one on every host):
+    the export tokenizer, else a conversion of a sentencepiece data tokenizer into a temporary dir."""
+    if files.export and Path(files.export).is_dir():
+        return files.export
+    if files.data and Path(files.data).is_file():
+        from jaxcpt.hf.tokenizer import sentencepiece_to_hf
+
+        return str(sentencepiece_to_hf(files.data, tempfile.mkdtemp(prefix="jaxcpt-hf-tokenizer-")))
+    if files.data and Path(files.data).is_dir():
+        return files.data
+    return None
+
+
 # -- evaluation history -----------------------------------------------------------------
 def restore_eval_history(run_dir: epath.Path, history: list[dict]) -> None:
-    """Put the checkpoint's evaluation records back into RUN/metrics.jsonl where they are missing.
+    """Put the checkpoint's evaluation records (held-out and downstream) back into RUN/metrics.jsonl
+    where they are missing.
 
-    Records already there (by step) are kept; the others, the step-0 baseline among them,
-    are written first, so the report of a run resumed into an empty directory is complete.
+    Records already there (by kind and step) are kept; the others, the step-0 baseline among
+    them, are written first, so the report of a run resumed into an empty directory is complete.
     """
     path = run_dir / "metrics.jsonl"
     lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    present = {json.loads(line)["step"] for line in lines if json.loads(line).get("kind") == "eval"}
-    missing = [json.dumps(r) for r in history if r["step"] not in present]
+    present = {(r.get("kind"), r["step"]) for r in map(json.loads, lines)}
+    missing = [json.dumps(r) for r in history if (r.get("kind"), r["step"]) not in present]
     if missing:
         path.write_text("".join(line + "\n" for line in missing + lines))

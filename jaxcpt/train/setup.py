@@ -26,6 +26,7 @@ from jaxcpt.config import ConfigError
 from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.optimizer import build_optimizer
+from jaxcpt.optim.trainable import resolve_trainable
 from jaxcpt.sharding.distributed import initialize_distributed
 from jaxcpt.sharding.mesh import build_mesh, describe_mesh
 from jaxcpt.sharding.rules import check_rules, logical_to_spec, make_rules
@@ -61,11 +62,13 @@ class TrainProgram:
     seq_len: int
     micro_batch: int  # rows per micro-batch (batch_size / grad_accum_steps)
     train_step: Any  # jitted (state, batch) -> (state, metrics)
-    eval_step: Any  # jitted (params, batch) -> (loss_sum, tokens)
+    eval_step: Any  # jitted (params, eval batch) -> (loss_sum, tokens, bytes)
     layout: str
+    trainable: Any  # jaxcpt.optim.trainable.TrainableSpec: what trains in which phase
 
     def abstract_state(self) -> dict:
-        return train_state.abstract_state(self.tx, self.model_cfg, self.mesh, self.rules)
+        return train_state.abstract_state(self.tx, self.model_cfg, self.mesh, self.rules, keys=self.trainable.keys,
+                                          ema="ema" in self.state_shardings)
 
     def lower_train_step(self):
         """The train step lowered for this program's mesh (``.compile()`` it for memory analysis)."""
@@ -81,8 +84,13 @@ class TrainProgram:
                                         sharding=self.batch_shardings[k]) for k, dtype in BATCH_DTYPES.items()}
 
 
-def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, num_sources: int) -> TrainProgram:
-    """Optimizer, shardings, layout checks and the jitted steps for ``model_cfg`` on ``mesh``."""
+def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, num_sources: int,
+                  adaptation: dict | None = None) -> TrainProgram:
+    """Optimizer, shardings, layout checks and the jitted steps for ``model_cfg`` on ``mesh``.
+
+    ``adaptation``: the starting model's ``jaxcpt_adaptation.json`` record (new token ids,
+    inserted blocks), which ``optim.trainable`` selectors like ``embedding[new]`` read.
+    """
     if model_cfg.param_dtype != "float32":
         raise ConfigError(
             f"model.param_dtype={model_cfg.param_dtype} would keep Adam's moments and every update in "
@@ -91,8 +99,10 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
             "matmuls run in bf16 and the float32 weights are the master copy, at no extra memory.")
     micro = layout_lib.check_batch_split(cfg.train.batch_size, cfg.optim.grad_accum_steps, mesh, rules,
                                          jax.process_count())
-    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
-    shardings = train_state.state_shardings(tx, model_cfg, mesh, rules)
+    trainable = resolve_trainable(cfg.optim.trainable, train_state.param_infos(model_cfg, rules), adaptation,
+                                  cfg.train.steps)
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, trainable)
+    shardings = train_state.state_shardings(tx, model_cfg, mesh, rules, keys=trainable.keys, ema=cfg.ema.enabled)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, dict(mesh.shape)))
     source_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules, dict(mesh.shape)))
     batch_shardings = {**{k: batch_sharding for k in BATCH_KEYS}, "source": source_sharding}
@@ -100,18 +110,18 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, num_sources=num_sources,
                           grad_accum_steps=cfg.optim.grad_accum_steps, chunk_size=cfg.train.loss_chunk_size,
-                          z_loss_weight=cfg.optim.z_loss_weight),
+                          z_loss_weight=cfg.optim.z_loss_weight, trainable_keys=trainable.keys, ema=cfg.ema),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, chunk_size=cfg.train.loss_chunk_size),
-                      in_shardings=(shardings["params"], batch_shardings))
+                      in_shardings=(shardings["params"], {**batch_shardings, "target_bytes": batch_sharding}))
     layout = layout_lib.format_layout(
         layout_lib.parameter_rows(model_cfg, mesh, rules),
         layout_lib.activation_rows(model_cfg, micro, cfg.data.seq_len, cfg.train.loss_chunk_size, mesh, rules))
     return TrainProgram(mesh, rules, model_cfg, tx, schedule, graphdef, shardings, batch_shardings,
-                        cfg.train.batch_size, cfg.data.seq_len, micro, step_fn, eval_fn, layout)
+                        cfg.train.batch_size, cfg.data.seq_len, micro, step_fn, eval_fn, layout, trainable)
 
 
 @dataclasses.dataclass
@@ -123,6 +133,7 @@ class RunSetup:
     checkpoint_dir: epath.Path
     resume_from: tuple[int, dict] | None  # (step, meta) of the newest checkpoint; None = fresh start
     program: TrainProgram
+    adaptation: dict | None  # the starting model's jaxcpt_adaptation.json, kept in every checkpoint
     tokenizers: resume_lib.TokenizerFiles
     data_cfg: Any
     source_names: list[str]
@@ -153,8 +164,15 @@ class RunSetup:
             f"batch        {cfg.train.batch_size} rows x {cfg.data.seq_len} tokens, {cfg.optim.grad_accum_steps} "
             f"micro-batch(es) of {self.program.micro_batch} rows, {cfg.train.steps} steps",
         ]
+        if self.data_cfg.sources:
+            from jaxcpt.data.pipeline import resolved_special_tokens
+
+            bos, eos = resolved_special_tokens(self.data_cfg)
+            lines.append(f"documents    {'BOS ' + str(bos) if bos is not None else 'no BOS'} before, "
+                         f"{'EOS ' + str(eos) if eos is not None else 'no EOS'} after each document")
         for source in self.data_cfg.sources:
             lines.append(f"source       {source.name}: weight {source.weight}, paths {source.paths}")
+        lines.append(self.program.trainable.describe())
         return "\n".join(lines + [self.program.layout])
 
 
@@ -175,13 +193,15 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
         model_cfg = resume_lib.model_config_from_checkpoint(cfg, resume_from[1])
         stored = _stored_files(checkpoint_dir, resume_from[0])
         tokenizers = resume_lib.tokenizer_files_for_resume(cfg, stored)
+        adaptation = resume_from[1].get("adaptation")
     else:
         model_cfg = train_state.resolve_model_config(cfg)
         tokenizers = resume_lib.tokenizer_files_for_start(cfg, train_state.init_tokenizer_dir(cfg))
+        adaptation = train_state.init_adaptation(cfg)
     data_cfg = dataclasses.replace(cfg.data, tokenizer=tokenizers.data)
     model_cfg = _agree_with_tokenizer(model_cfg, data_cfg, defaults_apply=cfg.init.source == "scratch" and not resume_from)
     source_names = [s.name for s in data_cfg.sources]
-    program = build_program(cfg, model_cfg, mesh, rules, len(source_names))
+    program = build_program(cfg, model_cfg, mesh, rules, len(source_names), adaptation)
 
     from jaxcpt.data.pipeline import build_eval_batches, build_train_iterator
 
@@ -193,8 +213,8 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
         data_iter.close()
         data_iter = None
     eval_batches = build_eval_batches(data_cfg, batch_size=local_batch, seq_len=cfg.data.seq_len)
-    return RunSetup(cfg, run_dir, checkpoint_dir, resume_from, program, tokenizers, data_cfg, source_names,
-                    data_iter, eval_batches)
+    return RunSetup(cfg, run_dir, checkpoint_dir, resume_from, program, adaptation, tokenizers, data_cfg,
+                    source_names, data_iter, eval_batches)
 
 
 def _stored_files(checkpoint_dir: epath.Path, step: int) -> dict:

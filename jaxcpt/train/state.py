@@ -1,8 +1,11 @@
-"""The training state pytree ``{'params', 'opt_state', 'step'}``: its shardings, and where it starts.
+"""The training state pytree ``{'params', 'opt_state', 'step'[, 'ema']}``: its shardings, and where it starts.
 
-Shardings come from the parameters' logical axes; the optimizer state mirrors them
-(Adam's moments have the parameters' shapes and get their shardings), every other
-optimizer leaf (counts, scalars) is replicated.
+``params`` is the model's nested parameter dict. The optimizer state and the EMA cover
+only the *trainable view*: a flat ``{dotted path: array}`` dict of the parameters some
+phase of ``optim.trainable`` trains (all of them by default), so frozen parameters carry
+no optimizer state. Shardings come from the parameters' logical axes; the optimizer state
+mirrors them (Adam's moments have the parameters' shapes and get their shardings), every
+other optimizer leaf (counts, scalars) is replicated.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.persist import abstract_params, load_model, params_of
 from jaxcpt.model.transformer import Transformer, abstract_model, init_model
 from jaxcpt.train.config import NUMERICS_FIELDS, TrainConfig
+from jaxcpt.optim.trainable import ParamInfo
+from jaxcpt.train.ema import init_ema
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -30,11 +35,10 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
         return dataclasses.replace(read_hf_config(cfg.init.path), **numerics)
     if cfg.init.source == "checkpoint":
         from jaxcpt.checkpoint import read_meta
-        from jaxcpt.config import from_dict
-        from jaxcpt.model.persist import resolve_run_checkpoints
+        from jaxcpt.model.persist import config_from_meta, resolve_run_checkpoints
 
         meta = read_meta(resolve_run_checkpoints(cfg.init.path))
-        return dataclasses.replace(from_dict(ModelConfig, meta["model_config"], prefix="model"), **numerics)
+        return dataclasses.replace(config_from_meta(meta), **numerics)
     return cfg.model
 
 
@@ -54,6 +58,23 @@ def init_tokenizer_dir(cfg: TrainConfig) -> str | None:
     return None
 
 
+def init_adaptation(cfg: TrainConfig) -> dict | None:
+    """The starting model's adaptation record (``jaxcpt_adaptation.json``, written by extend-vocab /
+    expand-depth), or None. A checkpoint start reads it from the checkpoint's meta."""
+    import json
+    from pathlib import Path
+
+    if cfg.init.source == "hf":
+        path = Path(cfg.init.path) / "jaxcpt_adaptation.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    if cfg.init.source == "checkpoint":
+        from jaxcpt.checkpoint import read_meta
+        from jaxcpt.model.persist import resolve_run_checkpoints
+
+        return read_meta(resolve_run_checkpoints(cfg.init.path)).get("adaptation")
+    return None
+
+
 def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[dict, str | None]:
     """(params, tokenizer_dir) for a fresh run, from the configured source."""
     numerics = {name: getattr(model_cfg, name) for name in NUMERICS_FIELDS}
@@ -70,40 +91,86 @@ def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules) 
     return params_of(model), model.tokenizer_dir
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, params_abstract: dict, mesh: Mesh):
-    """Shardings for ``tx.init(params)``: parameter-shaped leaves like their parameter, the rest replicated."""
-    opt_shapes = jax.eval_shape(tx.init, params_abstract)
-    param_shardings = jax.tree.map(lambda p: p.sharding, params_abstract)
+def opt_state_shardings(tx: optax.GradientTransformation, view_abstract: dict, mesh: Mesh):
+    """Shardings for ``tx.init(view)``: each moment like its parameter, everything else replicated.
+
+    The trainable view is a flat dict keyed by parameter path, so every parameter-shaped
+    leaf of the optimizer state sits under its parameter's key (also inside optax's
+    multi_transform, whose other groups hold MaskedNode placeholders there).
+    """
+    opt_shapes = jax.eval_shape(tx.init, view_abstract)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(
-        tx, lambda _, sharding: sharding, opt_shapes, param_shardings,
-        transform_non_params=lambda _: replicated,
-    )
+
+    def sharding(path, leaf):
+        for key in reversed(path):
+            name = getattr(key, "key", None)
+            if isinstance(name, str) and name in view_abstract and tuple(view_abstract[name].shape) == tuple(leaf.shape):
+                return view_abstract[name].sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, opt_shapes)
 
 
-def state_shardings(tx, model_cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+def param_infos(model_cfg: ModelConfig, rules) -> dict[str, ParamInfo]:
+    """{dotted path: shape and logical axes} of every parameter, in the model's order."""
+    state = nnx.state(abstract_model(model_cfg, rules), nnx.Param)
+    out = {}
+    for path, variable in state.flat_state():
+        shape = tuple(variable.get_value().shape)
+        out[".".join(str(p) for p in path)] = ParamInfo(shape, tuple(variable.get_metadata().get("axes") or (None,) * len(shape)))
+    return out
+
+
+def trainable_view(params: dict, keys) -> dict:
+    """{path: leaf} for the trainable paths ``keys``: the tree the optimizer (and the EMA) work on."""
+    flat = {".".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {key: flat[key] for key in keys}
+
+
+def with_trainable(params: dict, view: dict) -> dict:
+    """``params`` with the leaves of a trainable view put back in place."""
+    def put(path, leaf):
+        return view.get(".".join(str(getattr(k, "key", k)) for k in path), leaf)
+
+    return jax.tree_util.tree_map_with_path(put, params)
+
+
+def state_shardings(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, keys, ema: bool = False) -> dict:
     params_abstract = abstract_params(model_cfg, mesh, rules)
-    return {
-        "params": jax.tree.map(lambda p: p.sharding, params_abstract),
-        "opt_state": opt_state_shardings(tx, params_abstract, mesh),
+    param_shardings = jax.tree.map(lambda p: p.sharding, params_abstract)
+    view = trainable_view(params_abstract, keys)
+    out = {
+        "params": param_shardings,
+        "opt_state": opt_state_shardings(tx, view, mesh),
         "step": NamedSharding(mesh, PartitionSpec()),
     }
+    if ema:
+        out["ema"] = {k: v.sharding for k, v in view.items()}
+    return out
 
 
-def abstract_state(tx, model_cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+def abstract_state(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, keys, ema: bool = False) -> dict:
     """ShapeDtypeStruct leaves with target shardings: what a checkpoint restores into."""
     params_abstract = abstract_params(model_cfg, mesh, rules)
-    shardings = state_shardings(tx, model_cfg, mesh, rules)
-    shapes = {"params": params_abstract, "opt_state": jax.eval_shape(tx.init, params_abstract),
+    view = trainable_view(params_abstract, keys)
+    shardings = state_shardings(tx, model_cfg, mesh, rules, keys=keys, ema=ema)
+    shapes = {"params": params_abstract, "opt_state": jax.eval_shape(tx.init, view),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    if ema:
+        shapes["ema"] = jax.eval_shape(init_ema, view)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def fresh_state(params: dict, tx, shardings: dict) -> dict:
-    """Step-0 state: ``params`` with a new optimizer state, created directly in its shardings."""
+def fresh_state(params: dict, tx, shardings: dict, keys) -> dict:
+    """Step-0 state: ``params`` with a new optimizer state over the trainable ``keys`` (and EMA, if sharded for)."""
+    view = trainable_view(params, keys)
     init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    return {"params": params, "opt_state": init(params), "step": step}
+    state = {"params": params, "opt_state": init(view), "step": step}
+    if "ema" in shardings:
+        state["ema"] = jax.jit(init_ema, out_shardings=shardings["ema"])(view)
+    return state
 
 
 def graphdef_of(model_cfg: ModelConfig, rules, tokenizer_dir: str | None = None):

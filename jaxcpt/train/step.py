@@ -1,6 +1,7 @@
 """The hot path: pure ``train_step(state, batch) -> (state, metrics)`` and ``eval_step``.
 
-``state`` is a plain pytree ``{'params', 'opt_state', 'step'}``; the model's static
+``state`` is a plain pytree ``{'params', 'opt_state', 'step'}``, plus ``'ema'`` (the
+parameters' moving average, ``jaxcpt.train.ema``) when one is kept; the model's static
 structure (``graphdef``), the optimizer and the loss settings are bound with
 ``functools.partial`` before jitting, so nothing hidden reaches the compiled step.
 
@@ -16,7 +17,9 @@ import optax
 from flax import nnx
 
 from jaxcpt.optim.accumulate import accumulate_gradients
-from jaxcpt.train.loss import token_loss_sums
+from jaxcpt.train.ema import EMAConfig, decay_at, update_ema
+from jaxcpt.train.loss import model_token_loss_sums
+from jaxcpt.train.state import trainable_view, with_trainable
 
 
 def _per_source(values, source, num_sources: int):
@@ -28,8 +31,8 @@ def _loss_sums(params, batch, *, graphdef, num_sources: int, chunk_size: int, z_
     """((loss_sum, tokens), aux) for gradient accumulation: sums, so micro-batches add exactly."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])  # [B, T, E]
-    loss_rows, lse2_rows = token_loss_sums(hidden, model.output_weights(), batch["targets"], batch["loss_mask"],
-                                           chunk_size=chunk_size)  # [B], [B]
+    loss_rows, lse2_rows = model_token_loss_sums(model, hidden, batch["targets"], batch["loss_mask"],
+                                                 chunk_size=chunk_size)  # [B], [B]
     tokens_rows = batch["loss_mask"].astype(jnp.float32).sum(-1)  # [B]
     objective_sum = loss_rows.sum() + z_loss_weight * lse2_rows.sum()
     aux = {
@@ -51,33 +54,48 @@ def _advance_counts(opt_state):
 
 
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule, num_sources: int,
-               grad_accum_steps: int, chunk_size: int, z_loss_weight: float):
-    """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged."""
+               grad_accum_steps: int, chunk_size: int, z_loss_weight: float, trainable_keys,
+               ema: EMAConfig | None = None):
+    """One optimizer step. A non-finite loss or gradient leaves params, optimizer state and EMA unchanged.
 
-    def loss_fn(params, micro):
-        return _loss_sums(params, micro, graphdef=graphdef, num_sources=num_sources, chunk_size=chunk_size,
-                          z_loss_weight=z_loss_weight)
+    Gradients, the optimizer and the EMA see only the trainable view (``trainable_keys``);
+    frozen parameters are closed over, so no gradient or accumulator is made for them.
+    """
+    params = state["params"]
+    trainable = trainable_view(params, trainable_keys)
 
-    _, grads, aux = accumulate_gradients(loss_fn, state["params"], batch, grad_accum_steps)
+    def loss_fn(view, micro):
+        return _loss_sums(with_trainable(params, view), micro, graphdef=graphdef, num_sources=num_sources,
+                          chunk_size=chunk_size, z_loss_weight=z_loss_weight)
+
+    _, grads, aux = accumulate_gradients(loss_fn, trainable, batch, grad_accum_steps)
     grad_norm = optax.global_norm(grads)
     tokens = aux["source_tokens"].sum()
     loss = aux["loss_sum"] / jnp.maximum(tokens, 1.0)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def apply_update(params_and_opt):
-        params, opt_state = params_and_opt
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_opt_state
+    use_ema = ema is not None and ema.enabled
 
-    def skip_update(params_and_opt):
-        # Parameters and moments stay; optax's step counters advance, so the learning-rate
-        # schedule stays aligned with the training step after a skipped update.
-        params, opt_state = params_and_opt
-        return params, _advance_counts(opt_state)
+    def apply_update(carry):
+        view, opt_state, average = carry
+        updates, new_opt_state = tx.update(grads, opt_state, view)
+        new_view = optax.apply_updates(view, updates)
+        if use_ema:
+            average = update_ema(average, new_view, decay_at(ema, state["step"] + 1))
+        return new_view, new_opt_state, average
+
+    def skip_update(carry):
+        # Parameters, moments and the average stay; optax's step counters advance, so the
+        # learning-rate schedule stays aligned with the training step after a skipped update.
+        view, opt_state, average = carry
+        return view, _advance_counts(opt_state), average
 
     # cond, not a select: only the taken branch runs, so a healthy step pays nothing for the check
-    new_params, new_opt_state = jax.lax.cond(finite, apply_update, skip_update, (state["params"], state["opt_state"]))
-    new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1}
+    carry = (trainable, state["opt_state"], state.get("ema") if use_ema else None)
+    new_view, new_opt_state, new_ema = jax.lax.cond(finite, apply_update, skip_update, carry)
+    new_state = {"params": with_trainable(params, new_view), "opt_state": new_opt_state, "step": state["step"] + 1}
+    if use_ema:
+        new_state["ema"] = new_ema
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
@@ -91,8 +109,13 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
 
 
 def eval_step(params, batch, *, graphdef, chunk_size: int):
-    """(loss_sum, tokens) of one evaluation batch, summed over its real target tokens."""
+    """(loss_sum, tokens, bytes) of one evaluation batch, summed over its real target tokens.
+
+    ``bytes`` sums ``batch['target_bytes']`` (the UTF-8 bytes each target token spells) when the
+    batch has it, for bits per byte; else 0.
+    """
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])
-    loss_rows, _ = token_loss_sums(hidden, model.output_weights(), batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
-    return loss_rows.sum(), batch["loss_mask"].astype(jnp.float32).sum()
+    loss_rows, _ = model_token_loss_sums(model, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
+    target_bytes = batch["target_bytes"].sum() if "target_bytes" in batch else jnp.zeros((), jnp.float32)
+    return loss_rows.sum(), batch["loss_mask"].astype(jnp.float32).sum(), target_bytes

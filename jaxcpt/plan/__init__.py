@@ -1,0 +1,1 @@
+"""Planning a continual-pretraining run before it runs: the token budget, proxy sweeps, mixture laws."""
