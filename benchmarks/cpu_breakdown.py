@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import CpuLoad, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
+from train_throughput import CpuLoad, add_shape_arguments, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
 
 # name -> (framework, dtype, extra XLA flags, model/loss overrides)
 VARIANTS = {
@@ -121,10 +121,7 @@ def worker(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="cpu-small")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--loss-chunk", type=int, default=128)
+    add_shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--checkout", action="append", default=[], metavar="NAME=PATH",

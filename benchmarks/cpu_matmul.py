@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import CpuLoad, machine_info, model_config  # noqa: E402
+from train_throughput import CpuLoad, add_shape_arguments, machine_info, model_config  # noqa: E402
 
 
 def products(cfg, tokens: int, chunk_tokens: int) -> dict[str, tuple[int, int, int, str]]:
@@ -66,10 +66,7 @@ def torch_product(m, k, n, kind, dtype):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="cpu-small")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--loss-chunk", type=int, default=128)
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_matmul.json"))
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import CpuLoad, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
+from train_throughput import CpuLoad, add_shape_arguments, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
 
 _INSTRUCTION = re.compile(r"%([\w.\-]+) = [^\n]*?\b(fusion|dot|copy|transpose)\([^\n]*")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
@@ -70,10 +70,7 @@ def exclusive_thunk_ns(trace_dir: str) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="cpu-small")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--loss-chunk", type=int, default=128)
+    add_shape_arguments(parser)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_profile.json"))
     args = parser.parse_args(argv)

@@ -45,6 +45,14 @@ def model_config(shape: str, **numerics):
     return ModelConfig(**SHAPES[shape], **numerics)
 
 
+def add_shape_arguments(parser) -> None:
+    """The model shape and batch every CPU benchmark takes: --shape, --seq-len, --batch, --loss-chunk."""
+    parser.add_argument("--shape", default="cpu-small", choices=sorted([*SHAPES, *NAMED_SHAPES]))
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--loss-chunk", type=int, default=128)
+
+
 class CpuLoad:
     """Busy CPU time of the whole machine and of this benchmark, between start() and stop().
 
@@ -256,15 +264,12 @@ def peak_memory_torch() -> int | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="cpu-small", choices=sorted([*SHAPES, *NAMED_SHAPES]))
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per framework")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on accelerators, f32 on CPU")
     parser.add_argument("--remat", default="none", choices=["none", "minimal", "full"])
     parser.add_argument("--attention", default="auto")
-    parser.add_argument("--loss-chunk", type=int, default=128)
     parser.add_argument("--mesh", default=None, help='JSON, e.g. \'{"fsdp": -1}\'; default all devices on data')
     parser.add_argument("--vs-torch", action="store_true", help="also transformers + PyTorch (see --torch-modes)")
     parser.add_argument("--torch-modes", default="eager,compile",
