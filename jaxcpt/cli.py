@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("jaxcpt.hf.command_export", "write a jaxcpt checkpoint as a Hugging Face directory transformers can load"),
     "tokenize": ("jaxcpt.data.command", "pre-tokenize a source into shards once, for reuse across runs"),
     "plot-schedule": ("jaxcpt.optim.command", "draw a config's learning-rate schedule to a PNG and print its phase boundaries"),
+    "compile": ("jaxcpt.aot.command", "compile a config's train step for a TPU topology on this host: per-chip memory, fit, layout"),
     "train-tokenizer": ("jaxcpt.adapt.command_train_tokenizer",
                         "train a tokenizer on configured data sources (sentencepiece or byte-level BPE)"),
     "extend-vocab": ("jaxcpt.adapt.command_extend_vocab",

@@ -180,7 +180,7 @@ def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: floa
     """The attention function for ``name``: ``fn(q, k, v, segment_ids, window, *, scale, softcap)``.
 
     'auto' picks by platform, dtype and length, and only a kernel that honours every setting
-    (cuDNN cannot soft-cap, so a capped model on GPU gets the reference).
+    (cuDNN cannot soft-cap, so a capped model on GPU gets xla, which computes the capped einsum form).
     """
     if name == "auto":
         backend = jax.default_backend()

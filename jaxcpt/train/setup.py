@@ -73,8 +73,11 @@ class TrainProgram:
 
     def lower_train_step(self):
         """The train step lowered for this program's mesh (``.compile()`` it for memory analysis)."""
+        # The abstract arguments are built outside the mesh context: optax's init runs eagerly
+        # there, and under a mesh of devices this host cannot run (a TPU topology) it would fail.
+        state, batch = self.abstract_state(), self.abstract_batch()
         with jax.set_mesh(self.mesh):  # as in training: sharding constraints and shard_map see the mesh
-            return self.train_step.lower(self.abstract_state(), self.abstract_batch())
+            return self.train_step.lower(state, batch)
 
     def abstract_batch(self, rows: int | None = None) -> dict:
         rows = self.batch_size if rows is None else rows

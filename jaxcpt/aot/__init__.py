@@ -1,0 +1,6 @@
+"""Ahead-of-time compilation for accelerators this host does not have (``jaxcpt compile``).
+
+topology.py names TPU slices and gets their devices from libtpu, memory.py turns XLA's
+memory analysis into a per-chip report, architectures.py names the public models our
+configs start from, command.py is the command.
+"""
