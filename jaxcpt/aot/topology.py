@@ -164,9 +164,25 @@ def _libtpu_pin() -> str | None:
     return None
 
 
+def _allow_concurrent_compiles() -> None:
+    """Let several compile-only processes load libtpu at once on a host without TPU chips.
+
+    libtpu takes /tmp/libtpu_lockfile so that two processes never drive the same chips; a
+    second process aborts ("Internal error when accessing libtpu multi-process lockfile").
+    Off a TPU host there are no chips to share, so two ``jaxcpt compile`` runs (or a compile
+    beside the tests) may both load it. On a TPU host the lock stays, guarding the chips.
+    """
+    import glob
+    import os
+
+    if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
 def tpu_devices(topology: Topology) -> list:
     """The JAX devices of ``topology`` (compile-only: nothing can run on them from this host)."""
     check_libtpu()
+    _allow_concurrent_compiles()
     # libtpu prints warnings about TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES when it starts
     # off a TPU VM; they do not matter for compiling.
     from jax.experimental import topologies

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 
+from jaxcpt.model.lora import is_adapter
 from jaxcpt.sharding.distributed import gather_json, is_writer
 from jaxcpt.train import state as train_state
 
@@ -43,18 +44,12 @@ def export(run, step: int) -> list[str]:
         from jaxcpt.hf.peft_export import save_peft_adapter
 
         target = f"{root}/step_{step}-adapter"
-        trained = tuple(key for key in setup.program.trainable.keys if not _is_adapter(key))
+        trained = tuple(key for key in setup.program.trainable.keys if not is_adapter(key))  # modules_to_save
         save_peft_adapter(model, target, base_model_name_or_path=_adapter_base(run, model, root, common),
                           trained=trained, dtype=cfg.export.dtype, overwrite=True,
                           tokenizer_dir=run.export_tokenizer)
         written.append(target)
     return written
-
-
-def _is_adapter(key: str) -> bool:
-    from jaxcpt.model.lora import is_adapter
-
-    return is_adapter(key)
 
 
 def _adapter_base(run, model, root: str, common: dict) -> str:
