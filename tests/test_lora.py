@@ -264,6 +264,11 @@ def test_export_hf_command_writes_adapter_base_and_merged(tmp_path):
     assert main(["export-hf", str(run), "--out", str(tmp_path / "own_base"), "--lora", "base",
                  "--dtype", "float32"]) == 0
     assert main(["export-hf", str(run), "--out", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    from jaxcpt.errors import UserError
+    from jaxcpt.merge.inputs import open_input
+
+    with pytest.raises(UserError, match="holds LoRA adapters"):  # jaxcpt merge would otherwise merge the bare base
+        open_input(run)
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 

@@ -132,6 +132,9 @@ class CheckpointInput:
         self.path = path
         self.step_dir = resolve_step_dir(resolve_run_checkpoints(path))
         self.config = config_from_meta(read_meta(self.step_dir))
+        if self.config.lora is not None:  # its tensors alone are the frozen base: merging them would drop the training
+            raise UserError(f"checkpoint '{self.step_dir}' holds LoRA adapters (model.lora); merge its merged export "
+                            f"instead: jaxcpt export-hf {path} --out DIR (adapters folded in), then pass DIR")
         self._tokenizer_dir = tokenizer_dir_for(self.step_dir)
         tree = ocp.PyTreeCheckpointHandler().metadata(self.step_dir / "state").tree
         if not isinstance(tree, dict) or "params" not in tree:
