@@ -261,6 +261,9 @@ def test_export_hf_command_writes_adapter_base_and_merged(tmp_path):
     run = tmp_path / "run"
     assert main(["export-hf", str(run), "--out", str(tmp_path / "adapter"), "--lora", "adapter",
                  "--dtype", "float32"]) == 0
+    assert main(["export-hf", str(run), "--out", str(tmp_path / "nowhere_adapter"), "--lora", "adapter",
+                 "--base", str(tmp_path / "missing")]) == 2  # a base that is not an HF directory: refused, nothing written
+    assert not (tmp_path / "nowhere_adapter").exists()
     assert main(["export-hf", str(run), "--out", str(tmp_path / "own_base"), "--lora", "base",
                  "--dtype", "float32"]) == 0
     assert main(["export-hf", str(run), "--out", str(tmp_path / "merged"), "--dtype", "float32"]) == 0

@@ -38,13 +38,14 @@ def run(args) -> int:
     from jaxcpt.sharding.mesh import build_mesh
 
     initialize_distributed(DistributedConfig())  # auto: joins the other hosts of a pod / SLURM job
+    base = _adapter_base(args) if args.lora == "adapter" else None  # checked before any weights are read
     model = load_model(args.checkpoint, mesh=build_mesh(yaml.safe_load(args.mesh) if args.mesh else None))
     if model.config.lora is None and args.lora != "merged":
         raise UserError(f"--lora {args.lora}: '{args.checkpoint}' has no LoRA adapters (its model.lora is null)")
     if args.lora == "adapter":
         from jaxcpt.hf.peft_export import save_peft_adapter
 
-        out = save_peft_adapter(model, args.out, base_model_name_or_path=args.base or _run_base(args.checkpoint),
+        out = save_peft_adapter(model, args.out, base_model_name_or_path=base,
                                 trained=_trained_non_adapters(args.checkpoint), dtype=args.dtype,
                                 overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
     else:
@@ -63,17 +64,26 @@ def _checkpoint_meta(checkpoint: str) -> dict:
     return read_meta(resolve_step_dir(resolve_run_checkpoints(checkpoint)))
 
 
-def _run_base(checkpoint: str) -> str:
+def _adapter_base(args) -> str:
+    """--base, else the run's init.path when it started from an HF directory; it must hold config.json."""
     import os
 
     from jaxcpt.errors import UserError
 
-    init = (_checkpoint_meta(checkpoint).get("run_config") or {}).get("init") or {}
-    if init.get("source") != "hf" or not init.get("path"):
-        raise UserError(f"'{checkpoint}' did not start from an HF directory, so its adapter's base is not on disk: "
-                        f"write it with 'jaxcpt export-hf {checkpoint} --lora base --out BASE' and pass --base BASE")
-    path = init["path"]
-    return path if "://" in path else os.path.abspath(path)
+    base = args.base
+    if base is None:
+        init = (_checkpoint_meta(args.checkpoint).get("run_config") or {}).get("init") or {}
+        if init.get("source") != "hf" or not init.get("path"):
+            raise UserError(f"'{args.checkpoint}' did not start from an HF directory, so its adapter's base is not on "
+                            f"disk: write it with 'jaxcpt export-hf {args.checkpoint} --lora base --out BASE' and pass "
+                            "--base BASE")
+        base = init["path"]
+    if "://" in base:
+        return base
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise UserError(f"the adapter's base '{base}' is not an HF directory (no config.json); pass --base, or write "
+                        f"one with: jaxcpt export-hf {args.checkpoint} --lora base --out BASE")
+    return os.path.abspath(base)
 
 
 def _trained_non_adapters(checkpoint: str) -> tuple[str, ...]:

@@ -72,19 +72,19 @@ class LoraConfig:
 
     def validate(self) -> None:
         if self.rank < 1:
-            raise ConfigError(f"model.lora.rank must be >= 1, got {self.rank}; set e.g. model.lora.rank=16")
+            raise ConfigError(f"rank must be >= 1, got {self.rank}; set e.g. model.lora.rank=16")
         if not self.targets:
-            raise ConfigError(f"model.lora.targets is empty; name projections among {', '.join(PROJECTIONS)}, or "
+            raise ConfigError(f"targets is empty; name projections among {', '.join(PROJECTIONS)}, or "
                               "remove model.lora to train without adapters")
         for target in self.targets:
             if target not in PROJECTIONS:
                 stripped = target.removesuffix("_proj")
                 close = [stripped] if stripped in PROJECTIONS else difflib.get_close_matches(target, list(PROJECTIONS), n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(f"model.lora.targets: unknown projection '{target}'; {hint}targets are jaxcpt's "
+                raise ConfigError(f"targets: unknown projection '{target}'; {hint}targets are jaxcpt's "
                                   f"parameter names: {', '.join(ATTENTION)} (attention), {', '.join(MLP)} (MLP)")
         if len(set(self.targets)) != len(self.targets):
-            raise ConfigError(f"model.lora.targets lists a projection twice: {self.targets}")
+            raise ConfigError(f"targets lists a projection twice: {self.targets}")
 
 
 def adapter_names(target: str) -> tuple[str, str]:

@@ -9,18 +9,21 @@ A LoRA run (``model.lora``) exports, following ``export.lora``:
     both      the two
 
 A PEFT adapter names the model it applies to (``base_model_name_or_path``): the ``init.path``
-of an HF start (the directory the run began from, unchanged by training), else RUN/hf/base,
-the run's frozen base written once beside the step exports.
+of an HF start (the directory the run began from, unchanged by training) while it exists, else
+RUN/hf/base, the run's frozen base written once beside the step exports.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from jaxcpt.model.lora import is_adapter
 from jaxcpt.sharding.distributed import gather_json, is_writer
 from jaxcpt.train import state as train_state
+
+log = logging.getLogger("jaxcpt.train")
 
 
 def export(run, step: int) -> list[str]:
@@ -55,12 +58,16 @@ def export(run, step: int) -> list[str]:
 def _adapter_base(run, model, root: str, common: dict) -> str:
     """The directory a PEFT export's adapters apply to: init.path of an HF start, else RUN/hf/base."""
     cfg = run.setup.cfg
+    # Process 0 looks and every host follows (exports are collective).
     if cfg.init.source == "hf":
-        path = cfg.init.path
-        return path if "://" in path else os.path.abspath(path)
+        path = cfg.init.path if "://" in cfg.init.path else os.path.abspath(cfg.init.path)
+        if gather_json(_has_config(path) if is_writer() else None)[0]:
+            return path
+        # A resume from the checkpoint alone: the directory the run started from is gone, so the
+        # adapter gets a base written beside it (the same frozen weights).
+        log.warning("init.path %s is gone; the adapter export's base is %s/base instead", path, root)
     target = f"{root}/base"
-    # Process 0 looks and every host follows (exports are collective): the base is frozen, so one
-    # written by an earlier attempt of this run is the same model.
+    # The base is frozen, so one written by an earlier attempt of this run is the same model.
     present = gather_json(_has_config(target) if is_writer() else None)[0]
     if not present:
         from jaxcpt.hf.convert import save_hf
