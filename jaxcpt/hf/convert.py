@@ -129,7 +129,8 @@ def _check_shapes(reader: SafetensorsReader, table: list[Tensor], cfg: ModelConf
                 )
 
 
-def _at(tree, path: tuple[str, ...]):
+def value_at(tree, path: tuple[str, ...]):
+    """The node of a nested state at a tensor row's path, e.g. ('layers', 'q')."""
     for key in path:
         tree = tree[key]
     return tree
@@ -203,7 +204,7 @@ def load_hf(
     shardings = state_shardings(state, mesh, rules)
     np_dtype = NUMPY_DTYPES[cfg.param_dtype]
     for row in table:
-        variable, sharding = _at(state, row.path), _at(shardings, row.path)
+        variable, sharding = value_at(state, row.path), value_at(shardings, row.path)
         shape = variable.get_value().shape
         variable.set_value(_place(row, reader, shape, sharding, np_dtype, cfg.num_layers))
     return nnx.merge(graphdef, state)
@@ -317,7 +318,7 @@ def _folded(state, cfg: ModelConfig, row: Tensor, layer: int | None, value: jax.
     """One layer's projection with its LoRA update folded in (float32); every other tensor as it is."""
     if cfg.lora is None or row.path[0] != "layers" or row.path[-1] not in cfg.lora.targets:
         return value
-    a, b = (_at(state, ("layers", name))[...][layer] for name in lora_lib.adapter_names(row.path[-1]))
+    a, b = (value_at(state, ("layers", name))[...][layer] for name in lora_lib.adapter_names(row.path[-1]))
     return lora_lib.fold(value, a, b, cfg.lora.scale)
 
 
@@ -358,7 +359,7 @@ def save_hf(
         file = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for name, row, layer in shard:
-            value = _at(state, row.path)[...]
+            value = value_at(state, row.path)[...]
             value = _folded(state, cfg, row, layer, value[layer] if layer is not None else value)
             host = row.to_hf(to_host(value.astype(jnp.dtype(dtype))))
             if writer:

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxcpt.errors import UserError
-from jaxcpt.hf.convert import NUMPY_DTYPES, StagedExport, copy_companion_files, to_host
+from jaxcpt.hf.convert import NUMPY_DTYPES, StagedExport, copy_companion_files, to_host, value_at
 from jaxcpt.hf.families import tensor_table
 from jaxcpt.hf.mapping import Tensor
 from jaxcpt.model import lora as lora_lib
@@ -114,10 +114,7 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
         if ".".join(row.path) not in trained:
             continue
         modules_to_save.append(_save_name(row))
-        value = state
-        for key in row.path:
-            value = value[key]
-        value = value[...]
+        value = value_at(state, row.path)[...]
         for layer in range(cfg.num_layers) if row.stacked else [None]:
             tensors[PREFIX + row.hf_name.format(i=layer)] = row.to_hf(host(value if layer is None else value[layer]))
     tie = cfg.tie_word_embeddings and "embedding" in trained

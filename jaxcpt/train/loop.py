@@ -24,6 +24,7 @@ import yaml
 from jaxcpt import __version__
 from jaxcpt.checkpoint import Checkpointer
 from jaxcpt.config import to_dict
+from jaxcpt.model import lora as lora_lib
 from jaxcpt.sharding.distributed import gather_json, is_writer
 from jaxcpt.sharding.mesh import describe_mesh
 from jaxcpt.train import resume as resume_lib
@@ -222,8 +223,7 @@ class _StepMetrics:
         self.nonfinite_in_a_row = 0
         self.peak = device_peak_flops()
         trained = set(setup.program.trainable.keys)
-        frozen = setup.model_cfg.lora is not None and not trained & {f"layers.{p}" for p in ("q", "k", "v", "o", "gate",
-                                                                                              "up", "down")}
+        frozen = setup.model_cfg.lora is not None and not trained & {f"layers.{p}" for p in lora_lib.PROJECTIONS}
         self.flops_token = flops_per_token(setup.model_cfg, setup.program.seq_len, frozen_projections=frozen)
         self.num_devices = setup.program.mesh.devices.size
         self.progress = Progress(setup.cfg.train.steps, run.start_step)
