@@ -42,6 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _skip_tpu_runtime_off_tpu() -> None:
+    """With libtpu installed (jaxcpt[tpu-compile], the test extra) on a host without TPU chips or a
+    GPU plugin, jax would start the TPU runtime at every command, which prints a screen of failed
+    TPU metadata lookups before falling back to the CPU. Ask for the CPU directly; ``jaxcpt
+    compile`` still reaches libtpu (``get_topology_desc`` loads it on its own). An explicit
+    JAX_PLATFORMS always wins. Must run before jax is imported.
+    """
+    import importlib.util
+    import os
+
+    from jaxcpt.aot.topology import tpu_chips_attached
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None or tpu_chips_attached():
+        return
+    gpu_plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm6_plugin", "jax_rocm7_plugin")
+    if any(importlib.util.find_spec(name) for name in gpu_plugins):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -57,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     name = argv[0]
+    _skip_tpu_runtime_off_tpu()
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"jaxcpt {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)

@@ -182,3 +182,18 @@ def test_compile_reads_a_model_config_json(tmp_path):
     model, source = resolve_model(cfg, str(tmp_path / "config.json"), None)
     assert model.num_params() == 1_235_814_400 and model.remat == "minimal" and model.dtype == "bfloat16"
     assert source == str(tmp_path / "config.json")
+
+
+def test_commands_off_a_tpu_host_do_not_start_the_tpu_runtime(tmp_path):
+    """With libtpu installed (the test extra) and no TPU chips, a command's output is its own message,
+    not a screen of libtpu's failed metadata lookups."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("libtpu")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = subprocess.run([sys.executable, "-m", "jaxcpt.cli", "evaluate", str(tmp_path / "missing"), "--tasks", "x"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert "TPU_WORKER_HOSTNAMES" not in result.stderr + result.stdout

@@ -164,6 +164,13 @@ def _libtpu_pin() -> str | None:
     return None
 
 
+def tpu_chips_attached() -> bool:
+    """Whether this host has TPU chips (the device files a TPU VM exposes), whatever is installed."""
+    import glob
+
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def _allow_concurrent_compiles() -> None:
     """Let several compile-only processes load libtpu at once on a host without TPU chips.
 
@@ -172,10 +179,9 @@ def _allow_concurrent_compiles() -> None:
     Off a TPU host there are no chips to share, so two ``jaxcpt compile`` runs (or a compile
     beside the tests) may both load it. On a TPU host the lock stays, guarding the chips.
     """
-    import glob
     import os
 
-    if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+    if not tpu_chips_attached():
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
