@@ -33,7 +33,7 @@ def run(args) -> int:
 
     import yaml
 
-    from jaxcpt.eval.downstream import DownstreamConfig, require_harness, run_tasks
+    from jaxcpt.eval.downstream import DownstreamConfig, check_tasks, require_harness, run_tasks, task_manager
 
     require_harness("jaxcpt evaluate")
     from jaxcpt.eval.harness import JaxcptLM
@@ -44,10 +44,12 @@ def run(args) -> int:
     cfg = DownstreamConfig(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], include_path=args.include_path,
                            limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
     cfg.validate()
+    manager = task_manager(cfg.include_path)
+    check_tasks(cfg, manager)  # before any weights are read
     mesh = build_mesh(yaml.safe_load(args.mesh) if args.mesh else None)
     lm = JaxcptLM.from_path(args.model, mesh=mesh, dtype=args.dtype, weights=args.weights, batch_size=args.batch_size,
                             max_length=args.max_length, max_gen_toks=args.max_gen_toks)
-    results = run_tasks(lm, cfg, log_samples=args.log_samples)
+    results = run_tasks(lm, cfg, manager, log_samples=args.log_samples)
     if not is_writer():
         return 0
     from lm_eval.utils import handle_non_serializable, make_table

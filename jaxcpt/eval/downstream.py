@@ -76,15 +76,20 @@ def task_manager(include_path: str = ""):
     return TaskManager(include_path=include_path or None)
 
 
+def check_tasks(cfg: DownstreamConfig, manager) -> None:
+    """Every name in ``cfg.tasks`` is a task or group the harness knows (a ConfigError otherwise)."""
+    unknown = [t for t in cfg.tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s) {unknown}; check the names, or set eval.downstream.include_path "
+                          "(jaxcpt evaluate --include-path) to the directory that holds their YAML")
+
+
 def run_tasks(lm, cfg: DownstreamConfig, manager=None, *, log_samples: bool = False) -> dict:
     """The harness's results dict for ``cfg.tasks`` on ``lm`` (a ``JaxcptLM``)."""
     import lm_eval
 
     manager = manager or task_manager(cfg.include_path)
-    unknown = [t for t in cfg.tasks if not manager.match_tasks([t])]
-    if unknown:
-        raise ConfigError(f"unknown lm-eval task(s) {unknown}; check the names, or set eval.downstream.include_path "
-                          "(jaxcpt evaluate --include-path) to the directory that holds their YAML")
+    check_tasks(cfg, manager)
     return lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                                    task_manager=manager, log_samples=log_samples, random_seed=cfg.seed,
                                    numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
