@@ -5,10 +5,12 @@ One checkpoint is one step directory holding four items::
     RUN/checkpoints/1200/state   pytree of jax.Arrays (params, opt_state, step ...), Orbax StandardSave
     RUN/checkpoints/1200/data    JSON: the data iterator's state, so a resume continues the stream
     RUN/checkpoints/1200/meta    JSON: run config, resolved model config, evaluation history, versions
-    RUN/checkpoints/1200/files   JSON: small files a resume needs (the tokenizer), base64-encoded
+    RUN/checkpoints/1200/files   JSON: digests of the run's tokenizer, kept once in RUN/checkpoints/tokenizers/
+                                 (jaxcpt.checkpoint_files); older checkpoints hold the files base64-encoded
 
-so a checkpoint alone is enough to resume: the run directory (a TPU worker's local disk)
-and the model's source directory may both be gone.
+so the checkpoint directory alone is enough to resume: the run directory (a TPU worker's local
+disk) and the model's source directory may both be gone. Damaged steps are moved aside to
+``RUN/checkpoints/damaged/STEP-ITEM-ERROR`` (see ``restore_newest``).
 
 Guarantees this module leans on Orbax for, and which tests/test_checkpoint.py checks:
 
@@ -21,9 +23,10 @@ Guarantees this module leans on Orbax for, and which tests/test_checkpoint.py ch
 * Restoring re-shards: each leaf of ``abstract_state`` is a
   ``jax.ShapeDtypeStruct`` carrying the *new* sharding, and the mesh at save time
   does not matter.
-* A damaged newest checkpoint (a truncated or missing file after a disk fault) is
-  skipped: ``restore_newest`` falls back to the previous complete one, says which and
-  why, and never hands back a partly read state. All hosts agree on the step.
+* A damaged newest checkpoint (a truncated or missing file after a disk fault, in any of
+  its items) is skipped: ``find_resume_point`` and ``restore_newest`` fall back to the
+  previous complete one, say which and why, never hand back a partly read state, and move
+  the damaged step aside so that the next due step is saved again. All hosts agree.
 
 Multi-host: every process must call ``save``/``restore``/``should_save`` with the
 same step; Orbax writes each process's array shards and only the primary process
@@ -50,6 +53,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib
 
+from jaxcpt import checkpoint_files as files_lib
+from jaxcpt.checkpoint_files import UnsafeCheckpointError
 from jaxcpt.config import ConfigError, field
 from jaxcpt.errors import UserError
 
@@ -173,6 +178,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         # Time-based saving counts from construction, so a restarted job does not save at once.
         self._last_save_time = time.monotonic()
+        self._bundles_kept: set[str] = set()  # digests of the stored files written (or found) by this process
 
     # -- deciding -----------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -201,7 +207,8 @@ class Checkpointer:
              *, files: dict | None = None, force: bool = False) -> bool:
         """Save if ``should_save(step)`` (or ``force``); returns whether a save started.
 
-        ``files``: a JSON dict of small files the run needs to resume (see ``encode_files``).
+        ``files``: the run's ``checkpoint_files.FilesItem`` (its bundles are written once, before
+        the first save that refers to them), or a plain JSON dict.
 
         Asynchronous by default: returns once arrays are copied off the devices, so
         ``state`` may be donated/overwritten by the next step. A step that already
@@ -212,6 +219,9 @@ class Checkpointer:
         if step in self._manager.all_steps():
             log.info("checkpoint for step %d already exists in %s; not saving again", step, self.directory)
             return False
+        if isinstance(files, files_lib.FilesItem):
+            self._keep_bundles(files)
+            files = files.item
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(_check_json(data_state, "data")),
@@ -221,6 +231,27 @@ class Checkpointer:
         self._manager.save(step, args=args, force=True)  # force: the decision above is ours
         self._last_save_time = time.monotonic()
         return True
+
+    def _keep_bundles(self, files: files_lib.FilesItem) -> None:
+        """Write the bundles ``files`` refers to (process 0, once per Checkpointer), and delete the
+        bundles no step refers to any more (only when every step's files item reads)."""
+        wanted = {b.digest for b in files.bundles}
+        if wanted <= self._bundles_kept:
+            return
+        if jax.process_index() == 0:
+            for bundle in files.bundles:
+                files_lib.write_bundle(self.directory, bundle)
+            keep = set(wanted)
+            try:
+                for step in self._manager.all_steps():
+                    keep |= files_lib.referenced_bundles(_read_json_item(self.directory / str(step), "files", {}))
+            except _ItemError:
+                keep = None  # a step we cannot read may refer to any bundle: keep them all
+            if keep is not None:
+                removed = files_lib.remove_unreferenced_bundles(self.directory, keep)
+                if removed:
+                    log.info("removed stored tokenizer copies no checkpoint refers to: %s", ", ".join(removed))
+        self._bundles_kept |= wanted
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk (and their old steps pruned)."""
@@ -267,41 +298,94 @@ class Checkpointer:
             raise UserError(f"no checkpoint for step {step} in '{self.directory}'; steps there: {self.all_steps()}")
         return _restore_items(self.directory / str(step), abstract_state)[:3]
 
-    def restore_newest(self, abstract_state: Any) -> Restored:
+    def restore_newest(self, abstract_state: Any, resume: ResumePoint | None = None) -> Restored:
         """The newest checkpoint that reads completely, falling back past damaged ones.
 
-        A step whose files cannot be read (truncated, missing, corrupt) is skipped with a
-        warning naming it and the reason; the next older complete step is tried. Every
-        host tries the same step and all fall back together if any host failed, so no host
-        trains from a state another host could not read. A tree that does not match the
-        model being restored (``CheckpointMismatchError``) is a configuration error, not
-        damage, and is raised at once.
+        A step whose files cannot be read (truncated, missing, corrupt: in any item) is skipped
+        with a warning naming it and the reason, and the next older complete step is tried.
+        Every host tries the same step and all fall back together if any host failed, so no host
+        trains from a state another host could not read. Skipped steps are then moved aside
+        (``move_aside``), so that the latest step, ``should_save`` and the next save see the step
+        actually restored. A tree that does not match the model being restored
+        (``CheckpointMismatchError``) or a checkpoint naming unsafe files is an error, not damage,
+        and is raised at once, with nothing moved.
+
+        ``resume``: what ``find_resume_point`` read at start-up. Its step's JSON items are used
+        as read there (not read again) and the steps it skipped are not tried again.
         """
         from jaxcpt.sharding.distributed import gather_json
 
         self._manager.wait_until_finished()
         skipped: list[tuple[int, str]] = []
+        damaged: list[tuple[int, str]] = []  # (step, short reason) to move aside once a step restored
+        known_bad = dict(resume.damaged) if resume is not None else {}
         for step in reversed(self.all_steps()):
+            if step in known_bad:  # read and agreed on at start-up
+                skipped.append((step, known_bad[step][1]))
+                damaged.append((step, known_bad[step][0]))
+                continue
             try:
-                state, data, meta, files = _restore_items(self.directory / str(step), abstract_state)
+                json_items = (resume.data, resume.meta, resume.files) if resume and step == resume.step else None
+                state, data, meta, files = _restore_items(self.directory / str(step), abstract_state, json_items)
                 failure = None
-            except CheckpointMismatchError:
+            except (CheckpointMismatchError, UnsafeCheckpointError):
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
                 state = data = meta = files = None
-                failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+                failure = _describe_failure(e)
             failures = [f for f in gather_json(failure) if f]  # collective: every host reaches it
             if not failures:
+                self._move_aside(damaged)
                 return Restored(step, state, data, meta, files, skipped)
             del state  # a partly usable state must not survive by accident
-            skipped.append((step, failures[0]))
+            skipped.append((step, failures[0][1]))
+            damaged.append((step, failures[0][0]))
             log.warning("checkpoint step %d in %s cannot be read (%s); falling back to the previous one",
-                        step, self.directory, failures[0])
+                        step, self.directory, failures[0][1])
         raise UserError(
             f"no readable checkpoint in '{self.directory}': "
             + "; ".join(f"step {s}: {why}" for s, why in skipped)
             + ". Move the damaged step directories away to start afresh, or restore them from a copy."
         )
+
+    def _move_aside(self, damaged: list[tuple[int, str]]) -> None:
+        """Move damaged steps to CKPT/damaged/ (process 0), then let every host's manager forget them."""
+        if not damaged:
+            return
+        from jaxcpt.sharding.distributed import gather_json
+
+        if jax.process_index() == 0:
+            for step, reason in damaged:
+                move_aside(self.directory, step, reason)
+        gather_json(None)  # every host waits until process 0 has moved them
+        self._manager.reload()  # the manager lists steps once; make it see they are gone
+
+
+def move_aside(directory: epath.Path, step: int, reason: str) -> epath.Path | None:
+    """Move step ``step`` to ``directory/damaged/STEP-REASON[-N]``; returns where (None if it could not).
+
+    Kept, not deleted: a step that failed to read because of a passing I/O error is still there
+    to inspect or move back. Orbax ignores the ``damaged`` directory (its name is not a step).
+    """
+    source = directory / str(step)
+    target_root = directory / DAMAGED
+    name = f"{step}-{reason}"
+    target, n = target_root / name, 1
+    try:
+        target_root.mkdir(parents=True, exist_ok=True)
+        while target.exists():
+            target, n = target_root / f"{name}-{n}", n + 1
+        source.rename(target)
+    except OSError as e:
+        print(f"warning: cannot move the damaged checkpoint {source} aside ({e}); move or delete it yourself, "
+              "or saving skips its step", flush=True)
+        return None
+    log.warning("moved damaged checkpoint step %d to %s", step, target)
+    print(f"moved damaged checkpoint step {step} to {target}", flush=True)
+    return target
+
+
+DAMAGED = "damaged"  # CKPT/damaged/STEP-ITEM-ERROR: steps that could not be read, moved aside
 
 
 @dataclasses.dataclass
@@ -316,43 +400,126 @@ class Restored:
     skipped: list[tuple[int, str]]
 
 
-def _restore_items(step_dir: epath.Path, abstract_state: Any) -> tuple[Any, dict, dict, dict]:
+@dataclasses.dataclass
+class ResumePoint:
+    """The newest step whose JSON items (data, meta, files) read on every host, found at start-up.
+
+    Its state is read later (``Checkpointer.restore_newest(abstract, resume)``), once the model
+    it describes is built; ``damaged`` lists the newer steps skipped, as (step, (short reason, message)).
+    """
+
+    step: int
+    data: dict
+    meta: dict
+    files: dict
+    damaged: list[tuple[int, tuple[str, str]]]
+
+
+def find_resume_point(directory: str | epath.PathLike, required_meta: tuple[str, ...] = ()) -> ResumePoint | None:
+    """The newest step whose JSON items all read, agreed across hosts; None when there is no step.
+
+    Reads only small JSON (no arrays), so it runs before the model is built; nothing is written
+    or moved (``restore_newest`` moves the skipped steps aside). ``required_meta``: keys the
+    meta item must have for the step to count as readable.
+    """
+    from jaxcpt.sharding.distributed import gather_json
+
+    directory = _absolute(directory)
+    steps = sorted(ocp.step.checkpoint_steps(directory)) if directory.exists() else []
+    damaged: list[tuple[int, tuple[str, str]]] = []
+    for step in reversed(steps):
+        try:
+            data, meta, files = read_json_items(directory / str(step), required_meta)
+            failure = None
+        except UnsafeCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unreadable: try the step before
+            data = meta = files = None
+            failure = _describe_failure(e)
+        failures = [f for f in gather_json(failure) if f]
+        if not failures:
+            return ResumePoint(step, data, meta, files, damaged)
+        damaged.append((step, tuple(failures[0])))
+        log.warning("checkpoint step %d in %s cannot be read (%s); trying an older step", step, directory,
+                    failures[0][1])
+    if damaged:
+        raise UserError(
+            f"no checkpoint in '{directory}' reads: " + "; ".join(f"step {s}: {why}" for s, (_, why) in damaged)
+            + ". Move the damaged step directories away to start afresh, or restore them from a copy.")
+    return None
+
+
+class _ItemError(Exception):
+    """A read failure of one item of a step, naming the item."""
+
+    def __init__(self, item: str, error: BaseException):
+        super().__init__(f"{item} item: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        self.item, self.error = item, error
+
+
+def _describe_failure(e: BaseException) -> list[str]:
+    """[short reason for a directory name, message]: JSON, so every host can be told (gather_json)."""
+    item, error = (e.item, e.error) if isinstance(e, _ItemError) else ("step", e)
+    message = str(e) if isinstance(e, _ItemError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return [f"{item}-{type(error).__name__}", message[:500]]
+
+
+def _read_json_item(step_dir: epath.Path, item: str, default: Any = None) -> Any:
+    path = step_dir / item
+    if default is not None and not path.exists():
+        return default  # an item older checkpoints do not have
+    try:
+        value = ocp.JsonCheckpointHandler().restore(path)
+    except Exception as e:  # noqa: BLE001 - truncated JSON, a missing file, an I/O error
+        raise _ItemError(item, e) from e
+    if not isinstance(value, dict):
+        raise _ItemError(item, ValueError(f"holds a {type(value).__name__}, not a JSON object"))
+    return value
+
+
+def read_json_items(step_dir: epath.Path, required_meta: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
+    """(data, meta, files) of one committed step; raises _ItemError naming the item that does not read."""
+    if not ocp.step.is_path_finalized(step_dir):
+        raise UserError(f"checkpoint '{step_dir}' is incomplete (its save was interrupted)")
+    data = _read_json_item(step_dir, "data")
+    meta = _read_json_item(step_dir, "meta")
+    missing = [key for key in required_meta if key not in meta]
+    if missing:
+        raise _ItemError("meta", KeyError(f"no {', '.join(missing)}"))
+    files = _read_json_item(step_dir, "files", default={})
+    try:
+        files = files_lib.check_files_item(files, str(step_dir))
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed
+        raise _ItemError("files", e) from e
+    return data, meta, files
+
+
+def _restore_items(step_dir: epath.Path, abstract_state: Any,
+                   json_items: tuple[dict, dict, dict] | None = None) -> tuple[Any, dict, dict, dict]:
     """(state, data, meta, files) of one step directory, read with Orbax's handlers.
 
     The handlers, not ``CheckpointManager.restore``: the manager ends a restore with a
     barrier across hosts, which a host whose read failed would never reach, leaving the
     others waiting. Reading per host and agreeing afterwards (``restore_newest``) cannot hang.
+    ``json_items``: (data, meta, files) already read (by ``find_resume_point``).
     """
     if not ocp.step.is_path_finalized(step_dir):
         raise UserError(f"checkpoint '{step_dir}' is incomplete (its save was interrupted)")
+    data, meta, files = json_items if json_items is not None else read_json_items(step_dir)
     state_handler = ocp.StandardCheckpointHandler()
-    on_disk = state_handler.metadata(step_dir / "state")
+    try:
+        on_disk = state_handler.metadata(step_dir / "state")
+    except Exception as e:  # noqa: BLE001
+        raise _ItemError("state", e) from e
     _check_tree(getattr(on_disk, "tree", on_disk), abstract_state, f"'{step_dir}'")
-    state = state_handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_state))
-    json_handler = ocp.JsonCheckpointHandler()
-    data = json_handler.restore(step_dir / "data")
-    meta = json_handler.restore(step_dir / "meta")
-    files = json_handler.restore(step_dir / "files") if (step_dir / "files").exists() else {}
-    jax.block_until_ready(state)  # a read error surfaces here, inside the caller's try
+    try:
+        state = state_handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_state))
+        jax.block_until_ready(state)  # a read error surfaces here, inside the caller's try
+    except Exception as e:  # noqa: BLE001
+        raise _ItemError("state", e) from e
     return state, data, meta, files
-
-
-def encode_files(paths: dict[str, str | os.PathLike]) -> dict[str, str]:
-    """{name: base64 of the file's bytes}: small files stored in a checkpoint's ``files`` item."""
-    import base64
-
-    return {name: base64.b64encode(epath.Path(path).read_bytes()).decode("ascii") for name, path in paths.items()}
-
-
-def decode_files(encoded: dict[str, str], directory: str | os.PathLike) -> epath.Path:
-    """Write files stored by ``encode_files`` into ``directory`` (created); returns it."""
-    import base64
-
-    out = epath.Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in encoded.items():
-        (out / name).write_bytes(base64.b64decode(data))
-    return out
 
 
 def _absolute(path: str | epath.PathLike) -> epath.Path:
@@ -407,24 +574,27 @@ def restore_params(path: str | epath.PathLike, abstract_params: Any, item: str =
 
 
 def stored_export_tokenizer(path: str | epath.PathLike) -> str | None:
-    """The HF tokenizer files a checkpoint stores (its ``files`` item), written to a temporary
-    directory; None for checkpoints without them. Lets a checkpoint whose run directory is gone
-    still export and evaluate with its tokenizer."""
-    import tempfile
-
+    """The HF tokenizer directory a checkpoint stores (its ``files`` item), None for checkpoints
+    without one. Lets a checkpoint whose run directory is gone still export and evaluate with its
+    tokenizer: the stored bundle in place on a local disk, else a local copy removed at exit."""
     step_dir = resolve_step_dir(path)
-    if not (step_dir / "files").exists():
+    try:
+        files = files_lib.check_files_item(_read_json_item(step_dir, "files", default={}), str(step_dir))
+    except _ItemError as e:
+        raise UserError(f"checkpoint '{step_dir}' cannot be read ({e}); pass an earlier step directory") from None
+    stored = files.get("export_tokenizer")
+    if not stored:
         return None
-    files = ocp.JsonCheckpointHandler().restore(step_dir / "files")
-    if not files.get("export_tokenizer"):
-        return None
-    return str(decode_files(files["export_tokenizer"], tempfile.mkdtemp(prefix="jaxcpt-tokenizer-")))
+    if files.get("format") == files_lib.FILES_FORMAT:
+        return str(files_lib.bundle_dir(step_dir.parent, stored))
+    scratch = files_lib.EXIT_SCRATCH.make()
+    return str(files_lib.decode_legacy(stored, scratch, only_tokenizer_files=True))
 
 
 def read_meta(path: str | epath.PathLike) -> dict:
     """The ``meta`` JSON (run/model config, versions) of a checkpoint root or step directory."""
-    reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    step_dir = resolve_step_dir(path)
     try:
-        return reader.restore(resolve_step_dir(path) / "meta")
-    finally:
-        reader.close()
+        return _read_json_item(step_dir, "meta")
+    except _ItemError as e:
+        raise UserError(f"checkpoint '{step_dir}' cannot be read ({e}); pass an earlier step directory") from None

@@ -111,10 +111,15 @@ def config_from_meta(meta: dict) -> ModelConfig:
     return from_dict(ModelConfig, fields, prefix="model")
 
 
-def tokenizer_dir_for(step_dir: epath.Path) -> str | None:
-    """RUN/tokenizer for a checkpoint RUN/checkpoints/STEP, else the copy the checkpoint stores."""
+def tokenizer_dir_for(step_dir: str | epath.PathLike) -> str | None:
+    """RUN/tokenizer for a checkpoint RUN/checkpoints/STEP, else the copy the checkpoint stores.
+
+    Paths go through ``epath`` only: ``pathlib`` would turn ``gs://bucket/run`` into ``gs:/bucket/run``,
+    a local path that does not exist, and the export would silently ship no tokenizer.
+    """
     from jaxcpt.checkpoint import stored_export_tokenizer
 
+    step_dir = epath.Path(step_dir)  # a str, pathlib or epath path; a URL keeps its scheme
     candidate = step_dir.parent.parent / "tokenizer"
     return str(candidate) if candidate.is_dir() else stored_export_tokenizer(step_dir)
 

@@ -90,6 +90,7 @@ class Run:
         if self.writer is not None:
             self.writer.close()
         self.stop.uninstall()
+        self.setup.close()
 
 
 def start(setup: RunSetup) -> Run:
@@ -100,7 +101,7 @@ def start(setup: RunSetup) -> Run:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_as_yaml_dict(cfg), sort_keys=False))
     ckpt = Checkpointer(setup.checkpoint_dir, cfg.checkpoint)
     if setup.resume_from is not None:
-        restored = ckpt.restore_newest(program.abstract_state())
+        restored = ckpt.restore_newest(program.abstract_state(), setup.resume_from)
         for step, why in restored.skipped:
             _say(f"checkpoint step {step} in {ckpt.directory} cannot be read ({why}); falling back to an older one")
         _say(f"resuming from {ckpt.directory / str(restored.step)}")

@@ -10,8 +10,13 @@ worse, replaced by another model with the same shapes. So every checkpoint store
 - ``meta.eval_history``: every evaluation record so far, the step-0 (base model) one
   first, so the forgetting report of a resumed run compares against the true baseline.
 - ``files.data_tokenizer``: the tokenizer the data pipeline reads, and
-  ``files.export_tokenizer``: the HF tokenizer files every export ships.
+  ``files.export_tokenizer``: the HF tokenizer files every export ships; both as digests of
+  copies kept once per run beside the steps (``jaxcpt.checkpoint_files``), tokenizer files only.
 - ``data``: every host's data-iterator state (saved by the loop).
+
+Which step a resume starts from is decided once, at start-up (``checkpoint.find_resume_point``:
+the newest step whose data, meta and files items read on every host); its meta gives the model
+config and the adaptation record, its files item the tokenizer.
 """
 
 from __future__ import annotations
@@ -19,12 +24,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 from etils import epath
 
-from jaxcpt.checkpoint import decode_files, encode_files
+from jaxcpt import checkpoint_files as files_lib
 from jaxcpt.config import to_dict
 from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
@@ -32,35 +36,6 @@ from jaxcpt.model.persist import config_from_meta
 from jaxcpt.train.config import ADDED_FIELDS, NUMERICS_FIELDS, TrainConfig
 
 log = logging.getLogger("jaxcpt.train")
-
-
-# -- finding the checkpoint to resume from, without creating anything --------------------
-def complete_steps(directory: epath.Path) -> list[int]:
-    """Committed steps in a checkpoint directory, oldest first ([] if it does not exist)."""
-    import orbax.checkpoint as ocp
-
-    if not directory.exists():
-        return []
-    return sorted(ocp.step.checkpoint_steps(directory))
-
-
-def newest_meta(directory: epath.Path) -> tuple[int, dict] | None:
-    """(step, meta) of the newest step whose meta item reads; None for a fresh start.
-
-    A damaged state item is detected later, when restoring (``Checkpointer.restore_newest``);
-    the model config is the same in every step of a run, so any readable meta will do here.
-    """
-    import orbax.checkpoint as ocp
-
-    for step in reversed(complete_steps(directory)):
-        try:
-            return step, ocp.JsonCheckpointHandler().restore(directory / str(step) / "meta")
-        except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
-            log.warning("cannot read the meta item of checkpoint step %d in %s (%s); trying an older step",
-                        step, directory, e)
-    if complete_steps(directory):
-        raise UserError(f"no checkpoint in '{directory}' has a readable meta item; the checkpoints are damaged")
-    return None
 
 
 # -- the model ------------------------------------------------------------------------
@@ -110,35 +85,59 @@ def _warn_if_source_changed(cfg: TrainConfig, saved: ModelConfig) -> None:
 @dataclasses.dataclass(frozen=True)
 class TokenizerFiles:
     """Where this run reads its tokenizer (``data``: a .model file or an HF directory, '' when
-    every source is pre-tokenized) and which HF tokenizer directory its exports ship (``export``)."""
+    every source is pre-tokenized) and which HF tokenizer directory its exports ship (``export``).
+
+    ``scratch``: the run's temporary directories (a tokenizer copied from a remote or old
+    checkpoint, a converted one), removed when the run closes."""
 
     data: str
     export: str | None
+    scratch: files_lib.ScratchDirs = dataclasses.field(default_factory=files_lib.ScratchDirs, compare=False,
+                                                       repr=False)
 
 
-def tokenizer_files_for_start(cfg: TrainConfig, init_tokenizer_dir: str | None) -> TokenizerFiles:
+def tokenizer_files_for_start(cfg: TrainConfig, init_tokenizer_dir: str | None,
+                              scratch: files_lib.ScratchDirs | None = None) -> TokenizerFiles:
     """A fresh run: data.tokenizer, else the init source's own tokenizer."""
+    scratch = scratch or files_lib.ScratchDirs()
     data = cfg.data.tokenizer or (cfg.init.path if cfg.init.source == "hf" else "") or (init_tokenizer_dir or "")
     if data:  # exports ship the tokenizer the model was trained with (a .model file is converted)
-        return TokenizerFiles(data=data, export=data if Path(data).is_dir() else None)
-    return TokenizerFiles(data="", export=init_tokenizer_dir)  # pre-tokenized data: the model's own
+        return TokenizerFiles(data=data, export=data if Path(data).is_dir() else None, scratch=scratch)
+    return TokenizerFiles(data="", export=init_tokenizer_dir, scratch=scratch)  # pre-tokenized data: the model's own
 
 
-def tokenizer_files_for_resume(cfg: TrainConfig, stored: dict, scratch_dir: str | None = None) -> TokenizerFiles:
+def tokenizer_files_for_resume(cfg: TrainConfig, stored: dict, checkpoint_dir: epath.Path,
+                               scratch: files_lib.ScratchDirs | None = None) -> TokenizerFiles:
     """A resume: the configured tokenizer if it exists, else the checkpoint's copy.
 
-    The checkpoint's copy is written to ``scratch_dir`` (a fresh temporary directory per
-    process by default: on several hosts a shared run directory must not be written by all).
+    ``stored``: the resumed step's files item (already checked by ``find_resume_point``). A copy
+    kept in a local checkpoint directory is read in place; one in a bucket, or in a checkpoint
+    written before copies were kept once (base64 in the item), goes to a scratch directory per
+    process (on several hosts a shared run directory must not be written by all).
     """
-    stored_data = stored.get("data_tokenizer")
+    scratch = scratch or files_lib.ScratchDirs()
     configured = cfg.data.tokenizer or (cfg.init.path if cfg.init.source == "hf" else "")
-    scratch = Path(scratch_dir or tempfile.mkdtemp(prefix="jaxcpt-tokenizer-"))
+    current = stored.get("format") == files_lib.FILES_FORMAT
+
+    def stored_copy(ref: dict, kind: str) -> Path:
+        try:
+            if current:
+                return Path(str(files_lib.bundle_dir(checkpoint_dir, ref, scratch)))
+            if kind == "export":  # the old export copy held the whole source directory: tokenizer files only
+                return Path(str(files_lib.decode_legacy(ref, scratch.make(), only_tokenizer_files=True)))
+            return Path(str(files_lib.decode_legacy(ref["files"], scratch.make(), only_tokenizer_files=False)))
+        except files_lib.DamagedStoreError as e:
+            raise UserError(f"the tokenizer copy kept with the checkpoints cannot be used: {e}. Set data.tokenizer to "
+                            "the run's tokenizer (the same files) to resume") from None
+
+    stored_data = stored.get("data_tokenizer")
     if cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
         data = cfg.data.tokenizer
     elif stored_data:
-        data = str(_materialize(stored_data, scratch / "data"))
+        directory = stored_copy(stored_data, "data")
+        data = str(directory / stored_data["name"] if stored_data["kind"] == "file" else directory)
         if configured:
-            print(f"tokenizer {configured} is gone; using the copy stored in the checkpoint", flush=True)
+            print(f"tokenizer {configured} is gone; using the copy stored with the checkpoints", flush=True)
     elif configured and Path(configured).exists():
         data = configured
     elif configured:
@@ -146,37 +145,44 @@ def tokenizer_files_for_resume(cfg: TrainConfig, stored: dict, scratch_dir: str 
                         "(it was written by an older jaxcpt); set data.tokenizer to the run's tokenizer")
     else:
         data = ""
-    export = None
-    if stored.get("export_tokenizer"):
-        export = str(decode_files(stored["export_tokenizer"], scratch / "export"))
-    return TokenizerFiles(data=data, export=export)
+    export = str(stored_copy(stored["export_tokenizer"], "export")) if stored.get("export_tokenizer") else None
+    return TokenizerFiles(data=data, export=export, scratch=scratch)
 
 
-def _materialize(stored: dict, directory: Path) -> Path:
-    """A stored data tokenizer as a file (sentencepiece) or a directory (HF) under ``directory``."""
-    if stored["kind"] == "file":
-        decode_files(stored["files"], directory)
-        return directory / stored["name"]
-    return Path(str(decode_files(stored["files"], directory / stored["name"])))
-
-
-def encode_tokenizers(files: TokenizerFiles) -> dict:
-    """The ``files`` checkpoint item for ``files``: both tokenizers, as base64 file contents."""
-    from jaxcpt.hf.convert import COMPANION_FILES
-
-    out: dict = {}
+def encode_tokenizers(files: TokenizerFiles) -> files_lib.FilesItem:
+    """The ``files`` checkpoint item for ``files``: digests of both tokenizers' files, and the
+    bundles to keep once beside the steps. Tokenizer files only (``TOKENIZER_FILES``): the
+    directory of an HF start is the model's, weights included."""
+    item: dict = {"format": files_lib.FILES_FORMAT}
+    bundles = []
     if files.data:
         path = Path(files.data)
         if path.is_file():
-            out["data_tokenizer"] = {"kind": "file", "name": path.name, "files": encode_files({path.name: path})}
+            bundle = files_lib.bundle_of({path.name: path})
+            item["data_tokenizer"] = {"kind": "file", "name": path.name, **bundle.reference()}
         else:
-            names = sorted(p.name for p in path.iterdir() if p.is_file() and (p.name in COMPANION_FILES or "token" in p.name))
-            out["data_tokenizer"] = {"kind": "dir", "name": path.name or "tokenizer",
-                                     "files": encode_files({n: path / n for n in names})}
+            names = files_lib.tokenizer_file_names(path)
+            _warn_unstored(path, names)
+            bundle = files_lib.bundle_of({n: path / n for n in names})
+            item["data_tokenizer"] = {"kind": "dir", "name": path.name or "tokenizer", **bundle.reference()}
+        bundles.append(bundle)
     if files.export and Path(files.export).is_dir():
         export = Path(files.export)
-        out["export_tokenizer"] = encode_files({p.name: p for p in sorted(export.iterdir()) if p.is_file()})
-    return out
+        bundle = files_lib.bundle_of({n: export / n for n in files_lib.tokenizer_file_names(export)})
+        item["export_tokenizer"] = bundle.reference()
+        bundles.append(bundle)
+    return files_lib.FilesItem(item, bundles)
+
+
+def _warn_unstored(directory: Path, stored: list[str]) -> None:
+    """Files that look like the tokenizer's but are not TOKENIZER_FILES are not kept: say so, since a
+    resume from the checkpoint alone would then read a tokenizer without them."""
+    looks = [p.name for p in directory.iterdir()
+             if p.is_file() and p.name not in stored and ("token" in p.name or p.name.startswith(("vocab", "merges")))]
+    if looks:
+        log.warning("tokenizer files %s in %s are not kept with the checkpoints (only %s are); a resume whose "
+                    "tokenizer directory is gone reads the tokenizer without them", sorted(looks), directory,
+                    ", ".join(files_lib.TOKENIZER_FILES))
 
 
 def ship_export_tokenizer(files: TokenizerFiles, run_dir: epath.Path) -> str | None:
@@ -195,13 +201,13 @@ def ship_export_tokenizer(files: TokenizerFiles, run_dir: epath.Path) -> str | N
 
 def hf_tokenizer_dir(files: TokenizerFiles) -> str | None:
     """An HF tokenizer directory for this process (the downstream harness reads one on every host):
-    the export tokenizer, else a conversion of a sentencepiece data tokenizer into a temporary dir."""
+    the export tokenizer, else a conversion of a sentencepiece data tokenizer into a scratch dir."""
     if files.export and Path(files.export).is_dir():
         return files.export
     if files.data and Path(files.data).is_file():
         from jaxcpt.hf.tokenizer import sentencepiece_to_hf
 
-        return str(sentencepiece_to_hf(files.data, tempfile.mkdtemp(prefix="jaxcpt-hf-tokenizer-")))
+        return str(sentencepiece_to_hf(files.data, files.scratch.make()))
     if files.data and Path(files.data).is_dir():
         return files.data
     return None

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
+from jaxcpt.checkpoint import DAMAGED, ResumePoint, find_resume_point
+from jaxcpt.checkpoint_files import ScratchDirs
 from jaxcpt.config import ConfigError
 from jaxcpt.errors import UserError
 from jaxcpt.model import lora as lora_lib
@@ -143,7 +145,7 @@ class RunSetup:
     cfg: TrainConfig
     run_dir: epath.Path
     checkpoint_dir: epath.Path
-    resume_from: tuple[int, dict] | None  # (step, meta) of the newest checkpoint; None = fresh start
+    resume_from: ResumePoint | None  # the newest step whose JSON items read (its state is read at start); None = fresh
     program: TrainProgram
     adaptation: dict | None  # the starting model's jaxcpt_adaptation.json, kept in every checkpoint
     tokenizers: resume_lib.TokenizerFiles
@@ -156,10 +158,18 @@ class RunSetup:
     def model_cfg(self) -> ModelConfig:
         return self.program.model_cfg
 
+    def close(self) -> None:
+        """Remove the temporary directories set-up made (tokenizer copies); the run's other resources
+        are closed by ``Run.close``."""
+        self.tokenizers.scratch.close()
+
     def describe(self) -> str:
         cfg, m = self.cfg, self.model_cfg
         if self.resume_from:
-            start = f"resume from {self.checkpoint_dir / str(self.resume_from[0])} (model config from the checkpoint)"
+            start = f"resume from {self.checkpoint_dir / str(self.resume_from.step)} (model config from the checkpoint)"
+            start += "".join(f"; step {step} cannot be read ({why}) and is moved to "
+                             f"{self.checkpoint_dir / DAMAGED} when training starts"
+                             for step, (_, why) in self.resume_from.damaged)
         else:
             start = f"{cfg.init.source}" + (f" {cfg.init.path}" if cfg.init.path else "")
         lines = [
@@ -204,40 +214,43 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
     rules = make_rules(cfg.sharding_rules)
     check_rules(rules, mesh)
     checkpoint_dir = epath.Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else run_dir / "checkpoints"
-    resume_from = resume_lib.newest_meta(checkpoint_dir)
-    if resume_from is not None:
-        model_cfg = resume_lib.model_config_from_checkpoint(cfg, resume_from[1])
-        stored = _stored_files(checkpoint_dir, resume_from[0])
-        tokenizers = resume_lib.tokenizer_files_for_resume(cfg, stored)
-        adaptation = resume_from[1].get("adaptation")
-    else:
-        model_cfg = train_state.resolve_model_config(cfg)
-        tokenizers = resume_lib.tokenizer_files_for_start(cfg, train_state.init_tokenizer_dir(cfg))
-        adaptation = train_state.init_adaptation(cfg)
-    data_cfg = dataclasses.replace(cfg.data, tokenizer=tokenizers.data)
-    model_cfg = _agree_with_tokenizer(model_cfg, data_cfg, defaults_apply=cfg.init.source == "scratch" and not resume_from)
-    source_names = [s.name for s in data_cfg.sources]
-    program = build_program(cfg, model_cfg, mesh, rules, len(source_names), adaptation)
+    # Where everything comes from, decided once: the newest step whose data, meta and files read on
+    # every host gives the model config, the tokenizer and the adaptation record; a fresh run takes
+    # them from init.* and data.tokenizer.
+    resume_from = find_resume_point(checkpoint_dir, required_meta=("model_config",))
+    scratch, data_iter = ScratchDirs(), None
+    try:
+        if resume_from is not None:
+            model_cfg = resume_lib.model_config_from_checkpoint(cfg, resume_from.meta)
+            tokenizers = resume_lib.tokenizer_files_for_resume(cfg, resume_from.files, checkpoint_dir, scratch)
+            adaptation = resume_from.meta.get("adaptation")
+        else:
+            model_cfg = train_state.resolve_model_config(cfg)
+            tokenizers = resume_lib.tokenizer_files_for_start(cfg, train_state.init_tokenizer_dir(cfg), scratch)
+            adaptation = train_state.init_adaptation(cfg)
+        data_cfg = dataclasses.replace(cfg.data, tokenizer=tokenizers.data)
+        model_cfg = _agree_with_tokenizer(model_cfg, data_cfg,
+                                          defaults_apply=cfg.init.source == "scratch" and not resume_from)
+        source_names = [s.name for s in data_cfg.sources]
+        program = build_program(cfg, model_cfg, mesh, rules, len(source_names), adaptation)
 
-    from jaxcpt.data.pipeline import build_eval_batches, build_train_iterator
+        from jaxcpt.data.pipeline import build_eval_batches, build_train_iterator
 
-    local_batch = cfg.train.batch_size // jax.process_count()
-    run_data_cfg = dataclasses.replace(data_cfg, num_workers=0) if check else data_cfg
-    data_iter = build_train_iterator(run_data_cfg, batch_size=local_batch, seq_len=cfg.data.seq_len,
-                                     lr_schedule=program.schedule, total_steps=cfg.train.steps)
-    if check:
-        data_iter.close()
-        data_iter = None
-    eval_batches = build_eval_batches(data_cfg, batch_size=local_batch, seq_len=cfg.data.seq_len)
+        local_batch = cfg.train.batch_size // jax.process_count()
+        run_data_cfg = dataclasses.replace(data_cfg, num_workers=0) if check else data_cfg
+        data_iter = build_train_iterator(run_data_cfg, batch_size=local_batch, seq_len=cfg.data.seq_len,
+                                         lr_schedule=program.schedule, total_steps=cfg.train.steps)
+        if check:
+            data_iter.close()
+            data_iter = None
+        eval_batches = build_eval_batches(data_cfg, batch_size=local_batch, seq_len=cfg.data.seq_len)
+    except BaseException:
+        scratch.close()  # a tokenizer copied for this run must not outlive its failed set-up
+        if data_iter is not None:
+            data_iter.close()
+        raise
     return RunSetup(cfg, run_dir, checkpoint_dir, resume_from, program, adaptation, tokenizers, data_cfg,
                     source_names, data_iter, eval_batches)
-
-
-def _stored_files(checkpoint_dir: epath.Path, step: int) -> dict:
-    import orbax.checkpoint as ocp
-
-    item = checkpoint_dir / str(step) / "files"
-    return ocp.JsonCheckpointHandler().restore(item) if item.exists() else {}
 
 
 def _agree_with_tokenizer(model_cfg: ModelConfig, data_cfg, defaults_apply: bool) -> ModelConfig:
