@@ -172,6 +172,9 @@ def test_checkpoints_of_an_hf_start_refer_to_one_copy_of_the_tokenizer_files(tmp
     setup = set_up(cfg, check=True)
     setup.close()
     assert setup.tokenizers.data == setup.tokenizers.export == os.path.join(directory, "tokenizers", bundle)
+    from jaxcpt.model.persist import tokenizer_dir_for  # export-hf / evaluate / merge of one step
+
+    assert tokenizer_dir_for(os.path.join(directory, "4")) == os.path.join(directory, "tokenizers", bundle)
 
 
 def test_a_damaged_stored_tokenizer_is_named_not_used(tmp_path):
@@ -203,6 +206,9 @@ def test_checkpoints_written_before_the_tokenizer_store_still_resume(tmp_path):
         assert shipped == set(os.listdir(llama_style_tokenizer_dir()))  # the weights it also held stay out
     finally:
         setup.close()
+    from jaxcpt.model.persist import tokenizer_dir_for  # export-hf / evaluate / merge of that step
+
+    assert set(os.listdir(tokenizer_dir_for(os.path.join(cfg.run_dir, "checkpoints", "2")))) == shipped
 
 
 # -- names inside a checkpoint ---------------------------------------------------------------
@@ -214,16 +220,23 @@ def test_a_checkpoint_naming_files_outside_its_directory_is_refused(tmp_path, mo
     deep = tmp_path / "a" / "b" / "c" / "d" / "tmp"  # so that a write through '..' would still land in tmp_path
     deep.mkdir(parents=True)
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
-    cfg = _config(tmp_path, f"data.tokenizer={tmp_path / 'gone.model'}")
     hostile = "../../../../outside_victim.txt"
     payload = base64.b64encode(b"written by a checkpoint").decode()
-    item = {"export_tokenizer": {hostile: payload}} if where == "export_tokenizer" else \
-        {"data_tokenizer": {"kind": "file", "name": "tok.model", "files": {hostile: payload}}}
+    if where == "export_tokenizer":  # the data tokenizer is there; the export copy is read from the checkpoint
+        cfg = _config(tmp_path)
+        item = {"export_tokenizer": {hostile: payload}}
+    else:
+        cfg = _config(tmp_path, f"data.tokenizer={tmp_path / 'gone.model'}")
+        item = {"data_tokenizer": {"kind": "file", "name": "tok.model", "files": {hostile: payload}}}
     _write_steps(cfg, (2,), item)
-    with pytest.raises(UserError, match="outside_victim.txt.*outside its directory"):
-        set_up(cfg, check=True)
-    assert not list(tmp_path.rglob("outside_victim.txt"))
+    try:
+        set_up(cfg, check=True)  # nothing to close: it must fail
+        error = None
+    except UserError as e:
+        error = str(e)
+    assert not list(tmp_path.rglob("outside_victim.txt"))  # 0acb231: written to tmp_path/a/b/c/
     assert not os.path.exists("/outside_victim.txt")
+    assert error and "'../../../../outside_victim.txt', which would be written outside its directory" in error
 
 
 def test_stored_names_are_checked_against_the_allow_list():
@@ -239,7 +252,7 @@ def test_stored_names_are_checked_against_the_allow_list():
 
 
 # -- temporary directories --------------------------------------------------------------------
-def test_temporary_tokenizer_copies_are_removed_at_close_and_when_set_up_fails(tmp_path, monkeypatch):
+def test_temporary_tokenizer_copies_are_removed_when_set_up_fails_and_at_close(tmp_path, monkeypatch):
     from test_data_fixtures import sp_model
 
     sp_model()
@@ -248,19 +261,19 @@ def test_temporary_tokenizer_copies_are_removed_at_close_and_when_set_up_fails(t
     monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
     sp = shutil.copy(sp_model(), tmp_path / "gone.model")
     cfg = _config(tmp_path, f"data.tokenizer={sp}")
-    directory = _write_steps(cfg, (2,), _legacy_files_item(str(sp)))  # an old checkpoint: its copy goes to a temp dir
-    os.remove(sp)
+    os.remove(sp)  # so the checkpoint's copy is used: an old checkpoint's goes to a temporary directory
+    # A set-up that fails after copying the tokenizer: a model whose embedding is smaller than the tokenizer.
+    meta = _meta(cfg)
+    meta["model_config"] = {**meta["model_config"], "vocab_size": 64}
+    directory = _write_steps(cfg, (2,), _legacy_files_item(str(sp_model())), meta)
+    with pytest.raises(UserError, match="embedding"):
+        set_up(cfg, check=True)
+    assert os.listdir(scratch_root) == []  # 0acb231: jaxcpt-tokenizer-* stays behind
+    shutil.rmtree(directory)
+    _write_steps(cfg, (2,), _legacy_files_item(str(sp_model())))
     setup = set_up(cfg, check=True)
     assert setup.tokenizers.data.startswith(str(scratch_root)) and os.path.exists(setup.tokenizers.data)
     setup.close()
-    assert os.listdir(scratch_root) == []  # 0acb231: jaxcpt-tokenizer-* stays behind
-    # A set-up that fails after copying the tokenizer: a model whose embedding is smaller than the tokenizer.
-    shutil.rmtree(directory)
-    meta = _meta(cfg)
-    meta["model_config"] = {**meta["model_config"], "vocab_size": 64}
-    _write_steps(cfg, (2,), _legacy_files_item(str(sp_model())), meta)
-    with pytest.raises(UserError, match="embedding"):
-        set_up(cfg, check=True)
     assert os.listdir(scratch_root) == []
 
 
