@@ -82,6 +82,10 @@ def move_aside(directory: epath.Path, step: int, reason: str) -> epath.Path | No
     target, n = target_root / name, 1
     try:
         target_root.mkdir(parents=True, exist_ok=True)
+        note = target_root / "README.txt"
+        if not note.exists():  # also makes the folder exist on GCS, where rename checks for it and mkdir is a no-op
+            note.write_text("Checkpoint steps jaxcpt could not read, moved here so that training saves them again.\n"
+                            "Each is named STEP-ITEM-ERROR. Inspect, move back, or delete them.\n")
         while target.exists():
             target, n = target_root / f"{name}-{n}", n + 1
         source.rename(target)
