@@ -17,8 +17,7 @@ import pytest
 from etils import epath
 
 from jaxcpt.errors import UserError
-from jaxcpt.train import rundir
-from jaxcpt.train.metrics import read_metrics, set_aside_metrics, truncate_metrics
+from jaxcpt.train.metrics import read_metrics, truncate_metrics
 from jaxcpt.train.resume import restore_eval_history
 
 TORN = '{"kind": "train", "step": 7, "loss": 3.1'  # what a crash mid-write leaves: no closing brace, no newline
@@ -57,6 +56,8 @@ def test_a_damaged_line_before_the_end_is_an_error_naming_file_and_line(tmp_path
 
 
 def test_fresh_start_moves_existing_metrics_aside_instead_of_deleting_them(tmp_path, capsys):
+    from jaxcpt.train.metrics import set_aside_metrics
+
     _write_metrics(tmp_path, _records(range(1, 6)))
     aside = set_aside_metrics(epath.Path(tmp_path), epath.Path(tmp_path / "typo"))
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -66,10 +67,16 @@ def test_fresh_start_moves_existing_metrics_aside_instead_of_deleting_them(tmp_p
 
 
 # -- #20.5 the lease -----------------------------------------------------------------------------
-FAST = rundir.LockConfig(heartbeat_s=0.2, stale_after_s=2.0)
+# (jaxcpt.train.rundir is imported inside each test, so that on older code each test fails on its own.)
+def _fast(**changes):
+    from jaxcpt.train.rundir import LockConfig
+
+    return LockConfig(heartbeat_s=0.2, stale_after_s=2.0, **changes)
 
 
 def _lease_of(pid, heartbeat_age, host=None):
+    from jaxcpt.train import rundir
+
     return {"host": host or socket.gethostname(), "pid": pid, "process_start": rundir._process_start(pid),
             "boot_id": rundir._boot_id(), "started": time.time() - 3600, "heartbeat": time.time() - heartbeat_age,
             "token": "someone-else", "command": "jaxcpt train --config other.yaml"}
@@ -82,9 +89,11 @@ def _dead_pid():
 
 
 def test_a_fresh_lease_of_a_live_process_is_refused_naming_the_holder(tmp_path):
+    from jaxcpt.train import rundir
+
     (tmp_path / "jaxcpt.lease").write_text(json.dumps(_lease_of(os.getppid(), heartbeat_age=1)))
     with pytest.raises(rundir.RunDirectoryBusy) as refused:
-        with rundir.RunDirectoryLock([epath.Path(tmp_path)], FAST, writer=True):
+        with rundir.RunDirectoryLock([epath.Path(tmp_path)], _fast(), writer=True):
             pass
     message = str(refused.value)
     assert f"host {socket.gethostname()}, pid {os.getppid()}" in message and "running since" in message
@@ -94,12 +103,14 @@ def test_a_fresh_lease_of_a_live_process_is_refused_naming_the_holder(tmp_path):
 
 @pytest.mark.parametrize("holder", ["dead pid on this host", "old heartbeat on another host"])
 def test_a_stale_lease_is_taken_over_and_released_at_the_end(tmp_path, capsys, holder):
+    from jaxcpt.train import rundir
+
     if holder == "dead pid on this host":
         lease = _lease_of(_dead_pid(), heartbeat_age=0)  # fresh heartbeat, but its process is gone
     else:
         lease = _lease_of(os.getppid(), heartbeat_age=60, host="some-other-host")
     (tmp_path / "jaxcpt.lease").write_text(json.dumps(lease))
-    with rundir.RunDirectoryLock([epath.Path(tmp_path)], FAST, writer=True):
+    with rundir.RunDirectoryLock([epath.Path(tmp_path)], _fast(), writer=True):
         held = json.loads((tmp_path / "jaxcpt.lease").read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
         first = held["heartbeat"]
@@ -123,9 +134,11 @@ def test_only_one_of_several_launches_takes_over_a_stale_lease(tmp_path):
 
 
 def test_a_holder_whose_lease_was_taken_over_notices_at_its_next_heartbeat(tmp_path, capsys):
-    lease = rundir.Lease(epath.Path(tmp_path), FAST)
+    from jaxcpt.train import rundir
+
+    lease = rundir.Lease(epath.Path(tmp_path), _fast())
     lease.acquire()
-    taker = rundir.Lease(epath.Path(tmp_path), rundir.LockConfig(heartbeat_s=0.2, stale_after_s=2.0, take_over=True))
+    taker = rundir.Lease(epath.Path(tmp_path), _fast(take_over=True))
     taker.acquire()
     lease.refresh()
     assert lease.lost and "taken over by another launch" in lease.lost
@@ -135,12 +148,16 @@ def test_a_holder_whose_lease_was_taken_over_notices_at_its_next_heartbeat(tmp_p
 
 
 def test_lease_directories_add_a_checkpoint_directory_outside_the_run_directory(tmp_path):
+    from jaxcpt.train import rundir
+
     run = epath.Path(tmp_path / "run")
     assert rundir.lease_directories(run, run / "checkpoints") == [run]
     assert rundir.lease_directories(run, epath.Path("gs://bucket/ckpt")) == [run, epath.Path("gs://bucket/ckpt")]
 
 
 def test_a_gs_lease_without_google_cloud_storage_is_best_effort_and_still_refuses(monkeypatch, capsys):
+    from jaxcpt.train import rundir
+
     import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
 
@@ -148,11 +165,11 @@ def test_a_gs_lease_without_google_cloud_storage_is_best_effort_and_still_refuse
         fsspec.register_implementation(protocol, MemoryFileSystem, clobber=True)
     monkeypatch.setattr(rundir._BestEffortLeaseFile, "settle_s", 0.01)
     directory = epath.Path("gs://bucket/run-a")
-    first = rundir.Lease(directory, FAST)
+    first = rundir.Lease(directory, _fast())
     first.acquire()
     assert "install google-cloud-storage" in capsys.readouterr().out
     with pytest.raises(rundir.RunDirectoryBusy, match="in use by another launch"):
-        rundir.Lease(directory, FAST).acquire()
+        rundir.Lease(directory, _fast()).acquire()
     first.release()
     assert not (directory / "jaxcpt.lease").exists()
 

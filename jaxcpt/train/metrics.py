@@ -12,7 +12,6 @@ from etils import epath
 from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
 
-
 # Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched against jax's device_kind.
 PEAK_BF16_FLOPS = {
     "TPU v4": 275e12,
