@@ -504,13 +504,13 @@ def check_shared(checkpoint_dir: epath.Path) -> None:
         seen = path.read_text().strip() == token
     except (FileNotFoundError, OSError):
         seen = False
-    seen_by = gather_json([socket.gethostname(), seen])  # and here until every host has read it
+    seen_by = gather_json([socket.gethostname(), seen, str(checkpoint_dir)])  # and here until every host has read it
     if jax.process_index() == 0:
         path.unlink(missing_ok=True)
-    blind = [f"process {i} ({host})" for i, (host, ok) in enumerate(seen_by) if not ok]
+    blind = [f"process {i} ({host}, looking in {where})" for i, (host, ok, where) in enumerate(seen_by) if not ok]
     if blind:
         raise UserError(
-            f"the checkpoint directory {checkpoint_dir} is not shared: a token process 0 ({seen_by[0][0]}) wrote "
-            f"there is not visible to {', '.join(blind)}. Every host must see the same checkpoint directory, or "
-            "each decides on its own whether to resume. Put it on shared storage: checkpoint.directory=gs://BUCKET/"
-            "RUN/checkpoints, or an NFS path mounted at the same place on every host")
+            f"the checkpoint directory is not shared between hosts: a token process 0 ({seen_by[0][0]}) wrote to "
+            f"{seen_by[0][2]} is not visible to {', '.join(blind)}. Every host must see the same checkpoint "
+            "directory, or each decides on its own whether to resume. Put it on shared storage: "
+            "checkpoint.directory=gs://BUCKET/RUN/checkpoints, or an NFS path mounted at the same place on every host")
