@@ -29,10 +29,10 @@ from jaxcpt.model import lora as lora_lib
 from jaxcpt.sharding.distributed import gather_json, initialize_distributed, is_writer
 from jaxcpt.sharding.mesh import describe_mesh
 from jaxcpt.train import resume as resume_lib
+from jaxcpt.train import rundir
 from jaxcpt.train import state as train_state
 from jaxcpt.train.config import TrainConfig, config_as_yaml_dict
 from jaxcpt.train.evaluate import evaluate, global_batch
-from jaxcpt.train import rundir
 from jaxcpt.train.metrics import (MetricsWriter, Progress, device_peak_flops, flops_per_token, set_aside_metrics,
                                   truncate_metrics)
 from jaxcpt.train.setup import RunSetup, set_up
@@ -222,8 +222,8 @@ def save(run: Run, step: int, force: bool = False) -> None:
         return
     lost = any_host(run.lock is not None and run.lock.lost is not None)
     if lost:  # another launch took the run directory over while this one was paused: do not write into it
-        raise rundir.RunDirectoryBusy(f"{run.lock.lost if run.lock and run.lock.lost else 'the lease was lost'}; "
-                                      f"stopped before saving step {step}")
+        why = (run.lock and run.lock.lost) or "process 0's lease on the run directory was taken over by another launch"
+        raise rundir.RunDirectoryBusy(f"{why}; stopped before saving step {step}")
     meta = {"model_config": to_dict(setup.model_cfg), "jaxcpt_version": __version__, "run_config": config_as_yaml_dict(setup.cfg),
             "source_names": setup.source_names, "eval_history": run.eval_history, "adaptation": setup.adaptation,
             "trainable_keys": list(setup.program.trainable.keys)}
