@@ -147,6 +147,19 @@ def test_a_holder_whose_lease_was_taken_over_notices_at_its_next_heartbeat(tmp_p
     assert (tmp_path / "jaxcpt.lease").exists()
 
 
+def test_a_run_whose_lease_was_taken_over_stops_before_its_next_save():
+    from jaxcpt.train import rundir
+    from jaxcpt.train.loop import save
+
+    saved = []
+    lock = types.SimpleNamespace(lost="the lease /r/jaxcpt.lease was taken over by another launch (now held by host b)")
+    run = types.SimpleNamespace(lock=lock, setup=None, ckpt=types.SimpleNamespace(
+        should_save=lambda step: True, save=lambda *a, **k: saved.append(a)))
+    with pytest.raises(rundir.RunDirectoryBusy, match="taken over by another launch.*stopped before saving step 8"):
+        save(run, 8)
+    assert saved == []
+
+
 def test_lease_directories_add_a_checkpoint_directory_outside_the_run_directory(tmp_path):
     from jaxcpt.train import rundir
 
