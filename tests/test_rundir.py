@@ -176,7 +176,9 @@ def test_a_gs_lease_without_google_cloud_storage_is_best_effort_and_still_refuse
 
     for protocol in ("gs", "gcs"):  # an in-memory stand-in for GCS (no network here); etils asks for "gcs"
         fsspec.register_implementation(protocol, MemoryFileSystem, clobber=True)
-    monkeypatch.setattr(rundir._BestEffortLeaseFile, "settle_s", 0.01)
+    from jaxcpt.train import storage
+
+    monkeypatch.setattr(storage._BestEffortLeaseFile, "settle_s", 0.01)
     directory = epath.Path("gs://bucket/run-a")
     first = rundir.Lease(directory, _fast())
     first.acquire()

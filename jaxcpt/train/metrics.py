@@ -130,7 +130,7 @@ def read_metrics_file(path: epath.Path) -> list[dict]:
 
 def write_metrics_file(path: epath.Path, records: list[dict]) -> None:
     """Replace ``path`` whole with ``records`` (a crash leaves the old file or the new one, never a mix)."""
-    from jaxcpt.train.rundir import write_atomically
+    from jaxcpt.train.storage import write_atomically
 
     write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
 
