@@ -233,3 +233,79 @@ def test_export_keep_last_is_a_typed_key_that_defaults_to_keeping_every_export()
         load_train_config(None, ["export.keep_last=two"])
     with pytest.raises(ConfigError, match="stale_after_s"):
         load_train_config(None, ["lock.heartbeat_s=60", "lock.stale_after_s=60"])
+
+
+class _FakeGCS:
+    """google.cloud.storage's calls the lease makes, over a dict {name: (generation, text)}, with GCS's
+    generation preconditions (no network or package here; the real API has the same names)."""
+
+    def __init__(self):
+        self.objects, self.next_generation = {}, 1
+
+    def modules(self):
+        exceptions = types.ModuleType("google.api_core.exceptions")
+        exceptions.PreconditionFailed = type("PreconditionFailed", (Exception,), {})
+        exceptions.NotFound = type("NotFound", (Exception,), {})
+        store = self
+
+        class Blob:
+            def __init__(self, name, generation=None):
+                self.name, self.generation = name, generation
+
+            def _check(self, if_generation_match):
+                current = store.objects.get(self.name, (0, None))[0]
+                if if_generation_match is not None and current != if_generation_match:
+                    raise exceptions.PreconditionFailed(f"{self.name}: generation {current}")
+
+            def upload_from_string(self, text, content_type=None, if_generation_match=None):
+                self._check(if_generation_match)
+                store.objects[self.name] = (store.next_generation, text)
+                store.next_generation += 1
+
+            def download_as_text(self, if_generation_match=None):
+                if self.name not in store.objects:
+                    raise exceptions.NotFound(self.name)
+                self._check(if_generation_match)
+                return store.objects[self.name][1]
+
+            def delete(self, if_generation_match=None):
+                if self.name not in store.objects:
+                    raise exceptions.NotFound(self.name)
+                self._check(if_generation_match)
+                del store.objects[self.name]
+
+        class Bucket:
+            def blob(self, name):
+                return Blob(name)
+
+            def get_blob(self, name):
+                return Blob(name, store.objects[name][0]) if name in store.objects else None
+
+        storage = types.ModuleType("google.cloud.storage")
+        storage.Client = lambda: types.SimpleNamespace(bucket=lambda name: Bucket())
+        google, cloud, api_core = (types.ModuleType(n) for n in ("google", "google.cloud", "google.api_core"))
+        google.cloud, google.api_core, cloud.storage, api_core.exceptions = cloud, api_core, storage, exceptions
+        return {"google": google, "google.cloud": cloud, "google.cloud.storage": storage,
+                "google.api_core": api_core, "google.api_core.exceptions": exceptions}
+
+
+def test_a_gs_lease_uses_generation_preconditions_so_a_late_refresh_cannot_clobber_a_take_over(monkeypatch):
+    from jaxcpt.train import rundir
+
+    gcs = _FakeGCS()
+    for name, module in gcs.modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    directory = epath.Path("gs://bucket/runs/a/checkpoints")
+    holder = rundir.Lease(directory, _fast())
+    holder.acquire()
+    assert json.loads(gcs.objects["runs/a/checkpoints/jaxcpt.lease"][1])["token"] == holder.token
+    with pytest.raises(rundir.RunDirectoryBusy, match="in use by another launch"):
+        rundir.Lease(directory, _fast()).acquire()
+    holder.refresh()  # a heartbeat: the generation moves on
+    taker = rundir.Lease(directory, _fast(take_over=True))
+    taker.acquire()
+    holder.refresh()  # precondition on the generation it read: fails, so the holder knows
+    assert holder.lost and json.loads(gcs.objects["runs/a/checkpoints/jaxcpt.lease"][1])["token"] == taker.token
+    holder.release()  # leaves the taker's lease alone
+    taker.release()
+    assert gcs.objects == {}

@@ -142,7 +142,8 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease, taking over a stale one; RunDirectoryBusy when a live launch holds it."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not is_remote(self.directory):  # object stores have no directories to make
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.file = lease_file(self.path)
         for _ in range(10):  # each round either takes the lease or sees one that another launch just wrote
             record = json.dumps(_holder_record(self.token, self.started), indent=1)
