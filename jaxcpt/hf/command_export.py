@@ -18,7 +18,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer directory to include (default: the run's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out (the old export is removed only once the new one is complete)")
     parser.add_argument("--mesh", default=None, help="mesh as YAML, e.g. '{fsdp: -1}' (default: all devices on data)")
     parser.add_argument("--lora", default="merged", choices=["merged", "adapter", "base"],
                         help="a LoRA checkpoint as: merged (adapters folded in), adapter (PEFT directory) or base "

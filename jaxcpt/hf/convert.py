@@ -241,38 +241,113 @@ class StagedExport:
     writes, into ``tmp``: for a local target a temporary sibling renamed into place by
     ``publish``; for a remote (gs://) one a local directory uploaded with config.json last, so a
     directory without config.json is an upload that did not finish.
+
+    Faults it handles:
+
+    * A failed export leaves no ``.NAME.tmp-*`` behind: the staging directory is removed when
+      this object is released (a weakref finalizer: when the error that ended the export has been
+      handled, at the latest when the process exits), or on leaving ``with StagedExport(...)``.
+      One left by a killed process is removed when the next export to the same target starts.
+    * ``overwrite`` never deletes the old export before the new one is complete: locally the old
+      one is renamed aside (``.NAME.old-*``), the new one renamed in, then the old one deleted; a
+      crash between the two renames leaves the old export aside, and the next export of the target
+      puts it back first. A remote target gets the new export uploaded beside it first
+      (``.NAME.tmp-*``), so a complete copy exists at every moment; only then is the old one replaced.
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool):
         self.remote = "://" in str(path)
         self.out = epath.Path(path) if self.remote else Path(path)
         self.writer = jax.process_index() == 0
+        if self.writer and not self.remote:
+            self._clean_leftovers()
         # Process 0 looks at the target and every host follows its answer: with per-host disks only
         # one host may see an old export, and a host that raised alone would leave the others
         # blocked in the gathers that follow.
         occupied = _agree(bool(self.out.exists() and any(self.out.iterdir())) if self.writer else None)
         if occupied and not overwrite:
             raise UserError(f"'{self.out}' exists and is not empty; choose another --out or pass overwrite")
+        self.occupied = occupied
         self.tmp: Path | None = None
+        self._cleanup = None
         if self.writer:
+            import weakref
+
             parent = Path(tempfile.gettempdir()) if self.remote else self.out.parent
             parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=parent))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.tmp), True)
+
+    def __enter__(self) -> "StagedExport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the staging directory now (after a failure; a no-op once published)."""
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def _clean_leftovers(self) -> None:
+        """Staging directories of this target left by a killed export; an old export set aside by an
+        overwrite that died before the new one was renamed in goes back under its name."""
+        parent = self.out.parent
+        if not parent.is_dir():
+            return
+        for old in sorted(parent.glob(f".{self.out.name}.old-*")):
+            if not self.out.exists():
+                os.replace(old, self.out)
+                print(f"warning: restored {self.out} from {old.name}, set aside by an overwrite that did not finish",
+                      flush=True)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp in parent.glob(f".{self.out.name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"removed {tmp}, left by an export of {self.out} that did not finish", flush=True)
 
     def publish(self, barrier: str) -> Path | None:
         """Move the finished files into place; returns the directory on process 0, None elsewhere."""
         if self.writer:
+            if self._cleanup is not None:
+                self._cleanup.detach()  # the staged files become the export: nothing to clean up
             if self.remote:
-                _upload(self.tmp, self.out)
+                self._publish_remote()
             else:
-                if self.out.exists():
-                    shutil.rmtree(self.out)
-                os.replace(self.tmp, self.out)
+                self._publish_local()
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(barrier)
         return self.out if self.writer else None
+
+    def _publish_local(self) -> None:
+        if not self.out.exists():
+            os.replace(self.tmp, self.out)
+            return
+        aside = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+        os.replace(self.out, aside)  # onto the empty directory mkdtemp made: atomic on POSIX
+        try:
+            os.replace(self.tmp, self.out)
+        except BaseException:
+            os.replace(aside, self.out)  # the new one did not go in: the old one stays
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(aside)
+
+    def _publish_remote(self) -> None:
+        if not self.occupied:
+            _upload(self.tmp, self.out)
+            return
+        # No atomic rename on object stores: upload the new export complete beside the old one,
+        # then replace the old one from it (server-side copies, config.json last).
+        staged = self.out.parent / f".{self.out.name}.tmp-{os.path.basename(self.tmp).rsplit('-', 1)[-1]}"
+        _upload(self.tmp, staged)
+        self.out.rmtree()
+        self.out.mkdir(parents=True, exist_ok=True)
+        for file in sorted(staged.iterdir(), key=lambda p: p.name in _LAST_FILES):
+            file.copy(self.out / file.name, overwrite=True)
+        staged.rmtree()
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -18,6 +18,7 @@ from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.config import OptimConfig
 from jaxcpt.sharding.distributed import DistributedConfig
 from jaxcpt.train.ema import EMAConfig
+from jaxcpt.train.rundir import LockConfig
 
 # ModelConfig fields that say how to compute, not what the model is; these apply
 # whatever the model's source (a HF checkpoint fixes the architecture, not the numerics).
@@ -81,6 +82,9 @@ class ExportConfig:
     directory: str = field("", help="where exports go (STEP_N subdirectories): a local path or a gs:// URL; "
                                     "empty = RUN_DIR/hf")
     hf_every: int = field(0, help="also export an HF directory every N steps; 0 = only at the final step")
+    keep_last: int = field(0, help="keep the newest N step exports in the export directory (step_N and step_N-adapter "
+                                   "count as one; the newest is never removed); 0 = keep every export. Exports are "
+                                   "results a user may still want, so nothing is deleted unless this is set")
     final: bool = field(True, help="export an HF directory at the end of the run (RUN/hf/step_N)")
     dtype: Literal["bfloat16", "float32", "float16"] = field("bfloat16", help="dtype of exported weights")
     max_shard_size: str = field("5GB", help="largest safetensors file of an export")
@@ -110,6 +114,7 @@ class TrainConfig:
     export: ExportConfig = field(ExportConfig(), help="Hugging Face exports")
     ema: EMAConfig = field(EMAConfig(), help="exponential moving average of the parameters")
     distributed: DistributedConfig = field(DistributedConfig(), help="multi-host initialisation")
+    lock: LockConfig = field(LockConfig(), help="the lease that keeps a second launch off a run directory in use")
 
     def validate(self) -> None:
         if "://" in self.run_dir:
@@ -119,6 +124,8 @@ class TrainConfig:
             )
         if not self.data.sources:
             raise ConfigError("data.sources is empty; a run needs at least one source to train on")
+        if self.export.keep_last < 0:
+            raise ConfigError(f"export.keep_last must be >= 0 (0 keeps every export), got {self.export.keep_last}")
         if self.export.weights == "ema" and not self.ema.enabled:
             raise ConfigError("export.weights=ema needs a moving average: set ema.decay (e.g. 0.999)")
         lora = self.model.lora

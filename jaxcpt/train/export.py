@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 from jaxcpt.model.lora import is_adapter
 from jaxcpt.sharding.distributed import gather_json, is_writer
@@ -52,7 +53,35 @@ def export(run, step: int) -> list[str]:
                           trained=trained, dtype=cfg.export.dtype, overwrite=True,
                           tokenizer_dir=run.export_tokenizer)
         written.append(target)
+    if cfg.export.keep_last and is_writer():
+        prune_exports(root, cfg.export.keep_last)
     return written
+
+
+_STEP_EXPORT = re.compile(r"step_(\d+)(-adapter)?")
+
+
+def prune_exports(root: str, keep_last: int) -> list[str]:
+    """Remove all but the newest ``keep_last`` steps' exports (step_N and step_N-adapter) under ``root``.
+
+    Only directories named like a step export are touched: RUN/hf/base (a LoRA adapter's base)
+    and anything else a user put there stay. Returns the removed paths.
+    """
+    from etils import epath
+
+    directory = epath.Path(root)
+    exports: dict[int, list] = {}
+    for path in directory.iterdir() if directory.exists() else []:
+        match = _STEP_EXPORT.fullmatch(path.name)
+        if match and path.is_dir():
+            exports.setdefault(int(match.group(1)), []).append(path)
+    removed = []
+    for step in sorted(exports)[:-keep_last]:
+        for path in exports[step]:
+            path.rmtree()
+            removed.append(str(path))
+            log.info("removed the export %s (export.keep_last=%d)", path, keep_last)
+    return removed
 
 
 def _adapter_base(run, model, root: str, common: dict) -> str:

@@ -20,18 +20,21 @@ import time
 
 import jax
 import yaml
+from etils import epath
 
 from jaxcpt import __version__
 from jaxcpt.checkpoint import Checkpointer
 from jaxcpt.config import to_dict
 from jaxcpt.model import lora as lora_lib
-from jaxcpt.sharding.distributed import gather_json, is_writer
+from jaxcpt.sharding.distributed import gather_json, initialize_distributed, is_writer
 from jaxcpt.sharding.mesh import describe_mesh
 from jaxcpt.train import resume as resume_lib
+from jaxcpt.train import rundir
 from jaxcpt.train import state as train_state
 from jaxcpt.train.config import TrainConfig, config_as_yaml_dict
 from jaxcpt.train.evaluate import evaluate, global_batch
-from jaxcpt.train.metrics import MetricsWriter, Progress, device_peak_flops, flops_per_token, truncate_metrics
+from jaxcpt.train.metrics import (MetricsWriter, Progress, device_peak_flops, flops_per_token, set_aside_metrics,
+                                  truncate_metrics)
 from jaxcpt.train.setup import RunSetup, set_up
 from jaxcpt.train.signals import StopRequests, any_host
 
@@ -49,16 +52,24 @@ def _say(message: str) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns a summary dict."""
-    run = start(set_up(cfg))
-    try:
-        # Traced under the mesh, so activation sharding constraints and shard_map'd kernels see it.
-        with jax.set_mesh(run.setup.program.mesh):
-            stopped = loop(run)
-            if not stopped:
-                finish(run)
-    finally:
-        run.close()  # waits for the last checkpoint to be on disk
-    return report(run, stopped)
+    initialize_distributed(cfg.distributed)  # first: every host must hear process 0's lease answer
+    run_dir = epath.Path(cfg.run_dir)
+    checkpoint_dir = epath.Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else run_dir / "checkpoints"
+    # Before anything is read or written: a second launch on a directory in use is refused, and
+    # hosts that do not share the checkpoint directory stop before deciding resume-or-fresh apart.
+    with rundir.RunDirectoryLock(rundir.lease_directories(run_dir, checkpoint_dir), cfg.lock, is_writer()) as lock:
+        rundir.check_shared(checkpoint_dir)
+        run = start(set_up(cfg))
+        run.lock = lock
+        try:
+            # Traced under the mesh, so activation sharding constraints and shard_map'd kernels see it.
+            with jax.set_mesh(run.setup.program.mesh):
+                stopped = loop(run)
+                if not stopped:
+                    finish(run)
+        finally:
+            run.close()  # waits for the last checkpoint to be on disk
+        return report(run, stopped)
 
 
 # -- start ------------------------------------------------------------------------------
@@ -78,19 +89,30 @@ class Run:
     exports: list[str] = dataclasses.field(default_factory=list)
     step: int = 0
     harness: tuple | None = None  # (JaxcptLM, lm-eval TaskManager), made at the first downstream evaluation
+    lock: rundir.RunDirectoryLock | None = None  # the run directory's lease (held by process 0)
 
     def to_global(self, local: dict) -> dict:
         shardings = self.setup.program.batch_shardings
         return global_batch(local, shardings["inputs"], shardings["source"])
 
     def close(self) -> None:
-        self.ckpt.close()
+        """Close everything, each even when another's close raises (Grain workers must not linger);
+        the first error is raised once all are closed."""
+        closers = [self.ckpt.close, self.stop.uninstall]
         if self.setup.data_iter is not None:
-            self.setup.data_iter.close()
+            closers.append(self.setup.data_iter.close)
         if self.writer is not None:
-            self.writer.close()
-        self.stop.uninstall()
-        self.setup.close()
+            closers.append(self.writer.close)
+        closers.append(self.setup.close)
+        errors = []
+        for close in closers:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - close the rest, then raise the first
+                log.error("closing the run: %s failed: %r", getattr(close, "__qualname__", close), e)
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def start(setup: RunSetup) -> Run:
@@ -118,8 +140,8 @@ def start(setup: RunSetup) -> Run:
         params, _ = train_state.initial_params(cfg, program.model_cfg, program.mesh, program.rules)
         state = train_state.fresh_state(params, program.tx, program.state_shardings, program.trainable.keys)
         history = []
-        if is_writer():
-            truncate_metrics(run_dir, -1)  # records of an attempt that crashed before its first checkpoint
+        if is_writer():  # records of an attempt that crashed before its first checkpoint, or of a run whose
+            set_aside_metrics(run_dir, setup.checkpoint_dir)  # checkpoints this launch does not see: kept aside
     export_tokenizer = resume_lib.ship_export_tokenizer(setup.tokenizers, run_dir) if is_writer() else None
     stop = StopRequests(cfg.train.log_every)
     stop.install()
@@ -199,6 +221,10 @@ def save(run: Run, step: int, force: bool = False) -> None:
     setup = run.setup
     if not force and not run.ckpt.should_save(step):
         return
+    lost = any_host(run.lock is not None and run.lock.lost is not None)
+    if lost:  # another launch took the run directory over while this one was paused: do not write into it
+        why = (run.lock and run.lock.lost) or "process 0's lease on the run directory was taken over by another launch"
+        raise rundir.RunDirectoryBusy(f"{why}; stopped before saving step {step}")
     meta = {"model_config": to_dict(setup.model_cfg), "jaxcpt_version": __version__, "run_config": config_as_yaml_dict(setup.cfg),
             "source_names": setup.source_names, "eval_history": run.eval_history, "adaptation": setup.adaptation,
             "trainable_keys": list(setup.program.trainable.keys)}

@@ -9,6 +9,7 @@ import time
 import jax
 from etils import epath
 
+from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched against jax's device_kind.
@@ -101,20 +102,69 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return out
 
 
+def read_metrics_file(path: epath.Path) -> list[dict]:
+    """The records of a metrics.jsonl, skipping a torn last line (with a warning naming it).
+
+    A node that crashes or a disk that fills mid-write leaves the last line cut short; it
+    holds a record of a step the resume replays anyway, so it is dropped. A damaged line
+    that is not the last is not a torn write: that is an error naming the file and line.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if any(rest.strip() for rest in lines[number:]):
+                raise UserError(f"{path} line {number} is not JSON ({e}); only a torn last line is skipped. Remove "
+                                "or repair that line (the records are one JSON object per line)") from e
+            message = (f"{path} line {number}: a torn last record ({len(line)} characters, not JSON: {e}), left by "
+                       "a write that did not finish (a node crash or a full disk); skipped")
+            print(f"warning: {message}", flush=True)
+    return records
+
+
+def write_metrics_file(path: epath.Path, records: list[dict]) -> None:
+    """Replace ``path`` whole with ``records`` (a crash leaves the old file or the new one, never a mix)."""
+    from jaxcpt.train.storage import write_atomically
+
+    write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
 def truncate_metrics(run_dir: epath.Path, after_step: int) -> None:
     """Drop records past ``after_step`` (a resume replays those steps; keep each step once)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    records = read_metrics_file(path)
+    write_metrics_file(path, [record for record in records if record["step"] <= after_step])
+
+
+def set_aside_metrics(run_dir: epath.Path, checkpoint_dir: epath.Path) -> epath.Path | None:
+    """A fresh start in a run directory that already holds metrics: move them aside, never delete them.
+
+    They are either the records of an attempt that crashed before its first checkpoint, or a
+    finished run's whose checkpoints this launch does not see (a typo in checkpoint.directory):
+    the second must not lose its history. Returns where they went (None when there were none).
+    """
+    path = run_dir / "metrics.jsonl"
+    if not path.exists() or not path.read_text().strip():
+        return None
+    aside = run_dir / f"metrics.before-fresh-start-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    path.rename(aside)
+    last = max((r.get("step", 0) for r in read_metrics_file(aside)), default=0)
+    print(f"warning: {path} held records up to step {last}, but {checkpoint_dir} has no checkpoint, so this run starts "
+          f"fresh; the old records are kept in {aside}. If you meant to resume that run, stop this one and set "
+          "checkpoint.directory to where its checkpoints are (see RUN/config.yaml of that run)", flush=True)
+    return aside
 
 
 def read_metrics(run_dir) -> list[dict]:
-    path = epath.Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics_file(epath.Path(run_dir) / "metrics.jsonl")
 
 
 class Progress:

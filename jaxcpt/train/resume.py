@@ -22,7 +22,6 @@ config and the adaptation record, its files item the tokenizer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -221,9 +220,11 @@ def restore_eval_history(run_dir: epath.Path, history: list[dict]) -> None:
     Records already there (by kind and step) are kept; the others, the step-0 baseline among
     them, are written first, so the report of a run resumed into an empty directory is complete.
     """
+    from jaxcpt.train.metrics import read_metrics_file, write_metrics_file
+
     path = run_dir / "metrics.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    present = {(r.get("kind"), r["step"]) for r in map(json.loads, lines)}
-    missing = [json.dumps(r) for r in history if (r.get("kind"), r["step"]) not in present]
+    records = read_metrics_file(path)  # a torn last line is skipped with a warning
+    present = {(r.get("kind"), r["step"]) for r in records}
+    missing = [r for r in history if (r.get("kind"), r["step"]) not in present]
     if missing:
-        path.write_text("".join(line + "\n" for line in missing + lines))
+        write_metrics_file(path, missing + records)  # replaced whole: a crash here loses nothing
