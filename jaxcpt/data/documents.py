@@ -131,6 +131,25 @@ class BadInputCounter:
         self.records = int(snapshot[-1])
 
 
+def pad_bad_counts(counts: np.ndarray) -> np.ndarray:
+    """[..., kinds + 1] counts from a state saved when fewer kinds existed: zeros for the kinds added since."""
+    missing = len(BAD_KINDS) + 1 - counts.shape[-1]
+    if missing <= 0:
+        return counts
+    zeros = np.zeros((*counts.shape[:-1], missing), counts.dtype)
+    return np.concatenate([counts[..., :-1], zeros, counts[..., -1:]], axis=-1)
+
+
+def sum_bad_input_reports(reports: list[dict]) -> dict[str, dict[str, int]]:
+    """Hosts' ``TrainIterator.bad_input_report()`` summed per source and kind (the run's summary)."""
+    total: dict[str, dict[str, int]] = {}
+    for report in reports:
+        for source, counts in report.items():
+            for key, n in counts.items():
+                total.setdefault(source, {})[key] = total.get(source, {}).get(key, 0) + int(n)
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class HeldOut:
     """Documents held out for evaluation, by text hash: below ``threshold`` or in ``hashes``."""
