@@ -118,7 +118,8 @@ class BadInputCounter:
         if self.records >= self.min_records and total_bad > self.max_fraction * self.records:
             raise BadInputError(
                 f"source '{self.source}': {total_bad} of {self.records} documents are bad ({self.counts}), more than "
-                f"data.max_bad_fraction={self.max_fraction}; check the source's paths, format and text_field"
+                f"data.max_bad_fraction={self.max_fraction} (latest: {kind} in {where}); check the source's paths, "
+                "format and text_field, and replace damaged files"
             )
 
     def snapshot(self) -> list[int]:

@@ -90,13 +90,13 @@ def _enter(stream: DataStream, unit: Unit, start: int) -> bool:
 def _lost_bytes(unit: Unit, stream: DataStream, e: DamagedFile) -> float:
     """Decompressed bytes the rest of the unit is estimated to hold after the damage at ``e``.
 
-    Plain files: the bytes left in the unit. Compressed: the compressed bytes left times the
-    file's compression ratio so far. A truncated file has nothing left to measure (0): what it
-    lost cannot be known.
+    The file's decompressed size when it says it (``DataStream.decompressed_size``; a range's
+    end), else the compressed bytes left times the file's compression ratio so far. A truncated
+    file has nothing left to measure (0): what it lost cannot be known.
     """
-    if not stream.compressed:
-        end = unit.end if unit.end is not None else stream.file_size
-        return max(0, end - e.offset)
+    total = unit.end if unit.end is not None else stream.decompressed_size(e)
+    if total is not None:
+        return max(0, total - e.offset)
     consumed = max(1, e.compressed or stream.file_size)
     return max(0, stream.file_size - consumed) * e.offset / consumed
 

@@ -59,19 +59,21 @@ class DataStream:
     def __init__(self, path: str):
         self.path = path
         self.file_size = os.path.getsize(path)
-        self._raw = open(path, "rb")
         lower = path.lower()
         self._zstd = lower.endswith((".zst", ".zstd"))
         self._end_checked = False
+        # Compressed: 64 KiB reads, so the records before a corrupt block still arrive (a 1 MiB read
+        # that meets the damage loses all it decompressed) and the estimate of the rest has a rate.
         if lower.endswith(".gz"):
-            self._stream = io.BufferedReader(gzip.GzipFile(fileobj=self._raw, mode="rb"), 1 << 20)
+            self._raw = open(path, "rb")
+            self._stream = io.BufferedReader(gzip.GzipFile(fileobj=self._raw, mode="rb"), 1 << 16)
         elif self._zstd:
             import zstandard
 
+            self._raw = open(path, "rb")
             reader = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True, closefd=False)
-            self._stream = io.BufferedReader(reader, 1 << 20)
-        else:
-            self._raw.close()
+            self._stream = io.BufferedReader(reader, 1 << 16)
+        else:  # one handle: opened once (a FIFO or a hung mount blocks in open, where the stall watch sees it)
             self._raw = self._stream = open(path, "rb", buffering=1 << 20)
         self.offset = 0  # decompressed bytes consumed by readline / read / seek
 
@@ -93,9 +95,29 @@ class DataStream:
         if self._zstd and len(data) < asked and not self._end_checked:
             # EOF: python-zstandard does not tell a cut frame from the end of the stream
             self._end_checked = True
-            cut = _zstd_cut_frame(self.path)
+            cut, _ = zstd_frames(self.path)
             if cut is not None:
                 raise DamagedFile(f"truncated zstd stream: {cut}", self.offset + len(data), self.file_size)
+
+    def decompressed_size(self, damage: DamagedFile) -> int | None:
+        """The file's decompressed size when the file says it, for estimating what the rest of it held.
+
+        Plain: its size. zstd: the frames' declared content sizes (zstd writes them when it knows
+        the input size). gzip: the trailer's ISIZE (size mod 2**32 of a single-member file), except
+        after a truncation, where the last bytes are not the trailer.
+        """
+        if not self.compressed:
+            return self.file_size
+        if self._zstd:
+            return zstd_frames(self.path)[1]
+        if damage.reason.startswith("EOFError") or self.file_size < 18:
+            return None
+        with open(self.path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            size = struct.unpack("<I", f.read(4))[0]
+        while size < damage.offset:  # ISIZE wraps at 4 GiB
+            size += 1 << 32
+        return size
 
     def readline(self, limit: int = -1) -> bytes:
         try:
@@ -149,50 +171,57 @@ def open_stream(path: str) -> DataStream:
 _ZSTD_MAGIC = 0xFD2FB528
 
 
-def _zstd_cut_frame(path: str) -> str | None:
-    """Where the last zstd frame of ``path`` is cut short (compressed byte offsets), or None when complete.
+def zstd_frames(path: str) -> tuple[str | None, int | None]:
+    """(where the last zstd frame of ``path`` is cut short, or None; the declared content size of all frames,
+    or None when a frame does not declare it).
 
     Walks frame and block headers only (RFC 8878 section 3.1): frame header descriptor, then
     3-byte block headers (last-block bit, type, size), then the optional 4-byte checksum.
     """
     size = os.path.getsize(path)
+    content: int | None = 0
     with open(path, "rb") as f:
         pos = 0
         while pos < size:
             f.seek(pos)
             head = f.read(18)
             if len(head) < 4:
-                return f"{size - pos} stray byte(s) at byte {pos}"
+                return f"{size - pos} stray byte(s) at byte {pos}", content
             (magic,) = struct.unpack("<I", head[:4])
             if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame: magic, 4-byte size, content
                 if len(head) < 8:
-                    return f"skippable frame at byte {pos} cut in its header"
+                    return f"skippable frame at byte {pos} cut in its header", content
                 pos += 8 + struct.unpack("<I", head[4:8])[0]
                 continue
             if magic != _ZSTD_MAGIC:
-                return None  # not a frame we can walk: leave judging it to the decompressor
+                return None, None  # not a frame we can walk: leave judging it to the decompressor
             if len(head) < 5:
-                return f"frame at byte {pos} cut in its header"
+                return f"frame at byte {pos} cut in its header", content
             descriptor = head[4]
             single_segment = bool(descriptor & 0x20)
             fcs_size = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
-            header = 1 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs_size
+            dict_size = (0, 1, 2, 4)[descriptor & 3]
+            fcs_at = 5 + (0 if single_segment else 1) + dict_size
+            if content is not None and fcs_size and len(head) >= fcs_at + fcs_size:
+                declared = int.from_bytes(head[fcs_at : fcs_at + fcs_size], "little")
+                content += declared + (256 if fcs_size == 2 else 0)
+            else:
+                content = None
             checksum = 4 if descriptor & 0x04 else 0
-            pos += 4 + header
-            frame_start = pos - 4 - header
+            frame_start, pos = pos, fcs_at + fcs_size + pos
             while True:
                 f.seek(pos)
                 block = f.read(3)
                 if len(block) < 3:
-                    return f"frame at byte {frame_start} ends at byte {size} inside a block header"
+                    return f"frame at byte {frame_start} ends at byte {size} inside a block header", content
                 (value,) = struct.unpack("<I", block + b"\0")
                 last, kind, block_size = value & 1, (value >> 1) & 3, value >> 3
                 pos += 3 + (1 if kind == 1 else block_size)
                 if pos > size:
-                    return f"frame at byte {frame_start} ends at byte {size} inside a block that needs {pos}"
+                    return f"frame at byte {frame_start} ends at byte {size} inside a block that needs {pos}", content
                 if last:
                     break
             pos += checksum
             if pos > size:
-                return f"frame at byte {frame_start} ends at byte {size} inside its checksum"
-    return None
+                return f"frame at byte {frame_start} ends at byte {size} inside its checksum", content
+    return None, content
