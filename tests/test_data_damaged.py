@@ -164,3 +164,25 @@ def test_text_file_with_a_byte_order_mark_does_not_start_with_it(tmp_path):
     path.write_bytes(b"\xef\xbb\xbffirst block\n\nsecond block\n")
     assert _read([str(path)], text_split="blank_line")[0] == ["first block", "second block"]
     assert _read([str(path)])[0] == ["first block\n\nsecond block\n"]
+
+
+@pytest.mark.slow
+def test_damaged_file_counts_reach_metrics_and_the_run_summary(tmp_path):
+    from train_helpers import make_corpora, run_cli, tiny_overrides
+
+    corpora = make_corpora(tmp_path / "data")
+    corpora["domain"] = write_jsonl(str(tmp_path / "data" / "domain.jsonl.gz"), make_texts(40, seed=15, tag="dom"))
+    _cut(corpora["domain"], 0.6)  # every epoch of the domain source meets the damage
+    run_dir = tmp_path / "run"
+    proc = run_cli(["train", *tiny_overrides(run_dir, corpora, steps=2)])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "domain.jsonl.gz' is damaged at decompressed byte" in out
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    last_train = [r for r in records if r["kind"] == "train"][-1]
+    damaged = last_train["bad_input"]["domain"]["damaged_file"]
+    assert damaged >= 1 and "general" not in last_train["bad_input"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["bad_input"]["domain"]["damaged_file"] >= damaged
+    assert summary["bad_input"]["domain"]["records"] > damaged
+    assert "bad input: source 'domain': damaged_file" in out

@@ -62,11 +62,13 @@ class DataStream:
         lower = path.lower()
         self._zstd = lower.endswith((".zst", ".zstd"))
         self._end_checked = False
-        # Compressed: 64 KiB reads, so the records before a corrupt block still arrive (a 1 MiB read
-        # that meets the damage loses all it decompressed) and the estimate of the rest has a rate.
+        # Compressed: small reads, so the records before the damage still arrive (a read that meets it
+        # loses all it decompressed) and the estimate of the rest has a rate. GzipFile unwrapped: its
+        # readline takes what each decompression step gives; another BufferedReader around it would
+        # ask for 64 KiB at once and lose a short file's every line to a truncation.
         if lower.endswith(".gz"):
             self._raw = open(path, "rb")
-            self._stream = io.BufferedReader(gzip.GzipFile(fileobj=self._raw, mode="rb"), 1 << 16)
+            self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb")
         elif self._zstd:
             import zstandard
 
