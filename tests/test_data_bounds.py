@@ -78,7 +78,7 @@ def hostile_reads(tmp_path_factory):
     # A blank-line block of many lines, between ordinary blocks.
     with open(root / "blocks.txt", "wb") as f:
         f.write("\n\n".join(small[:5]).encode() + b"\n\n")
-        _write_chunks(f, HUGE, b"line of a very long block\n" * 1000)
+        _write_chunks(f, HUGE, (b"a line of a very long block " * 100 + b"\n") * 10)
         f.write(b"\n" + "\n\n".join(small[5:10]).encode())
     cases.append(("text_block", str(root / "blocks.txt"), "blank_line", LIMIT, 64 << 20))
     # A Parquet file whose one row group holds HUGE bytes of text, in rows of ~10 KB.
