@@ -204,7 +204,8 @@ class DataConfig:
     fatal_bad_input: bool = field(
         False,
         help="Raise on the first bad document (malformed JSON, missing or non-string text field, empty document, "
-        "invalid UTF-8) instead of counting and skipping it.",
+        "invalid UTF-8, a document above max_document_bytes, a damaged file) instead of counting and skipping it. "
+        "Counts per source and kind go to metrics.jsonl (bad_input) and summary.json.",
     )
     max_bad_fraction: float = field(
         0.1,

@@ -45,7 +45,7 @@ from jaxcpt.data.readers import (
     read_tokenized,
     read_whole_file,
 )
-from jaxcpt.data.streams import BOM, COMPRESSED, is_compressed
+from jaxcpt.data.streams import BOM, COMPRESSED, is_compressed  # noqa: F401  (is_compressed: shares imports it from here)
 from jaxcpt.errors import UserError
 
 log = logging.getLogger(__name__)

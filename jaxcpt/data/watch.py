@@ -56,9 +56,8 @@ class Activity:
         return time.monotonic() - self.since if self.depth > 0 else 0.0
 
     def describe(self) -> str:
-        reader = self.reader
-        where = reader.describe() if reader is not None else "no document read yet in this process"
-        return f"waiting for {self.label}; last reader: {where}"
+        reader = self.reader  # None in a trainer whose Grain workers read: the label names the worker
+        return f"waiting for {self.label}" + (f"; last reader: {reader.describe()}" if reader is not None else "")
 
     def _watch(self) -> None:
         while True:
