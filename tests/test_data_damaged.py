@@ -148,6 +148,19 @@ def test_a_resumed_reader_does_not_count_the_damage_twice(tmp_path):
     assert list(again) == [] and again.get_state()["bad"] == state["bad"] and docs
 
 
+def test_a_file_damaged_after_its_position_was_saved_is_counted_on_resume(tmp_path):
+    path = write_jsonl(str(tmp_path / "part-4.jsonl.gz"), TEXTS[:3000])
+    counter = BadInputCounter("web", fatal=False, max_fraction=1.0, min_records=0, warn_seconds=60.0)
+    it = iter(document_dataset([path], counter=counter, shuffle_units=False))
+    first = [next(it) for _ in range(2000)]
+    state = it.get_state()
+    _cut(path, 0.3)  # the file is truncated before the saved position (a copy that went wrong)
+    again = iter(document_dataset([path], counter=BadInputCounter("web", fatal=False, max_fraction=1.0, min_records=0,
+                                                                     warn_seconds=60.0), shuffle_units=False))
+    again.set_state(state)
+    assert list(again) == [] and again.get_state()["bad"][-2] == 1 and first == TEXTS[:2000]
+
+
 def test_jsonl_with_a_byte_order_mark_keeps_its_first_record(tmp_path):
     texts = make_texts(5, seed=14)
     path = tmp_path / "bom.jsonl"

@@ -118,10 +118,11 @@ def _damaged(unit: Unit, stream: DataStream, e: DamagedFile, records: int, first
 def read_jsonl(unit: Unit, start: int, limits: ReadLimits) -> Iterator[tuple[int, object]]:
     limit = limits.max_document_bytes
     with open_stream(unit.path) as stream:
-        _enter(stream, unit, start)
-        first, records = stream.offset, 0
-        line_no = 0 if stream.offset == 0 else None  # line numbers only when read from the file's start
+        first, records, line_no = start, 0, None
         try:
+            _enter(stream, unit, start)  # inside: a file damaged since its position was saved is met here
+            first = stream.offset
+            line_no = 0 if stream.offset == 0 else None  # line numbers only when read from the file's start
             while True:
                 if unit.end is not None and stream.offset >= unit.end:
                     return  # this line starts in the next range
@@ -147,15 +148,15 @@ def read_blocks(unit: Unit, start: int, limits: ReadLimits) -> Iterator[tuple[in
     (or one before it), so a resumed reader sees it. A block above the limit is dropped as it is read."""
     limit = limits.max_document_bytes
     with open_stream(unit.path) as stream:
-        after_blank = _enter(stream, unit, start)
-        first, records = stream.offset, 0
-        anchor, block, in_block, block_bytes = stream.offset, [], False, 0
+        first, records, block, in_block, block_bytes = start, 0, [], False, 0
 
         def finished(end: int):
             text = b"".join(block).rstrip(b"\r\n")
             return (end, TooLarge(block_bytes, limit)) if block_bytes > limit else (end, text)
 
         try:
+            after_blank = _enter(stream, unit, start)
+            first = anchor = stream.offset
             while True:
                 line_start = stream.offset
                 line = stream.readline(limit + 1)
