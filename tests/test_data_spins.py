@@ -89,6 +89,28 @@ def test_stalled_pipeline_warns_naming_the_source_and_file_it_waits_for(tmp_path
     assert batches and batches[0]["inputs"].shape == (1, 32)  # the wait ended normally once data came
 
 
+def test_a_signal_during_a_stalled_wait_leaves_the_state_from_before_the_wait(tmp_path):
+    from jaxcpt.data.watch import InputWaitInterrupted
+
+    fifo = _fifo(tmp_path / "hung_mount.jsonl")
+    cfg = data_config(sources=[{"name": "web", "paths": [fifo]}], tokenizer=sp_model(), seq_len=32, shuffle_buffer=0)
+    it = build_train_iterator(cfg, batch_size=1, process_index=0, process_count=1)
+    before = it.get_state()
+    # What the trainer's handler does (StopRequests.on_signal): the signal arrives inside the blocked open().
+    previous = signal.signal(signal.SIGALRM, lambda *_: it.interrupt_if_waiting())
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(InputWaitInterrupted):
+            next(it)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert it.get_state() == before  # a checkpoint now holds the position before the batch that never came
+    with pytest.raises(InputWaitInterrupted):  # and the stream is not read again half-way
+        next(it)
+    it.close()
+
+
 @pytest.mark.slow
 def test_sigterm_during_a_stalled_wait_for_data_saves_and_stops_the_run(tmp_path):
     from train_helpers import make_corpora, run_cli, tiny_overrides
