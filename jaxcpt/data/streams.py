@@ -9,7 +9,7 @@ damaged file lost, ``compressed_position()`` and ``file_size``. Reading a damage
   ``zlib.error`` on corrupt bytes or a failed CRC;
 - zstd: python-zstandard raises ``ZstdError`` on corrupt bytes, but reads a frame cut short
   as a short stream without a word (measured with zstandard 0.25: a .zst truncated at 60%
-  read 722 of 2000 lines, no error). So at the end of a .zst stream ``_zstd_cut_frame``
+  read 722 of 2000 lines, no error). So at the end of a .zst stream ``zstd_frames``
   walks the frame and block headers (RFC 8878: a few bytes per 128 KiB block, read by seeking)
   and reports an incomplete last frame. python-zstandard offers no such check, hence ours;
 - any file: an ``OSError`` other than a missing file (an I/O error on a bad disk).
