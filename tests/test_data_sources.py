@@ -93,6 +93,8 @@ def test_bad_lines_are_counted_per_kind_and_skipped(tmp_path, caplog):
         "non_string_field": 1,
         "empty": 1,
         "invalid_utf8": 1,
+        "too_large": 0,
+        "damaged_file": 0,
     }
     assert "skipped" in caplog.text and "bad" in caplog.text  # a warning, not silence
 
@@ -108,6 +110,7 @@ def test_trainer_reads_bad_input_counts_from_the_iterator(tmp_path):
     it = build_train_iterator(cfg, batch_size=2, process_index=0, process_count=1)
     take(it, 3)
     expected = {k: 1 for k in ("malformed_json", "missing_field", "non_string_field", "empty", "invalid_utf8")}
+    expected.update(too_large=0, damaged_file=0)
     assert it.bad_input_counts()["web"] == expected
     resumed = build_train_iterator(cfg, batch_size=2, process_index=0, process_count=1)
     resumed.set_state(it.get_state())  # the counts are part of the saved state

@@ -24,6 +24,7 @@ import numpy as np
 from jaxcpt.config import ConfigError, from_dict, read_yaml
 from jaxcpt.data.config import DataConfig, SourceConfig
 from jaxcpt.data.documents import BadInputCounter
+from jaxcpt.data.readers import Damaged
 from jaxcpt.data.sources import (
     TOKENIZED_FORMAT,
     TOKENIZED_META,
@@ -88,6 +89,9 @@ def _documents(src: SourceConfig, units: list[Unit], counter: BadInputCounter) -
     """(text, text hash) of every good document, in sorted file order."""
     for unit in units:
         for position, raw in read_unit(unit, 0, src.text_field, src.text_split):
+            if isinstance(raw, Damaged):
+                counter.damaged(unit.path, raw, raw.lost)
+                continue
             kind, payload = parse_record(unit.fmt, raw, src.text_field)
             if kind == "doc":
                 try:

@@ -204,7 +204,8 @@ class DataConfig:
     fatal_bad_input: bool = field(
         False,
         help="Raise on the first bad document (malformed JSON, missing or non-string text field, empty document, "
-        "invalid UTF-8) instead of counting and skipping it.",
+        "invalid UTF-8, a document above max_document_bytes, a damaged file) instead of counting and skipping it. "
+        "Counts per source and kind go to metrics.jsonl (bad_input) and summary.json.",
     )
     max_bad_fraction: float = field(
         0.1,
@@ -216,6 +217,37 @@ class DataConfig:
     )
     bad_input_warn_seconds: float = field(
         60.0, help="At most one bad-input warning per source in this many seconds (the first is immediate)."
+    )
+    max_document_bytes: int = field(
+        16 * 1024 * 1024,
+        help="Largest document read, in bytes as stored (a JSONL line, a text file or blank-line block after "
+        "decompression, a Parquet value; a token-shard document counts 4 bytes per token). A larger one is counted "
+        "as bad (too_large) and skipped without being held in memory: lines are read in 1 MiB pieces past the "
+        "bound. 16 MiB is far above any natural document (a long book is 1-2 MB) and keeps one tokenizer batch "
+        "bounded; raise it for corpora of huge documents.",
+    )
+    parquet_batch_bytes: int = field(
+        64 * 1024 * 1024,
+        help="Parquet is read in batches of rows holding about this many bytes of the text column (rows per batch "
+        "from the row group's metadata), never a whole row group at once. A single value is read whole (Parquet "
+        "cannot read part of one), so memory is at most this plus the largest value's page.",
+    )
+    max_documents_without_tokens: int = field(
+        1000,
+        help="Stop the run when this many consecutive documents of a source encode to no token ids: the tokenizer "
+        "cannot encode the text (e.g. a 3-id tokenizer built by LlamaTokenizerFast(vocab_file=...)), and training "
+        "would otherwise spin on the source forever. 0 turns the check off.",
+    )
+    tokenizer_min_vocab_fraction: float = field(
+        0.5,
+        help="Refuse to start when the tokenizer can emit fewer ids than this fraction of the model's vocab_size: a "
+        "tokenizer far smaller than the model is the wrong one (or a broken one) and would train a sliver of the "
+        "embedding. 0 turns the check off.",
+    )
+    stall_warn_seconds: float = field(
+        120.0,
+        help="When the input pipeline has produced nothing for this long, log what it waits for (source, host, "
+        "worker, file and position) and again each time as long passes. 0 turns the warning off.",
     )
     resume_mismatch: ResumeMismatch = field(
         "error",
@@ -241,7 +273,13 @@ class DataConfig:
         for key in ("packing_bins", "tokenize_batch_size", "worker_buffer_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("shuffle_buffer", "num_workers", "eval_rows", "bad_input_min_documents"):
+        for key in ("max_document_bytes", "parquet_batch_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.stall_warn_seconds < 0 or self.tokenizer_min_vocab_fraction < 0:
+            raise ConfigError("data.stall_warn_seconds and data.tokenizer_min_vocab_fraction must be >= 0")
+        for key in ("shuffle_buffer", "num_workers", "eval_rows", "bad_input_min_documents",
+                    "max_documents_without_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

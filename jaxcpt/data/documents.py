@@ -33,8 +33,10 @@ import time
 import grain
 import numpy as np
 
+from jaxcpt.data.readers import Damaged, ReadLimits
 from jaxcpt.data.shares import share
 from jaxcpt.data.sources import BAD_KINDS, Unit, parse_record, read_unit, text_hash
+from jaxcpt.data.watch import ACTIVITY
 from jaxcpt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,21 +71,39 @@ class BadInputCounter:
         self.counts = dict.fromkeys(BAD_KINDS, 0)
         self.records = 0  # every record read, good or bad: the denominator of max_fraction
         self._last_warning = -float("inf")
+        self._damaged_warned: set[str] = set()  # files whose damage was named (the first time, always)
 
     def good(self) -> None:
         self.records += 1
 
-    def bad(self, kind: str, reason: str, where: str) -> None:
+    def damaged(self, path: str, damage: Damaged, lost: int) -> None:
+        """The rest of ``path`` is unreadable: warn naming it and where it broke, count ``lost`` records as bad."""
+        if self.fatal:
+            raise BadInputError(
+                f"source '{self.source}': '{path}' is damaged at {damage.where} ({damage.reason}); "
+                "set data.fatal_bad_input=false to count the rest of a damaged file as bad and go on"
+            )
+        if path not in self._damaged_warned:
+            self._damaged_warned.add(path)
+            log.warning(
+                "source '%s': '%s' is damaged at %s (%s); skipped the rest of the file, counted as %d bad "
+                "document(s) (estimate: %s). The run goes on while the bad fraction stays within "
+                "data.max_bad_fraction=%g; replace the file to get those documents back",
+                self.source, path, damage.where, damage.reason, lost, damage.how, self.max_fraction,
+            )
+        self.bad("damaged_file", f"{damage.reason} at {damage.where}", path, count=lost, warn=False)
+
+    def bad(self, kind: str, reason: str, where: str, *, count: int = 1, warn: bool = True) -> None:
         if self.fatal:
             raise BadInputError(
                 f"source '{self.source}': bad document ({kind}: {reason}) in {where}; "
                 "set data.fatal_bad_input=false to count and skip bad documents"
             )
-        self.records += 1
-        self.counts[kind] += 1
+        self.records += count
+        self.counts[kind] += count
         total_bad = sum(self.counts.values())
         now = time.monotonic()
-        if now - self._last_warning >= self.warn_seconds:
+        if warn and now - self._last_warning >= self.warn_seconds:
             self._last_warning = now
             log.warning(
                 "source '%s': skipped %d bad of %d documents so far (%s); latest: %s: %s in %s",
@@ -98,7 +118,8 @@ class BadInputCounter:
         if self.records >= self.min_records and total_bad > self.max_fraction * self.records:
             raise BadInputError(
                 f"source '{self.source}': {total_bad} of {self.records} documents are bad ({self.counts}), more than "
-                f"data.max_bad_fraction={self.max_fraction}; check the source's paths, format and text_field"
+                f"data.max_bad_fraction={self.max_fraction} (latest: {kind} in {where}); check the source's paths, "
+                "format and text_field, and replace damaged files"
             )
 
     def snapshot(self) -> list[int]:
@@ -106,8 +127,28 @@ class BadInputCounter:
         return [self.counts[k] for k in BAD_KINDS] + [self.records]
 
     def restore(self, snapshot: list[int]) -> None:
-        self.counts = dict(zip(BAD_KINDS, (int(v) for v in snapshot[:-1])))
+        self.counts = dict.fromkeys(BAD_KINDS, 0)  # a state saved before a kind existed lacks it
+        self.counts.update(zip(BAD_KINDS, (int(v) for v in snapshot[:-1])))
         self.records = int(snapshot[-1])
+
+
+def pad_bad_counts(counts: np.ndarray) -> np.ndarray:
+    """[..., kinds + 1] counts from a state saved when fewer kinds existed: zeros for the kinds added since."""
+    missing = len(BAD_KINDS) + 1 - counts.shape[-1]
+    if missing <= 0:
+        return counts
+    zeros = np.zeros((*counts.shape[:-1], missing), counts.dtype)
+    return np.concatenate([counts[..., :-1], zeros, counts[..., -1:]], axis=-1)
+
+
+def sum_bad_input_reports(reports: list[dict]) -> dict[str, dict[str, int]]:
+    """Hosts' ``TrainIterator.bad_input_report()`` summed per source and kind (the run's summary)."""
+    total: dict[str, dict[str, int]] = {}
+    for report in reports:
+        for source, counts in report.items():
+            for key, n in counts.items():
+                total.setdefault(source, {})[key] = total.get(source, {}).get(key, 0) + int(n)
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +191,10 @@ class DocumentDataset(grain.IterDataset):
         shuffle_units: bool,
         host_index: int = 0,
         host_count: int = 1,
+        limits: ReadLimits = ReadLimits(),
     ):
         super().__init__()
+        self.limits = limits
         self.source = source
         self.units = list(units)
         self.text_field = text_field
@@ -226,10 +269,20 @@ class DocumentIterator(grain.DatasetIterator):
                     self._order = self._unit_order(self._epoch)
                     return EpochEnd()
                 unit = self._units[self._order[self._upos]]
-                self._reader = read_unit(unit, self._offset, ds.text_field, ds.text_split)
+                self._reader = read_unit(unit, self._offset, ds.text_field, ds.text_split, ds.limits)
+            ACTIVITY.reader = self  # what a stall warning names (jaxcpt.data.watch)
             try:
                 self._offset, raw = next(self._reader)
             except StopIteration:
+                self._reader = None
+                self._upos += 1
+                self._offset = 0
+                continue
+            if isinstance(raw, Damaged):
+                # Every reader sharing this unit by record meets the same damage: each counts its share of
+                # what was lost. Then on to the next unit, so a saved position never points into the damage.
+                lost = raw.lost // self._count + (self._shard < raw.lost % self._count)
+                ds.counter.damaged(self._units[self._order[self._upos]].path, raw, lost)
                 self._reader = None
                 self._upos += 1
                 self._offset = 0
@@ -257,6 +310,18 @@ class DocumentIterator(grain.DatasetIterator):
                 continue
             self._kept += 1
             return content
+
+    def describe(self) -> str:
+        """Where this reader is, for a stall warning (read from the watch thread: plain attribute reads)."""
+        ds = self._ds
+        who = (f"source '{ds.source}' ({ds.split}, host {ds.host_index} of {ds.host_count}, worker "
+               f"{ds.worker_index} of {ds.worker_count})")
+        if self._upos >= len(self._order):
+            return f"{who}: at the end of epoch {self._epoch}"
+        unit = self._units[self._order[self._upos]]
+        at = {"parquet": f"row group {unit.part}, row", "tokenized": "document"}.get(unit.fmt, "byte")
+        return (f"{who}: '{unit.path}' at {at} {self._offset}, epoch {self._epoch}; {ds.counter.records} records read, "
+                f"{self._kept} documents kept this epoch")
 
     def get_state(self) -> dict:
         return {
@@ -288,12 +353,16 @@ def _where(unit: Unit, position: int) -> str:
 
 
 def first_document_hashes(
-    *, source: str, units: list[Unit], text_field: str, text_split: str, count: int, counter: BadInputCounter
+    *, source: str, units: list[Unit], text_field: str, text_split: str, count: int, counter: BadInputCounter,
+    limits: ReadLimits = ReadLimits(),
 ) -> list[int]:
     """Text hashes of the first ``count`` good documents in unit order: an ``eval_documents`` split."""
     hashes: list[int] = []
     for unit in units:
-        for position, raw in read_unit(unit, 0, text_field, text_split):
+        for position, raw in read_unit(unit, 0, text_field, text_split, limits):
+            if isinstance(raw, Damaged):
+                counter.damaged(unit.path, raw, raw.lost)
+                continue
             kind, payload = parse_record(unit.fmt, raw, text_field)
             if kind != "doc":
                 counter.bad(kind, payload, _where(unit, position))

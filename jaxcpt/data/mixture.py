@@ -30,6 +30,7 @@ from jaxcpt.config import ConfigError
 from jaxcpt.data.config import DataConfig
 from jaxcpt.data.documents import BadInputCounter, DocumentDataset
 from jaxcpt.data.packing import row_weight_count
+from jaxcpt.data.watch import ACTIVITY
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,10 @@ class MixtureDataset(grain.IterDataset):
         batch_size: int,
         counters: list[BadInputCounter],
         first_step: int = 0,
+        stall_seconds: float = 0.0,
     ):
         super().__init__(parents)
+        self.stall_seconds = stall_seconds  # data.stall_warn_seconds, for the watch in each worker process
         self.schedule = schedule
         self.count_mode = count_mode
         self.batch_size = batch_size
@@ -188,11 +191,14 @@ class _MixtureIterator(grain.DatasetIterator):
         weights = ds.schedule.at(ds.first_step + ds.worker_index + ds.worker_count * local_batch)  # [sources]
         # Largest credit among sources with weight; argmax takes the lowest index on ties.
         source = int(np.argmax(np.where(weights > 0, self._credit, -np.inf)))
+        ACTIVITY.begin("a row of the mixture", ds.stall_seconds)  # the outermost call in a Grain worker
         try:
             row = next(self._parents[source])
         except StopIteration:
             self._done = True
             raise
+        finally:
+            ACTIVITY.end()
         n = row_weight_count(row["segment_ids"], ds.count_mode)
         self._credit += weights * n
         self._credit[source] -= n

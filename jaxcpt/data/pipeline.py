@@ -45,10 +45,12 @@ from jaxcpt.data.documents import (
     DocumentDataset,
     HeldOut,
     first_document_hashes,
+    pad_bad_counts,
     stable_seed,
 )
 from jaxcpt.data.mixture import MixtureDataset, WeightSchedule, resolve_stage_steps
 from jaxcpt.data.packing import document_pieces, pack, stack_rows
+from jaxcpt.data.readers import ReadLimits
 from jaxcpt.data.shares import split_units
 from jaxcpt.data.shuffle import WindowShuffleDataset
 from jaxcpt.data.sources import (
@@ -61,6 +63,7 @@ from jaxcpt.data.sources import (
 )
 from jaxcpt.data.state import decode_state, encode_state, fingerprint_diff
 from jaxcpt.data.tokenize import TokenizeDataset, token_byte_lengths, tokenizer_facts, tokenizer_fingerprint
+from jaxcpt.data.watch import ACTIVITY, InputWaitInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,10 @@ def _counter(cfg: DataConfig, name: str) -> BadInputCounter:
         min_records=cfg.bad_input_min_documents,
         warn_seconds=cfg.bad_input_warn_seconds,
     )
+
+
+def _limits(cfg: DataConfig) -> ReadLimits:
+    return ReadLimits(max_document_bytes=cfg.max_document_bytes, parquet_batch_bytes=cfg.parquet_batch_bytes)
 
 
 def _special_tokens(cfg: DataConfig, files: list[list[str]]) -> tuple[int | None, int | None, str]:
@@ -191,7 +198,8 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
     for s, u in zip(cfg.sources, units):
         if s.eval_documents > 0:
             kw = dict(source=s.name, units=u, text_field=s.text_field, text_split=s.text_split, count=s.eval_documents)
-            eval_hashes.append(frozenset(first_document_hashes(**kw, counter=_counter(cfg, s.name))))
+            hashes = first_document_hashes(**kw, counter=_counter(cfg, s.name), limits=_limits(cfg))
+            eval_hashes.append(frozenset(hashes))
         else:
             eval_hashes.append(None)
     held_out_anywhere = HeldOut(
@@ -246,6 +254,7 @@ def _source_rows(
         shuffle_units=cfg.shuffle_files,
         host_index=host[0],
         host_count=host[1],
+        limits=_limits(cfg),
     )
     if train and cfg.shuffle_buffer > 1:
         docs = WindowShuffleDataset(docs, window_size=cfg.shuffle_buffer, seed=stable_seed(seed, src.name, "documents"))
@@ -256,6 +265,8 @@ def _source_rows(
         eos_id=plan.eos_id,
         batch_size=cfg.tokenize_batch_size,
         split_fn=functools.partial(document_pieces, seq_len=plan.seq_len),
+        source=src.name,
+        max_without_tokens=cfg.max_documents_without_tokens,
     )
     return pack(
         pieces,
@@ -306,6 +317,7 @@ class TrainIterator:
             batch_size=self.batch_size,
             counters=self._counters,
             first_step=step,
+            stall_seconds=cfg.stall_warn_seconds,
         )
         # Whole batches leave the worker: one transfer per step instead of one per row.
         ds = ds.batch(
@@ -321,6 +333,8 @@ class TrainIterator:
         self._batches = ds.__iter__()
         self._bad: dict[int, np.ndarray] = {}  # worker -> [sources, kinds + 1], its latest counts
         self.step = step
+        self._before: dict | None = None  # the pipeline's state before the batch being waited for
+        self._interrupted = self._waiting = False
 
     def __iter__(self):
         return self
@@ -328,12 +342,46 @@ class TrainIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._batches is None:
             raise ValueError("this TrainIterator was closed")
+        if self._interrupted:
+            raise InputWaitInterrupted("the input pipeline was interrupted by a stop signal; save and stop")
+        workers = self._plan.cfg.num_workers
+        label = f"the batch for step {self.step + 1}" + (
+            f" from Grain worker {(self.step - self._stream_start) % workers} of {workers} (which logs what it reads "
+            "when it stalls)" if workers else "")
+        self._before = self._batches.get_state()  # what a checkpoint holds if a signal ends this wait
+        ACTIVITY.begin(label, self._plan.cfg.stall_warn_seconds)
+        try:
+            self._waiting = True
+            raw = next(self._batches)
+        except InputWaitInterrupted:
+            self._interrupted = True
+            raise
+        finally:
+            self._waiting = False
+            ACTIVITY.end()
         # Plain copies: from workers, arrays live in Grain's shared memory, whose cleanup at
         # interpreter exit fails noisily if a trainer still holds a batch (a few us per batch).
-        batch = {k: np.array(v) if type(v) is not np.ndarray else v for k, v in next(self._batches).items()}
+        batch = {k: np.array(v) if type(v) is not np.ndarray else v for k, v in raw.items()}
         self._bad[int(batch.pop("_worker"))] = batch.pop("_bad").astype(np.int64)  # [sources, kinds + 1]
         self.step += 1
         return batch
+
+    def interrupt_if_waiting(self) -> None:
+        """Called by the trainer's signal handler: end a wait for data, which no step boundary would end.
+
+        Only with one process: several must agree on the step they stop at (jaxcpt.train.signals),
+        and one host leaving a stalled wait alone would leave the others in a collective.
+        """
+        if getattr(self, "_waiting", False) and self._plan.process_count == 1:
+            raise InputWaitInterrupted(
+                f"stop signal while waiting for the input pipeline ({ACTIVITY.stalled_for():.0f} s): saving at step "
+                f"{self.step}")
+
+    def bad_input_report(self) -> dict[str, dict[str, int]]:
+        """{source: {"records": read, kind: count, ...}} for sources with bad input, this host (kinds > 0 only)."""
+        counts = self._counts()
+        return {name: {"records": int(counts[i, -1]), **{k: int(v) for k, v in zip(BAD_KINDS, counts[i, :-1]) if v}}
+                for i, name in enumerate(self.source_names) if counts[i, :-1].any()}
 
     def _counts(self) -> np.ndarray:
         """[sources, kinds + 1]: bad documents per kind, then records read, summed over workers."""
@@ -357,7 +405,7 @@ class TrainIterator:
             "stream_start": self._stream_start,
             "fingerprint": self._fingerprint,
             "bad": {str(w): counts.tolist() for w, counts in self._bad.items()},
-            "pipeline": encode_state(self._batches.get_state()),
+            "pipeline": encode_state(self._before if self._interrupted else self._batches.get_state()),
         }
         return json.loads(json.dumps(state))  # a plain copy: later steps never mutate a saved state
 
@@ -382,7 +430,7 @@ class TrainIterator:
             self._start(seed=int(state["seed"]), step=int(state["stream_start"]))
         self._batches.set_state(decode_state(state["pipeline"]))
         self.step = int(state["step"])
-        self._bad = {int(w): np.asarray(c, np.int64) for w, c in state["bad"].items()}
+        self._bad = {int(w): pad_bad_counts(np.asarray(c, np.int64)) for w, c in state["bad"].items()}
 
     def close(self) -> None:
         """Stop worker processes now (not at interpreter exit, when Grain's cleanup fails noisily)."""

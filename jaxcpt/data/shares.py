@@ -25,7 +25,9 @@ RANGES_PER_READER = 4  # with 4 or 5 ranges each, readers' shares differ by at m
 
 
 def splittable(unit: Unit, text_split: str) -> bool:
-    if unit.fmt in ("parquet", "tokenized"):
+    if unit.fmt == "parquet":
+        return unit.part >= 0  # -1: a file whose footer cannot be read (list_units), so no row count
+    if unit.fmt == "tokenized":
         return True
     if is_compressed(unit.path):
         return False

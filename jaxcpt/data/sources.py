@@ -25,9 +25,7 @@ counts and skips bad records (``jaxcpt.data.documents``).
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import io
 import json
 import logging
 import os
@@ -35,20 +33,34 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
-import numpy as np
-
 from jaxcpt.config import ConfigError
+from jaxcpt.data.readers import (
+    Damaged,
+    NotText,
+    ReadLimits,
+    TooLarge,
+    read_blocks,
+    read_jsonl,
+    read_parquet,
+    read_tokenized,
+    read_whole_file,
+)
+from jaxcpt.data.streams import BOM, COMPRESSED, is_compressed  # noqa: F401  (is_compressed: shares imports it from here)
 from jaxcpt.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BAD_KINDS = ("malformed_json", "missing_field", "non_string_field", "empty", "invalid_utf8")
+# New kinds go at the end: saved data states list counts in this order (older states are padded).
+BAD_KINDS = (
+    "malformed_json", "missing_field", "non_string_field", "empty", "invalid_utf8",
+    "too_large",  # above data.max_document_bytes, skipped unread
+    "damaged_file",  # records lost to a truncated or corrupt file (estimated; jaxcpt.data.readers)
+)
 
 TOKENIZED_META = "jaxcpt_tokenized.json"  # marks a directory written by `jaxcpt tokenize`
 TOKENIZED_FORMAT = "jaxcpt-tokenized-v1"
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-_COMPRESSED = (".gz", ".zst", ".zstd")
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".tex", ".html", ".xml", ".csv", ".tsv")
 
 
@@ -160,12 +172,8 @@ def warn_once(message: str) -> None:
         log.warning("%s", message)
 
 
-def is_compressed(path: str) -> bool:
-    return path.lower().endswith(_COMPRESSED)
-
-
 def _without_compression(name: str) -> str:
-    for suffix in _COMPRESSED:
+    for suffix in COMPRESSED:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -206,9 +214,19 @@ def list_units(files: list[str], declared_format: str, text_field: str, source: 
     for path in files:
         fmt = detect_format(path, declared_format)
         if fmt == "parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            meta = pq.ParquetFile(path)
+            try:
+                meta = pq.ParquetFile(path)
+            except (OSError, pa.ArrowException) as e:
+                if isinstance(e, FileNotFoundError):
+                    raise
+                # A damaged footer: one unit that reads as damaged, counted as bad (not a crash at every start).
+                log.warning("source '%s': cannot read the Parquet file '%s' (%s: %s); it counts as damaged",
+                            source, path, type(e).__name__, e)
+                units.append(Unit(path, fmt, -1))
+                continue
             if text_field not in meta.schema_arrow.names:
                 raise ConfigError(
                     f"source '{source}': Parquet file '{path}' has no column '{text_field}' "
@@ -237,53 +255,6 @@ def read_tokenized_meta(directory: str) -> dict:
     return meta
 
 
-def _open_binary(path: str):
-    """A buffered binary stream of the file's decompressed bytes."""
-    lower = path.lower()
-    if lower.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if lower.endswith((".zst", ".zstd")):
-        import zstandard
-
-        raw = open(path, "rb")
-        return io.BufferedReader(
-            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True), 1 << 20
-        )
-    return open(path, "rb", buffering=1 << 20)
-
-
-def _seek(stream, offset: int, path: str) -> None:
-    """Move to a decompressed byte offset: a real seek for plain files, read-and-drop for compressed ones."""
-    if offset <= 0:
-        return
-    if not is_compressed(path):
-        stream.seek(offset)
-        return
-    remaining = offset
-    while remaining > 0:
-        chunk = stream.read(min(remaining, 1 << 22))
-        if not chunk:
-            break
-        remaining -= len(chunk)
-
-
-def _enter(stream, unit: Unit, start: int) -> tuple[int, bool]:
-    """Position ``stream`` where reading ``unit`` from ``start`` begins: (offset, at a record boundary).
-
-    ``start`` > 0 is a saved position, always just after a record. ``start`` == 0 is the
-    unit's beginning: a range starting inside the file skips the rest of the line its first
-    byte belongs to (a line starting exactly at ``begin`` is kept: the skip starts one byte
-    earlier), and does not know whether the line before was blank.
-    """
-    if start > 0:
-        _seek(stream, start, unit.path)
-        return start, True
-    if unit.begin == 0:
-        return 0, True
-    stream.seek(unit.begin - 1)  # ranges exist only for uncompressed files
-    return unit.begin - 1 + len(stream.readline()), False
-
-
 def _decode(raw: bytes) -> tuple[str, object]:
     """(kind, text or reason) for a text document's raw bytes."""
     try:
@@ -296,6 +267,8 @@ def _decode(raw: bytes) -> tuple[str, object]:
 
 
 def _parse_json_line(line: bytes, text_field: str) -> tuple[str, object]:
+    if line.startswith(BOM):  # a file (or a file concatenated into this one) saved with a byte-order mark
+        line = line[len(BOM):]
     try:
         decoded = line.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -316,96 +289,22 @@ def _parse_json_line(line: bytes, text_field: str) -> tuple[str, object]:
     return "doc", text
 
 
-def _read_jsonl(unit: Unit, start: int) -> Iterator[tuple[int, object]]:
-    with _open_binary(unit.path) as stream:
-        offset, _ = _enter(stream, unit, start)
-        for line in stream:
-            if unit.end is not None and offset >= unit.end:
-                return  # this line starts in the next range
-            offset += len(line)
-            if line.strip():  # a blank line (e.g. a trailing newline) is no record
-                yield offset, line
-
-
-def _read_blocks(unit: Unit, start: int) -> Iterator[tuple[int, object]]:
-    """Blank-line separated blocks. A block's anchor is the blank line just before it (or the scan's
-    start, when that is the file's start or a saved position); a range reads the blocks anchored in it.
-    The position after a block is the start of the blank line that ends it: the next block's anchor
-    (or one before it), so a resumed reader sees it."""
-    with _open_binary(unit.path) as stream:
-        offset, after_blank = _enter(stream, unit, start)
-        anchor, block = offset, []
-        for line in stream:
-            line_start, offset = offset, offset + len(line)
-            past_end = unit.end is not None and line_start >= unit.end
-            if past_end and not block and not (after_blank and anchor < unit.end):
-                return  # whatever starts here is anchored at or past the end: the next range's
-            if not line.strip():
-                if block:
-                    yield line_start, b"".join(block).rstrip(b"\r\n")
-                    block = []
-                anchor, after_blank = line_start, True
-                continue
-            if not block:
-                if not after_blank:
-                    continue  # the rest of a block anchored before this range
-                if unit.end is not None and anchor >= unit.end:
-                    return  # anchored in the next range
-                after_blank = False
-            block.append(line)
-        if block:
-            yield offset, b"".join(block).rstrip(b"\r\n")
-
-
-def _read_text(unit: Unit, start: int, split: str) -> Iterator[tuple[int, object]]:
-    if split == "blank_line":
-        yield from _read_blocks(unit, start)
-    elif start == 0:  # per_file: the whole (decompressed) file is one record
-        with _open_binary(unit.path) as f:
-            yield 1, f.read()
-
-
-class _NotText(NamedTuple):
-    column_type: str
-
-
-def _read_parquet(unit: Unit, start: int, text_field: str) -> Iterator[tuple[int, object]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    # One row group in memory at a time: Parquet's unit of reading (a row range still decodes its group).
-    column = pq.ParquetFile(unit.path).read_row_group(unit.part, columns=[text_field]).column(0)
-    first = start if start > 0 else unit.begin
-    last = len(column) if unit.end is None else min(unit.end, len(column))
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        for row in range(first, last):
-            yield row + 1, _NotText(str(column.type))
-        return
-    values = column.slice(first, max(0, last - first)).to_pylist()
-    for row, value in enumerate(values, start=first):
-        yield row + 1, value
-
-
-def _read_tokenized(unit: Unit, start: int) -> Iterator[tuple[int, object]]:
-    tokens = np.load(unit.path, mmap_mode="r")  # [total_tokens] uint16 | int32
-    offsets = np.load(unit.path.replace(".tokens.npy", ".offsets.npy"))  # [docs + 1] int64
-    hashes = np.load(unit.path.replace(".tokens.npy", ".hashes.npy"))  # [docs] uint64, text_hash of each
-    last = len(offsets) - 1 if unit.end is None else min(unit.end, len(offsets) - 1)
-    for doc in range(start if start > 0 else unit.begin, last):
-        yield doc + 1, (tokens[offsets[doc] : offsets[doc + 1]], int(hashes[doc]))
-
-
 def parse_record(fmt: str, raw: object, text_field: str) -> tuple[str, object]:
     """``("doc", text | (tokens, hash))`` or ``(bad kind, reason)`` for one raw record of ``read_unit``.
 
     Kept apart from reading so a reader that skips other hosts' records never parses them.
     """
+    if isinstance(raw, TooLarge):
+        size = f"{raw.size} bytes" if raw.size is not None else "more bytes"
+        return "too_large", f"{size} than data.max_document_bytes={raw.limit}"
+    if isinstance(raw, Damaged):
+        return "damaged_file", f"damaged at {raw.where}: {raw.reason}"
     if fmt == "jsonl":
         return _parse_json_line(raw, text_field)
     if fmt == "text":
         return _decode(raw)
     if fmt == "parquet":
-        if isinstance(raw, _NotText):
+        if isinstance(raw, NotText):
             return "non_string_field", f"column '{text_field}' has type {raw.column_type}"
         if raw is None:
             return "missing_field", f"'{text_field}' is null"
@@ -413,18 +312,24 @@ def parse_record(fmt: str, raw: object, text_field: str) -> tuple[str, object]:
     return "doc", raw  # tokenized
 
 
-def read_unit(unit: Unit, start: int, text_field: str, text_split: str) -> Iterator[tuple[int, object]]:
+def read_unit(
+    unit: Unit, start: int, text_field: str, text_split: str, limits: ReadLimits = ReadLimits()
+) -> Iterator[tuple[int, object]]:
     """Raw records of one unit from position ``start`` (0 = the unit's beginning, else a position it
-    reported): ``(position after the record, raw record)``."""
+    reported): ``(position after the record, raw record)``. A ``Damaged`` record ends the unit
+    (``jaxcpt.data.readers``); a ``TooLarge`` one stands for a document skipped unread."""
     try:
         if unit.fmt == "jsonl":
-            yield from _read_jsonl(unit, start)
+            yield from read_jsonl(unit, start, limits)
         elif unit.fmt == "text":
-            yield from _read_text(unit, start, text_split)
+            if text_split == "blank_line":
+                yield from read_blocks(unit, start, limits)
+            else:
+                yield from read_whole_file(unit, start, limits)
         elif unit.fmt == "parquet":
-            yield from _read_parquet(unit, start, text_field)
+            yield from read_parquet(unit, start, text_field, limits)
         elif unit.fmt == "tokenized":
-            yield from _read_tokenized(unit, start)
+            yield from read_tokenized(unit, start, limits)
         else:
             raise ValueError(f"unknown unit format {unit.fmt}")
     except FileNotFoundError:

@@ -237,6 +237,31 @@ def tokenizer_facts(path: str) -> TokenizerFacts:
     return cached_tokenizer(path).facts
 
 
+def check_tokenizer_fits_model(path: str, vocab_size: int, min_fraction: float) -> TokenizerFacts:
+    """The tokenizer's facts, after checking its ids against a model's ``vocab_size`` embedding rows.
+
+    Too many ids: an id past the table is silently clamped or turns the loss into NaN. Far too
+    few (below ``min_fraction`` of the rows, data.tokenizer_min_vocab_fraction): the wrong or a
+    broken tokenizer, e.g. the 3-id one transformers builds from LlamaTokenizerFast(vocab_file=...)
+    (FACTS.md), which encodes every text to nothing.
+    """
+    facts = tokenizer_facts(path)
+    if facts.num_ids > vocab_size:
+        raise UserError(
+            f"the tokenizer '{path}' can emit ids up to {facts.num_ids - 1}, but the model's embedding has "
+            f"{vocab_size} rows (vocab_size); use the model's own tokenizer, or extend the model's vocabulary first "
+            "(jaxcpt extend-vocab)")
+    if facts.num_ids < min_fraction * vocab_size:
+        raise UserError(
+            f"the tokenizer '{path}' ({facts.kind}) has {facts.num_ids} ids, but the model's embedding has "
+            f"{vocab_size} rows: below data.tokenizer_min_vocab_fraction={min_fraction} of them. This is not the "
+            "model's tokenizer, or a broken one (LlamaTokenizer(Fast)(vocab_file=...) builds a 3-id vocabulary; "
+            "load it with from_pretrained on a directory holding tokenizer.model). Point data.tokenizer at the "
+            "model's own tokenizer, set model.vocab_size to fit a model made from scratch, or set "
+            "data.tokenizer_min_vocab_fraction=0 if the spare rows are meant")
+    return facts
+
+
 class TokenizeDataset(grain.IterDataset):
     """Documents (str, or token arrays from pre-tokenized shards) -> pieces, ``split_fn(tokens [n] int32)``.
 
@@ -253,12 +278,16 @@ class TokenizeDataset(grain.IterDataset):
         eos_id: int | None,
         batch_size: int,
         split_fn: Callable[[np.ndarray], list],
+        source: str = "",
+        max_without_tokens: int = 0,
     ):
         super().__init__(parent)
         self.tokenizer_path = tokenizer_path
         self.bos_id, self.eos_id = bos_id, eos_id
         self.batch_size = batch_size
         self.split_fn = split_fn
+        self.source = source
+        self.max_without_tokens = max_without_tokens  # data.max_documents_without_tokens (0: no check)
 
     def __iter__(self):
         return _TokenizeIterator(self._parent.__iter__(), self)
@@ -293,6 +322,7 @@ class _TokenizeIterator(grain.DatasetIterator):
         self._batch_start_state = self._parent.get_state()
         self._pieces: list = []
         self._next = 0  # pieces of the current batch already yielded
+        self._without_tokens = 0  # consecutive documents that encoded to no token id
 
     def _fill(self) -> None:
         self._batch_start_state = self._parent.get_state()
@@ -305,10 +335,37 @@ class _TokenizeIterator(grain.DatasetIterator):
                 break
             if not isinstance(doc, EpochEnd):  # epoch markers matter only to the shuffle before
                 docs.append(doc)
-        self._pieces = [p for tokens in self._ds.encode(docs) for p in self._ds.split_fn(tokens)]
+        encoded = self._ds.encode(docs)
+        if self._ds.max_without_tokens:
+            self._check_tokens(encoded)
+        self._pieces = [p for tokens in encoded for p in self._ds.split_fn(tokens)]
         self._next = 0
         if exhausted and not docs:
             raise StopIteration
+
+    def _check_tokens(self, encoded: list[np.ndarray]) -> None:
+        """Stop a source whose documents keep encoding to nothing: it would never yield a row (a silent spin)."""
+        ds = self._ds
+        added = (ds.bos_id is not None) + (ds.eos_id is not None)
+        for tokens in encoded:
+            self._without_tokens = self._without_tokens + 1 if len(tokens) <= added else 0
+        if self._without_tokens < ds.max_without_tokens:
+            return
+        if not ds.tokenizer_path:
+            raise UserError(
+                f"source '{ds.source}': the last {self._without_tokens} documents of its token shards are empty; "
+                "rewrite the shards with `jaxcpt tokenize` (data.max_documents_without_tokens sets this limit)"
+            )
+        facts = cached_tokenizer(ds.tokenizer_path).facts
+        raise UserError(
+            f"source '{ds.source}': the last {self._without_tokens} documents encode to no token ids with tokenizer "
+            f"'{ds.tokenizer_path}' ({facts.kind}, {facts.num_ids} ids), so training would spin on this source "
+            "forever. The tokenizer cannot encode this text: a Hugging Face directory saved from "
+            "LlamaTokenizer(Fast)(vocab_file=...) has 3 ids and encodes everything to nothing; build it with "
+            "from_pretrained(a directory holding tokenizer.model) and save_pretrained, or point data.tokenizer at the "
+            "model's own tokenizer. Check also the source's text_field (data.max_documents_without_tokens sets "
+            "this limit)"
+        )
 
     def __next__(self):
         while self._next >= len(self._pieces):

@@ -25,6 +25,8 @@ from etils import epath
 from jaxcpt import __version__
 from jaxcpt.checkpoint import Checkpointer
 from jaxcpt.config import to_dict
+from jaxcpt.data.documents import sum_bad_input_reports
+from jaxcpt.data.watch import InputWaitInterrupted
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.sharding.distributed import gather_json, initialize_distributed, is_writer
 from jaxcpt.sharding.mesh import describe_mesh
@@ -145,6 +147,8 @@ def start(setup: RunSetup) -> Run:
     export_tokenizer = resume_lib.ship_export_tokenizer(setup.tokenizers, run_dir) if is_writer() else None
     stop = StopRequests(cfg.train.log_every)
     stop.install()
+    if setup.data_iter is not None:
+        stop.on_signal.append(setup.data_iter.interrupt_if_waiting)  # a stalled wait for data ends on a signal
     run = Run(setup, ckpt, state, int(state["step"]), MetricsWriter(run_dir) if is_writer() else None, stop,
               resume_lib.encode_tokenizers(setup.tokenizers), export_tokenizer, history)
     run.step = run.start_step
@@ -285,6 +289,9 @@ class _StepMetrics:
                   "source_loss": per_source, "skipped": not bool(m["finite"])}
         if mfu is not None:
             values["mfu"] = mfu
+        bad_input = run.setup.data_iter.bad_input_report()  # this host's (process 0's) counts so far
+        if bad_input:
+            values["bad_input"] = bad_input
         _record(run, "train", step, values)
         if not bool(m["finite"]):
             self.nonfinite_in_a_row += 1
@@ -324,6 +331,8 @@ def loop(run: Run) -> bool:
             local, ran_out = next(setup.data_iter), False
         except StopIteration:
             local, ran_out = None, True
+        except InputWaitInterrupted:
+            continue  # a signal ended a stalled wait for data: should_stop saves this step and stops
         if may_run_out:
             ran_out = any_host(ran_out)
         if ran_out:
@@ -361,6 +370,10 @@ def report(run: Run, stopped: bool) -> dict:
     """The summary, and for a run that ended (not one stopped by a signal) the forgetting report."""
     setup = run.setup
     summary = {"run_dir": str(setup.run_dir), "step": run.step, "exports": run.exports, "stopped_by_signal": stopped}
+    summary["bad_input"] = sum_bad_input_reports(gather_json(setup.data_iter.bad_input_report()))  # all hosts
+    for source, counts in summary["bad_input"].items():
+        _say(f"bad input: source '{source}': " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "records")
+             + f" of {counts['records']} records read (skipped; see the warnings for files and positions)")
     if is_writer() and not stopped:
         (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if setup.eval_batches:  # the report compares held-out losses; without eval splits there is none

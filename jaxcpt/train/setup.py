@@ -25,7 +25,6 @@ from jax.sharding import Mesh, NamedSharding
 from jaxcpt.checkpoint import DAMAGED, ResumePoint, find_resume_point
 from jaxcpt.checkpoint_files import ScratchDirs
 from jaxcpt.config import ConfigError
-from jaxcpt.errors import UserError
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.optimizer import build_optimizer
@@ -264,14 +263,9 @@ def _agree_with_tokenizer(model_cfg: ModelConfig, data_cfg, defaults_apply: bool
     """
     if not data_cfg.tokenizer:
         return model_cfg
-    from jaxcpt.data.tokenize import tokenizer_facts
+    from jaxcpt.data.tokenize import check_tokenizer_fits_model
 
-    facts = tokenizer_facts(data_cfg.tokenizer)
-    if facts.num_ids > model_cfg.vocab_size:
-        raise UserError(
-            f"the tokenizer '{data_cfg.tokenizer}' can emit ids up to {facts.num_ids - 1}, but the model's embedding "
-            f"has {model_cfg.vocab_size} rows (vocab_size); use the model's own tokenizer, or extend the model's "
-            "vocabulary first (jaxcpt extend-vocab)")
+    facts = check_tokenizer_fits_model(data_cfg.tokenizer, model_cfg.vocab_size, data_cfg.tokenizer_min_vocab_fraction)
     updates = {}
     for key, token in (("bos_token_id", facts.bos_id), ("eos_token_id", facts.eos_id), ("pad_token_id", facts.pad_id)):
         current = getattr(model_cfg, key)

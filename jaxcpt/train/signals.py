@@ -47,6 +47,9 @@ class StopRequests:
         self.service = self.several_hosts and _preemption_service_running()
         self.signal: int | None = None  # the signal this host received, if any
         self._previous: dict = {}
+        # Called in the handler after the flag is set; may raise into the interrupted code (the data
+        # pipeline ends a stalled wait for a batch this way: TrainIterator.interrupt_if_waiting).
+        self.on_signal: list = []
 
     @property
     def mechanism(self) -> str:
@@ -73,6 +76,8 @@ class StopRequests:
         self.signal = signum
         if self.service:
             os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler tells the coordination service
+        for hook in self.on_signal:
+            hook()
 
     def should_stop(self, step: int) -> bool:
         """Whether to save and stop before running step ``step + 1``. A collective on several hosts."""
