@@ -25,6 +25,7 @@ from jaxcpt import __version__
 from jaxcpt.checkpoint import Checkpointer
 from jaxcpt.config import to_dict
 from jaxcpt.model import lora as lora_lib
+from jaxcpt.sharding import failures
 from jaxcpt.sharding.distributed import gather_json, is_writer
 from jaxcpt.sharding.mesh import describe_mesh
 from jaxcpt.train import resume as resume_lib
@@ -39,7 +40,7 @@ log = logging.getLogger("jaxcpt.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    exit_code = 3  # jaxcpt.exit_codes.EXIT_NONFINITE
 
 
 def _say(message: str) -> None:
@@ -56,6 +57,9 @@ def train(cfg: TrainConfig) -> dict:
             stopped = loop(run)
             if not stopped:
                 finish(run)
+    except BaseException as e:
+        failures.announce(e)  # other hosts stop now, not after this host's cleanup (which may wait on them)
+        raise
     finally:
         run.close()  # waits for the last checkpoint to be on disk
     return report(run, stopped)
