@@ -24,6 +24,7 @@ from jaxcpt.config import from_dict
 from jaxcpt.sharding.distributed import DistributedConfig, initialize_distributed
 
 address, process_id, failing, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+late = len(sys.argv) > 5  # the other host finishes first; the failing one fails afterwards
 
 
 def add_arguments(parser):
@@ -38,6 +39,11 @@ def run(args):
     initialize_distributed(from_dict(DistributedConfig, dict(
         initialize=True, coordinator_address=address, num_processes=2, process_id=process_id,
         failure_timeout_seconds=timeout)))
+    if late:
+        if jax.process_index() != failing:
+            return 0  # done: waits for the others at exit
+        time.sleep(2)
+        raise UserError("could not write /runs/r/summary.json: no space left on device")
     for step in range(100000):
         if jax.process_index() == failing and step == 2:
             raise UserError("data file /data/part-00001.jsonl is missing on this host")
@@ -82,6 +88,22 @@ def test_an_error_on_the_coordinator_host_stops_every_host_with_the_hosts_name_a
     assert "because another host failed" in results[1 - failing][1]
     assert "Traceback" not in results[1 - failing][1]  # the other host's broken collective is not reported as news
     assert abs(results[0][2] - results[1][2]) < timeout  # both stopped, within the timeout of each other
+
+
+@pytest.mark.slow
+def test_a_host_that_finished_is_still_stopped_by_a_later_failure_on_another(tmp_path):
+    """Host 1 returns 0 and waits at exit; host 0 then fails (say, writing the summary): host 1 must not sit in
+    JAX's shutdown barrier for its 5 minutes, but exit 4 with host 0's error."""
+    script = tmp_path / "inject.py"
+    script.write_text(INJECTED)
+    port, timeout = free_port(), 10.0
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), "0", str(timeout), "late"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    (code0, out0, t0), (code1, out1, t1) = _wait_both(procs, limit=120)
+    assert code0 == 2 and code1 == 4, (out0, out1)
+    assert "host 0 of 2" in out1 and "no space left on device" in out1
+    assert abs(t0 - t1) < timeout
 
 
 @pytest.mark.slow

@@ -44,6 +44,8 @@ from jaxcpt.exit_codes import EXIT_CRASH, EXIT_OTHER_HOST_FAILED, EXIT_USER_ERRO
 
 _KEY_DIR = "jaxcpt/failed/"
 _BARRIER = "jaxcpt_failure_exit"
+_NORMAL_EXIT_BARRIER = "jaxcpt_normal_exit"
+_NORMAL_EXIT_WAIT_MS = 300_000  # as long as JAX's shutdown barrier waits (shutdown_timeout_seconds' default)
 _MAX_MESSAGE = 4000  # characters of an error message put in the store
 
 
@@ -82,11 +84,18 @@ class _Watch:
 
     def start(self) -> None:
         self._thread.start()
-        # atexit runs in reverse order of registration: this stops the poller before JAX's
-        # own atexit shuts the client down under it.
+        # atexit runs in reverse order of registration: this runs before JAX's own atexit
+        # shuts the client down (and the poller with it).
         atexit.register(self.close)
 
     def close(self) -> None:
+        """At a normal exit: wait, still watching, until every host exits too (as JAX's own shutdown barrier
+        would, blind), so that a host that fails after this one finished still stops it within the timeout."""
+        if self.failed is None and not self.stopping.locked():
+            try:
+                self.client.wait_at_barrier(_NORMAL_EXIT_BARRIER, _NORMAL_EXIT_WAIT_MS)
+            except Exception:  # noqa: BLE001 - a host that died: JAX's shutdown reports it
+                pass
         self._done.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5 * self.poll_s)
