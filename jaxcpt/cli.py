@@ -82,13 +82,33 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"jaxcpt {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
-    from jaxcpt.errors import UserError
+    return _run_command(name, module, args)
 
+
+def _run_command(name: str, module, args) -> int:
+    """``module.run(args)``, its errors printed as one line (UserError) or a traceback; on several hosts a
+    failure on this one stops every host (``jaxcpt.sharding.failures``) and this never returns."""
+    from jaxcpt.errors import UserError
+    from jaxcpt.exit_codes import EXIT_OK, EXIT_STOPPED_EARLY, EXIT_USER_ERROR
+    from jaxcpt.sharding import failures
+
+    error: BaseException | None = None
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except UserError as e:
         print(f"jaxcpt {name}: error: {e}", file=sys.stderr)
-        return 2
+        error, code = e, EXIT_USER_ERROR
+    except BaseException as e:  # noqa: BLE001 - on one host Python's own report; on several, every host stops
+        if not failures.watching() or (isinstance(e, SystemExit) and not e.code):
+            raise
+        failures.wait_if_stopping()  # a collective broken by another host's exit: that host's error is the news
+        import traceback
+
+        traceback.print_exc()
+        error, code = e, (e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else failures.exit_code_for(e))
+    if code not in (EXIT_OK, EXIT_STOPPED_EARLY):
+        failures.fail_everywhere(error or f"jaxcpt {name} exited with code {code}", code)
+    return code
 
 
 if __name__ == "__main__":

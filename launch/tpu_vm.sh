@@ -22,7 +22,8 @@ Commands:
   install   pip install 'jax[tpu]' and jaxcpt on every worker
   train     copy the config to every worker, run the read-only 'jaxcpt train --check'
             on all of them (training starts only if it passes everywhere), then start
-            'jaxcpt train' on all of them
+            'jaxcpt train' on all of them, restarted while it exits 75 (stopped early
+            by a signal, checkpoint saved), at most --max-restarts times
   logs      follow the training log of one worker (or all)
   delete    delete the TPU VM (--queued: the queued resource, with --force)
   all       create, install, train, then logs
@@ -43,8 +44,13 @@ Options:
   --config PATH           local YAML config, copied to every worker (required by train)
   --run-dir gs://B/RUN    shared run directory on GCS: checkpoints go to gs://B/RUN/checkpoints (required by train);
                           metrics, reports and HF exports stay in ~/jaxcpt-run/run on worker 0
-  --foreground            train inside the ssh session (output streams here; Ctrl-C or a
-                          dropped connection stops training) instead of nohup + logs
+  --foreground            stream worker output here and return when training ends, with
+                          its exit code, instead of returning at once (see 'logs'); training
+                          runs detached from the ssh session either way, so Ctrl-C or a
+                          dropped connection stops the streaming, not training
+  --max-restarts N        restart 'jaxcpt train' on the workers when it exits 75 (stopped
+                          early: preempted, SIGTERM, hang-up), at most N times (default 3;
+                          0 = never)
   --worker N|all          worker whose log 'logs' follows (default 0)
   --yes                   delete without gcloud's confirmation prompt
   --dry-run               print every command, one per line prefixed "+ ", run nothing
@@ -121,8 +127,11 @@ default_runtime_version() {
 # ---------------------------------------------------------------- arguments
 COMMAND="" NAME="" ZONE="" PROJECT="" ACCELERATOR_TYPE="" RUNTIME_VERSION=""
 QUEUED=0 SPOT=0 RESERVED=0 WHEEL="" GIT_URL="" CONFIG="" RUN_DIR=""
-FOREGROUND=0 LOG_WORKER=0 YES=0 DRY_RUN=0
+FOREGROUND=0 LOG_WORKER=0 YES=0 DRY_RUN=0 MAX_RESTARTS=3
 OVERRIDES=()
+# 'jaxcpt train' exits with this after a signal stopped it with a checkpoint saved
+# (jaxcpt/exit_codes.py: EXIT_STOPPED_EARLY); running it again resumes.
+STOPPED_EARLY=75
 
 while (($#)); do
   case $1 in
@@ -130,9 +139,10 @@ while (($#)); do
     --) shift; OVERRIDES=("$@"); break ;;
     --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
     --name | --zone | --project | --accelerator-type | --runtime-version | --wheel | \
-      --git-url | --config | --run-dir | --worker)
+      --git-url | --config | --run-dir | --worker | --max-restarts)
       (($# >= 2)) || die "$1 needs a value"
       case $1 in
+        --max-restarts) MAX_RESTARTS=$2 ;;
         --name) NAME=$2 ;;
         --zone) ZONE=$2 ;;
         --project) PROJECT=$2 ;;
@@ -167,6 +177,7 @@ done
 [[ -n $NAME ]] || die "missing --name NAME (the TPU VM to $COMMAND)"
 [[ -n $ZONE ]] || die "missing --zone ZONE (the zone of TPU VM '$NAME', e.g. us-east5-a)"
 [[ $LOG_WORKER =~ ^([0-9]+|all)$ ]] || die "--worker '$LOG_WORKER' is not a worker number or 'all'"
+[[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "--max-restarts '$MAX_RESTARTS' is not a whole number (0 = never restart)"
 for override in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
   [[ $override == *=* ]] || die "override '$override' after -- is not key=value (e.g. optim.schedule.peak_lr=3e-5)"
 done
@@ -270,11 +281,27 @@ start_training() {
   # leave the others waiting in jax.distributed.initialize, so none starts unless all pass.
   ssh_all "$prelude && $check" ||
     die "'jaxcpt train --check' failed on at least one worker: see its message above; training was not started"
+  # Restart while training exits $STOPPED_EARLY (stopped by a signal after saving), at most
+  # $MAX_RESTARTS times; then the run's own exit code is the loop's. Every worker loops in step:
+  # all hosts stop at the same step, so all of them restart together.
+  # shellcheck disable=SC2016
+  local loop='restarts=0; while :; do '"$train"'; code=$?; '
+  # shellcheck disable=SC2016
+  loop+='if [ "$code" -ne '"$STOPPED_EARLY"' ] || [ "$restarts" -ge '"$MAX_RESTARTS"' ]; then break; fi; '
+  # shellcheck disable=SC2016
+  loop+='restarts=$((restarts + 1)); echo "jaxcpt train stopped early (exit '"$STOPPED_EARLY"'); restart $restarts of '"$MAX_RESTARTS"'"; done; exit "$code"'
+  # Detached from the ssh session (SIGHUP ignored, as with nohup, and no terminal), so a
+  # dropped connection neither stops nor kills training; output goes to the log.
+  local detached="{ ( trap \"\" HUP; $loop ) > ~/$REMOTE_LOG 2>&1 < /dev/null & }"
   if ((FOREGROUND)); then
-    ssh_all "$prelude && $train"
+    # Follow the log until the loop ends; the ssh command's exit code is the loop's.
+    # shellcheck disable=SC2016
+    if ! ssh_all "$prelude && $detached"' && pid=$! && tail -n +1 -f --pid="$pid" ~/'"$REMOTE_LOG"'; wait "$pid"'; then
+      echo "$PROG: training on at least one worker ended with an error or was stopped early (exit $STOPPED_EARLY after $MAX_RESTARTS restart(s)); see the output above; run 'train' again with the same --run-dir to resume" >&2
+      exit 1
+    fi
   else
-    # nohup and closed stdio so training survives the ssh session ending.
-    ssh_all "$prelude && { nohup $train > ~/$REMOTE_LOG 2>&1 < /dev/null & } && echo \"started on \$(hostname); log: ~/$REMOTE_LOG\""
+    ssh_all "$prelude && $detached && echo \"started on \$(hostname); log: ~/$REMOTE_LOG\""
   fi
 }
 

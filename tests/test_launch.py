@@ -54,9 +54,11 @@ def fake_bin(tmp_path: Path) -> Path:
     bin_dir.mkdir()
     for name in ["gcloud", "srun", "sbatch", "nvidia-smi", "jaxcpt"]:
         (bin_dir / name).write_text(f'#!/bin/sh\necho "$0 $*" >> "{tmp_path}/called"\nexit 97\n')
-    # scontrol is the one command dry runs do need: it expands the node list.
+    # scontrol is the one command dry runs do need: it expands the node list. A real run may
+    # also requeue its job: recorded in the file 'requeued'.
     (bin_dir / "scontrol").write_text(
         "#!/bin/sh\n"
+        f'[ "$1" = requeue ] && echo "$*" >> "{tmp_path}/requeued" && exit 0\n'
         '[ "$1 $2" = "show hostnames" ] || exit 1\n'
         f'[ "$3" = "{FAKE_NODELIST}" ] && printf "node01\\nnode02\\n" && exit 0\n'
         'echo "$3"\n'
@@ -215,7 +217,7 @@ def test_tpu_all_dry_run_creates_installs_trains_on_every_worker_and_follows_log
     check_command = value_of(check, "--command")
     assert f"jaxcpt train --check {args}" in check_command and "nohup" not in check_command  # in the foreground
     train_command = value_of(train, "--command")
-    assert f"nohup jaxcpt train {args}" in train_command
+    assert f"jaxcpt train {args} " in train_command and 'trap "" HUP' in train_command  # detached, like nohup
     assert "optim.schedule.peak_lr=3e-5" in train_command and "optim.schedule.peak_lr=3e-5" in check_command
     assert "--worker=0" in logs and "tail" in value_of(logs, "--command")
 
@@ -277,6 +279,55 @@ def test_tpu_train_checks_on_the_workers_first_and_trains_only_after_the_check_p
         assert result.returncode != 0
         assert jaxcpt.calls() == [["train", "--check", *expected]]
         assert "'/mnt/data' does not exist" in result.stderr and "training was not started" in result.stderr
+
+
+def _fake_trainer(path: Path, calls: Path, train_codes: list[int]) -> None:
+    """A fake ``jaxcpt``: --check passes; the n-th ``train`` exits ``train_codes[n]`` (the last one from then on).
+    Each call appends its first arguments and whether SIGHUP is ignored in it (nohup) to ``calls``."""
+    codes = " ".join(str(c) for c in train_codes)
+    path.write_text(
+        "#!/bin/bash\n"
+        "ignored=$(( 0x$(awk '/^SigIgn/ {print $2}' /proc/self/status) & 1 ))\n"  # bit 0: SIGHUP
+        f'echo "$1 $2 hup_ignored=$ignored" >> {shlex.quote(str(calls))}\n'
+        '[[ $2 == --check ]] && exit 0\n'
+        f"codes=({codes})\n"
+        f"n=$(grep -c -v -e --check {shlex.quote(str(calls))})\n"
+        "((n > ${#codes[@]})) && n=${#codes[@]}\n"
+        'exit "${codes[n - 1]}"\n'
+    )
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("train_codes, max_restarts, trains, ok", [
+    ([75, 0], 3, 2, True),  # stopped early once (preempted), restarted, finished
+    ([75], 2, 3, False),  # stopped early every time: the first run and 2 restarts, then the exit code stands
+    ([2], 3, 1, False),  # a config error is not restarted
+])
+def test_tpu_restarts_a_run_stopped_early_at_most_max_restarts_times(fake_bin, tpu_worker, config, tmp_path,
+                                                                    train_codes, max_restarts, trains, ok):
+    calls = tmp_path / "worker_calls"
+    _fake_trainer(tpu_worker / ".local" / "bin" / "jaxcpt", calls, train_codes)
+    args = [a for a in tpu_args(config, "--foreground", "--max-restarts", str(max_restarts)) if a != "--dry-run"]
+    result = run_script(TPU, "train", *args, fake_bin=fake_bin)
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("train --check") and len(lines) == 1 + trains, lines
+    assert (result.returncode == 0) == ok, result.stderr
+    if trains > 1:
+        assert "jaxcpt train stopped early (exit 75); restart 1 of" in result.stdout  # the worker's log, streamed
+    if not ok:
+        assert "run 'train' again" in result.stderr
+
+
+def test_tpu_foreground_training_ignores_the_hangup_of_its_ssh_session(fake_bin, tpu_worker, config, tmp_path):
+    """--foreground streams the log but trains detached (SIGHUP ignored, as the background mode's nohup does)."""
+    calls = tmp_path / "worker_calls"
+    _fake_trainer(tpu_worker / ".local" / "bin" / "jaxcpt", calls, [0])
+    args = [a for a in tpu_args(config, "--foreground") if a != "--dry-run"]
+    result = run_script(TPU, "train", *args, fake_bin=fake_bin)
+    assert result.returncode == 0, result.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("train --check")  # the check runs in the session: Ctrl-C there stops it
+    assert lines[1].startswith("train --config") and lines[1].endswith("hup_ignored=1")
 
 
 def test_tpu_queued_resource_create_and_forced_delete(fake_bin, config):
@@ -447,6 +498,31 @@ def test_slurm_run_checks_on_the_nodes_first_and_trains_only_after_the_check_pas
     else:
         assert result.returncode == 2 and len(calls) == 1
         assert "'/shared/data' does not exist" in result.stderr and "training was not started" in result.stderr
+
+
+def test_slurm_asks_for_sigterm_well_before_the_time_limit_and_may_be_requeued():
+    options = [line.split(None, 1)[1] for line in SLURM.read_text().splitlines() if line.startswith("#SBATCH ")]
+    signal_option = next(o for o in options if o.startswith("--signal="))
+    kind, lead = signal_option.removeprefix("--signal=").split("@")
+    assert kind == "TERM" and int(lead) >= 120  # time for the next step and an async multi-GB save; not B: (tasks)
+    assert "--requeue" in options and "--open-mode=append" in options
+
+
+@pytest.mark.parametrize("code, restart_count, requeued, exit_code", [
+    (75, "0", True, 0),  # stopped early at the time limit: the job requeues itself
+    (75, "20", False, 75),  # requeued --max-requeues times already: stop, keep the code
+    (0, "0", False, 0),  # finished
+    (2, "0", False, 2),  # an error: not requeued
+])
+def test_slurm_requeues_a_run_stopped_early(slurm_node, config, tmp_path, code, restart_count, requeued, exit_code):
+    _fake_trainer(slurm_node / "jaxcpt", tmp_path / "jaxcpt_calls", [code])
+    env = {**FAKE_SLURM_ENV, "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": restart_count}
+    result = run_script(SLURM, "--config", str(config), "--run-dir", "/r", fake_bin=slurm_node, env=env)
+    assert result.returncode == exit_code, result.stderr
+    requeues = (tmp_path / "requeued").read_text().splitlines() if (tmp_path / "requeued").exists() else []
+    assert requeues == (["requeue 4242"] if requeued else [])
+    if code == 75 and not requeued:
+        assert "--max-requeues 20" in result.stderr and "submit it again" in result.stderr
 
 
 def test_slurm_outside_an_allocation_explains_what_to_set(fake_bin, config):

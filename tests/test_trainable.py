@@ -26,8 +26,9 @@ MODEL = ["model.vocab_size=128", "model.hidden_size=32", "model.intermediate_siz
 ADAPTATION = {"format": "jaxcpt-adaptation-v1", "new_token_ids": [100, 128], "inserted_layers": [1]}
 
 
-def _run_steps(trainable: str, steps: int, adaptation=ADAPTATION):
-    cfg = load_train_config(None, MODEL + [f"optim.trainable={trainable}"])
+def _run_steps(trainable: str, steps: int, adaptation=ADAPTATION, extra=(), nonfinite_steps=()):
+    """Train ``steps`` steps on random batches; the batches of ``nonfinite_steps`` have a NaN loss mask (skipped)."""
+    cfg = load_train_config(None, MODEL + [f"optim.trainable={trainable}", *extra])
     mesh = build_mesh({"fsdp": 2, "data": 4})
     program = build_program(cfg, cfg.model, mesh, make_rules(), num_sources=1, adaptation=adaptation)
     params = nnx.state(init_model(cfg.model, mesh, seed=0), nnx.Param).to_pure_dict()
@@ -35,10 +36,11 @@ def _run_steps(trainable: str, steps: int, adaptation=ADAPTATION):
     history = [jax.tree.map(np.asarray, state["params"])]
     rng = np.random.RandomState(0)
     with jax.set_mesh(mesh):
-        for _ in range(steps):
+        for step in range(steps):
             tokens = rng.randint(0, 128, size=(8, 17))
+            mask = np.full((8, 16), np.nan if step in nonfinite_steps else 1.0)
             host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((8, 16)),
-                    "positions": np.tile(np.arange(16), (8, 1)), "loss_mask": np.ones((8, 16)), "source": np.zeros((8,))}
+                    "positions": np.tile(np.arange(16), (8, 1)), "loss_mask": mask, "source": np.zeros((8,))}
             batch = {k: jax.device_put(np.asarray(v, np.float32 if k == "loss_mask" else np.int32), program.batch_shardings[k])
                      for k, v in host.items()}
             state, _ = program.train_step(state, batch)
@@ -86,6 +88,42 @@ def test_a_group_that_starts_training_later_starts_with_fresh_adam_state():
     lr = float(later.schedule(2))
     ratio = np.abs(update) / lr
     assert np.median(ratio) > 0.9  # a stale, decayed state would give ~0.45 (0.1 / sqrt(0.05))
+
+
+def test_first_update_of_a_group_frozen_in_phase_0_equals_a_fresh_adamw_after_a_skipped_step():
+    """Phase 0 trains the embedding only and its step 1 is non-finite (skipped); at the switch (step 2)
+    layers.q's update must be that of a fresh optax.adamw on the same gradient, with the run's learning rate
+    at step 2: a skipped step must not age the moments of a group that has not trained yet."""
+    from functools import partial
+
+    import jax.numpy as jnp
+    import optax
+
+    from jaxcpt.optim.optimizer import weight_decay_mask
+    from jaxcpt.train.step import train_step
+
+    program, _, history = _run_steps("[{params: ['embedding'], steps: 2}, {params: ['embedding', 'layers.q']}]", 3,
+                                     extra=["optim.clip_grad_norm=0"], nonfinite_steps=(1,))
+    np.testing.assert_array_equal(history[1]["embedding"], history[2]["embedding"])  # step 1 was skipped
+    optim = load_train_config(None, MODEL).optim
+    fresh = optax.adamw(lambda count: program.schedule(count + 2), b1=optim.betas[0], b2=optim.betas[1],
+                        eps=optim.eps, weight_decay=optim.weight_decay,
+                        mask=lambda p: weight_decay_mask(p, optim.decay_embeddings))
+    keys = ("layers.q",)
+    params = jax.tree.map(jnp.asarray, history[2])
+    state = {"params": params, "opt_state": fresh.init(trainable_view(params, keys)), "step": jnp.int32(2)}
+    rng = np.random.RandomState(0)
+    tokens = [rng.randint(0, 128, size=(8, 17)) for _ in range(3)][2]  # the batch _run_steps trained step 2 on
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((8, 16), np.int32),
+             "positions": np.tile(np.arange(16), (8, 1)), "loss_mask": np.ones((8, 16), np.float32),
+             "source": np.zeros((8,), np.int32)}
+    step = partial(train_step, graphdef=program.graphdef, tx=fresh, schedule=program.schedule, num_sources=1,
+                   grad_accum_steps=1, chunk_size=0, z_loss_weight=0.0, trainable_keys=keys)
+    with jax.set_mesh(program.mesh):
+        expected, _ = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch))
+    update = history[3]["layers"]["q"] - history[2]["layers"]["q"]
+    expected_update = np.asarray(expected["params"]["layers"]["q"]) - history[2]["layers"]["q"]
+    np.testing.assert_allclose(update, expected_update, rtol=1e-4, atol=1e-7)  # a stale count gives ~0.74x
 
 
 def test_inserted_blocks_only():

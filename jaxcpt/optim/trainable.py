@@ -240,7 +240,7 @@ def _union(a: Selection | None, b: Selection) -> Selection:
 
 # -- the optimizer pieces -------------------------------------------------------------
 class PhaseState(NamedTuple):
-    count: jax.Array  # updates seen; named 'count' so a skipped (non-finite) step advances it too
+    count: jax.Array  # training steps seen, skipped ones included (optimizer.skip_update advances it)
     inner: Any = None
 
 

@@ -9,6 +9,7 @@ scripts in launch/ fill them in).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from typing import Literal
@@ -18,6 +19,7 @@ import numpy as np
 
 from jaxcpt.config import field
 from jaxcpt.errors import UserError
+from jaxcpt.sharding import failures
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
@@ -29,8 +31,25 @@ class DistributedConfig:
     coordinator_address: str | None = field(None, help="host:port of process 0 (multi-node GPU); auto-detected on TPU and SLURM")
     num_processes: int | None = field(None, help="number of processes (hosts)")
     process_id: int | None = field(None, help="this process's index")
+    failure_timeout_seconds: float = field(
+        60.0,
+        help="after an error on one host (bad input, a missing file, a failed export), every host stops within this "
+        "many seconds, printing which host failed and why: the time the hosts wait for each other to hear of it "
+        "(a failing host's own cleanup gets half of it)",
+    )
+    heartbeat_timeout_seconds: int = field(
+        100,
+        help="a host that dies without a word (kill -9, out of memory) is declared dead after this many seconds "
+        "without heartbeats, and JAX stops every other host",
+    )
 
+    def validate(self) -> None:
+        from jaxcpt.config import ConfigError
 
+        if not self.failure_timeout_seconds > 0:
+            raise ConfigError(f"distributed.failure_timeout_seconds must be > 0, got {self.failure_timeout_seconds}")
+        if self.heartbeat_timeout_seconds < 1:
+            raise ConfigError(f"distributed.heartbeat_timeout_seconds must be >= 1, got {self.heartbeat_timeout_seconds}")
 
 
 def _launched_on_several_hosts() -> bool:
@@ -47,6 +66,7 @@ def initialize_distributed(cfg) -> bool:
     if not wanted:
         return False
     if jax.distributed.is_initialized():
+        failures.watch(cfg.failure_timeout_seconds)
         return True
     kwargs = {}
     if explicit:
@@ -60,10 +80,13 @@ def initialize_distributed(cfg) -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):
         pass
+    if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        kwargs["heartbeat_timeout_seconds"] = cfg.heartbeat_timeout_seconds
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - report with what to check
         raise UserError(f"jax.distributed.initialize failed ({e}); check distributed.* settings and that every host runs the same command") from e
+    failures.watch(cfg.failure_timeout_seconds)
     return True
 
 

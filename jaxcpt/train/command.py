@@ -34,11 +34,14 @@ def run(args) -> int:
         return 0
     from jaxcpt.train.loop import NonFiniteLossError, train
 
+    from jaxcpt.exit_codes import EXIT_STOPPED_EARLY
+
     try:
-        train(cfg)
+        summary = train(cfg)
     except NonFiniteLossError as e:
         import sys
 
         print(f"jaxcpt train: {e}", file=sys.stderr)
         return 3
-    return 0
+    # stopped by a signal after saving: its own code, so a launcher can tell it from a finished run and rerun it
+    return EXIT_STOPPED_EARLY if summary["stopped_by_signal"] else 0

@@ -28,6 +28,7 @@ from jaxcpt.config import to_dict
 from jaxcpt.data.documents import sum_bad_input_reports
 from jaxcpt.data.watch import InputWaitInterrupted
 from jaxcpt.model import lora as lora_lib
+from jaxcpt.sharding import failures
 from jaxcpt.sharding.distributed import gather_json, initialize_distributed, is_writer
 from jaxcpt.sharding.mesh import describe_mesh
 from jaxcpt.train import resume as resume_lib
@@ -44,7 +45,7 @@ log = logging.getLogger("jaxcpt.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    exit_code = 3  # jaxcpt.exit_codes.EXIT_NONFINITE
 
 
 def _say(message: str) -> None:
@@ -59,19 +60,23 @@ def train(cfg: TrainConfig) -> dict:
     checkpoint_dir = epath.Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else run_dir / "checkpoints"
     # Before anything is read or written: a second launch on a directory in use is refused, and
     # hosts that do not share the checkpoint directory stop before deciding resume-or-fresh apart.
-    with rundir.RunDirectoryLock(rundir.lease_directories(run_dir, checkpoint_dir), cfg.lock, is_writer()) as lock:
-        rundir.check_shared(checkpoint_dir)
-        run = start(set_up(cfg))
-        run.lock = lock
-        try:
-            # Traced under the mesh, so activation sharding constraints and shard_map'd kernels see it.
-            with jax.set_mesh(run.setup.program.mesh):
-                stopped = loop(run)
-                if not stopped:
-                    finish(run)
-        finally:
-            run.close()  # waits for the last checkpoint to be on disk
-        return report(run, stopped)
+    try:
+        with rundir.RunDirectoryLock(rundir.lease_directories(run_dir, checkpoint_dir), cfg.lock, is_writer()) as lock:
+            rundir.check_shared(checkpoint_dir)
+            run = start(set_up(cfg))
+            run.lock = lock
+            try:
+                # Traced under the mesh, so activation sharding constraints and shard_map'd kernels see it.
+                with jax.set_mesh(run.setup.program.mesh):
+                    stopped = loop(run)
+                    if not stopped:
+                        finish(run)
+            finally:
+                run.close()  # waits for the last checkpoint to be on disk
+            return report(run, stopped)
+    except BaseException as e:
+        failures.announce(e)  # other hosts stop now, not after this host's cleanup (which may wait on them)
+        raise
 
 
 # -- start ------------------------------------------------------------------------------

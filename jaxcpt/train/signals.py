@@ -20,6 +20,13 @@ the job, and per-host checkpoints of different steps cannot be resumed.
 
 A second signal while a stop is pending interrupts at once (a hung collective or a long
 compilation must still be stoppable).
+
+SIGHUP (the terminal or ssh session of a foreground run went away) stops the run like
+SIGTERM, saving first, unless the run was started with hang-ups ignored (``nohup``): then
+it stays ignored. A hang-up also leaves stdout/stderr pointing at a dead terminal, where
+the next progress line would raise EIO before the checkpoint is written; those streams are
+pointed at /dev/null. A run stopped by any of these signals exits with
+``jaxcpt.exit_codes.EXIT_STOPPED_EARLY`` (75), which the launch scripts restart or requeue.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class StopRequests:
         # Called in the handler after the flag is set; may raise into the interrupted code (the data
         # pipeline ends a stalled wait for a batch this way: TrainIterator.interrupt_if_waiting).
         self.on_signal: list = []
+        self._terminal_fds: list[int] = []  # stdout/stderr when they are a terminal
 
     @property
     def mechanism(self) -> str:
@@ -60,7 +68,11 @@ class StopRequests:
         return "signal flag (checked every step)"
 
     def install(self) -> None:
-        signals = (signal.SIGINT,) if self.service else (signal.SIGTERM, signal.SIGINT)
+        signals = [signal.SIGINT] if self.service else [signal.SIGTERM, signal.SIGINT]
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup asked for hang-ups to be ignored
+            signals.append(signal.SIGHUP)
+            # asked now: once the terminal has hung up, isatty() on it fails like any other call
+            self._terminal_fds = [fd for fd in (1, 2) if os.isatty(fd)]
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -70,6 +82,8 @@ class StopRequests:
         self._previous = {}
 
     def _handle(self, signum, _frame):
+        if signum == signal.SIGHUP:
+            _leave_a_dead_terminal(self._terminal_fds)
         if self.signal is not None:
             self.uninstall()
             raise KeyboardInterrupt(f"second signal {signum}: stopping without a checkpoint")
@@ -90,6 +104,23 @@ class StopRequests:
         if step % self.check_every:
             return False
         return any_host(self.signal is not None)
+
+
+def _leave_a_dead_terminal(fds: list[int]) -> None:
+    """Point ``fds`` (stdout/stderr that were a terminal) at /dev/null: after a hang-up, writes to it raise EIO."""
+    import sys
+
+    if not fds:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def any_host(flag: bool) -> bool:

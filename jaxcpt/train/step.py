@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from jaxcpt.optim.accumulate import accumulate_gradients
+from jaxcpt.optim.optimizer import skip_update
 from jaxcpt.train.ema import EMAConfig, decay_at, update_ema
 from jaxcpt.train.loss import model_token_loss_sums
 from jaxcpt.train.state import trainable_view, with_trainable
@@ -41,16 +42,6 @@ def _loss_sums(params, batch, *, graphdef, num_sources: int, chunk_size: int, z_
         "source_tokens": _per_source(tokens_rows, batch["source"], num_sources),
     }
     return (objective_sum, tokens_rows.sum()), aux
-
-
-def _advance_counts(opt_state):
-    """``opt_state`` with every optax step counter (a leaf named 'count') incremented."""
-
-    def bump(path, leaf):
-        name = getattr(path[-1], "name", getattr(path[-1], "key", None)) if path else None
-        return leaf + 1 if name == "count" else leaf
-
-    return jax.tree_util.tree_map_with_path(bump, opt_state)
 
 
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule, num_sources: int,
@@ -84,15 +75,15 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
             average = update_ema(average, new_view, decay_at(ema, state["step"] + 1))
         return new_view, new_opt_state, average
 
-    def skip_update(carry):
-        # Parameters, moments and the average stay; optax's step counters advance, so the
-        # learning-rate schedule stays aligned with the training step after a skipped update.
+    def skip(carry):
+        # Parameters, moments, Adam's update count and the average stay; the schedule's and the
+        # phases' step counters advance, so they stay on the training step (optim.optimizer.skip_update).
         view, opt_state, average = carry
-        return view, _advance_counts(opt_state), average
+        return view, skip_update(opt_state), average
 
     # cond, not a select: only the taken branch runs, so a healthy step pays nothing for the check
     carry = (trainable, state["opt_state"], state.get("ema") if use_ema else None)
-    new_view, new_opt_state, new_ema = jax.lax.cond(finite, apply_update, skip_update, carry)
+    new_view, new_opt_state, new_ema = jax.lax.cond(finite, apply_update, skip, carry)
     new_state = {"params": with_trainable(params, new_view), "opt_state": new_opt_state, "step": state["step"] + 1}
     if use_ema:
         new_state["ema"] = new_ema
