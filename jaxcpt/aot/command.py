@@ -197,14 +197,16 @@ def _table(reports: list[dict]) -> str:
 
 
 def git_commit() -> str | None:
-    """The commit of the jaxcpt checkout this runs from ('+dirty' with uncommitted changes), None outside git."""
+    """The commit of the jaxcpt checkout this runs from, None outside git; '+dirty' when the code or configs
+    differ from it (recorded results and docs do not change what compiles)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                "jaxcpt", "configs"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
