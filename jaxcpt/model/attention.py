@@ -179,8 +179,9 @@ def attention_splash(q, k, v, segment_ids, sliding_window=None, *, scale=None, s
 def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: float | None = None):
     """The attention function for ``name``: ``fn(q, k, v, segment_ids, window, *, scale, softcap)``.
 
-    'auto' picks by the platform compiled for (``compile_platform``), dtype and length, and only a kernel that honours every setting
-    (cuDNN cannot soft-cap, so a capped model on GPU gets xla, which computes the capped einsum form).
+    'auto' picks by the platform compiled for (``compile_platform``), dtype and length, and only a kernel
+    that honours every setting (cuDNN cannot soft-cap, so a capped model on GPU gets xla, which computes the
+    capped einsum form).
     """
     if name == "auto":
         backend = compile_platform()  # the mesh's platform: a CPU host compiling for TPU picks splash
