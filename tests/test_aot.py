@@ -197,3 +197,32 @@ def test_commands_off_a_tpu_host_do_not_start_the_tpu_runtime(tmp_path):
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "unknown lm-eval task" in result.stderr  # names checked before any weights
     assert "TPU_WORKER_HOSTNAMES" not in result.stderr + result.stdout
+
+
+def test_every_shipped_accelerator_config_has_a_compile_check():
+    """A config added to configs/ for a TPU or GPU gets a row in jaxcpt.aot.shipped (the slow test compiles it)."""
+    from pathlib import Path
+
+    from jaxcpt.aot.shipped import AWAITING_GPU_COMPILE, NOT_FOR_ACCELERATORS, SHIPPED
+
+    configs = {f"configs/{p.name}" for p in Path("configs").glob("*.yaml")}
+    checked = {row.config for row in SHIPPED} | set(AWAITING_GPU_COMPILE) | NOT_FOR_ACCELERATORS
+    assert configs <= checked, f"no compile check for {sorted(configs - checked)}: add a row to jaxcpt/aot/shipped.py"
+    for row in SHIPPED:
+        recorded = row.recorded()
+        assert recorded is not None and recorded["memory"]["fits"], row.name
+        assert recorded["git_commit"], f"{row.results_path.name} does not say which commit it was compiled at"
+
+
+def test_the_accelerators_page_tables_are_generated_from_the_recorded_jsons():
+    """docs/accelerators.md's tables are what benchmarks/compile_configs.py --docs-only writes from the JSONs."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compile_configs", "benchmarks/compile_configs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = Path("docs/accelerators.md").read_text()
+    for name, block in script.docs_tables().items():
+        assert block and block in text, f"docs/accelerators.md's {name} table is stale: run python " \
+                                        "benchmarks/compile_configs.py --docs-only"

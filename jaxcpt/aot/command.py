@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--architecture", default=None,
                         help="a named public architecture instead: Llama-3.1-8B, Llama-3.2-1B, Qwen2.5-7B")
     parser.add_argument("--explore", action="store_true",
-                        help="when the step does not fit, also compile each suggested change and print its memory")
+                        help="also compile the step under every remat policy and print memory against recomputation "
+                             "(docs/accelerators.md), and, when it does not fit, each suggested change")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the reports as JSON")
     parser.add_argument("--no-layout", action="store_true", help="do not print the parameter/activation layout")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.batch_size=512")
@@ -93,6 +94,8 @@ def run(args) -> int:
     for topology in topologies:
         result, fits = _compile_and_report(cfg, model_cfg, topology, args, show_layout=not args.no_layout)
         all_fit &= fits
+        if args.explore:
+            result["remat"] = _explore_remat(args, topology)
         reports.append(result)
     if len(topologies) > 1:
         print("\n" + _table(reports))
@@ -114,6 +117,32 @@ def _compile_and_report(cfg, model_cfg, topology, args, show_layout: bool):
     if not result.memory.fits:
         entry["levers"] = _advise(cfg, result, args)
     return entry, result.memory.fits
+
+
+def _explore_remat(args, topology) -> list[dict]:
+    """Every remat policy compiled for ``topology``, printed as a table; the rows as dicts."""
+    from jaxcpt.aot.explore import explore_remat, format_table
+    from jaxcpt.errors import UserError
+    from jaxcpt.train.config import load_train_config
+
+    print(f"\n== remat policies on {topology.name} (compiling each; --explore)", flush=True)
+
+    def one(row):
+        print(f"  {row.policy:<20} {row.total_bytes / 2**30:8.2f} GiB per chip"
+              f"{' (refused)' if row.refused else ''}, {'fits' if row.fits else 'does not fit'}, "
+              f"reruns {row.recompute_fraction:.1%} of the step's FLOPs", flush=True)
+
+    def load(extra):
+        return load_train_config(args.config, [*args.overrides, *extra])
+
+    try:
+        rows = explore_remat(load, lambda c: resolve_model(c, args.model_config, args.architecture)[0], topology,
+                             on_row=one)
+    except UserError as e:
+        print(f"  cannot compile every policy: {e}")
+        return []
+    print(format_table(rows, topology.generation.hbm_bytes))
+    return [{**dataclasses.asdict(row), "recompute_fraction": row.recompute_fraction} for row in rows]
 
 
 def _advise(cfg, result, args) -> list[dict]:
@@ -167,18 +196,40 @@ def _table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def git_commit() -> str | None:
+    """The commit of the jaxcpt checkout this runs from, None outside git; '+dirty' when the code or configs
+    differ from it (recorded results and docs do not change what compiles)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                "jaxcpt", "configs"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def _write_json(path: Path, args, source: str, libtpu: str, reports: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = report_payload(args.config, args.overrides, source, libtpu, reports)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def report_payload(config: str | None, overrides: list[str], source: str, libtpu: str, reports: list[dict]) -> dict:
+    """The JSON `jaxcpt compile --json` writes (and benchmarks/compile_configs.py records): the reports with
+    the code's git commit, the versions and the machine."""
     import platform
 
     import jax
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
         if Path("/proc/cpuinfo").exists() else platform.processor()
-    payload = {"benchmark": "compile", "config": args.config, "overrides": args.overrides, "architecture": source,
-               "jax": jax.__version__, "libtpu": libtpu,
-               "machine": {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                           "loadavg": os.getloadavg()},
-               "reports": reports}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}")
+    return {"benchmark": "compile", "config": config, "overrides": list(overrides), "architecture": source,
+            "git_commit": git_commit(), "jax": jax.__version__, "libtpu": libtpu,
+            "machine": {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
+            "reports": reports}

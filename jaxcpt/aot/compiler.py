@@ -8,11 +8,9 @@ the TPU compiler, and returns XLA's memory plan with the sharding's prediction.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from unittest import mock
 
 import jax
 from jax.sharding import Mesh
@@ -66,20 +64,6 @@ class CompileResult:
                 "lower_s": self.lower_s, "compile_s": self.compile_s}
 
 
-@contextlib.contextmanager
-def tracing_for(platform: str):
-    """Trace as if ``platform`` were this process's backend.
-
-    The model picks its attention kernel, and splash its interpret mode, from
-    ``jax.default_backend()`` while tracing; compiling on a CPU host for TPU devices must
-    trace what the TPU run traces (the real splash kernel, not interpret mode). Until the
-    model takes the platform from the mesh it is traced under, this is the one place that
-    says so.
-    """
-    with mock.patch("jax.default_backend", return_value=platform):
-        yield
-
-
 def compile_train_step(cfg: TrainConfig, model_cfg: ModelConfig, topology: Topology) -> CompileResult:
     devices = tpu_devices(topology)
     mesh = build_mesh(cfg.mesh, devices=devices)
@@ -90,8 +74,8 @@ def compile_train_step(cfg: TrainConfig, model_cfg: ModelConfig, topology: Topol
     layout_lib.check_batch_split(cfg.train.batch_size, cfg.optim.grad_accum_steps, mesh, rules, hosts)
     program = build_program(cfg, model_cfg, mesh, rules, max(1, len(cfg.data.sources)))
     start = time.perf_counter()
-    with tracing_for("tpu"):
-        lowered = program.lower_train_step()
+    # traced under the topology's mesh: the model reads the platform (splash, no CPU matmul trick) from it
+    lowered = program.lower_train_step()
     lower_s = time.perf_counter() - start
     pallas = lowered.as_text().count(PALLAS_TPU_CALL)
     state, batch = program.abstract_state(), program.abstract_batch()

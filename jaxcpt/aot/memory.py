@@ -50,6 +50,7 @@ class MemoryReport:
     temporaries: int
     code: int
     refused: bool = False  # the TPU compiler stopped at its own HBM check: only the temporaries it reported are known
+    host_temporaries: int = 0  # activations a host-offload remat policy keeps in the host's pinned memory, per chip
 
     @classmethod
     def from_refusal(cls, message: str, abstract_state: dict, abstract_batch: dict, hbm: int) -> "MemoryReport | None":
@@ -74,7 +75,8 @@ class MemoryReport:
                    opt_state=per_device_bytes(abstract_state["opt_state"]) + per_device_bytes(abstract_state["step"]),
                    batch=per_device_bytes(abstract_batch), arguments=int(stats.argument_size_in_bytes),
                    outputs=int(stats.output_size_in_bytes), aliased=int(stats.alias_size_in_bytes),
-                   temporaries=int(stats.temp_size_in_bytes), code=int(stats.generated_code_size_in_bytes))
+                   temporaries=int(stats.temp_size_in_bytes), code=int(stats.generated_code_size_in_bytes),
+                   host_temporaries=int(getattr(stats, "host_temp_size_in_bytes", 0)))
 
     @property
     def state(self) -> int:
@@ -103,7 +105,8 @@ class MemoryReport:
             ("outputs not aliased", self.outputs - self.aliased, "new state written over the donated one"),
             ("temporaries (XLA)", self.temporaries, "activations saved for backward, gradients, buffers"),
             ("generated code", self.code, ""),
-        ]
+        ] + ([("host temporaries", self.host_temporaries, "offloaded activations, in the host's pinned memory "
+                                                         "(not HBM)")] if self.host_temporaries else [])
 
     def format(self) -> str:
         if self.refused:
@@ -164,7 +167,9 @@ def levers(report: MemoryReport, *, remat: str, grad_accum_steps: int, micro_bat
             f"micro-batches of {micro_batch} -> {micro_batch // 2} rows halve the activations, which are most of "
             f"the {_gib(activations)} of temporaries beyond the gradients (saves up to ~{_gib(activations / 2)}; "
             "same optimizer batch)"))
-    stronger = {"none": "minimal", "minimal": "full"}.get(remat)
+    # one step down the remat ladder (jaxcpt.model.remat): each keeps less, reruns more
+    stronger = {"none": "minimal", "minimal": "save_dot_except_mlp", "save_dot_except_mlp": "save_attention",
+                "save_attention": "full"}.get(remat)
     if stronger:
         activation_levers.append(Lever(
             (f"model.remat={stronger}",),

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcpt.errors import UserError
-from jaxcpt.model.layers import softcap as apply_softcap
+from jaxcpt.model.layers import compile_platform, softcap as apply_softcap
 
 
 def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -156,7 +156,7 @@ def attention_splash(q, k, v, segment_ids, sliding_window=None, *, scale=None, s
         raise UserError(f"splash attention needs a sequence length that is a multiple of 128, got {q.shape[1]}; "
                         "set model.attention to auto, reference or xla")
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = compile_platform() != "tpu"
     local = functools.partial(_splash_local, sliding_window=sliding_window, scale=scale, softcap=softcap,
                               interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
@@ -179,11 +179,12 @@ def attention_splash(q, k, v, segment_ids, sliding_window=None, *, scale=None, s
 def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: float | None = None):
     """The attention function for ``name``: ``fn(q, k, v, segment_ids, window, *, scale, softcap)``.
 
-    'auto' picks by platform, dtype and length, and only a kernel that honours every setting
-    (cuDNN cannot soft-cap, so a capped model on GPU gets xla, which computes the capped einsum form).
+    'auto' picks by the platform compiled for (``compile_platform``), dtype and length, and only a kernel
+    that honours every setting (cuDNN cannot soft-cap, so a capped model on GPU gets xla, which computes the
+    capped einsum form).
     """
     if name == "auto":
-        backend = jax.default_backend()
+        backend = compile_platform()  # the mesh's platform: a CPU host compiling for TPU picks splash
         if backend == "tpu" and length % 128 == 0:
             name = "splash"
         elif backend == "gpu" and dtype in ("bfloat16", "float16") and softcap is None:

@@ -96,9 +96,12 @@ class ModelConfig:
         "float32", help="dtype parameters are stored in. Parameters that train must be float32 (Adam's updates round "
         "away in bfloat16); bfloat16 halves the memory of frozen ones, e.g. a LoRA run's base (adapters are always "
         "float32)")
-    remat: Literal["none", "minimal", "full"] = field(
-        "none", help="activation rematerialisation per layer: none, minimal (save the projections' outputs; recompute "
-        "norms, activations and attention), full (save only layer inputs)"
+    remat: Literal["none", "minimal", "save_dot_except_mlp", "save_attention", "full", "offload"] = field(
+        "none", help="activation rematerialisation per layer, named for what it keeps for the backward pass "
+        "(jaxcpt/model/remat.py; memory and recomputation of each: docs/accelerators.md): none (everything), minimal "
+        "(every projection output), save_dot_except_mlp (q, k, v, attention output and o; recompute the MLP), "
+        "save_attention (q, k, v and attention output; recompute o and the MLP), full (only the layer input; "
+        "recompute the layer), offload (save_dot_except_mlp's activations in pinned host memory; TPU)"
     )
     attention: Literal["auto", "reference", "xla", "cudnn", "splash"] = field(
         "auto",

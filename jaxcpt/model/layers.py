@@ -32,47 +32,66 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False)
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def compile_platform() -> str:
+    """The platform the program being traced is compiled for: 'cpu', 'gpu' or 'tpu'.
+
+    The devices of the mesh set with ``jax.set_mesh`` (training and ``jaxcpt compile`` trace
+    under it), else this process's default backend. Not ``jax.default_backend()`` alone: a CPU
+    host compiling for a TPU topology (``jaxcpt compile``) has the CPU as its backend while
+    it traces the TPU program.
+    """
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(device, "platform", None)
+    return "gpu" if platform in ("cuda", "rocm") else platform or jax.default_backend()
+
+
+# --- XLA:CPU only -------------------------------------------------------------------------
+# The weight gradient dW = x^T dy that autodiff emits is a dot with a transposed operand,
+# which on XLA:CPU misses its fast (XNNPACK) path: the backward pass was ~2x slower on CPU
+# (commit 5fd569f: train step 6.1 s -> 5.3 s). This custom_vjp makes the transpose explicit.
+# It is for XLA:CPU alone: a custom_vjp hides its matmuls from remat's dot-based policies and
+# its residuals from remat's names (with it, "save the projections" saved nothing), and on TPU
+# and GPU the compilers lay out the weight gradient themselves. ``dense`` uses it only when
+# ``compile_platform()`` is 'cpu'.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x, w, out_dtype):
-    """x [N, I] @ w [I, O] -> out_dtype (None: the inputs' dtype), with a hand-written backward."""
+def _cpu_matmul(x, w, out_dtype):
+    """x [N, I] @ w [I, O] -> out_dtype (None: the inputs' dtype), with an explicit-transpose backward."""
     return jnp.dot(x, w, preferred_element_type=out_dtype)
 
 
-def _matmul_fwd(x, w, out_dtype):
-    return _matmul(x, w, out_dtype), (x, w)
+def _cpu_matmul_fwd(x, w, out_dtype):
+    return _cpu_matmul(x, w, out_dtype), (x, w)
 
 
-def _matmul_bwd(out_dtype, residuals, dy):
+def _cpu_matmul_bwd(out_dtype, residuals, dy):
     x, w = residuals
     dy = dy.astype(x.dtype)
-    # dW = x^T dy with the transpose made explicit: XLA:CPU otherwise emits the
-    # weight-gradient dot with a transposed operand that misses its fast (XNNPACK)
-    # path, which made the backward pass ~2x slower on CPU. Same math everywhere.
-    dx = jnp.dot(dy, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.dot(jnp.transpose(x), dy, preferred_element_type=jnp.float32).astype(w.dtype)
+    dx = jnp.dot(dy, w.T, preferred_element_type=jnp.float32).astype(x.dtype)  # [N, I]
+    dw = jnp.dot(jnp.transpose(x), dy, preferred_element_type=jnp.float32).astype(w.dtype)  # [I, O]
     return dx, dw
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
-# The name remat's "minimal" policy saves. Remat policies that look for dot primitives
-# (dots_with_no_batch_dims_saveable) cannot see inside the custom_vjp above, so they saved
-# nothing more than "full"; naming the outputs says what to keep whatever the backward is.
-PROJECTION = "projection"
-
-
-def dense(x: jax.Array, w: jax.Array, contract: int = 1, out_dtype=None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, contract: int = 1, out_dtype=None, name: str | None = None) -> jax.Array:
     """Contract the last ``contract`` dims of x with the first ``contract`` dims of w.
 
-    x [..., *in], w [*in, *out] -> [..., *out], computed as one 2-D matmul (accumulating
-    in float32 on accelerators); ``out_dtype`` float32 keeps e.g. logits in full precision.
-    The output is named ``PROJECTION`` for rematerialisation policies.
+    x [..., *in], w [*in, *out] -> [..., *out] (accumulating in float32 on accelerators);
+    ``out_dtype`` float32 keeps e.g. logits in full precision. ``name`` tags the output for
+    rematerialisation policies (``jaxcpt.model.remat``).
+
+    On TPU and GPU this is one ``dot_general`` that autodiff and remat see as it is; on CPU
+    a 2-D matmul with the explicit-transpose backward above.
     """
     lead, inner, out = x.shape[: x.ndim - contract], w.shape[:contract], w.shape[contract:]
-    size_in, size_out = math.prod(inner), math.prod(out)
-    y = _matmul(x.reshape(-1, size_in), w.reshape(size_in, size_out), out_dtype)
-    return checkpoint_name(y.reshape(*lead, *out), PROJECTION)
+    if compile_platform() == "cpu":
+        size_in, size_out = math.prod(inner), math.prod(out)
+        y = _cpu_matmul(x.reshape(-1, size_in), w.reshape(size_in, size_out), out_dtype).reshape(*lead, *out)
+    else:
+        dims = ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))
+        y = jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)  # [..., *out]
+    return y if name is None else checkpoint_name(y, name)
 
 
 ACTIVATIONS = {

@@ -22,19 +22,17 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from jaxcpt.model.attention import choose_attention
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model import lora as lora_lib
-from jaxcpt.model.layers import PROJECTION, dense, gated_mlp, low_rank_update, output_logits, rms_norm
+from jaxcpt.model import remat as remat_lib
+from jaxcpt.model.layers import dense, gated_mlp, low_rank_update, output_logits, rms_norm
 from jaxcpt.model.rope import apply_rope, rope_cos_sin
 from jaxcpt.sharding.rules import constrain, make_rules, named_sharding
 
-REMAT_POLICIES = {
-    "minimal": jax.checkpoint_policies.save_only_these_names(PROJECTION),
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
@@ -125,7 +123,8 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
     adapted = set(cfg.lora.targets) if cfg.lora is not None else set()
 
     def project(inputs, name: str):
-        """The projection ``name`` of ``inputs``, its bias and its LoRA update (when it has them) included."""
+        """The projection ``name`` of ``inputs``, its bias and its LoRA update (when it has them) included,
+        named for remat policies (``jaxcpt.model.remat``)."""
         contract = lora_lib.PROJECTIONS[name]
         out = dense(inputs, p[name], contract)
         if f"{name}_bias" in p:
@@ -133,7 +132,7 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
         if name in adapted:  # added last, as peft adds it to the base layer's output
             a, b = lora_lib.adapter_names(name)
             out = out + low_rank_update(inputs, p[a], p[b], cfg.lora.scale, contract)
-        return out
+        return checkpoint_name(out, remat_lib.PROJECTION_NAMES[name])
 
     h = norm(x, p["attn_norm"])
     q = project(h, "q")  # [B, T, H, D]
@@ -154,6 +153,7 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
         attn, aux = rotated(kind)
     else:
         attn, aux = jax.lax.cond(is_sliding, lambda: rotated(SLIDING), lambda: rotated(FULL))
+    attn = checkpoint_name(attn, remat_lib.ATTENTION_OUT)  # [B, T, H, D]
     attn_out = project(attn, "o")  # [B, T, E]
     if cfg.post_norms:
         attn_out = norm(attn_out, p["post_attn_norm"])
@@ -247,7 +247,7 @@ class Transformer(nnx.Module):
         block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
                                   attend=packed_attention(cfg, attention_fn, segment_ids))
         if cfg.remat != "none":
-            block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
+            block = jax.checkpoint(block, policy=remat_lib.policy(cfg.remat))
 
         def scan_body(carry, layer):
             layer_params, layer_is_sliding = layer
