@@ -18,7 +18,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxcpt.aot.memory import MemoryReport, per_device_bytes, replicated_bytes
-from jaxcpt.aot.topology import Topology, tpu_devices
+from jaxcpt.aot.topology import Topology
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.sharding.mesh import build_mesh, describe_mesh
 from jaxcpt.sharding.rules import check_rules, make_rules
@@ -43,11 +43,10 @@ class CompileResult:
 
     def describe(self) -> str:
         m = self.program.model_cfg
-        attention = f"{m.attention}" + (f" ({self.pallas_kernels} Pallas TPU kernel calls lowered)"
+        attention = f"{m.attention}" + (f" ({self.pallas_kernels} {self.topology.kernel_label} calls lowered)"
                                         if self.pallas_kernels else "")
         return "\n".join([
-            f"topology     {self.topology.name} ({self.topology.topology_name}, {self.topology.num_slices} slice(s), "
-            f"{self.topology.num_chips} chips, {self.hosts} hosts)",
+            f"topology     {self.topology.describe(self.hosts)}",
             f"mesh         {describe_mesh(self.mesh)}",
             f"batch        {self.program.batch_size} rows x {self.program.seq_len} tokens, micro-batches of "
             f"{self.program.micro_batch} rows",
@@ -81,7 +80,7 @@ def tracing_for(platform: str):
 
 
 def compile_train_step(cfg: TrainConfig, model_cfg: ModelConfig, topology: Topology) -> CompileResult:
-    devices = tpu_devices(topology)
+    devices = topology.devices()  # TPU (libtpu) or GPU (jax's CUDA plugin), compile-only
     mesh = build_mesh(cfg.mesh, devices=devices)
     rules = make_rules(cfg.sharding_rules)
     check_rules(rules, mesh)
@@ -90,16 +89,16 @@ def compile_train_step(cfg: TrainConfig, model_cfg: ModelConfig, topology: Topol
     layout_lib.check_batch_split(cfg.train.batch_size, cfg.optim.grad_accum_steps, mesh, rules, hosts)
     program = build_program(cfg, model_cfg, mesh, rules, max(1, len(cfg.data.sources)))
     start = time.perf_counter()
-    with tracing_for("tpu"):
+    with tracing_for(topology.platform), topology.lowering_checks():
         lowered = program.lower_train_step()
     lower_s = time.perf_counter() - start
-    pallas = lowered.as_text().count(PALLAS_TPU_CALL)
+    pallas = lowered.as_text().count(topology.kernel_call)
     state, batch = program.abstract_state(), program.abstract_batch()
     start = time.perf_counter()
     try:
-        memory = MemoryReport.from_compiled(lowered.compile(), state, batch, topology.generation.hbm_bytes)
+        memory = MemoryReport.from_compiled(lowered.compile(), state, batch, topology.hbm_bytes)
     except jax.errors.JaxRuntimeError as e:  # far too large: XLA:TPU stops at its own HBM check
-        memory = MemoryReport.from_refusal(str(e), state, batch, topology.generation.hbm_bytes)
+        memory = MemoryReport.from_refusal(str(e), state, batch, topology.hbm_bytes)
         if memory is None:
             raise
     compile_s = time.perf_counter() - start
