@@ -96,7 +96,10 @@ def compile_train_step(cfg: TrainConfig, model_cfg: ModelConfig, topology: Topol
     state, batch = program.abstract_state(), program.abstract_batch()
     start = time.perf_counter()
     try:
-        memory = MemoryReport.from_compiled(lowered.compile(), state, batch, topology.hbm_bytes)
+        compiled = lowered.compile()
+        memory = MemoryReport.from_compiled(compiled, state, batch, topology.hbm_bytes)
+        # cuDNN attention on a multi-GPU mesh is a custom_partitioning call until GSPMD partitions it
+        pallas = max(pallas, compiled.as_text().count(topology.kernel_call))
     except jax.errors.JaxRuntimeError as e:  # far too large: XLA:TPU stops at its own HBM check
         memory = MemoryReport.from_refusal(str(e), state, batch, topology.hbm_bytes)
         if memory is None:
