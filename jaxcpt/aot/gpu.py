@@ -247,7 +247,7 @@ def _use_launch_xla_flags() -> None:
 
 
 def gpus_attached() -> bool:
-    """Whether this host has an NVIDIA GPU (the device files the driver creates), whatever is installed."""
+    """Whether this host has a GPU (the device files the NVIDIA or AMD driver creates), whatever is installed."""
     import glob
 
-    return bool(glob.glob("/dev/nvidia[0-9]*"))
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/kfd"))
