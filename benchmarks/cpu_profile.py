@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import CpuLoad, add_shape_arguments, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
+from train_throughput import CpuLoad, add_shape_arguments, git_commit, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
 
 _INSTRUCTION = re.compile(r"%([\w.\-]+) = [^\n]*?\b(fusion|dot|copy|transpose)\([^\n]*")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
@@ -153,6 +153,7 @@ def main(argv=None) -> int:
                         help="PyTorch eager (one profile row per aten op) or torch.compile (inductor's fused kernels)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_profile.json"))
     args = parser.parse_args(argv)
+    git_commit()  # the commit measured, read before the run
     import jax
 
     from jaxcpt.sharding.mesh import build_mesh

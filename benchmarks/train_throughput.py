@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -134,6 +135,7 @@ def cpu_info() -> dict:
             "cpu_model": fields.get("model"), "cpu_features": features}
 
 
+@functools.lru_cache(maxsize=1)  # read once, when the benchmark starts: the code that was measured
 def git_commit() -> str | None:
     """The checkout's commit (with '+dirty' when the tree has changes), or None outside git."""
     import subprocess
@@ -317,6 +319,7 @@ def main(argv=None) -> int:
     parser.add_argument("--require-gpu", action="store_true", help="exit 2 unless JAX's default backend is a GPU")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_throughput_<shape>_<platform>.json)")
     args = parser.parse_args(argv)
+    git_commit()
     modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
     if any(m not in ("eager", "compile") for m in modes):
         parser.error(f"--torch-modes takes eager and/or compile, got {args.torch_modes!r}")
