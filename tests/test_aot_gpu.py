@@ -132,3 +132,32 @@ def test_tiny_config_compiles_for_two_h100s_with_cudnn_attention_and_memory_the_
     assert memory["arguments_bytes"] == memory["state_bytes"] + memory["batch_bytes"]
     assert memory["aliased_bytes"] >= memory["state_bytes"]
     assert 0 < memory["temporaries_bytes"] and memory["fits"] and memory["hbm_bytes"] == gpu.MODELS["h100"].memory_bytes
+
+
+# The shipped GPU configs, the node each is written for, and the compile recorded for it (docs/gpu.md).
+SHIPPED_GPU_CONFIGS = [
+    ("configs/qwen2.5-7b-8xh100.yaml", "h100-8", "benchmarks/results/compile_qwen2.5-7b-8xh100_h100-8.json"),
+    ("configs/llama3.2-1b-1gpu.yaml", "h100-1", "benchmarks/results/compile_llama3.2-1b-1gpu_h100-1.json"),
+]
+
+
+@needs_plugin
+@pytest.mark.slow
+@pytest.mark.parametrize("config, topology, recorded", SHIPPED_GPU_CONFIGS)
+def test_each_shipped_gpu_config_fits_its_node_within_10_percent_of_the_recorded_memory(config, topology, recorded):
+    """~20-30 s each: the config as shipped, its architecture from jaxcpt.aot.architectures (init.path is not here)."""
+    from jaxcpt.aot.command import resolve_model
+    from jaxcpt.aot.compiler import compile_train_step
+    from jaxcpt.train.config import load_train_config
+
+    cfg = load_train_config(config, [])
+    model_cfg, _ = resolve_model(cfg, None, None)
+    result = compile_train_step(cfg, model_cfg, parse_topology(topology))
+    before = json.loads((ROOT / recorded).read_text())
+    entry = next(r for r in before["reports"] if r["topology"] == topology)
+    assert result.memory.fits, result.memory.format()
+    assert result.pallas_kernels >= 2  # bf16 on a GPU: auto is cuDNN attention
+    assert result.memory.total == pytest.approx(entry["memory"]["total_bytes"], rel=0.10), (
+        f"{config} on {topology} needs {result.memory.total / GiB:.2f} GiB per GPU, "
+        f"{entry['memory']['total_bytes'] / GiB:.2f} GiB when {recorded} was recorded at {before['git_commit']}: "
+        "re-measure with jaxcpt compile --json and say why it moved")
