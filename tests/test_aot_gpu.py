@@ -75,6 +75,20 @@ def test_without_the_cuda_plugin_compile_exits_2_naming_the_extra(monkeypatch, c
     assert "needs jax's CUDA plugin, which is not installed: pip install 'jaxcpt[gpu-compile]'" in capsys.readouterr().err
 
 
+def test_without_ptxas_and_libdevice_the_error_names_the_extra_before_compiling(monkeypatch):
+    """XLA itself would fail only at the first compile, with "libdevice not found at ./libdevice.10.bc"."""
+    import os
+    import shutil
+
+    from jax._src import lib
+
+    monkeypatch.setattr(lib, "cuda_path", "/nonexistent", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os.path, "isfile", lambda path: False)
+    with pytest.raises(UserError, match=r"needs CUDA's ptxas and libdevice.*jaxcpt\[gpu-compile\]"):
+        gpu.cuda_tools()
+
+
 def test_a_cuda_plugin_without_a_gpu_runs_commands_on_the_cpu(monkeypatch):
     """The plugin's start-up checks fail without a GPU (a traceback per command); ask for the CPU instead."""
     from jaxcpt import cli

@@ -11,9 +11,9 @@ SMs, memory, caches) plus the cuDNN and CUDA versions the run will have. XLA's o
 every plugin since jax 0.8 parses.
 
 Measured here (December 2026): jax/jaxlib 0.10.2 with jax-cuda13-plugin + jax-cuda13-pjrt
-0.10.2 (``pip install 'jaxcpt[gpu-compile]'``, 130 MB, no CUDA libraries and no driver)
-compiles the train step for sm_90a / sm_100a: the plugin carries its own PTX compiler.
-What the compiler cannot do without the GPU: autotune (it picks GEMM and fusion configs
+0.10.2, plus CUDA's ptxas and libdevice (``pip install 'jaxcpt[gpu-compile]'``: the plugin and
+nvidia-cuda-nvcc, no CUDA runtime libraries and no driver) compiles the train step for sm_90a /
+sm_100a; jax 0.11.2 on Python 3.12 does the same. What the compiler cannot do without the GPU: autotune (it picks GEMM and fusion configs
 by heuristics, as ``--xla_gpu_autotune_level=0`` does) and build cuDNN's attention graphs
 (XLA builds them where a GPU is attached; their workspace, a few MiB, is not in the plan).
 """
@@ -138,6 +138,7 @@ class GpuTopology:
     def devices(self) -> list:
         """The compile-only JAX devices of this topology (nothing can run on them from this host)."""
         plugin = check_cuda_plugin()
+        cuda_tools()
         _use_launch_xla_flags()
         from jax.experimental import topologies
 
@@ -220,11 +221,34 @@ def check_cuda_plugin() -> dict:
             "cuda_version": (cuda // 1000, cuda // 10 % 100, 0)}
 
 
+def cuda_tools() -> str:
+    """The CUDA directory holding ``bin/ptxas`` and ``nvvm/libdevice/libdevice.10.bc``, which XLA compiles GPU code with.
+
+    Looked for where XLA looks: jax's ``cuda_path`` (CUDA_ROOT, else the nvidia-cuda-nvcc wheel), then the
+    usual toolkit places. Without them XLA fails late with "libdevice not found at ./libdevice.10.bc".
+    """
+    import shutil
+
+    from jax._src import lib
+
+    candidates = [getattr(lib, "cuda_path", None), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    ptxas = shutil.which("ptxas")
+    if ptxas:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(ptxas))))
+    for directory in filter(None, candidates):
+        if (os.path.isfile(os.path.join(directory, "bin", "ptxas"))
+                and os.path.isfile(os.path.join(directory, "nvvm", "libdevice", "libdevice.10.bc"))):
+            return directory
+    raise UserError("compiling for NVIDIA GPUs needs CUDA's ptxas and libdevice, found neither in the "
+                    f"nvidia-cuda-nvcc wheel nor in a CUDA toolkit (CUDA_ROOT, /usr/local/cuda): {INSTALL}")
+
+
 def plugin_versions() -> dict[str, str]:
-    """For reports: the plugin packages and the CUDA/cuDNN versions the compile targets."""
+    """For reports: the plugin packages, the CUDA/cuDNN versions the compile targets and the CUDA tools used."""
     plugin = check_cuda_plugin()
     return {plugin["package"]: plugin["version"], plugin["package"].replace("plugin", "pjrt"): plugin["pjrt"],
-            "cuda": ".".join(map(str, plugin["cuda_version"][:2])), "cudnn": ".".join(map(str, plugin["cudnn_version"]))}
+            "cuda": ".".join(map(str, plugin["cuda_version"][:2])), "cudnn": ".".join(map(str, plugin["cudnn_version"])),
+            "cuda_tools": cuda_tools()}
 
 
 def _version(package: str) -> str:
