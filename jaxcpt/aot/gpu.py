@@ -7,15 +7,16 @@ topology="NODESx1xGPUS")`` returns devices that jit can lower and compile for, o
 with no GPU and no CUDA driver. ``TEXT`` is a ``stream_executor.GpuTargetConfigProto`` in
 protobuf text format: what the CUDA driver would report for the GPU (compute capability,
 SMs, memory, caches) plus the cuDNN and CUDA versions the run will have. XLA's own specs
-(xla/backends/gpu/target_config/specs/*.txtpb) list these; the fields below are the subset
-every plugin since jax 0.8 parses.
+(xla/backends/gpu/target_config/specs/*.txtpb) list these; the fields below are a subset that
+the plugins of jax 0.10.2 and 0.11.2 parse.
 
 Measured here (December 2026): jax/jaxlib 0.10.2 with jax-cuda13-plugin + jax-cuda13-pjrt
-0.10.2, plus CUDA's ptxas and libdevice (``pip install 'jaxcpt[gpu-compile]'``: the plugin and
-nvidia-cuda-nvcc, no CUDA runtime libraries and no driver) compiles the train step for sm_90a /
-sm_100a; jax 0.11.2 on Python 3.12 does the same. What the compiler cannot do without the GPU: autotune (it picks GEMM and fusion configs
-by heuristics, as ``--xla_gpu_autotune_level=0`` does) and build cuDNN's attention graphs
-(XLA builds them where a GPU is attached; their workspace, a few MiB, is not in the plan).
+0.10.2, plus CUDA's ptxas and libdevice (``pip install 'jaxcpt[gpu-compile]'``: the plugin
+and nvidia-cuda-nvcc; no CUDA runtime libraries, no driver) compiles the train step for
+sm_90a and sm_100a; jax 0.11.2 on Python 3.12 does the same. What the compiler cannot do
+without the GPU: autotune (it picks GEMM and fusion configs by heuristics, as
+``--xla_gpu_autotune_level=0`` does) and build cuDNN's attention graphs (XLA builds them
+where a GPU is attached; their scratch workspace is not in the plan).
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ class GpuTopology:
                                                        topology=self.topology_name)
         except (NotImplementedError, RuntimeError) as e:
             raise UserError(f"jax's CUDA plugin ({plugin['package']} {plugin['version']}) cannot describe "
-                            f"{self.name} without a GPU: {e}. Compiling for GPUs on a CPU host needs jax >= 0.8 "
-                            f"and its matching plugin: {INSTALL}") from e
+                            f"{self.name} without a GPU: {e}. Checked to work: jax 0.10.2 and 0.11.2 with their "
+                            f"plugins (docs/gpu.md): {INSTALL}") from e
         return list(description.devices)
 
     @contextlib.contextmanager
