@@ -48,7 +48,7 @@ def record_config(row):
     from jaxcpt.aot.topology import check_libtpu
 
     result, source = compile_row(row)
-    payload = report_payload(row.config, list(row.overrides), source, check_libtpu(), [result.as_dict()])
+    payload = report_payload(row.config, list(row.overrides), source, {"libtpu": check_libtpu()}, [result.as_dict()])
     row.results_path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {row.results_path.relative_to(ROOT)}")
     return result, source
@@ -70,7 +70,7 @@ def record_remat(row, policies, known=None) -> None:
         entry = row_of(policy, result).__dict__ | {"git_commit": git_commit(), "wall_s": time.perf_counter() - start,
                                                    "loadavg": os.getloadavg()}
         entries[policy] = {**entry, "recompute_fraction": entry["recompute_flops"] / entry["step_flops"]}
-        base = report_payload(row.config, list(row.overrides), source, check_libtpu(), [])
+        base = report_payload(row.config, list(row.overrides), source, {"libtpu": check_libtpu()}, [])
         base.pop("reports")
         payload = {**base, "benchmark": "compile_remat", "topology": row.topology,
                    "hbm_bytes": result.memory.hbm, "batch_size": result.program.batch_size,

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import CpuLoad, add_shape_arguments, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
+from train_throughput import CpuLoad, add_shape_arguments, git_commit, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
 
 # name -> (framework, dtype, extra XLA flags, model/loss overrides)
 VARIANTS = {
@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_breakdown.json"))
     args = parser.parse_args(argv)
+    git_commit()  # the commit measured, read before the run
     if args.worker:
         return worker(args)
 

@@ -7,6 +7,16 @@ Traces the jitted loss (forward) and loss + gradients (forward + backward) with
 each XLA thunk's exclusive time on XLA's worker threads, and sorts the ops of the optimized HLO
 into matmul fusions, other fusions (elementwise, reductions, broadcasts), plain dots and
 transposes/copies. Prints each group's share and the slowest non-matmul ops with their shapes.
+
+With ``--vs-torch`` it profiles transformers + PyTorch on the same shape and batch the same
+way (``torch.profiler``, forward and forward + backward, eager or ``--torch-mode compile``) and
+sorts its ops into the same kinds, so the two columns say where each framework's step goes:
+
+    python benchmarks/cpu_profile.py --shape cpu-small --seq-len 512 --batch 4 --vs-torch
+
+The units differ a little: XLA's figure is thunk time summed over its worker threads, PyTorch's
+is each op's self time on the thread that runs it (its intra-op threads inside), so compare the
+shares and each side's total against its wall time per call.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import CpuLoad, add_shape_arguments, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
+from train_throughput import CpuLoad, add_shape_arguments, git_commit, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
 
 _INSTRUCTION = re.compile(r"%([\w.\-]+) = [^\n]*?\b(fusion|dot|copy|transpose)\([^\n]*")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
@@ -68,12 +78,82 @@ def exclusive_thunk_ns(trace_dir: str) -> dict[str, float]:
     return out
 
 
+# PyTorch op names -> the kinds above. Inductor's generated kernels (torch.compile) are fused loops.
+_TORCH_KINDS = (
+    (re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_mkldnn|mkldnn_)"), "matmul"),
+    (re.compile(r"scaled_dot_product|flash_attention|_efficient_attention"), "attention (sdpa)"),
+    (re.compile(r"^aten::(copy_|clone|contiguous|_to_copy|to|t|transpose|permute|view|reshape|_unsafe_view|expand|"
+                r"as_strided|cat|index_select|embedding)"), "transpose/copy"),
+    (re.compile(r"cpp_fused|triton_|graph_|Torch-Compiled|CompiledFunction|inductor"), "compiled (inductor) kernels"),
+)
+
+
+def torch_kind(name: str) -> str:
+    for pattern, kind in _TORCH_KINDS:
+        if pattern.search(name):
+            return kind
+    return "other (elementwise, reductions, autograd)"
+
+
+def torch_profile(cfg, args) -> dict:
+    """The same forward and forward+backward in transformers + PyTorch, self time per op kind (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from jaxcpt.hf.families import config_to_hf
+
+    hf = config_to_hf(cfg, "float32")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items()
+                                                  if k not in ("architectures", "model_type", "dtype", "torch_dtype")}),
+        attn_implementation="sdpa")
+    model.train()
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    run = torch.compile(model) if args.torch_mode == "compile" else model
+
+    def loss():
+        logits = run(input_ids=inputs).logits
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def fwdbwd():
+        loss().backward()
+        model.zero_grad(set_to_none=True)
+
+    report = {}
+    for label, fn in (("forward", loss), ("forward+backward", fwdbwd)):
+        for _ in range(2):  # compilation (torch.compile) and first-touch allocations stay out of the profile
+            fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                fn()
+            wall = (time.perf_counter() - start) / args.calls
+        groups: dict[str, float] = collections.defaultdict(float)
+        per_op = []
+        for event in prof.key_averages():
+            seconds = event.self_cpu_time_total / 1e6 / args.calls
+            if seconds > 0:
+                groups[torch_kind(event.key)] += seconds
+                per_op.append((seconds, event.key))
+        report[label] = {"wall_s": wall, "self_s": dict(groups),
+                         "slowest_ops": [{"op": n, "s": sec} for sec, n in sorted(per_op, reverse=True)[:6]]}
+    return {"mode": args.torch_mode, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "results": report}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_arguments(parser)
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--vs-torch", action="store_true", help="also profile transformers + PyTorch on the same step")
+    parser.add_argument("--torch-mode", default="eager", choices=["eager", "compile"],
+                        help="PyTorch eager (one profile row per aten op) or torch.compile (inductor's fused kernels)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_profile.json"))
     args = parser.parse_args(argv)
+    git_commit()  # the commit measured, read before the run
     import jax
 
     from jaxcpt.sharding.mesh import build_mesh
@@ -113,12 +193,23 @@ def main(argv=None) -> int:
             print(f"  {kind:24s} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
         for s, n in slowest:
             print(f"    {s:6.2f} s  {n:26s} {kinds[n][1]}")
+    torch_report = torch_profile(cfg, args) if args.vs_torch else None
+    if torch_report:
+        for label, entry in torch_report["results"].items():
+            total = sum(entry["self_s"].values())
+            print(f"\nPyTorch ({torch_report['mode']}) {label}: {entry['wall_s']:.2f} s per call, {total:.2f} s of op "
+                  f"self time; jaxcpt {report[label]['wall_s']:.2f} s per call")
+            for kind, seconds in sorted(entry["self_s"].items(), key=lambda kv: -kv[1]):
+                print(f"  {kind:42s} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
+            for op in entry["slowest_ops"][:4]:
+                print(f"    {op['s']:6.2f} s  {op['op']}")
     load_info = load.stop()
     print(f"other processes' CPU load: {load_info['other_processes_cores']:.2f} cores of {load_info['cores']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "cpu_profile", "shape": args.shape, "batch": args.batch,
-                                          "seq_len": args.seq_len, "machine": machine_info(), "cpu_load": load_info,
-                                          "results": report}, indent=2) + "\n")
+                                          "seq_len": args.seq_len, "dtype": "float32", "machine": machine_info(),
+                                          "cpu_load": load_info, "results": report, "pytorch": torch_report},
+                                         indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

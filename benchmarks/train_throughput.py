@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -110,14 +111,53 @@ class CpuLoad:
                 "loadavg": open("/proc/loadavg").read().split()[:3]}
 
 
+# The CPU features that decide matmul speed here: AMX (Intel Sapphire Rapids on) is what oneDNN uses for
+# PyTorch's bf16; AVX-512 bf16/VNNI are what an AMD EPYC (Zen 4/5) offers instead. Machines of one name differ.
+CPU_FEATURES = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "fma")
+
+
+def cpu_info() -> dict:
+    """The CPU as /proc/cpuinfo names it: model, vendor, family/model numbers, the matmul features, a one-line kind."""
+    fields = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return {"cpu": platform.processor() or "?", "cpu_kind": platform.processor() or "?"}
+    flags = set(fields.get("flags", "").split())
+    features = [f for f in CPU_FEATURES if f in flags]
+    name = fields.get("model name", "?")
+    kind = (f"{name} ({fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}): {'AMX' if 'amx_bf16' in flags else 'no AMX'}, "
+            f"{'AVX-512 bf16' if 'avx512_bf16' in flags else 'no AVX-512 bf16'}")
+    return {"cpu": name, "cpu_kind": kind, "cpu_vendor": fields.get("vendor_id"), "cpu_family": fields.get("cpu family"),
+            "cpu_model": fields.get("model"), "cpu_features": features}
+
+
+@functools.lru_cache(maxsize=1)  # read once, when the benchmark starts: the code that was measured
+def git_commit() -> str | None:
+    """The checkout's commit (with '+dirty' when the tree has changes), or None outside git."""
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
+
+
 def machine_info() -> dict:
     import jax
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     device = jax.devices()[0]
-    return {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+    return {"host": platform.node(), **cpu_info(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
             "jax": jax.__version__, "device_kind": device.device_kind, "platform": device.platform,
-            "num_devices": jax.device_count()}
+            "num_devices": jax.device_count(), "git_commit": git_commit()}
 
 
 # ----------------------------------------------------------------------------- jaxcpt
@@ -279,6 +319,7 @@ def main(argv=None) -> int:
     parser.add_argument("--require-gpu", action="store_true", help="exit 2 unless JAX's default backend is a GPU")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_throughput_<shape>_<platform>.json)")
     args = parser.parse_args(argv)
+    git_commit()
     modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
     if any(m not in ("eager", "compile") for m in modes):
         parser.error(f"--torch-modes takes eager and/or compile, got {args.torch_modes!r}")
@@ -362,8 +403,10 @@ def main(argv=None) -> int:
         if name != "jaxcpt":
             report[f"jaxcpt_over_{name}_tokens_per_s"] = results["jaxcpt"]["tokens_per_s"] / results[name]["tokens_per_s"]
 
+    machine = report["machine"]
+    device = machine["cpu_kind"] if on_cpu else machine["device_kind"]
     print(f"\n{args.shape}: {cfg.num_params() / 1e6:.1f}M params, batch {args.batch} x seq {args.seq_len}, {dtype}, "
-          f"{machine_info()['device_kind']} x{jax.device_count()}")
+          f"{device} x{jax.device_count()}, commit {machine['git_commit']}")
     print(f"{'':16s} {'step s (median)':>16s} {'spread':>7s} {'tokens/s':>10s} {'jaxcpt/x':>9s} {'MFU':>7s} {'peak mem':>10s}")
     for name, r in results.items():
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"

@@ -52,12 +52,16 @@ def _skip_tpu_runtime_off_tpu() -> None:
     import importlib.util
     import os
 
+    from jaxcpt.aot.gpu import gpus_attached
     from jaxcpt.aot.topology import tpu_chips_attached
 
-    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None or tpu_chips_attached():
+    if "JAX_PLATFORMS" in os.environ or tpu_chips_attached():
         return
     gpu_plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm6_plugin", "jax_rocm7_plugin")
-    if any(importlib.util.find_spec(name) for name in gpu_plugins):
+    gpu_plugin = any(importlib.util.find_spec(name) for name in gpu_plugins)
+    # A GPU plugin without a GPU (jaxcpt[gpu-compile] on a CPU host) fails its CUDA/cuDNN checks at start-up
+    # and prints a traceback before the CPU fallback, as libtpu does: the same answer for both.
+    if (gpu_plugin and gpus_attached()) or (importlib.util.find_spec("libtpu") is None and not gpu_plugin):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
 

@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None, help="YAML config (see configs/); omitted = all defaults")
     parser.add_argument("--topology", required=True,
                         help="TPU slice(s), comma-separated: v5p-64, v4-32, v5litepod-16 (= v5e-16), v6e-8, "
-                             "2xv5p-64 (two slices), v5p:4x4x12 (explicit chip shape)")
+                             "2xv5p-64 (two slices), v5p:4x4x12 (explicit chip shape); or NVIDIA GPU nodes: "
+                             "h100-8, h200-8, b200-8, 2xh100-8 (two nodes), h100-1 (docs/gpu.md)")
     parser.add_argument("--num-slices", type=int, default=None, help="slices of each topology (overrides an Nx prefix)")
     parser.add_argument("--model-config", default=None,
                         help="an HF config.json (or a directory holding one) giving the architecture")
@@ -80,15 +81,15 @@ def _single_config_dir(path: Path) -> Path:
 
 def run(args) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this host only compiles; never start a local TPU runtime
-    from jaxcpt.aot.topology import check_libtpu, parse_topologies
+    from jaxcpt.aot.topology import compiler_versions, parse_topologies
     from jaxcpt.train.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
     topologies = parse_topologies(args.topology, args.num_slices)
     model_cfg, source = resolve_model(cfg, args.model_config, args.architecture)
-    libtpu = check_libtpu()
+    compilers = compiler_versions(topologies)  # {"libtpu": ...} and/or the CUDA plugin's packages
     print(f"jaxcpt compile: {args.config or '(defaults)'} {' '.join(args.overrides)}".rstrip())
-    print(f"model shapes from {source}; libtpu {libtpu}", flush=True)
+    print(f"model shapes from {source}; " + ", ".join(f"{k} {v}" for k, v in compilers.items()), flush=True)
 
     reports, all_fit = [], True
     for topology in topologies:
@@ -100,7 +101,7 @@ def run(args) -> int:
     if len(topologies) > 1:
         print("\n" + _table(reports))
     if args.json:
-        _write_json(Path(args.json), args, source, libtpu, reports)
+        _write_json(Path(args.json), args, source, compilers, reports)
     return 0 if all_fit else 1
 
 
@@ -213,14 +214,14 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def _write_json(path: Path, args, source: str, libtpu: str, reports: list[dict]) -> None:
+def _write_json(path: Path, args, source: str, compilers: dict, reports: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = report_payload(args.config, args.overrides, source, libtpu, reports)
+    payload = report_payload(args.config, args.overrides, source, compilers, reports)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
 
 
-def report_payload(config: str | None, overrides: list[str], source: str, libtpu: str, reports: list[dict]) -> dict:
+def report_payload(config: str | None, overrides: list[str], source: str, compilers: dict, reports: list[dict]) -> dict:
     """The JSON `jaxcpt compile --json` writes (and benchmarks/compile_configs.py records): the reports with
     the code's git commit, the versions and the machine."""
     import platform
@@ -230,6 +231,6 @@ def report_payload(config: str | None, overrides: list[str], source: str, libtpu
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
         if Path("/proc/cpuinfo").exists() else platform.processor()
     return {"benchmark": "compile", "config": config, "overrides": list(overrides), "architecture": source,
-            "git_commit": git_commit(), "jax": jax.__version__, "libtpu": libtpu,
+            "git_commit": git_commit(), "jax": jax.__version__, **compilers,
             "machine": {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
             "reports": reports}

@@ -16,7 +16,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxcpt.aot.memory import MemoryReport, per_device_bytes, replicated_bytes
-from jaxcpt.aot.topology import Topology, tpu_devices
+from jaxcpt.aot.topology import Topology
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.sharding.mesh import build_mesh, describe_mesh
 from jaxcpt.sharding.rules import check_rules, make_rules
@@ -41,11 +41,10 @@ class CompileResult:
 
     def describe(self) -> str:
         m = self.program.model_cfg
-        attention = f"{m.attention}" + (f" ({self.pallas_kernels} Pallas TPU kernel calls lowered)"
+        attention = f"{m.attention}" + (f" ({self.pallas_kernels} {self.topology.kernel_label} calls lowered)"
                                         if self.pallas_kernels else "")
         return "\n".join([
-            f"topology     {self.topology.name} ({self.topology.topology_name}, {self.topology.num_slices} slice(s), "
-            f"{self.topology.num_chips} chips, {self.hosts} hosts)",
+            f"topology     {self.topology.describe(self.hosts)}",
             f"mesh         {describe_mesh(self.mesh)}",
             f"batch        {self.program.batch_size} rows x {self.program.seq_len} tokens, micro-batches of "
             f"{self.program.micro_batch} rows",
@@ -65,7 +64,7 @@ class CompileResult:
 
 
 def compile_train_step(cfg: TrainConfig, model_cfg: ModelConfig, topology: Topology) -> CompileResult:
-    devices = tpu_devices(topology)
+    devices = topology.devices()  # TPU (libtpu) or GPU (jax's CUDA plugin), compile-only
     mesh = build_mesh(cfg.mesh, devices=devices)
     rules = make_rules(cfg.sharding_rules)
     check_rules(rules, mesh)
@@ -74,16 +73,21 @@ def compile_train_step(cfg: TrainConfig, model_cfg: ModelConfig, topology: Topol
     layout_lib.check_batch_split(cfg.train.batch_size, cfg.optim.grad_accum_steps, mesh, rules, hosts)
     program = build_program(cfg, model_cfg, mesh, rules, max(1, len(cfg.data.sources)))
     start = time.perf_counter()
-    # traced under the topology's mesh: the model reads the platform (splash, no CPU matmul trick) from it
-    lowered = program.lower_train_step()
+    # traced under the topology's mesh: the model reads the platform (splash, no CPU matmul trick) from it;
+    # the topology answers the kernels' tracing-time checks (cuDNN version, compute capability) for its target
+    with topology.lowering_checks():
+        lowered = program.lower_train_step()
     lower_s = time.perf_counter() - start
-    pallas = lowered.as_text().count(PALLAS_TPU_CALL)
+    pallas = lowered.as_text().count(topology.kernel_call)
     state, batch = program.abstract_state(), program.abstract_batch()
     start = time.perf_counter()
     try:
-        memory = MemoryReport.from_compiled(lowered.compile(), state, batch, topology.generation.hbm_bytes)
+        compiled = lowered.compile()
+        memory = MemoryReport.from_compiled(compiled, state, batch, topology.hbm_bytes)
+        # cuDNN attention on a multi-GPU mesh is a custom_partitioning call until GSPMD partitions it
+        pallas = max(pallas, compiled.as_text().count(topology.kernel_call))
     except jax.errors.JaxRuntimeError as e:  # far too large: XLA:TPU stops at its own HBM check
-        memory = MemoryReport.from_refusal(str(e), state, batch, topology.generation.hbm_bytes)
+        memory = MemoryReport.from_refusal(str(e), state, batch, topology.hbm_bytes)
         if memory is None:
             raise
     compile_s = time.perf_counter() - start

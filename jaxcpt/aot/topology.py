@@ -1,5 +1,9 @@
 """TPU slices by name (``v5p-64``, ``v5litepod-16``, ``2xv6e-256``, ``v5p:4x4x12``) and their devices.
 
+GPU nodes (``h100-8``, ``4xh100-8``) are in jaxcpt.aot.gpu; ``parse_topology`` reads both. A
+topology, TPU or GPU, gives the compiler what it needs: ``platform``, ``devices()``,
+``hbm_bytes``, ``lowering_checks()``, the custom call of its attention kernel and ``describe()``.
+
 ``libtpu`` describes any TPU topology on a CPU-only host (``jax.experimental.topologies``);
 jit can lower and compile for those devices, it just cannot run on them. Names follow
 Cloud TPU's accelerator types: v4 and v5p count TensorCores (two per chip, one JAX device
@@ -14,6 +18,7 @@ little of it for itself, so a program within a few percent of the limit is flagg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -53,6 +58,25 @@ class Topology:
     generation: Generation
     shape: tuple[int, ...]  # chips along each torus axis of one slice
     num_slices: int = 1
+
+    platform = "tpu"
+    kernel_call = "tpu_custom_call"  # how a Pallas (Mosaic) kernel appears in the lowered module
+    kernel_label = "Pallas TPU kernel"
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.generation.hbm_bytes
+
+    def devices(self) -> list:
+        return tpu_devices(self)
+
+    def lowering_checks(self):
+        """Nothing to answer for the target: splash's checks read the mesh's TPU devices."""
+        return contextlib.nullcontext()
+
+    def describe(self, hosts: int) -> str:
+        return (f"{self.name} ({self.topology_name}, {self.num_slices} slice(s), {self.num_chips} chips, "
+                f"{hosts} hosts)")
 
     @property
     def chips_per_slice(self) -> int:
@@ -98,12 +122,20 @@ def _shape_for(generation: Generation, chips: int, name: str) -> tuple[int, ...]
     return tuple(sorted(shape, key=lambda side: (side == 1, side)))  # 2x2x1, 2x2x4, 2x4x4, as Cloud TPU writes them
 
 
-def parse_topology(text: str, num_slices: int | None = None) -> Topology:
-    """``v5p-64``, ``v5litepod-16``, ``2xv5p-64``, ``v5p:2x4x4``; ``num_slices`` overrides an ``Nx`` prefix."""
+def parse_topology(text: str, num_slices: int | None = None):
+    """``v5p-64``, ``v5litepod-16``, ``2xv5p-64``, ``v5p:2x4x4``; ``num_slices`` overrides an ``Nx`` prefix.
+
+    GPU nodes (``h100-8``, ``2xh100-8``: ``num_slices`` counts nodes) give a jaxcpt.aot.gpu.GpuTopology.
+    """
+    from jaxcpt.aot import gpu
+
+    if gpu.is_gpu_name(text):
+        return gpu.parse_gpu_topology(text, num_slices)
     match = _NAME.match(text.strip().lower())
     if not match:
         raise UserError(f"cannot read TPU topology '{text}'; write it like v5p-64, v5litepod-16, v6e-8, "
-                        "2xv5p-64 (two slices) or v5p:2x4x4 (an explicit chip shape)")
+                        "2xv5p-64 (two slices) or v5p:2x4x4 (an explicit chip shape); or a GPU node: h100-8, "
+                        "h200-8, b200-8, 2xh100-8 (two nodes)")
     slices, gen_name, count, shape_text = match.groups()
     gen_name = ALIASES.get(gen_name, gen_name)
     if gen_name not in GENERATIONS:
@@ -127,12 +159,24 @@ def parse_topology(text: str, num_slices: int | None = None) -> Topology:
     return Topology(generation, shape, slices)
 
 
-def parse_topologies(text: str, num_slices: int | None = None) -> list[Topology]:
+def parse_topologies(text: str, num_slices: int | None = None) -> list:
     """A comma-separated list of topologies."""
     names = [t for t in text.split(",") if t.strip()]
     if not names:
-        raise UserError("--topology needs at least one TPU topology, e.g. v5p-64")
+        raise UserError("--topology needs at least one topology, e.g. v5p-64 or h100-8")
     return [parse_topology(name, num_slices) for name in names]
+
+
+def compiler_versions(topologies: list) -> dict[str, str]:
+    """The compilers these topologies need, checked installed, as {package: version} for reports."""
+    from jaxcpt.aot import gpu
+
+    versions = {}
+    if any(t.platform == "tpu" for t in topologies):
+        versions["libtpu"] = check_libtpu()
+    if any(t.platform == "gpu" for t in topologies):
+        versions.update(gpu.plugin_versions())
+    return versions
 
 
 def check_libtpu() -> str:
