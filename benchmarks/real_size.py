@@ -8,8 +8,8 @@ From a release-shaped HF directory (random bf16 weights written by transformers'
 ``save_pretrained``, a tokenizer built here beside them: byte-level BPE for the Qwen shapes,
 sentencepiece for the Llama ones), it runs what a user runs, each command in its own process:
 
-1. ``train``: ``jaxcpt train`` from the HF directory (batch 2 x 128), a checkpoint at step 2, then
-   SIGKILL (kill -9) as soon as that checkpoint is on disk;
+1. ``train``: ``jaxcpt train`` from the HF directory (batch 2 x 128), a checkpoint at step 2 written
+   while step 3 runs, then SIGKILL (kill -9) once step 3 is done and the checkpoint is on disk;
 2. ``resume``: the same command, which resumes from step 2 and saves step 4;
 3. ``export``: ``jaxcpt export-hf`` of the run (LoRA: merged);
 4. ``reload``: ``AutoModelForCausalLM.from_pretrained`` of the export and one forward pass.
@@ -78,10 +78,11 @@ def rss_bound(state_bytes: int, param_bytes: int, baseline: int) -> int:
     The train state lives in host memory on CPU (``state_bytes``: parameters, optimizer state,
     EMA); a step adds the gradients and a parameter-sized working set (``param_bytes`` each);
     an asynchronous checkpoint save stages one copy of the state in host memory until it is
-    written; import and export add a bounded slice (one layer's tensor or one vocabulary block)
-    that the 256 MiB slack covers.
+    written; the rest (512 MiB) is what does not scale with the model: the data pipeline and
+    tokenizer, XLA's compiler, and the bounded slice (one layer's tensor or one vocabulary
+    block) import and export hold.
     """
-    return baseline + 2 * state_bytes + 2 * param_bytes + 256 * 2**20
+    return baseline + 2 * state_bytes + 2 * param_bytes + 512 * 2**20
 
 
 # -- child mode: one jaxcpt command with its phases marked ------------------------------------
@@ -170,23 +171,26 @@ def child(phases_file: str, kill_after: int, argv: list[str]) -> int:
         def step(state, batch):  # blocking, so a step's memory and time stay in its phase
             phases.mark("first step (compile)" if calls[0] == 0 else "steps")
             calls[0] += 1
-            return jax.block_until_ready(step_fn(state, batch))
+            out = jax.block_until_ready(step_fn(state, batch))
+            if saved and calls[0] == kill_after + 1:  # the step after the checkpoint ran beside its write
+                saved[0].ckpt.wait()
+                phases.mark("killed")
+                os.kill(os.getpid(), signal.SIGKILL)  # kill -9: nothing below runs, no cleanup
+            return out
 
         built.train_step = step
         return built
 
     setup.build_program = program
-    save = loop.save
+    save, saved = loop.save, []
 
     def saving(run, step, force=False):
         if not force and not run.ckpt.should_save(step):
             return save(run, step, force)
         phases.mark("checkpoint save")
-        save(run, step, force=True)
+        save(run, step, force=True)  # asynchronous: the write goes on during the next step
         if step == kill_after:
-            run.ckpt.wait()
-            phases.mark("killed")
-            os.kill(os.getpid(), signal.SIGKILL)  # kill -9: nothing below runs, no cleanup
+            saved.append(run)
         phases.mark("loop")
 
     loop.save = saving

