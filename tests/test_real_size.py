@@ -73,8 +73,8 @@ def test_real_size_hf_import_holds_the_parameters_plus_a_bounded_slice(result):
     state_init = next(ph for ph in train if ph["phase"] == "state init")
     imported = next(ph for ph in train if ph["phase"] == "hf import")
     slack = imported["peak_rss"] - imported["start_rss"] - state_init["param_bytes"]
-    # measured: ~125 MiB here (compiler start-up included), ~215 MiB at 0acb231
-    assert slack < 4 * HOST_BLOCK_BYTES + 96 * MiB, f"import held {slack / MiB:.0f} MiB beyond the parameters"
+    # measured: 110-120 MiB here (XLA's compiler starts in this phase), 220 MiB at 0acb231
+    assert slack < 4 * HOST_BLOCK_BYTES + 144 * MiB, f"import held {slack / MiB:.0f} MiB beyond the parameters"
 
 
 @pytest.mark.slow
