@@ -119,3 +119,100 @@ def test_missing_tensor_names_it(tmp_path):
 def test_not_a_directory(tmp_path):
     with pytest.raises(HFFormatError, match="not a directory"):
         load_hf(tmp_path / "nope")
+
+
+def test_round_trip_in_vocabulary_blocks_of_a_few_rows_is_bit_identical(tmp_path, monkeypatch):
+    """Import assembling each device block in place from slices (tables 2 rows at a time), export
+    appending 2-row blocks: a padded vocabulary (300 -> 384 rows) split over 'tensor', untied lm_head."""
+    from jaxcpt.hf import tensor_io
+
+    monkeypatch.setattr(tensor_io, "HOST_BLOCK_BYTES", 2 * 64 * 2)  # 2 rows of width 64 in bfloat16
+    source, export = tmp_path / "hf", tmp_path / "export"
+    make_hf_model("qwen3_untied", source, dtype=torch.bfloat16)  # bfloat16 storage: blocks written as bits
+    model = load_hf(source, mesh=build_mesh({"data": 2, "fsdp": 2, "tensor": 2}), param_dtype="bfloat16")
+    save_hf(model, export, dtype="bfloat16", max_shard_size="100KB")
+    original, exported = read_all_tensors(source), read_all_tensors(export)
+    assert sorted(original) == sorted(exported)
+    for key in original:
+        assert np.array_equal(original[key].view(np.uint16), exported[key].view(np.uint16)), key
+    embedding = np.asarray(model.embedding[...])
+    assert embedding.shape == (384, 64) and not embedding[300:].any()  # padding rows stay zero
+
+
+# Child process: for each HF directory given, the peak RSS of load_hf beyond the memory just before
+# it and the parameters it made, and of save_hf (float32, one file) beyond the memory before it.
+_IMPORT_PEAK = r"""
+import ctypes, gc, json, sys
+from pathlib import Path
+import jax, numpy as np
+from flax import nnx
+from jaxcpt.hf import load_hf, save_hf
+
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+                if l.startswith(field + ":"))
+
+jax.numpy.zeros(1).block_until_ready()
+out = []
+
+def reset():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the kernel: an honest starting point
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    return status("VmRSS")
+
+for directory in sys.argv[1:]:
+    before = reset()
+    model = load_hf(directory)
+    params = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    out.append({"param_bytes": params, "excess": status("VmHWM") - before - params})
+    before = reset()
+    save_hf(model, directory + "-export", dtype="float32", max_shard_size="10GB")
+    out[-1]["export_excess"] = status("VmHWM") - before
+    del model
+print(json.dumps(out))
+"""
+
+
+def _wide_vocab_model(directory, vocab: int, width: int = 128) -> None:
+    import ml_dtypes
+    from transformers import LlamaConfig
+
+    directory.mkdir(parents=True)
+    LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=4, tie_word_embeddings=False).save_pretrained(directory)
+    rng = np.random.default_rng(0)
+
+    def t(*shape):
+        return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(ml_dtypes.bfloat16)
+
+    p = "model.layers.0."
+    tensors = {"model.embed_tokens.weight": t(vocab, width), "lm_head.weight": t(vocab, width),
+               "model.norm.weight": t(width), p + "input_layernorm.weight": t(width),
+               p + "post_attention_layernorm.weight": t(width),
+               **{p + f"self_attn.{n}_proj.weight": t(width, width) for n in "qkvo"},
+               p + "mlp.gate_proj.weight": t(64, width), p + "mlp.up_proj.weight": t(64, width),
+               p + "mlp.down_proj.weight": t(width, 64)}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_import_and_export_host_memory_do_not_grow_with_the_vocabulary(tmp_path):
+    """Beyond the parameters themselves, import and export hold a bounded slice (one vocabulary block),
+    so 5x the vocabulary adds (almost) nothing to them. At 0acb231 import read, padded, cast and
+    transposed each table whole (its excess grew by ~1.3x the added parameter bytes), and export
+    held a whole safetensors file's tensors before writing it."""
+    import os
+    import subprocess
+    import sys
+
+    for vocab in (64000, 320000):
+        _wide_vocab_model(tmp_path / str(vocab), vocab)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one device: every block is a whole table
+    done = subprocess.run([sys.executable, "-c", _IMPORT_PEAK, str(tmp_path / "64000"), str(tmp_path / "320000")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    small, large = measured
+    added_params = large["param_bytes"] - small["param_bytes"]  # 262 MB of float32 tables
+    assert large["excess"] - small["excess"] < 0.25 * added_params, measured
+    assert large["export_excess"] - small["export_excess"] < 0.25 * added_params, measured

@@ -1,16 +1,18 @@
 """Streaming conversion between Hugging Face safetensors directories and sharded jaxcpt models.
 
 Import never holds two copies of the model on the host: each device's block of each
-parameter is read from the memory-mapped safetensors files one layer at a time,
-placed on that device, and the blocks are assembled into a global array there.
-Host memory peaks at about one layer's tensor. Export goes the other way, one
-layer's tensor at a time, gathering across hosts when an array spans them; only
-process 0 writes, into a temporary directory renamed into place at the end, so a
-crash never leaves a half-written export behind under the final name.
+parameter is built on that device from slices of the safetensors files, one layer's
+tensor or one vocabulary block at a time (``jaxcpt.hf.tensor_io``). Export goes the other
+way, one layer's tensor or one vocabulary block at a time, gathering across hosts when an
+array spans them, appended to the safetensors files as it arrives; only process 0 writes,
+into a temporary directory renamed into place at the end, so a crash never leaves a
+half-written export behind under the final name. Beyond the model's own arrays, host
+memory holds one such slice (docs/real-size.md states the bound).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -28,6 +30,7 @@ from flax import nnx
 from jaxcpt.errors import HFFormatError, UserError
 from jaxcpt.hf.families import config_from_hf, config_to_hf, generation_config, tensor_table
 from jaxcpt.hf.mapping import Tensor, hf_names
+from jaxcpt.hf.tensor_io import SafetensorsReader, ShardStream, block_rows, place  # noqa: F401 (SafetensorsReader: merge)
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.transformer import Transformer, abstract_model, state_shardings
@@ -71,53 +74,6 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     return config_from_hf(hf, where=str(config_file))
 
 
-class SafetensorsReader:
-    """Lazy access to the tensors of one HF directory (one file or an index of shards)."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        index_file = directory / "model.safetensors.index.json"
-        single = directory / "model.safetensors"
-        if index_file.is_file():
-            try:
-                self.weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise HFFormatError(f"'{index_file}' is not a valid safetensors index ({e})") from None
-            for file in sorted(set(self.weight_map.values())):
-                if not (directory / file).is_file():
-                    raise HFFormatError(f"shard file '{directory / file}' listed in '{index_file}' is missing")
-        elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(single, framework="numpy") as handle:
-                self.weight_map = {name: single.name for name in handle.keys()}
-        else:
-            raise HFFormatError(f"'{directory}' has neither model.safetensors nor model.safetensors.index.json")
-        self._handles: dict[str, object] = {}
-
-    def _handle(self, file: str):
-        if file not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[file] = safe_open(self.directory / file, framework="numpy")
-        return self._handles[file]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        self._require(name)
-        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
-
-    def get(self, name: str) -> np.ndarray:
-        self._require(name)
-        return self._handle(self.weight_map[name]).get_tensor(name)
-
-    def _require(self, name: str) -> None:
-        if name not in self.weight_map:
-            raise HFFormatError(f"tensor '{name}' is missing from the checkpoint in '{self.directory}'")
-
-    def where(self, name: str) -> str:
-        return str(self.directory / self.weight_map[name])
-
-
 def _check_shapes(reader: SafetensorsReader, table: list[Tensor], cfg: ModelConfig) -> None:
     for row in table:
         for name in hf_names(row, cfg.num_layers):
@@ -134,42 +90,6 @@ def value_at(tree, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
     return tree
-
-
-def _index_key(index: tuple[slice, ...]) -> tuple:
-    return tuple((s.start, s.stop, s.step) for s in index)
-
-
-def _place(row: Tensor, reader: SafetensorsReader, shape, sharding, dtype, num_layers: int) -> jax.Array:
-    """One global array, built device block by device block straight from the files.
-
-    Each HF tensor is read once per host and cut into every block this host's devices
-    need; host memory holds one layer's tensor at a time.
-    """
-    by_index: dict[tuple, list] = {}
-    indices = {}
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        key = _index_key(index)
-        by_index.setdefault(key, []).append(device)
-        indices[key] = index
-    if not row.stacked:
-        full = row.to_jax(reader.get(row.hf_name))
-        blocks = [jax.device_put(full[indices[key]].astype(dtype), d) for key, devs in by_index.items() for d in devs]
-        return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
-    per_device: dict = {d: [] for devs in by_index.values() for d in devs}  # device -> its layers' blocks
-    for layer in range(num_layers):  # one layer's tensor on the host at a time
-        layer_tensor = None
-        for key, devices in by_index.items():
-            index = indices[key]
-            if layer not in range(*index[0].indices(num_layers)):
-                continue
-            if layer_tensor is None:
-                layer_tensor = row.to_jax(reader.get(row.hf_name.format(i=layer)))
-            block = layer_tensor[index[1:]].astype(dtype)
-            for device in devices:
-                per_device[device].append(jax.device_put(block, device))
-    blocks = [jnp.stack(parts) for parts in per_device.values()]
-    return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
 
 
 def load_hf(
@@ -206,7 +126,7 @@ def load_hf(
     for row in table:
         variable, sharding = value_at(state, row.path), value_at(shardings, row.path)
         shape = variable.get_value().shape
-        variable.set_value(_place(row, reader, shape, sharding, np_dtype, cfg.num_layers))
+        variable.set_value(place(row, reader, shape, sharding, np_dtype, cfg.num_layers))
     return nnx.merge(graphdef, state)
 
 
@@ -372,26 +292,55 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
 
 
-def _plan_shards(table: list[Tensor], cfg: ModelConfig, itemsize: int, max_bytes: int):
-    """Assign every HF tensor (in checkpoint order) to a shard no larger than ``max_bytes``."""
-    shards: list[list[tuple[str, Tensor, int | None]]] = [[]]
-    size = 0
+def _export_order(table: list[Tensor], cfg: ModelConfig) -> list[tuple[str, Tensor, int | None]]:
+    """Every HF tensor as (name, row, layer), in checkpoint order: unstacked ones first, then layer by layer."""
+    out = []
     for layer in [None] + list(range(cfg.num_layers)):
-        for row in table:
-            if row.stacked != (layer is not None):
-                continue
-            nbytes = int(np.prod(row.hf_shape)) * itemsize
-            if shards[-1] and size + nbytes > max_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((row.hf_name.format(i=layer), row, layer))
-            size += nbytes
-    return shards
+        out += [(row.hf_name.format(i=layer), row, layer) for row in table if row.stacked == (layer is not None)]
+    return out
+
+
+def _host_slices(state, cfg: ModelConfig, row: Tensor, layer: int | None, dtype: str):
+    """The HF tensor of (row, layer) on this host, in pieces: whole, or a vocabulary block at a time.
+
+    Every process takes part in the gathers; the values are complete on process 0.
+    """
+    value = value_at(state, row.path)[...]
+    if row.vocab_axis is None:
+        if layer is not None and not _adapted(cfg, row):  # one program indexes and casts: one buffer
+            value = _layer_of(value, layer, dtype=jnp.dtype(dtype))
+        else:
+            value = _folded(state, cfg, row, layer, value[layer] if layer is not None else value)
+        yield row.to_hf(to_host(value.astype(jnp.dtype(dtype))))
+        return
+    step = block_rows(row, jnp.dtype(dtype).itemsize)
+    for first in range(0, cfg.vocab_size, step):  # padding rows (vocab_size on) are not exported
+        size = min(step, cfg.vocab_size - first)
+        block = _vocab_block(value, first, size=size, axis=row.vocab_axis, dtype=jnp.dtype(dtype))
+        yield row.rows_to_hf(to_host(block))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _layer_of(stack, layer, *, dtype):
+    """Layer ``layer`` (traced: one program for every layer) of a stacked parameter, cast."""
+    return jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "axis", "dtype"))
+def _vocab_block(table, first, *, size: int, axis: int, dtype):
+    """Vocabulary entries [first, first + size) of a table, cast; ``first`` is traced, so every
+    full-sized block shares one compiled program (a static slice would compile one per block)."""
+    return jax.lax.dynamic_slice_in_dim(table, first, size, axis=axis).astype(dtype)
+
+
+def _adapted(cfg: ModelConfig, row: Tensor) -> bool:
+    """Whether the tensor has LoRA adapters (folded in on export)."""
+    return cfg.lora is not None and row.path[0] == "layers" and row.path[-1] in cfg.lora.targets
 
 
 def _folded(state, cfg: ModelConfig, row: Tensor, layer: int | None, value: jax.Array) -> jax.Array:
     """One layer's projection with its LoRA update folded in (float32); every other tensor as it is."""
-    if cfg.lora is None or row.path[0] != "layers" or row.path[-1] not in cfg.lora.targets:
+    if not _adapted(cfg, row):
         return value
     a, b = (value_at(state, ("layers", name))[...][layer] for name in lora_lib.adapter_names(row.path[-1]))
     return lora_lib.fold(value, a, b, cfg.lora.scale)
@@ -421,32 +370,22 @@ def save_hf(
     cfg: ModelConfig = model.config
     hf_config = config_to_hf(cfg, dtype)
     table = tensor_table(cfg)
-    np_dtype = NUMPY_DTYPES[dtype]
-    shards = _plan_shards(table, cfg, np.dtype(np_dtype).itemsize, parse_size(max_shard_size))
+    order = _export_order(table, cfg)
     staged = StagedExport(path, overwrite)
     writer, tmp = staged.writer, staged.tmp
     state = nnx.state(model)
-    weight_map: dict[str, str] = {}
-    total = 0
-    from safetensors.numpy import save_file
-
-    for number, shard in enumerate(shards, start=1):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, row, layer in shard:
-            value = value_at(state, row.path)[...]
-            value = _folded(state, cfg, row, layer, value[layer] if layer is not None else value)
-            host = row.to_hf(to_host(value.astype(jnp.dtype(dtype))))
+    stream = ShardStream(tmp, [(name, row.hf_shape) for name, row, _ in order], dtype,
+                         parse_size(max_shard_size)) if writer else None
+    for name, row, layer in order:  # one tensor, or one vocabulary block, on the host at a time
+        for piece in _host_slices(state, cfg, row, layer, dtype):
             if writer:
-                tensors[name] = host
-                weight_map[name] = file
-                total += host.nbytes
-        if writer:
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+                stream.append(name, piece)
+            del piece
     if writer:
+        weight_map, total = stream.finish(), stream.total_bytes
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
-        if len(shards) > 1:
+        if len(stream.files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         source = tokenizer_dir or getattr(model, "tokenizer_dir", None)

@@ -10,6 +10,11 @@ Each ``Tensor`` row says how one HF tensor of one layer becomes one slice of a j
 parameter and back; both directions are exact reshapes/transposes (and, for the
 vocabulary tables, zero rows appended or dropped), so a round trip is bit-identical.
 ``decoder_tensors`` builds the table every family shares; a family only names its norms.
+
+The two vocabulary tables (embedding, untied lm_head) also say which jaxcpt axis is the
+(padded) vocabulary and how a block of HF rows maps to a block along it, so import and
+export can move them a vocabulary block at a time (``jaxcpt.hf.tensor_io``): whole, each is
+the largest tensor of a model (Llama-3-8B: 128256 x 4096, 2 GiB in float32).
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ class Tensor:
     to_jax: Callable[[np.ndarray], np.ndarray]  # HF layout -> one jaxcpt slice
     to_hf: Callable[[np.ndarray], np.ndarray]  # one jaxcpt slice -> HF layout
     hf_shape: tuple[int, ...]  # shape of the HF tensor (one layer)
+    # Vocabulary tables only: the jaxcpt axis of the padded vocabulary (HF's is always axis 0),
+    # and HF rows [n, E] <-> the jaxcpt block of those n vocabulary entries (no padding involved).
+    vocab_axis: int | None = None
+    rows_to_jax: Callable[[np.ndarray], np.ndarray] | None = None
+    rows_to_hf: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def stacked(self) -> bool:
@@ -69,7 +79,8 @@ def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS) -> list[Tensor]:
         return np.pad(w, ((0, padded - V), (0, 0)))
 
     pre = "model.layers.{i}."
-    rows = [Tensor(("embedding",), "model.embed_tokens.weight", pad_rows, lambda w: np.ascontiguousarray(w[:V]), (V, E))]
+    rows = [Tensor(("embedding",), "model.embed_tokens.weight", pad_rows, lambda w: np.ascontiguousarray(w[:V]), (V, E),
+                   vocab_axis=0, rows_to_jax=_same, rows_to_hf=_same)]
     for leaf, hf in norms:
         rows.append(Tensor(("layers", leaf), pre + f"{hf}.weight", _same, _same, (E,)))
     for name, heads in (("q", H), ("k", K), ("v", K)):
@@ -92,7 +103,8 @@ def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS) -> list[Tensor]:
             rows.append(Tensor(("layers", f"{name}_bias"), pre + f"mlp.{name}_proj.bias", _same, _same, (shape[0],)))
     rows.append(Tensor(("final_norm",), "model.norm.weight", _same, _same, (E,)))
     if not cfg.tie_word_embeddings:  # HF [V, E] <-> jax [E, Vp]
-        rows.append(Tensor(("lm_head",), "lm_head.weight", lambda w: _t(pad_rows(w)), lambda w: _t(w[:, :V]), (V, E)))
+        rows.append(Tensor(("lm_head",), "lm_head.weight", lambda w: _t(pad_rows(w)), lambda w: _t(w[:, :V]), (V, E),
+                           vocab_axis=1, rows_to_jax=_t, rows_to_hf=_t))
     return rows
 
 
