@@ -221,10 +221,18 @@ def run(args) -> int:
     if args.json:
         from jaxcpt.demo_record import build_record
 
-        sweep = json.loads((runs["no_replay"] / "merge_sweep_linear" / "sweep.json").read_text())
+        cpu_load = load.stop()  # the demo's own phases; the SLERP sweep below is for docs/merging.md only
+        print(f"[json] the same sweep with SLERP, for {args.json} ...", flush=True)
+        slerp_dir = out / "merge_sweep_slerp"  # outside the run, so its report stays what the demo printed
+        if jaxcpt_main(["merge", "--run", str(runs["no_replay"]), "--method", "slerp", "--sweep",
+                        scale.merge_coefficients, "--tolerance", str(MERGE_TOLERANCE), "--out", str(slerp_dir)]) != 0:
+            raise UserError("the demo's SLERP sweep failed; see the message above")
+        phase("merge_sweep_slerp")
+        sweeps = {method: json.loads((path / "sweep.json").read_text()) for method, path in
+                  (("linear", runs["no_replay"] / "merge_sweep_linear"), ("slerp", slerp_dir))}
         record = build_record(scale={**dataclasses.asdict(scale), "replay_weight": REPLAY_WEIGHT,
                                      "merge_tolerance": MERGE_TOLERANCE, "fast": bool(args.fast)},
-                              table=table, runs=runs, sweep=sweep, timings=timings, load=load.stop(), reused=reused)
+                              table=table, runs=runs, sweeps=sweeps, timings=timings, load=cpu_load, reused=reused)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
         print(f"  {args.json}  -- this table, each phase's wall time, the commit and the machine", flush=True)

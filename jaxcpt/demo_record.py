@@ -78,7 +78,7 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def build_record(*, scale: dict, table: str, runs: dict, sweep: dict, timings: dict, load: dict,
+def build_record(*, scale: dict, table: str, runs: dict, sweeps: dict, timings: dict, load: dict,
                  reused: dict) -> dict:
     """The JSON the demo writes: its printed table, the numbers behind it, the run's time and machine."""
     from jaxcpt.train.report import summarize
@@ -90,7 +90,8 @@ def build_record(*, scale: dict, table: str, runs: dict, sweep: dict, timings: d
     return {"what": "jaxcpt demo: pretrain on 'general', continue on 'domain' without (A) and with (B) replay, "
                     "merge sweep of the base with A",
             "git_commit": git_commit(), "machine": machine_info(), "cpu_load": load, "timings_s": timings,
-            "reused": reused, "scale": scale, "table": table, "runs": numbers, "merge_sweep": sweep}
+            "reused": reused, "scale": scale, "table": table, "runs": numbers, "merge_sweep": sweeps["linear"],
+            "merge_sweep_slerp": sweeps.get("slerp")}
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -169,15 +170,27 @@ def readme_block(record: dict) -> str:
 
 
 def merge_block(record: dict) -> str:
-    """docs/merging.md: the demo's whole merge sweep as ``jaxcpt merge --sweep`` printed it."""
+    """docs/merging.md: the demo's whole merge sweep as ``jaxcpt merge --sweep`` printed it, SLERP and replay beside it."""
     from jaxcpt.merge.sweep import format_table
 
-    sweep = record["merge_sweep"]
+    sweep, slerp = record["merge_sweep"], record.get("merge_sweep_slerp")
     head = (f"`jaxcpt merge --run {sweep['run']} --sweep {record['scale']['merge_coefficients']} --tolerance "
             f"{sweep['tolerance']:g}`, as the demo ran it at commit {(record.get('git_commit') or 'unknown')[:7]} "
             f"({_duration(record['timings_s']['merge_sweep'])} on a {_machine_phrase(record)}; "
             "`benchmarks/results/demo.json`):")
-    return f"{head}\n\n```\n{format_table(sweep)}\n```"
+    text = f"{head}\n\n```\n{format_table(sweep)}\n```\n"
+    best, domain, general = sweep.get("recommended"), sweep["roles"]["domain"], sweep["roles"]["general"]
+    if slerp is not None and best is not None:
+        row = next(r for r in slerp["rows"] if r["coefficient"] == best["coefficient"])
+        text += (f"\nSLERP (`--method slerp`, {_duration(record['timings_s']['merge_sweep_slerp'])}) at t = "
+                 f"{best['coefficient']:g}: {domain} {row['change'][domain]:+.4f}, {general} {row['change'][general]:+.4f}; "
+                 f"{row['linear_fallbacks']} of its tensors are colinear enough to fall back to linear.")
+    replay = record["runs"]["replay"]["loss"]
+    if best is not None:
+        text += (f" The {record['scale']['replay_weight']:.0%} replay run learned the domain by "
+                 f"{replay[domain]['change']:+.4f} nats at a general rise of {replay[general]['change']:+.4f}; the merge "
+                 f"within {sweep['tolerance']:g} nats keeps {best['kept_share']:.0%} of the no-replay run's domain gain.")
+    return text.rstrip("\n")
 
 
 RENDERERS = {"demo": readme_block, "demo-merge": merge_block}
