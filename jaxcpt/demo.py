@@ -98,7 +98,11 @@ def _train(overrides: list[str]) -> dict:
     from jaxcpt.train.config import load_train_config
     from jaxcpt.train.loop import train
 
-    return train(load_train_config(None, overrides))
+    summary = train(load_train_config(None, overrides))
+    if summary.get("stopped_by_signal"):  # SIGTERM / Ctrl-C: the run saved and returned; the demo stops too
+        raise UserError(f"the demo was stopped by a signal at step {summary['step']} of {summary['run_dir']}; "
+                        "run `jaxcpt demo` again to start it over (a finished base model is reused)")
+    return summary
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
