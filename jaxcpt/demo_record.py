@@ -5,7 +5,8 @@ that they never drift from a measurement, the demo writes what it printed, its n
 time of each phase, the git commit and the machine to a JSON (``benchmarks/results/demo.json``),
 and the blocks between ``<!-- demo:begin -->`` / ``<!-- demo:end -->`` (README.md) and
 ``<!-- demo-merge:begin -->`` / ``<!-- demo-merge:end -->`` (docs/merging.md) are rendered from
-it (``jaxcpt demo --render-only --json benchmarks/results/demo.json --update README.md``).
+it (``jaxcpt demo --render-only --json benchmarks/results/demo.json --update README.md --update
+docs/merging.md``; a fresh ``jaxcpt demo --fresh --json ... --update ...`` measures and renders at once).
 tests/test_docs_generated.py checks that the files hold exactly what this module renders.
 """
 
@@ -16,6 +17,7 @@ import platform
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -108,6 +110,16 @@ def _machine_phrase(record: dict) -> str:
     return f"{machine['cores']}-core {machine['cpu']}, {shared}"
 
 
+def _wrap(paragraph: str) -> str:
+    """A generated paragraph wrapped like the hand-written ones (100 columns)."""
+    return textwrap.fill(paragraph.strip(), width=100, break_long_words=False, break_on_hyphens=False)
+
+
+def _commit(record: dict) -> str:
+    commit = record.get("git_commit") or "unknown"
+    return commit[:7] + (" with uncommitted changes" if commit.endswith("-dirty") else "")
+
+
 def wall_time(record: dict) -> str:
     """The demo's measured wall time, e.g. '6 min 40 s' (what the README quotes)."""
     return _duration(record["timings_s"]["total"])
@@ -139,26 +151,30 @@ def readme_table(record: dict) -> str:
 
 
 def readme_block(record: dict) -> str:
+    """README.md's "What the demo shows": how it was run and how long it took, the table, what it says."""
     scale, timings, reused = record["scale"], record["timings_s"], record["reused"]
     a, b = record["runs"]["no_replay"]["loss"], record["runs"]["replay"]["loss"]
     rise_a, rise_b = a["general"]["change"], b["general"]["change"]
     gain_a, gain_b = -a["domain"]["change"], -b["domain"]["change"]
     sweep, best = record["merge_sweep"], record["merge_sweep"].get("recommended")
-    commit = (record.get("git_commit") or "unknown")[:7]
     reuse = [what for what, flag in (("corpora and tokenizer", reused.get("data")), ("base model", reused.get("base")))
              if flag]
-    timed = (f"{wall_time(record)} of wall time in all (the base model {_duration(timings['pretrain'])}, "
-             f"each CPT run about {_duration((timings['cpt_no_replay'] + timings['cpt_replay']) / 2)}, "
-             f"the merge sweep {_duration(timings['merge_sweep'])})")
-    if reuse:
-        timed += f"; {' and '.join(reuse)} reused from an earlier run"
-    head = (f"From `jaxcpt demo` at commit {commit} on a {_machine_phrase(record)} "
-            f"({scale['pretrain_steps']} pretraining steps, {scale['cpt_steps']} CPT steps per run; {timed}; "
-            f"`benchmarks/results/demo.json`):")
+    head = (f"From `jaxcpt demo` at commit {_commit(record)} ({scale['pretrain_steps']} pretraining steps, "
+            f"{scale['cpt_steps']} CPT steps per run) on a {_machine_phrase(record)}: {wall_time(record)} of wall time "
+            f"in all and {record['cpu_load']['own_cpu_s']:.0f} CPU-seconds of its own; the base model took "
+            f"{_duration(timings['pretrain'])}, each CPT run about "
+            f"{_duration((timings['cpt_no_replay'] + timings['cpt_replay']) / 2)}, the merge sweep "
+            f"{_duration(timings['merge_sweep'])}" + (f" ({' and '.join(reuse)} reused from an earlier run)" if reuse else "")
+            + " (`benchmarks/results/demo.json`):")
     removed = 1 - rise_b / rise_a if rise_a > 0 else None
     tail = (f"Without replay the general loss rises by {rise_a:.2f} nats, with {scale['replay_weight']:.0%} replay "
             f"by {rise_b:.2f}" + (f" ({removed:.0%} of the rise removed)" if removed is not None else "") +
             f"; the domain loss falls by {gain_a:.2f} and {gain_b:.2f} nats.")
+    ema = record["runs"]["replay"]["loss_ema"]
+    if "domain" in ema and "general" in ema:
+        tail += (f" The moving average of the weights (`ema.decay` {scale['ema_decay']:g}) ends "
+                 f"{ema['domain']['last'] - b['domain']['last']:+.3f} nats from the raw weights on domain and "
+                 f"{ema['general']['last'] - b['general']['last']:+.3f} on general (with replay).")
     if best is not None:
         tail += (f" Merging the base with the no-replay model at t = {best['coefficient']:g} keeps "
                  f"{best['kept_share']:.0%} of its domain gain for a {best['general_rise']:.2f}-nat general rise, "
@@ -166,7 +182,7 @@ def readme_block(record: dict) -> str:
                  f"gain for {rise_b:.2f}).")
     else:
         tail += f" No merge coefficient keeps the general rise within the sweep's {sweep['tolerance']:g} nats."
-    return f"{head}\n\n```\n{readme_table(record)}\n```\n\n{tail}"
+    return f"{_wrap(head)}\n\n```\n{readme_table(record)}\n```\n\n{_wrap(tail)}"
 
 
 def merge_block(record: dict) -> str:
@@ -175,22 +191,25 @@ def merge_block(record: dict) -> str:
 
     sweep, slerp = record["merge_sweep"], record.get("merge_sweep_slerp")
     head = (f"`jaxcpt merge --run {sweep['run']} --sweep {record['scale']['merge_coefficients']} --tolerance "
-            f"{sweep['tolerance']:g}`, as the demo ran it at commit {(record.get('git_commit') or 'unknown')[:7]} "
+            f"{sweep['tolerance']:g}`, as the demo ran it at commit {_commit(record)} "
             f"({_duration(record['timings_s']['merge_sweep'])} on a {_machine_phrase(record)}; "
             "`benchmarks/results/demo.json`):")
-    text = f"{head}\n\n```\n{format_table(sweep)}\n```\n"
     best, domain, general = sweep.get("recommended"), sweep["roles"]["domain"], sweep["roles"]["general"]
+    notes = []
     if slerp is not None and best is not None:
         row = next(r for r in slerp["rows"] if r["coefficient"] == best["coefficient"])
-        text += (f"\nSLERP (`--method slerp`, {_duration(record['timings_s']['merge_sweep_slerp'])}) at t = "
-                 f"{best['coefficient']:g}: {domain} {row['change'][domain]:+.4f}, {general} {row['change'][general]:+.4f}; "
-                 f"{row['linear_fallbacks']} of its tensors are colinear enough to fall back to linear.")
-    replay = record["runs"]["replay"]["loss"]
+        notes.append(f"SLERP (`--method slerp`, {_duration(record['timings_s']['merge_sweep_slerp'])}) at t = "
+                     f"{best['coefficient']:g}: {domain} {row['change'][domain]:+.4f}, {general} "
+                     f"{row['change'][general]:+.4f}; {row['linear_fallbacks']} of its tensors are colinear enough to "
+                     "fall back to linear.")
     if best is not None:
-        text += (f" The {record['scale']['replay_weight']:.0%} replay run learned the domain by "
-                 f"{replay[domain]['change']:+.4f} nats at a general rise of {replay[general]['change']:+.4f}; the merge "
-                 f"within {sweep['tolerance']:g} nats keeps {best['kept_share']:.0%} of the no-replay run's domain gain.")
-    return text.rstrip("\n")
+        replay = record["runs"]["replay"]["loss"]
+        notes.append(f"The {record['scale']['replay_weight']:.0%} replay run learned the domain by "
+                     f"{replay[domain]['change']:+.4f} nats at a general rise of {replay[general]['change']:+.4f}; the "
+                     f"merge within {sweep['tolerance']:g} nats keeps {best['kept_share']:.0%} of the no-replay run's "
+                     "domain gain.")
+    text = f"{_wrap(head)}\n\n```\n{format_table(sweep)}\n```"
+    return text + (f"\n\n{_wrap(' '.join(notes))}" if notes else "")
 
 
 RENDERERS = {"demo": readme_block, "demo-merge": merge_block}
