@@ -172,9 +172,9 @@ def readme_block(record: dict) -> str:
             f"; the domain loss falls by {gain_a:.2f} and {gain_b:.2f} nats.")
     ema = record["runs"]["replay"]["loss_ema"]
     if "domain" in ema and "general" in ema:
-        tail += (f" The moving average of the weights (`ema.decay` {scale['ema_decay']:g}) ends "
-                 f"{ema['domain']['last'] - b['domain']['last']:+.3f} nats from the raw weights on domain and "
-                 f"{ema['general']['last'] - b['general']['last']:+.3f} on general (with replay).")
+        tail += (f" With replay, the moving average of the weights (`ema.decay` {scale['ema_decay']:g}) ends with a "
+                 f"loss {ema['domain']['last'] - b['domain']['last']:+.3f} nats from the raw weights' on domain and "
+                 f"{ema['general']['last'] - b['general']['last']:+.3f} on general.")
     if best is not None:
         tail += (f" Merging the base with the no-replay model at t = {best['coefficient']:g} keeps "
                  f"{best['kept_share']:.0%} of its domain gain for a {best['general_rise']:.2f}-nat general rise, "
