@@ -1,7 +1,8 @@
 """``jaxcpt config-reference``: every config key with its type, default and meaning, from the dataclasses.
 
-``--update FILE`` also refreshes FILE's table of supported model families, generated from
-the family modules (``jaxcpt.hf.families``), so both generated tables stay current together.
+``--update FILE`` (repeatable) refreshes the generated tables FILE holds: the config reference
+(docs/config-reference.md) and the table of supported model families, generated from the family
+modules (``jaxcpt.hf.families``; docs/models.md), so both stay current together.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ FAMILIES_BEGIN, FAMILIES_END = "<!-- families:begin -->", "<!-- families:end -->
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--update", metavar="FILE",
-                        help="replace the tables between the config-reference (and families) markers in FILE (e.g. README.md)")
+    parser.add_argument("--update", metavar="FILE", action="append", default=[],
+                        help="replace the tables between the config-reference and families markers in FILE "
+                             "(docs/config-reference.md, docs/models.md); repeatable")
 
 
 def _fill(text: str, begin: str, end: str, table: str) -> str:
@@ -45,13 +47,17 @@ def run(args) -> int:
 
     from jaxcpt.errors import UserError
 
-    path = Path(args.update)
-    text = path.read_text() if path.is_file() else ""
-    if BEGIN not in text or END not in text:
-        raise UserError(f"'{path}' has no {BEGIN} ... {END} markers to fill")
-    text = _fill(text, BEGIN, END, markdown())
-    if FAMILIES_BEGIN in text and FAMILIES_END in text:
-        text = _fill(text, FAMILIES_BEGIN, FAMILIES_END, families_markdown())
-    path.write_text(text)
-    print(f"updated the config reference in {path}")
+    for name in args.update:
+        path = Path(name)
+        text = path.read_text() if path.is_file() else ""
+        tables = [(begin, end, render) for begin, end, render in ((BEGIN, END, markdown),
+                                                                   (FAMILIES_BEGIN, FAMILIES_END, families_markdown))
+                  if begin in text and end in text]
+        if not tables:
+            raise UserError(f"'{path}' has neither {BEGIN} ... {END} nor {FAMILIES_BEGIN} ... {FAMILIES_END} "
+                            "markers to fill (the tables live in docs/config-reference.md and docs/models.md)")
+        for begin, end, render in tables:
+            text = _fill(text, begin, end, render())
+        path.write_text(text)
+        print(f"updated the generated tables in {path}")
     return 0

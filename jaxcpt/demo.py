@@ -49,6 +49,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fast", action="store_true", help="fewer steps and documents (CI; about a third of the time)")
     parser.add_argument("--data-only", action="store_true", help="only build the corpora and tokenizer into OUT/data")
     parser.add_argument("--fresh", action="store_true", help="rebuild everything, even a base model that already exists")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the table, its numbers, each phase's wall time, the git commit and the machine "
+                             "to PATH (the docs quote benchmarks/results/demo.json)")
+    parser.add_argument("--update", metavar="FILE", action="append", default=[],
+                        help="refresh the blocks generated from --json in FILE (README.md, docs/merging.md); repeatable")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: only refresh the --update files from an existing --json")
 
 
 def _model_overrides(vocab_size: int) -> list[str]:
@@ -70,12 +77,14 @@ def _sources(data_dir: Path, general_weight: float, domain_weight: float) -> str
             f"{{name: general, paths: ['{data_dir / 'general.jsonl'}'], weight: {general_weight}, eval_documents: 100}}]")
 
 
-def prepare_data(out: Path, scale: DemoScale, fresh: bool) -> Path:
+def prepare_data(out: Path, scale: DemoScale, fresh: bool, reused: dict | None = None) -> Path:
     from jaxcpt.demo_corpora import build_corpora, train_tokenizer
 
     data_dir = out / "data"
     if not fresh and (data_dir / "tokenizer.model").is_file():
         print(f"[1/6] corpora and tokenizer: reusing {data_dir}", flush=True)
+        if reused is not None:
+            reused["data"] = True
         return data_dir
     print("[1/6] building corpora from the Python standard library and training a tokenizer ...", flush=True)
     files = build_corpora(data_dir, scale.documents)
@@ -89,7 +98,11 @@ def _train(overrides: list[str]) -> dict:
     from jaxcpt.train.config import load_train_config
     from jaxcpt.train.loop import train
 
-    return train(load_train_config(None, overrides))
+    summary = train(load_train_config(None, overrides))
+    if summary.get("stopped_by_signal"):  # SIGTERM / Ctrl-C: the run saved and returned; the demo stops too
+        raise UserError(f"the demo was stopped by a signal at step {summary['step']} of {summary['run_dir']}; "
+                        "run `jaxcpt demo` again to start it over (a finished base model is reused)")
+    return summary
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
@@ -97,13 +110,15 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return summary.is_file() and json.loads(summary.read_text()).get("step") == steps
 
 
-def pretrain_base(out: Path, data_dir: Path, scale: DemoScale) -> Path:
+def pretrain_base(out: Path, data_dir: Path, scale: DemoScale, reused: dict | None = None) -> Path:
     """OUT/base: the small model pretrained on 'general' only (reused when already finished)."""
     import shutil
 
     base = out / "base"
     if _finished(base, scale.pretrain_steps):
         print(f"[2/6] base model: reusing {base}", flush=True)
+        if reused is not None:
+            reused["base"] = True
         return base
     print(f"[2/6] pretraining the base model on 'general' for {scale.pretrain_steps} steps ...", flush=True)
     if base.exists():
@@ -124,17 +139,47 @@ def cpt_overrides(run_dir: Path, data_dir: Path, base: Path, general_weight: flo
             "optim.schedule.warmup_fraction=0.1", f"ema.decay={scale.ema_decay}"]
 
 
+def _update_docs(json_path: Path, files: list[str]) -> None:
+    from jaxcpt.demo_record import BLOCKS, fill
+
+    record = json.loads(json_path.read_text())
+    for name in files:
+        path = Path(name)
+        text = path.read_text() if path.is_file() else ""
+        if not any(begin in text and end in text for begin, end in BLOCKS.values()):
+            raise UserError(f"'{path}' has none of the demo's markers ({', '.join(b for b, _ in BLOCKS.values())})")
+        path.write_text(fill(text, record))
+        print(f"updated the demo's figures in {path} from {json_path}", flush=True)
+
+
 def run(args) -> int:
     import shutil
+    import time
+
+    if (args.update or args.render_only) and not args.json:
+        raise UserError("--update and --render-only take the demo's figures from --json PATH; give it")
+    if args.render_only:
+        _update_docs(Path(args.json), args.update)
+        return 0
+    from jaxcpt.demo_record import CpuLoad
+
+    load, timings, reused = CpuLoad(), {}, {"data": False, "base": False}
+    clock = time.monotonic()
+
+    def phase(name: str) -> None:  # wall seconds since the previous phase ended
+        nonlocal clock
+        timings[name], clock = round(time.monotonic() - clock, 1), time.monotonic()
 
     scale = SCALES["fast" if args.fast else "full"]
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    data_dir = prepare_data(out, scale, args.fresh)
+    data_dir = prepare_data(out, scale, args.fresh, reused)
+    phase("data")
     if args.data_only:
         return 0
-    base = pretrain_base(out, data_dir, scale)
+    base = pretrain_base(out, data_dir, scale, reused)
+    phase("pretrain")
 
     runs = {}
     for label, general_weight in (("no_replay", 0.0), ("replay", REPLAY_WEIGHT)):
@@ -146,6 +191,7 @@ def run(args) -> int:
         _train([*cpt_overrides(run_dir, data_dir, base, general_weight, scale),
                 "export.final=" + ("true" if general_weight else "false")])
         runs[label] = run_dir
+        phase(f"cpt_{label}")
 
     print(f"[4/6] merging the base with the no-replay model at {scale.merge_coefficients} ...", flush=True)
     from jaxcpt.cli import main as jaxcpt_main
@@ -153,6 +199,7 @@ def run(args) -> int:
     if jaxcpt_main(["merge", "--run", str(runs["no_replay"]), "--sweep", scale.merge_coefficients,
                     "--tolerance", str(MERGE_TOLERANCE)]) != 0:
         raise UserError("the demo's merge sweep failed; see the message above")
+    phase("merge_sweep")
     print("[5/6] forgetting report: without replay (A) vs with replay (B)", flush=True)
     from jaxcpt.train.report import compare, plot
 
@@ -160,11 +207,14 @@ def run(args) -> int:
     print(table, flush=True)
     plot([runs["no_replay"], runs["replay"]], out / "forgetting.png")
     (out / "forgetting.txt").write_text(table + "\n")
+    phase("report")
     export_dir = runs["replay"] / "hf" / f"step_{scale.cpt_steps}"
     sample = _generate(export_dir)
+    phase("transformers")
+    timings["total"] = round(sum(timings.values()), 1)
     (out / "demo_result.json").write_text(json.dumps({"forgetting_removed": removed, "export": str(export_dir),
-                                                      "generated": sample}, indent=2))
-    print(f"\ndone. {out}/ holds:", flush=True)
+                                                      "generated": sample, "timings_s": timings}, indent=2))
+    print(f"\ndone in {timings['total']:.0f} s. {out}/ holds:", flush=True)
     for path, what in ((data_dir, "the two corpora and the tokenizer"), (base, "the base model run"),
                        (runs["no_replay"], "CPT without replay"), (runs["replay"], "CPT with 25% replay"),
                        (export_dir, "the replay run as a Hugging Face model"),
@@ -172,6 +222,25 @@ def run(args) -> int:
                        (out / "forgetting.png", "eval loss per source over steps, both runs"),
                        (out / "forgetting.txt", "the comparison table")):
         print(f"  {path}  -- {what}")
+    if args.json:
+        from jaxcpt.demo_record import build_record
+
+        cpu_load = load.stop()  # the demo's own phases; the SLERP sweep below is for docs/merging.md only
+        print(f"[json] the same sweep with SLERP, for {args.json} ...", flush=True)
+        slerp_dir = out / "merge_sweep_slerp"  # outside the run, so its report stays what the demo printed
+        if jaxcpt_main(["merge", "--run", str(runs["no_replay"]), "--method", "slerp", "--sweep",
+                        scale.merge_coefficients, "--tolerance", str(MERGE_TOLERANCE), "--out", str(slerp_dir)]) != 0:
+            raise UserError("the demo's SLERP sweep failed; see the message above")
+        phase("merge_sweep_slerp")
+        sweeps = {method: json.loads((path / "sweep.json").read_text()) for method, path in
+                  (("linear", runs["no_replay"] / "merge_sweep_linear"), ("slerp", slerp_dir))}
+        record = build_record(scale={**dataclasses.asdict(scale), "replay_weight": REPLAY_WEIGHT,
+                                     "merge_tolerance": MERGE_TOLERANCE, "fast": bool(args.fast)},
+                              table=table, runs=runs, sweeps=sweeps, timings=timings, load=cpu_load, reused=reused)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"  {args.json}  -- this table, each phase's wall time, the commit and the machine", flush=True)
+        _update_docs(Path(args.json), args.update)
     return 0
 
 

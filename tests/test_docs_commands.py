@@ -1,9 +1,14 @@
 """Every command the docs show can be run: configs that exist, override keys that exist, real subcommands.
 
-Commands are taken from the code blocks and inline code of the documents below and from each
-launch script's ``--help``: every ``jaxcpt SUBCOMMAND ...`` and every ``launch/SCRIPT ...`` (also
-inside quoted ``bash -c '...'`` strings and after ``+ `` / ``env ...`` prefixes). A failure names
-the file, the line and what is wrong, so new docs written by anyone are held to the same rule.
+Commands are taken from the code blocks and inline code of the documents below (README.md,
+launch/README.md and every page in docs/) and from each launch script's ``--help``: every
+``jaxcpt SUBCOMMAND ...``, every ``launch/SCRIPT ...`` (also inside quoted ``bash -c '...'`` strings
+and after ``+ `` / ``env ...`` prefixes) and every ``python benchmarks/SCRIPT.py ...``. A jaxcpt
+command's options must be options of its subcommand, a benchmark's must appear in its script.
+Every repository file a page names (``configs/NAME.yaml``, ``benchmarks/results/X.json``,
+``tests/test_x.py``, ...) must exist, and every relative link must reach a file and heading.
+A failure names the file, the line and what is wrong, so new docs written by anyone are held to
+the same rule.
 
 Placeholders are fine where they are visibly placeholders: a ``--config`` path with an all-caps
 part (``configs/NAME.yaml``, ``PATH``) is not looked up, nor one that an earlier command of the same
@@ -13,8 +18,11 @@ override values are never checked (``gs://BUCKET`` is fine); override keys alway
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import functools
+import importlib
 import re
 import shlex
 import subprocess
@@ -27,7 +35,13 @@ from jaxcpt.cli import COMMANDS
 from jaxcpt.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["README.md", "launch/README.md"]
+DOCUMENTS = ["README.md", "launch/README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+# Pages whose commands the extraction must find (a page of prose only may join DOCUMENTS freely).
+PAGES_WITH_COMMANDS = ["README.md", "launch/README.md", "docs/guide.md", "docs/evaluation.md", "docs/adaptation.md",
+                       "docs/planning.md", "docs/merging.md", "docs/tpu-and-gpu.md", "docs/performance.md",
+                       "docs/config-reference.md"]
+# Top-level directories of this repository: a path under one of them that a page names must exist.
+REPO_DIRS = ("configs", "benchmarks", "tests", "jaxcpt", "launch", "docs", ".ci")
 SCRIPTS = ["launch/gpu.sh", "launch/slurm.sbatch", "launch/tpu_vm.sh"]
 WRITES_FILE = ("--write-config", "--out")  # a later command of the same document may read what these wrote
 SHELL_OPERATORS = {"&&", "||", "|", ";", "&", ">", ">>", "<", "2>&1"}
@@ -107,10 +121,16 @@ def commands_in(snippet: str, where: str) -> list[Command]:
     for i, word in enumerate(words):
         if " " in word and ("jaxcpt" in word or "launch/" in word):  # a quoted command string: bash -c '...'
             found += commands_in(word, where)
-        elif word == "jaxcpt" or _is_script(word):
+        elif word == "jaxcpt" or _is_script(word) or _is_benchmark(words, i):
             end = next((j for j in range(i + 1, len(words)) if words[j] in SHELL_OPERATORS), len(words))
             found.append(Command(where, words[i:end]))
     return found
+
+
+def _is_benchmark(words: list[str], i: int) -> bool:
+    """``python benchmarks/NAME.py``: the script path, run by a Python interpreter."""
+    return (i > 0 and re.fullmatch(r"python[0-9.]*", words[i - 1]) is not None
+            and re.fullmatch(r"benchmarks/[^/]+\.py", words[i]) is not None)
 
 
 def markdown_commands(text: str, name: str) -> list[Command]:
@@ -183,11 +203,14 @@ def _option_value(argv: list[str], option: str) -> str | None:
 
 def problems_of(command: Command) -> list[str]:
     argv, problems = command.argv, []
+    if argv[0].startswith("benchmarks/"):
+        return benchmark_problems(argv)
     if argv[0] == "jaxcpt":
         if len(argv) < 2 or not re.fullmatch(r"[a-z][a-z0-9-]*", argv[1]):
             return []  # `jaxcpt --help`, or the name in prose ("jaxcpt merge: methods ...")
         if argv[1] not in COMMANDS:
             return [f"'jaxcpt {argv[1]}' is not a subcommand (jaxcpt/cli.py COMMANDS: {', '.join(COMMANDS)})"]
+        problems += option_problems(argv)
         overrides = [w for w in argv[2:] if "=" in w and not w.startswith("-")]  # train, plan sweep ...
     else:
         overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -209,6 +232,41 @@ def problems_of(command: Command) -> list[str]:
     return problems
 
 
+@functools.cache
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of ``jaxcpt NAME``, built the way jaxcpt/cli.py builds it."""
+    parser = argparse.ArgumentParser(prog=f"jaxcpt {name}")
+    importlib.import_module(COMMANDS[name][0]).add_arguments(parser)
+    return parser
+
+
+def option_problems(argv: list[str]) -> list[str]:
+    """Options of ``jaxcpt SUBCOMMAND ...`` that the subcommand (or its sub-subcommand) does not define."""
+    parser, label = subcommand_parser(argv[1]), f"jaxcpt {argv[1]}"
+    choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if choices is not None and len(argv) > 2 and argv[2] in choices:  # jaxcpt plan budget ...
+        parser, label = choices[argv[2]], f"{label} {argv[2]}"
+    known = {option for action in parser._actions for option in action.option_strings}
+    problems = []
+    for word in argv[2:]:
+        option = word.split("=", 1)[0]
+        if re.fullmatch(r"--[a-z][a-z0-9-]*", option) and option not in known:
+            close = difflib.get_close_matches(option, sorted(known), n=1)
+            problems.append(f"'{label}' has no option '{option}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+    return problems
+
+
+def benchmark_problems(argv: list[str]) -> list[str]:
+    """``python benchmarks/NAME.py --opt ...``: the script exists and defines every option shown."""
+    script = ROOT / argv[0]
+    if not script.is_file():
+        return [f"'{argv[0]}' does not exist (benchmarks: {', '.join(sorted(p.name for p in script.parent.glob('*.py')))})"]
+    source = script.read_text()
+    return [f"'{argv[0]}' has no option '{option}'" for word in argv[1:]
+            if re.fullmatch(r"--[a-z][a-z0-9-]*", option := word.split("=", 1)[0])
+            and f'"{option}"' not in source and f"'{option}'" not in source]
+
+
 def _config_names() -> list[str]:
     return [str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")]
 
@@ -219,9 +277,10 @@ COMMANDS_FOUND = documented_commands()
 def test_the_docs_show_commands_from_every_source():
     """Guards the extraction itself: a parser that found nothing would pass every check below."""
     sources = {c.where.split(":")[0].split(" --help")[0] for c in COMMANDS_FOUND}
-    assert sources == set(DOCUMENTS) | set(SCRIPTS)
+    assert set(PAGES_WITH_COMMANDS) | set(SCRIPTS) <= sources <= set(DOCUMENTS) | set(SCRIPTS)
     assert any(c.argv[:2] == ["jaxcpt", "train"] and "--config" in c.argv for c in COMMANDS_FOUND)
     assert sum(_is_script(c.argv[0]) and "--" in c.argv for c in COMMANDS_FOUND) >= 3
+    assert sum(c.argv[0].startswith("benchmarks/") for c in COMMANDS_FOUND) >= 3
 
 
 def test_every_documented_command_names_a_real_subcommand_config_and_config_keys():
@@ -264,3 +323,120 @@ def test_a_config_written_by_an_earlier_command_of_the_document_counts_as_existi
     first, _, last = markdown_commands(doc, "x.md")
     assert problems_of(first) and "'planned.yaml' does not exist" in problems_of(first)[0]  # not written yet
     assert problems_of(last) == []
+
+
+# ----------------------------------------------------------------------------- files and links a page names
+# Pages the README's index links to that other branches add; drop a name once its page is merged.
+PAGES_ADDED_ELSEWHERE = {"docs/faults.md", "docs/accelerators.md", "docs/gpu.md", "docs/real-size.md"}
+REPO_PATH = re.compile(r"(?<![\w/.-])(?:%s)/[\w./*-]*" % "|".join(re.escape(d) for d in REPO_DIRS))
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def named_paths(text: str) -> list[tuple[int, str]]:
+    """(line, path) of every repository path a page names, in prose, code or links."""
+    found = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        for match in REPO_PATH.finditer(line):
+            path = match.group(0).rstrip(".,;:")
+            if path.rstrip("/") not in REPO_DIRS:  # "jaxcpt/" alone, the layout's root
+                found.append((number, path))
+    return found
+
+
+def path_problem(path: str) -> str | None:
+    """Why a named repository path is not there; None when it is (or is visibly a placeholder)."""
+    if _is_placeholder_path(path) or path in PAGES_ADDED_ELSEWHERE:
+        return None
+    if "*" in path:
+        return None if list(ROOT.glob(path)) else f"'{path}' matches no file"
+    if not (ROOT / path).exists():
+        close = difflib.get_close_matches(path, [str(p.relative_to(ROOT)) for p in (ROOT / path.split("/")[0]).rglob("*")],
+                                          n=1)
+        return f"'{path}' does not exist" + (f"; did you mean '{close[0]}'?" if close else "")
+    return None
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    anchors, in_block = set(), False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_block = not in_block
+        elif not in_block and (m := re.match(r"#{1,6}\s+(.*)", line)):
+            anchors.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def link_problems(text: str, name: str) -> list[str]:
+    problems = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z]+://|mailto:", target):
+                continue
+            file_part, _, anchor = target.partition("#")
+            path = (ROOT / name).parent / file_part if file_part else ROOT / name
+            relative = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+            if relative in PAGES_ADDED_ELSEWHERE:
+                continue
+            if not path.exists():
+                problems.append(f"{name}:{number}: link '{target}': '{relative}' does not exist")
+            elif anchor and path.suffix == ".md" and anchor not in heading_anchors(path.read_text()):
+                problems.append(f"{name}:{number}: link '{target}': '{relative}' has no heading '#{anchor}'")
+    return problems
+
+
+def test_every_file_a_page_names_exists():
+    problems = [f"{doc}:{line}: {problem}" for doc in DOCUMENTS
+                for line, path in named_paths((ROOT / doc).read_text()) if (problem := path_problem(path))]
+    assert not problems, "pages name files that are not in the repository:\n" + "\n".join(problems)
+
+
+def test_every_config_a_page_names_is_shipped():
+    """The rule above, for configs/*.yaml by name: a renamed config must not leave a page behind."""
+    named = {path for doc in DOCUMENTS for _, path in named_paths((ROOT / doc).read_text()) if path.startswith("configs/")}
+    assert {"configs/tiny.yaml", "configs/llama3.2-1b-1gpu.yaml"} <= named  # the extraction sees them
+    missing = sorted(p for p in named if not _is_placeholder_path(p) and not (ROOT / p).is_file())
+    assert not missing, f"pages name configs that do not exist: {missing} (configs: {sorted(_config_names())})"
+
+
+def test_every_relative_link_reaches_a_file_and_heading():
+    problems = [p for doc in DOCUMENTS for p in link_problems((ROOT / doc).read_text(), doc)]
+    assert not problems, "broken links:\n" + "\n".join(problems)
+
+
+def test_the_readme_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text()
+    pages = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")} | PAGES_ADDED_ELSEWHERE
+    unlinked = sorted(page for page in pages if f"]({page}" not in readme)
+    assert not unlinked, f"docs pages the README's index does not link: {unlinked}"
+
+
+@pytest.mark.parametrize(
+    "snippet, problem",
+    [
+        ("jaxcpt export-hf RUN --out DIR --loras merged", "'jaxcpt export-hf' has no option '--loras'; did you mean '--lora'?"),
+        ("jaxcpt plan fit sweeps/cpt --law cmr --tolerence 0.05", "'jaxcpt plan fit' has no option '--tolerence'"),
+        ("python benchmarks/train_throughput.py --vs-pytorch", "'benchmarks/train_throughput.py' has no option '--vs-pytorch'"),
+        ("python benchmarks/train_speed.py --shape cpu-small", "'benchmarks/train_speed.py' does not exist"),
+    ],
+)
+def test_the_checker_names_wrong_options_and_scripts(snippet, problem):
+    (command,) = commands_in(snippet, "x.md:1")
+    assert any(problem in p for p in problems_of(command)), problems_of(command)
+
+
+def test_the_file_and_link_checkers_name_what_is_missing(tmp_path):
+    text = ("See `configs/llama3_8b.yaml` and benchmarks/results/nope_*.json, [the guide](guide.md#no-such-heading),\n"
+            "[gone](docs/gone.md); `configs/NAME.yaml` is a placeholder. [ok](guide.md#continuing-a-real-model)\n")
+    problems = [path_problem(path) for _, path in named_paths(text)]
+    assert "'configs/llama3_8b.yaml' does not exist" in problems[0] and "matches no file" in problems[1]
+    assert "'docs/gone.md' does not exist" in problems[2] and problems[3:] == [None]  # the placeholder passes
+    links = link_problems(text, "docs/x.md")
+    assert len(links) == 2 and "has no heading '#no-such-heading'" in links[0] and "'docs/docs/gone.md'" in links[1]
+
+
+def test_the_readme_lists_every_subcommand():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Commands")[1].split("\n## ")[0]
+    missing = [name for name in COMMANDS if f"`jaxcpt {name}`" not in table]
+    assert not missing, f"subcommands the README's command table leaves out: {missing}"

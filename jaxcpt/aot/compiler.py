@@ -24,7 +24,6 @@ from jaxcpt.train import layout as layout_lib
 from jaxcpt.train.config import TrainConfig
 from jaxcpt.train.setup import TrainProgram, build_program
 
-PALLAS_TPU_CALL = "tpu_custom_call"  # how a Pallas (Mosaic) kernel appears in the lowered module
 
 
 @dataclasses.dataclass
