@@ -327,7 +327,6 @@ def test_a_config_written_by_an_earlier_command_of_the_document_counts_as_existi
 
 # ----------------------------------------------------------------------------- files and links a page names
 # Pages the README's index links to that other branches add; drop a name once its page is merged.
-PAGES_ADDED_ELSEWHERE = {"docs/faults.md", "docs/accelerators.md", "docs/gpu.md", "docs/real-size.md"}
 REPO_PATH = re.compile(r"(?<![\w/.-])(?:%s)/[\w./*-]*" % "|".join(re.escape(d) for d in REPO_DIRS))
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -345,7 +344,7 @@ def named_paths(text: str) -> list[tuple[int, str]]:
 
 def path_problem(path: str) -> str | None:
     """Why a named repository path is not there; None when it is (or is visibly a placeholder)."""
-    if _is_placeholder_path(path) or path in PAGES_ADDED_ELSEWHERE:
+    if _is_placeholder_path(path):
         return None
     if "*" in path:
         return None if list(ROOT.glob(path)) else f"'{path}' matches no file"
@@ -376,8 +375,6 @@ def link_problems(text: str, name: str) -> list[str]:
             file_part, _, anchor = target.partition("#")
             path = (ROOT / name).parent / file_part if file_part else ROOT / name
             relative = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
-            if relative in PAGES_ADDED_ELSEWHERE:
-                continue
             if not path.exists():
                 problems.append(f"{name}:{number}: link '{target}': '{relative}' does not exist")
             elif anchor and path.suffix == ".md" and anchor not in heading_anchors(path.read_text()):
@@ -406,7 +403,7 @@ def test_every_relative_link_reaches_a_file_and_heading():
 
 def test_the_readme_links_every_docs_page():
     readme = (ROOT / "README.md").read_text()
-    pages = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")} | PAGES_ADDED_ELSEWHERE
+    pages = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")}
     unlinked = sorted(page for page in pages if f"]({page}" not in readme)
     assert not unlinked, f"docs pages the README's index does not link: {unlinked}"
 
