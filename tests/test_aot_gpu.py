@@ -149,10 +149,7 @@ def test_tiny_config_compiles_for_two_h100s_with_cudnn_attention_and_memory_the_
 
 
 # The shipped GPU configs, the node each is written for, and the compile recorded for it (docs/gpu.md).
-SHIPPED_GPU_CONFIGS = [
-    ("configs/qwen2.5-7b-8xh100.yaml", "h100-8", "benchmarks/results/compile_qwen2.5-7b-8xh100_h100-8.json"),
-    ("configs/llama3.2-1b-1gpu.yaml", "h100-1", "benchmarks/results/compile_llama3.2-1b-1gpu_h100-1.json"),
-]
+from jaxcpt.aot.shipped import SHIPPED_GPU as SHIPPED_GPU_CONFIGS  # noqa: E402 - one list with the TPU rows'
 
 
 @needs_plugin

@@ -61,7 +61,7 @@ def test_tiny_config_compiles_for_v5p_8_with_splash_and_memory_the_sharding_pred
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", SHIPPED, ids=lambda row: row.name)
+@pytest.mark.parametrize("row", [r for r in SHIPPED if r.checked_in_ci], ids=lambda row: row.name)
 def test_shipped_config_fits_its_topology_as_recorded(row):
     """Each shipped accelerator config, compiled for its topology with the remat policy it names, fits the
     chip's HBM and needs within 10% of the per-chip memory recorded in benchmarks/results/ (with its commit).
