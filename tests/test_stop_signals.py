@@ -72,5 +72,5 @@ def test_sighup_to_a_foreground_run_saves_a_checkpoint_and_exits_75(tmp_path):
     os.close(controller)  # the session drops ...
     proc.send_signal(signal.SIGHUP)  # ... and the kernel hangs up its processes
     assert proc.wait(timeout=120) == EXIT_STOPPED_EARLY
-    saved = sorted(int(name) for name in os.listdir(run_dir / "checkpoints"))
+    saved = sorted(int(name) for name in os.listdir(run_dir / "checkpoints") if name.isdigit())
     assert saved and saved[-1] == max(train_losses(run_dir)) < 500
