@@ -152,9 +152,9 @@ def child(phases_file: str, kill_after: int, argv: list[str]) -> int:
     train_state.fresh_state = fresh
     restore_newest = loop.Checkpointer.restore_newest
 
-    def restore(self, abstract):
+    def restore(self, abstract, *args):
         phases.mark("restore")
-        out = restore_newest(self, abstract)
+        out = restore_newest(self, abstract, *args)
         jax.block_until_ready(out.state)
         phases.extra["state_bytes"] = _state_bytes(out.state)
         phases.extra["param_bytes"] = _state_bytes(out.state["params"])

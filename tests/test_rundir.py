@@ -202,13 +202,14 @@ def test_run_close_closes_everything_even_when_the_checkpointer_raises():
                 raise OSError(f"{name} failed")
         return close
 
-    setup = types.SimpleNamespace(data_iter=types.SimpleNamespace(close=closer("grain workers")))
+    setup = types.SimpleNamespace(data_iter=types.SimpleNamespace(close=closer("grain workers")),
+                                  close=closer("scratch directories"))
     run = Run(setup=setup, ckpt=types.SimpleNamespace(close=closer("checkpointer", fail=True)), state={}, start_step=0,
               writer=types.SimpleNamespace(close=closer("metrics")), stop=types.SimpleNamespace(uninstall=closer("signals")),
               files={}, export_tokenizer=None, eval_history=[])
     with pytest.raises(OSError, match="checkpointer failed"):
         run.close()
-    assert sorted(closed) == ["checkpointer", "grain workers", "metrics", "signals"]
+    assert sorted(closed) == ["checkpointer", "grain workers", "metrics", "scratch directories", "signals"]
 
 
 # -- #20.10 exports ------------------------------------------------------------------------------

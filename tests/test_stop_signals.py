@@ -69,8 +69,11 @@ def test_sighup_to_a_foreground_run_saves_a_checkpoint_and_exits_75(tmp_path):
             pass
         assert proc.poll() is None and time.monotonic() - start < 300, "the run ended before the hang-up"
         time.sleep(0.05)
-    os.close(controller)  # the session drops ...
-    proc.send_signal(signal.SIGHUP)  # ... and the kernel hangs up its processes
+    # The kernel hangs up the session's processes as the terminal goes; a step line written between the
+    # two by this fast tiny run would hit a closed terminal before any handler ran, so signal first.
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    os.close(controller)  # ... and the terminal is gone: later writes would raise EIO
     assert proc.wait(timeout=120) == EXIT_STOPPED_EARLY
     saved = sorted(int(name) for name in os.listdir(run_dir / "checkpoints") if name.isdigit())
     assert saved and saved[-1] == max(train_losses(run_dir)) < 500
