@@ -10,20 +10,9 @@ import sys
 import time
 
 import pytest
-from train_helpers import make_corpora, run_cli, tiny_overrides, train_losses
+from train_helpers import make_corpora, run_cli, tiny_overrides, train_losses, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for(predicate, proc, timeout=300):
-    start = time.monotonic()
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
-        if time.monotonic() - start > timeout:
-            proc.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.05)
 
 
 def test_second_train_is_refused_naming_the_holder_and_a_killed_holders_lease_is_taken_over(tmp_path):
@@ -32,7 +21,7 @@ def test_second_train_is_refused_naming_the_holder_and_a_killed_holders_lease_is
     args = ["train", *tiny_overrides(run, corpora, steps=100_000), "checkpoint.every_steps=2"]
     holder = run_cli(args)
     try:
-        _wait_for(lambda: (run / "checkpoints" / "2" / "state").is_dir(), holder)
+        wait_for(lambda: (run / "checkpoints" / "2" / "state").is_dir(), holder, timeout=300)
         started = time.monotonic()
         second = run_cli(args)
         try:

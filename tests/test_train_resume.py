@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from train_helpers import make_corpora, run_cli, tiny_overrides, train_losses
+from train_helpers import make_corpora, run_cli, tiny_overrides, train_losses, wait_for
 
 from jaxcpt.checkpoint import Checkpointer
 from jaxcpt.train.config import load_train_config
@@ -41,17 +41,6 @@ def _flat(tree, prefix=""):
     for k, v in tree.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-
-def wait_for(predicate, proc, timeout=240):
-    start = time.monotonic()
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
-        if time.monotonic() - start > timeout:
-            proc.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.02)
 
 
 def test_resume_after_sigkill_matches_straight_run(tmp_path):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from test_data_fixtures import make_texts, sp_model, write_jsonl
 
@@ -53,3 +54,15 @@ def train_losses(run_dir) -> dict[int, float]:
                 assert record["step"] not in out, f"step {record['step']} recorded twice"
                 out[record["step"]] = record["loss"]
     return out
+
+
+def wait_for(predicate, proc, timeout=240):
+    """Poll ``predicate`` while the training subprocess ``proc`` runs; fail with its output if it exits first."""
+    start = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        if time.monotonic() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.02)
