@@ -6,7 +6,6 @@ data gives the same bits, so any difference means lost or repeated data or state
 
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
