@@ -249,6 +249,14 @@ class DataConfig:
         help="When the input pipeline has produced nothing for this long, log what it waits for (source, host, "
         "worker, file and position) and again each time as long passes. 0 turns the warning off.",
     )
+    elastic: bool = field(
+        False,
+        help="Read every source by random access (pre-tokenized directories: .npy or ArrayRecord shards): a global "
+        "shuffle per epoch (no shuffle buffer), concat-then-split rows and the mixture computed from the step, so "
+        "a checkpoint's data position is the step and per-source positions. It resumes on any host or worker "
+        "count, seq_len, weights or added source without repeating or skipping (docs/data.md). packing, "
+        "packing_bins, shuffle_buffer and shuffle_files do not apply. Streaming sources are an error here.",
+    )
     resume_mismatch: ResumeMismatch = field(
         "error",
         help="When a saved data state does not fit this run (other host count, worker count, files, seed, seq_len "

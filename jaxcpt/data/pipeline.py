@@ -464,6 +464,12 @@ def build_train_iterator(
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if cfg.elastic:  # random access by index arithmetic: jaxcpt.data.elastic
+        from jaxcpt.data.elastic import build_elastic_train_iterator
+
+        return build_elastic_train_iterator(cfg, batch_size=batch_size, seq_len=seq_len or cfg.seq_len,
+                                            lr_schedule=lr_schedule, total_steps=total_steps,
+                                            host=_host(process_index, process_count))
     cfg.validate()
     plan = _plan(cfg, seq_len, process_index, process_count)
     stage_steps = resolve_stage_steps(cfg, lr_schedule, total_steps)
@@ -488,6 +494,11 @@ def build_eval_batches(
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if cfg.elastic:
+        from jaxcpt.data.elastic import build_elastic_eval_batches
+
+        return build_elastic_eval_batches(cfg, batch_size=batch_size, seq_len=seq_len or cfg.seq_len,
+                                          host=_host(process_index, process_count))
     cfg.validate()
     plan = _plan(cfg, seq_len, process_index, process_count)
     out = {}
