@@ -52,3 +52,29 @@ def test_resume_across_process_counts_trains_each_document_pair_once(corpus, tmp
     straight, _ = _run(cfg, 7, hosts=1)
     assert max(trained.values()) == 1
     assert trained == collections.Counter(straight)
+
+
+def test_training_checkpointed_on_two_processes_resumes_on_one(tmp_path):
+    """The trainer's path: 2 processes save an elastic state at step 2, one process continues to step 4
+    (the saved hosts' list has 2 entries; the run takes host 0's) and its checkpoint counts 4 global batches."""
+    from test_multihost import run_two_processes
+    from train_helpers import make_corpora, run_cli, tiny_overrides, train_losses
+
+    from jaxcpt.data.command import tokenize_source
+    from jaxcpt.data.config import SourceConfig
+    from test_data_fixtures import sp_model
+
+    tokenized = {}
+    for name, path in make_corpora(tmp_path / "data").items():
+        tokenized[name] = str(tmp_path / f"tok-{name}")
+        tokenize_source(SourceConfig(name=name, paths=[path]), sp_model(), tokenized[name], progress=False)
+    run = tmp_path / "run"
+    overrides = [*tiny_overrides(run, tokenized, steps=2, mesh="{fsdp: 8}"), "data.elastic=true",
+                 "checkpoint.every_steps=2"]
+    run_two_processes(["train", *overrides])
+    proc = run_cli(["train", *[o.replace("train.steps=2", "train.steps=4") for o in overrides]])
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert sorted(train_losses(run)) == [1, 2, 3, 4]
+    state = json.loads((run / "checkpoints" / "4" / "data" / "metadata").read_text())["hosts"][0]
+    assert state["step"] == 4 and sum(s["rows"] for s in state["sources"].values()) == 4 * 8
