@@ -56,6 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer call")
     parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = this process)")
     parser.add_argument(
+        "--engine", default="local", choices=["local", "beam"],
+        help="local: .npy shards written by this process (and --workers); beam: ArrayRecord shards written by an "
+        "Apache Beam pipeline, one shard per input file or row group (jaxcpt[data]; read with data.elastic=true)",
+    )
+    parser.add_argument("--runner", default="direct",
+                        help="beam: direct (several processes here, --workers of them, at least 1), or a Beam runner "
+                        "name (DataflowRunner, FlinkRunner, SparkRunner)")
+    parser.add_argument("--beam-args", default="", help="beam: Beam's own pipeline options, one quoted string "
+                        "after '=' (--beam-args=\"--project=P --region=R --temp_location=gs://B/tmp\")")
+    parser.add_argument(
         "--fatal-bad-input", action="store_true", help="stop at the first bad document instead of skipping it"
     )
 
@@ -231,6 +241,15 @@ def run(args) -> int:
     src, tokenizer = _source_from_args(args)
     if not tokenizer:
         raise UserError("no tokenizer: pass --tokenizer (or set data.tokenizer in the --config file)")
+    if args.engine == "beam":
+        from jaxcpt.data.beam_tokenize import run_beam
+
+        meta = run_beam(src, tokenizer, args.output, runner=args.runner, workers=max(1, args.workers),
+                        batch_size=args.batch_size, beam_args=args.beam_args)
+        print(f"wrote {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {len(meta['shards'])} "
+              f"ArrayRecord shard(s) to {args.output}" + (f"; skipped bad documents {meta['bad_documents']}"
+                                                           if meta["bad_documents"] else ""))
+        return 0
     meta = tokenize_source(
         src,
         tokenizer,

@@ -235,6 +235,11 @@ def list_units(files: list[str], declared_format: str, text_field: str, source: 
             units.extend(Unit(path, fmt, g) for g in range(meta.num_row_groups))
         elif fmt == "tokenized":
             meta = read_tokenized_meta(os.path.dirname(path))
+            if meta.get("storage", "npy") != "npy":
+                raise ConfigError(
+                    f"source '{source}': '{meta['directory']}' holds {meta['storage']} shards, which are read by "
+                    "random access only: set data.elastic=true (or write .npy shards with `jaxcpt tokenize` without "
+                    "--engine beam)")
             base = os.path.dirname(path)
             units.extend(Unit(os.path.join(base, s["tokens"]), fmt, -1) for s in meta["shards"])
         else:

@@ -1,0 +1,225 @@
+"""`jaxcpt tokenize --engine beam`: tokenizing a source on Apache Beam into ArrayRecord shards.
+
+Needs the ``jaxcpt[data]`` extra (apache-beam; see docs/data.md for the pins it brings). The
+same pipeline runs on Beam's direct runner (the default: several processes on this machine),
+Dataflow, Flink or Spark, with Beam's own options (``--beam-args``).
+
+The pipeline:
+
+1. The driver lists the source's *units* exactly as the training mixer does
+   (``jaxcpt.data.sources.list_units``: files, Parquet row groups), so every format the mixer
+   reads is read the same way, bad records counted by the same rules.
+2. Each unit is read and tokenized by a worker; the tokenizer's files travel inside the
+   pipeline (a worker needs no copy of its own), and token ids are written without BOS/EOS:
+   the run adds them by its document convention, recorded in the index.
+3. Unit ``k``'s documents, in their order within the unit, become shard ``shard-{k:05d}``:
+   ``.array_record`` (one record per document, ids as little-endian bytes), ``.lengths.npy``
+   and ``.hashes.npy`` (the text hash that decides held-out documents). A shard depends only
+   on its unit, never on how a runner batched or ordered work, so the same input gives
+   byte-identical shards on any runner. A unit without documents writes no shard.
+4. ``jaxcpt_tokenized.json`` is written last: documents and tokens per shard, the tokenizer's
+   digest and convention, the source's fingerprint and the bad records skipped.
+
+Output directories may be local or any file system Beam knows (``gs://`` on Dataflow): shards
+are written to a local temporary file and copied through Beam's ``FileSystems``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import tempfile
+
+import numpy as np
+
+from jaxcpt.config import ConfigError
+from jaxcpt.data.config import SourceConfig
+from jaxcpt.data.sources import TOKENIZED_FORMAT, TOKENIZED_META, list_units, parse_record, read_unit, resolve_files
+from jaxcpt.data.sources import text_hash
+from jaxcpt.errors import UserError
+
+
+def _require_beam():
+    try:
+        import apache_beam as beam  # noqa: F401
+    except ImportError:
+        raise UserError("`jaxcpt tokenize --engine beam` needs Apache Beam: pip install 'jaxcpt[data]' (in its own "
+                        "environment: docs/data.md says which pins it changes)") from None
+    return beam
+
+
+def tokenizer_files(path: str) -> dict[str, bytes]:
+    """The tokenizer's own files by name (a .model file, or a Hugging Face tokenizer directory's files)."""
+    from jaxcpt.data.tokenize import _HF_TOKENIZER_FILES
+
+    if os.path.isfile(path):
+        names = [path]
+    else:
+        names = sorted(os.path.join(path, n) for n in os.listdir(path) if n in _HF_TOKENIZER_FILES or "tokenizer" in n)
+    out = {}
+    for name in names:
+        with open(name, "rb") as f:
+            out[os.path.basename(name)] = f.read()
+    return out
+
+
+def source_fingerprint(src: SourceConfig, units) -> str:
+    """The input's identity: unit files (relative names and sizes), parts and how they are read."""
+    digest = hashlib.blake2b(digest_size=8)
+    root = os.path.commonpath([u.path for u in units]) if len(units) > 1 else os.path.dirname(units[0].path)
+    digest.update(f"{src.text_field}|{src.text_split}\n".encode())
+    for u in units:
+        digest.update(f"{os.path.relpath(u.path, root)}|{u.fmt}|{u.part}|{os.path.getsize(u.path)}\n".encode())
+    return digest.hexdigest()
+
+
+class _TokenizeUnit:
+    """unit (index, Unit) -> (index, [(ids, text hash)], {bad kind: count}); the tokenizer is loaded once per worker."""
+
+    def __init__(self, files: dict[str, bytes], single_file: bool, text_field: str, text_split: str, batch_size: int):
+        self.files, self.single_file = files, single_file
+        self.text_field, self.text_split, self.batch_size = text_field, text_split, batch_size
+        self._tok = None
+
+    def _tokenizer(self):
+        if self._tok is None:
+            from jaxcpt.data.tokenize import load_tokenizer
+
+            directory = tempfile.mkdtemp(prefix="jaxcpt_beam_tok_")
+            for name, data in self.files.items():
+                with open(os.path.join(directory, name), "wb") as f:
+                    f.write(data)
+            self._tok = load_tokenizer(os.path.join(directory, next(iter(self.files))) if self.single_file
+                                       else directory)
+        return self._tok
+
+    def __call__(self, item):
+        from jaxcpt.data.readers import Damaged
+
+        index, unit = item
+        texts, hashes, bad = [], [], {}
+        for _, raw in read_unit(unit, 0, self.text_field, self.text_split):
+            if isinstance(raw, Damaged):
+                bad["damaged_file"] = bad.get("damaged_file", 0) + max(1, raw.lost or 1)
+                continue
+            kind, payload = parse_record(unit.fmt, raw, self.text_field)
+            if kind == "doc":
+                try:
+                    doc_hash = text_hash(payload.encode("utf-8"))
+                except UnicodeEncodeError:
+                    kind = "invalid_utf8"
+            if kind != "doc":
+                bad[kind] = bad.get(kind, 0) + 1
+                continue
+            texts.append(payload)
+            hashes.append(doc_hash)
+        ids = []
+        for start in range(0, len(texts), self.batch_size):
+            ids.extend(self._tokenizer().encode_batch(texts[start : start + self.batch_size]))
+        return index, list(zip(ids, hashes)), bad
+
+
+class _WriteShard:
+    """(index, docs, bad) -> shard stats; writes the shard's three files into ``output``."""
+
+    def __init__(self, output: str, dtype: str):
+        self.output, self.dtype = output, dtype
+
+    def __call__(self, item):
+        from apache_beam.io.filesystems import FileSystems
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        index, docs, bad = item
+        stats = {"index": index, "bad": bad, "num_documents": len(docs), "num_tokens": sum(len(i) for i, _ in docs)}
+        if not docs:
+            return stats
+        stem = f"shard-{index:05d}"
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        with tempfile.TemporaryDirectory(prefix="jaxcpt_beam_shard_") as tmp:
+            local = os.path.join(tmp, f"{stem}.array_record")
+            writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: documents read alone
+            for ids, _ in docs:
+                writer.write(np.asarray(ids, dtype).tobytes())
+            writer.close()
+            np.save(os.path.join(tmp, f"{stem}.lengths.npy"), np.array([len(i) for i, _ in docs], np.int64))
+            np.save(os.path.join(tmp, f"{stem}.hashes.npy"), np.array([h for _, h in docs], np.uint64))
+            for name in (f"{stem}.array_record", f"{stem}.lengths.npy", f"{stem}.hashes.npy"):
+                with open(os.path.join(tmp, name), "rb") as f, FileSystems.create(
+                        FileSystems.join(self.output, name)) as out:
+                    out.write(f.read())
+        stats["stem"] = stem
+        return stats
+
+
+def run_beam(src: SourceConfig, tokenizer: str, output: str, *, runner: str = "direct", workers: int = 2,
+             batch_size: int = 256, beam_args: str = "") -> dict:
+    """Tokenize ``src`` into ArrayRecord shards in ``output`` on Beam; returns the index written."""
+    beam = _require_beam()
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from jaxcpt.data.tokenize import load_tokenizer, tokenizer_fingerprint
+
+    if FileSystems.exists(FileSystems.join(output, TOKENIZED_META)):
+        raise UserError(f"'{output}' already holds token shards; choose a new directory or delete them")
+    units = list_units(resolve_files(src.paths, src.name, src.format), src.format, src.text_field, src.name)
+    if any(u.fmt == "tokenized" for u in units):
+        raise UserError(f"source '{src.name}' is already tokenized")
+    facts = load_tokenizer(tokenizer).facts
+    dtype = "uint16" if facts.num_ids <= 2**16 else "uint32"
+    files = tokenizer_files(tokenizer)
+    argv = [f"--runner={'DirectRunner' if runner == 'direct' else runner}", *shlex.split(beam_args)]
+    if runner == "direct" and not any(a.startswith("--direct_running_mode") for a in argv):
+        argv += ["--direct_running_mode=multi_processing", f"--direct_num_workers={max(1, workers)}"]
+    FileSystems.mkdirs(output) if not FileSystems.exists(output) else None
+    with beam.Pipeline(options=PipelineOptions(argv)) as p:
+        stats = (
+            p
+            | "units" >> beam.Create(list(enumerate(units)))
+            | "reshuffle" >> beam.Reshuffle()  # spread the units over workers
+            | "tokenize" >> beam.Map(_TokenizeUnit(files, os.path.isfile(tokenizer), src.text_field, src.text_split,
+                                                   batch_size))
+            | "write" >> beam.Map(_WriteShard(output, dtype))
+            | "collect" >> beam.combiners.ToList()
+        )
+        stats | "index" >> beam.Map(_write_index, output=output, meta={
+            "format": TOKENIZED_FORMAT,
+            "storage": "array_record",
+            "tokenizer": os.path.abspath(tokenizer),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": facts.num_ids,
+            "bos_id": facts.bos_id,
+            "eos_id": facts.eos_id,
+            "pad_id": facts.pad_id,
+            "adds_bos": facts.document_convention[0],
+            "adds_eos": facts.document_convention[1],
+            "dtype": dtype,
+            "inputs": list(src.paths),
+            "text_field": src.text_field,
+            "text_split": src.text_split,
+            "source_fingerprint": source_fingerprint(src, units),
+        })
+    with FileSystems.open(FileSystems.join(output, TOKENIZED_META)) as f:
+        return json.loads(f.read())
+
+
+def _write_index(stats: list[dict], output: str, meta: dict) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    stats = sorted(stats, key=lambda s: s["index"])
+    bad: dict[str, int] = {}
+    for s in stats:
+        for k, v in s["bad"].items():
+            bad[k] = bad.get(k, 0) + v
+    shards = [{"stem": s["stem"], "num_documents": s["num_documents"], "num_tokens": s["num_tokens"]}
+              for s in stats if s["num_documents"]]
+    if not shards:
+        raise ConfigError(f"no document in {meta['inputs']} (bad records: {bad or 'none'})")
+    index = {**meta, "num_documents": sum(s["num_documents"] for s in shards),
+             "num_tokens": sum(s["num_tokens"] for s in shards), "bad_documents": dict(sorted(bad.items())),
+             "shards": shards}
+    # Written once, last: its presence means the shards are complete.
+    with FileSystems.create(FileSystems.join(output, TOKENIZED_META)) as f:
+        f.write(json.dumps(index, indent=1, sort_keys=True).encode())
