@@ -51,6 +51,7 @@ from jaxcpt.data.documents import (
 from jaxcpt.data.mixture import MixtureDataset, WeightSchedule, resolve_stage_steps
 from jaxcpt.data.packing import document_pieces, pack, stack_rows
 from jaxcpt.data.readers import ReadLimits
+from jaxcpt.data.remote import file_size
 from jaxcpt.data.shares import split_units
 from jaxcpt.data.shuffle import WindowShuffleDataset
 from jaxcpt.data.sources import (
@@ -168,7 +169,7 @@ def _units_fingerprint(units: list[Unit]) -> str:
     root = os.path.commonpath([u.path for u in units]) if len(units) > 1 else os.path.dirname(units[0].path)
     digest = hashlib.blake2b(digest_size=8)
     for unit in units:  # relative paths and sizes: moving the corpus keeps positions valid, editing it does not
-        line = f"{os.path.relpath(unit.path, root)}|{unit.part}|{os.path.getsize(unit.path)}"
+        line = f"{os.path.relpath(unit.path, root)}|{unit.part}|{file_size(unit.path)}"
         if (unit.begin, unit.end) != (0, None):  # a range (split_units): another split is another stream
             line += f"|{unit.begin}:{unit.end}"
         digest.update(f"{line}\n".encode())

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from jaxcpt.data.remote import file_size, parquet_input
 from jaxcpt.data.streams import BOM, DamagedFile, DataStream, is_compressed, open_stream
 
 if TYPE_CHECKING:
@@ -199,8 +200,8 @@ def read_whole_file(unit: Unit, start: int, limits: ReadLimits) -> Iterator[tupl
     if start != 0:
         return
     limit = limits.max_document_bytes
-    if not is_compressed(unit.path) and os.path.getsize(unit.path) > limit:
-        yield 1, TooLarge(os.path.getsize(unit.path), limit)
+    if not is_compressed(unit.path) and file_size(unit.path) > limit:
+        yield 1, TooLarge(file_size(unit.path), limit)
         return
     with open_stream(unit.path) as stream:
         try:
@@ -231,7 +232,7 @@ def read_parquet(unit: Unit, start: int, text_field: str, limits: ReadLimits) ->
     last = None
     try:
         # buffer_size: read pages through a 1 MiB buffer instead of whole column chunks.
-        pf = pq.ParquetFile(unit.path, pre_buffer=False, buffer_size=MIB)
+        pf = pq.ParquetFile(parquet_input(unit.path), pre_buffer=False, buffer_size=MIB)
         if unit.part < 0:  # list_units could not read the footer; it reads now: the row groups are still unknown
             raise OSError("the file's footer could not be read when the run was planned")
         meta = pf.metadata.row_group(unit.part)

@@ -15,10 +15,10 @@ file and keeps the records whose ordinal is its index modulo the reader count
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
+from jaxcpt.data.remote import file_size, parquet_input
 from jaxcpt.data.sources import Unit, describe_paths, is_compressed, warn_once
 
 RANGES_PER_READER = 4  # with 4 or 5 ranges each, readers' shares differ by at most a quarter
@@ -73,20 +73,20 @@ class _Sizes:
         if unit.path not in self._parquet:
             import pyarrow.parquet as pq
 
-            self._parquet[unit.path] = pq.ParquetFile(unit.path).metadata
+            self._parquet[unit.path] = pq.ParquetFile(parquet_input(unit.path)).metadata
         return self._parquet[unit.path].row_group(unit.part)
 
     def weight(self, unit: Unit) -> int:
         if unit.fmt == "parquet":
             return self._row_group(unit).total_byte_size
-        return os.path.getsize(unit.path)  # a token shard's tokens file, or the text file itself
+        return file_size(unit.path)  # a token shard's tokens file, or the text file itself
 
     def extent(self, unit: Unit) -> int:
         if unit.fmt == "parquet":
             return self._row_group(unit).num_rows
         if unit.fmt == "tokenized":
             return len(np.load(unit.path.replace(".tokens.npy", ".offsets.npy"), mmap_mode="r")) - 1
-        return os.path.getsize(unit.path)
+        return file_size(unit.path)
 
 
 def share(units: list[Unit], host: tuple[int, int], worker: tuple[int, int]) -> tuple[list[Unit], int, int]:

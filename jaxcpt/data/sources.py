@@ -45,6 +45,7 @@ from jaxcpt.data.readers import (
     read_tokenized,
     read_whole_file,
 )
+from jaxcpt.data.remote import expand, is_remote, parquet_input
 from jaxcpt.data.streams import BOM, COMPRESSED, is_compressed  # noqa: F401  (is_compressed: shares imports it from here)
 from jaxcpt.errors import UserError
 
@@ -101,11 +102,10 @@ def resolve_files(patterns: list[str], source: str, declared_format: str = "auto
     files: list[str] = []
     skipped: list[str] = []
     for pattern in patterns:
-        if "://" in pattern:
-            raise ConfigError(
-                f"source '{source}': '{pattern}' is a remote path; jaxcpt reads local files only, so mount the "
-                "bucket (e.g. gcsfuse) or copy the data to local disk and use that path"
-            )
+        if is_remote(pattern):  # gs://, s3://, hf://datasets/... through fsspec (jaxcpt.data.remote)
+            files.extend(f for f in expand(pattern, source)
+                         if not glob.has_magic(pattern) or _is_data_file(os.path.basename(f), declared_format))
+            continue
         expanded = os.path.expanduser(pattern)
         is_glob = glob.has_magic(expanded)
         if is_glob:
@@ -218,7 +218,7 @@ def list_units(files: list[str], declared_format: str, text_field: str, source: 
             import pyarrow.parquet as pq
 
             try:
-                meta = pq.ParquetFile(path)
+                meta = pq.ParquetFile(parquet_input(path))
             except (OSError, pa.ArrowException) as e:
                 if isinstance(e, FileNotFoundError):
                     raise

@@ -23,6 +23,8 @@ import os
 import struct
 import zlib
 
+from jaxcpt.data.remote import file_size, open_binary
+
 COMPRESSED = (".gz", ".zst", ".zstd")
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark: Windows tools write it; JSON parsers reject it
 
@@ -58,7 +60,7 @@ class DataStream:
 
     def __init__(self, path: str):
         self.path = path
-        self.file_size = os.path.getsize(path)
+        self.file_size = file_size(path)  # local, or a bucket object (jaxcpt.data.remote)
         lower = path.lower()
         self._zstd = lower.endswith((".zst", ".zstd"))
         self._end_checked = False
@@ -67,16 +69,16 @@ class DataStream:
         # readline takes what each decompression step gives; another BufferedReader around it would
         # ask for 64 KiB at once and lose a short file's every line to a truncation.
         if lower.endswith(".gz"):
-            self._raw = open(path, "rb")
+            self._raw = open_binary(path)
             self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb")
         elif self._zstd:
             import zstandard
 
-            self._raw = open(path, "rb")
+            self._raw = open_binary(path)
             reader = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True, closefd=False)
             self._stream = io.BufferedReader(reader, 1 << 16)
         else:  # one handle: opened once (a FIFO or a hung mount blocks in open, where the stall watch sees it)
-            self._raw = self._stream = open(path, "rb", buffering=1 << 20)
+            self._raw = self._stream = open_binary(path, buffering=1 << 20)
         self.offset = 0  # decompressed bytes consumed by readline / read / seek
 
     @property
@@ -114,7 +116,7 @@ class DataStream:
             return zstd_frames(self.path)[1]
         if damage.reason.startswith("EOFError") or self.file_size < 18:
             return None
-        with open(self.path, "rb") as f:
+        with open_binary(self.path) as f:
             f.seek(-4, os.SEEK_END)
             size = struct.unpack("<I", f.read(4))[0]
         while size < damage.offset:  # ISIZE wraps at 4 GiB
@@ -180,9 +182,9 @@ def zstd_frames(path: str) -> tuple[str | None, int | None]:
     Walks frame and block headers only (RFC 8878 section 3.1): frame header descriptor, then
     3-byte block headers (last-block bit, type, size), then the optional 4-byte checksum.
     """
-    size = os.path.getsize(path)
+    size = file_size(path)
     content: int | None = 0
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         pos = 0
         while pos < size:
             f.seek(pos)
