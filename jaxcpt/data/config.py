@@ -35,6 +35,8 @@ TextSplit = Literal["per_file", "blank_line"]
 Packing = Literal["first_fit", "concat_split"]
 WeightsCount = Literal["tokens", "documents", "rows"]
 ResumeMismatch = Literal["error", "restart"]
+Instruction = Literal["none", "messages", "prompt_completion"]
+LossOn = Literal["answer", "all"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -77,6 +79,18 @@ class SourceConfig:
         "text, so a held-out document is never trained on, whatever the host count or seed. No source trains on "
         "a document held out by any source: every source's training skips the texts whose hash is below the "
         "largest eval_fraction of all sources (so a source also loses that fraction of its own documents).",
+    )
+    instruction: Instruction = field(
+        "none",
+        help="none: text documents. messages: JSONL records with 'messages' ([{role, content}, ...]) rendered with "
+        "the tokenizer's own chat template (a tokenizer without one is an error). prompt_completion: JSONL "
+        "records with 'prompt' and 'completion' strings (BOS + prompt + completion + EOS). Packed with document "
+        "masks like text; see loss_on.",
+    )
+    loss_on: LossOn = field(
+        "answer",
+        help="instruction sources: answer = loss on the assistant turns' / completion's tokens only (the rest is "
+        "context: seen, not trained on); all = on every token like text.",
     )
     eval_documents: int = field(
         0,

@@ -192,9 +192,11 @@ class DocumentDataset(grain.IterDataset):
         host_index: int = 0,
         host_count: int = 1,
         limits: ReadLimits = ReadLimits(),
+        instruction: str = "none",
     ):
         super().__init__()
         self.limits = limits
+        self.instruction = instruction  # SourceConfig.instruction: records parsed as chat / prompt-completion
         self.source = source
         self.units = list(units)
         self.text_field = text_field
@@ -292,7 +294,7 @@ class DocumentIterator(grain.DatasetIterator):
                 if ordinal % self._count != self._shard:
                     continue
             unit = self._units[self._order[self._upos]]
-            kind, payload = parse_record(unit.fmt, raw, ds.text_field)
+            kind, payload = parse_record(unit.fmt, raw, ds.text_field, ds.instruction)
             if kind == "doc" and unit.fmt != "tokenized":
                 try:
                     payload = (payload, text_hash(payload.encode("utf-8")))
@@ -354,7 +356,7 @@ def _where(unit: Unit, position: int) -> str:
 
 def first_document_hashes(
     *, source: str, units: list[Unit], text_field: str, text_split: str, count: int, counter: BadInputCounter,
-    limits: ReadLimits = ReadLimits(),
+    limits: ReadLimits = ReadLimits(), instruction: str = "none",
 ) -> list[int]:
     """Text hashes of the first ``count`` good documents in unit order: an ``eval_documents`` split."""
     hashes: list[int] = []
@@ -363,7 +365,7 @@ def first_document_hashes(
             if isinstance(raw, Damaged):
                 counter.damaged(unit.path, raw, raw.lost)
                 continue
-            kind, payload = parse_record(unit.fmt, raw, text_field)
+            kind, payload = parse_record(unit.fmt, raw, text_field, instruction)
             if kind != "doc":
                 counter.bad(kind, payload, _where(unit, position))
                 continue

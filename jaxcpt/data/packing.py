@@ -26,16 +26,27 @@ import numpy as np
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions")  # each [seq] int32
 
 
-def document_pieces(tokens: np.ndarray, seq_len: int) -> list[dict[str, np.ndarray]]:
-    """tokens [n] int32 (one document, BOS/EOS added) -> pieces {"inputs": [<=seq], "targets": [<=seq]}."""
+def document_pieces(tokens: np.ndarray, mask: np.ndarray | None = None, *, seq_len: int) -> list[dict[str, np.ndarray]]:
+    """tokens [n] int32 (one document, BOS/EOS added) -> pieces {"inputs": [<=seq], "targets": [<=seq]}.
+
+    With ``mask`` [n] (instruction documents: 1 on answer tokens), pieces also carry "loss_mask" [<=seq],
+    the mask of each target token.
+    """
     n = len(tokens) - 1  # next-token pairs in the document
-    return [
-        {"inputs": tokens[start : min(start + seq_len, n)], "targets": tokens[start + 1 : min(start + seq_len, n) + 1]}
-        for start in range(0, n, seq_len)
-    ]
+    pieces = []
+    for start in range(0, n, seq_len):
+        end = min(start + seq_len, n)
+        piece = {"inputs": tokens[start:end], "targets": tokens[start + 1 : end + 1]}
+        if mask is not None:
+            piece["loss_mask"] = mask[start + 1 : end + 1]  # [<=seq]: does the target train?
+        pieces.append(piece)
+    return pieces
 
 
 def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if "loss_mask" in packed:  # instruction rows: the answer tokens' mask (0 on padding, as packed)
+        return {**_finish_row({k: v for k, v in packed.items() if k != "loss_mask"}),
+                "loss_mask": packed["loss_mask"].astype(np.float32, copy=False)}  # [seq]
     return {
         "inputs": packed["inputs"].astype(np.int32, copy=False),  # [seq]
         "targets": packed["targets"].astype(np.int32, copy=False),  # [seq]
@@ -45,10 +56,11 @@ def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def pack(
-    pieces: grain.IterDataset, *, packing: str, seq_len: int, bins: int, seed: int, shuffle_bins: bool
+    pieces: grain.IterDataset, *, packing: str, seq_len: int, bins: int, seed: int, shuffle_bins: bool,
+    masked: bool = False,
 ) -> grain.IterDataset:
-    """Pieces -> rows {inputs, targets, segment_ids, positions}, each [seq_len] int32."""
-    lengths = {"inputs": seq_len, "targets": seq_len}
+    """Pieces -> rows {inputs, targets, segment_ids, positions}, each [seq_len] int32 (+ loss_mask when masked)."""
+    lengths = {"inputs": seq_len, "targets": seq_len, **({"loss_mask": seq_len} if masked else {})}
     if packing == "first_fit":
         rows = gx.FirstFitPackIterDataset(
             pieces, length_struct=lengths, num_packing_bins=bins, seed=seed, shuffle_bins=shuffle_bins
@@ -76,11 +88,13 @@ def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict[str, np.
     """
     batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ROW_KEYS}  # each [batch, seq]
     source = np.zeros((batch_size,), np.int32)  # [batch]; a padding row says 0 but has no loss
+    batch["loss_mask"] = np.zeros((batch_size, seq_len), np.float32)  # [batch, seq]
     for i, row in enumerate(rows):
         for k in ROW_KEYS:
             batch[k][i] = row[k]
         source[i] = row["source"]
-    batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.float32)  # [batch, seq]
+        # Text rows train on every token; instruction rows carry their answer mask (jaxcpt.data.chat).
+        batch["loss_mask"][i] = row["loss_mask"] if "loss_mask" in row else (row["segment_ids"] > 0)
     batch["source"] = source
     if rows and "_bad" in rows[-1]:
         batch["_worker"] = np.int64(rows[-1]["_worker"])

@@ -176,6 +176,26 @@ def _units_fingerprint(units: list[Unit]) -> str:
     return digest.hexdigest()
 
 
+def _default_instruction(key: str, value) -> bool:
+    """Instruction keys at their defaults stay out of the fingerprint: states saved before they existed still fit."""
+    return (key, value) in (("instruction", "none"), ("loss_on", "answer"))
+
+
+def _check_instruction_sources(cfg: DataConfig, units: list[list[Unit]]) -> None:
+    for s, u in zip(cfg.sources, units):
+        if s.instruction == "none":
+            continue
+        other = sorted({x.fmt for x in u} - {"jsonl"})
+        if other:
+            raise ConfigError(f"source '{s.name}' (instruction: {s.instruction}) reads {other} files; instruction "
+                              "records are read from JSONL only")
+        if s.instruction == "messages":
+            from jaxcpt.data.chat import require_chat_template
+            from jaxcpt.data.tokenize import cached_tokenizer
+
+            require_chat_template(cached_tokenizer(cfg.tokenizer), cfg.tokenizer, s.name)
+
+
 def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, process_count: int | None) -> _Plan:
     if not cfg.sources:
         raise ConfigError("data.sources is empty: add at least one source (name, paths)")
@@ -195,10 +215,12 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
         for f, s in zip(files, cfg.sources)
     ]
     bos, eos, tok_fingerprint = _special_tokens(cfg, files)
+    _check_instruction_sources(cfg, units)
     eval_hashes = []
     for s, u in zip(cfg.sources, units):
         if s.eval_documents > 0:
-            kw = dict(source=s.name, units=u, text_field=s.text_field, text_split=s.text_split, count=s.eval_documents)
+            kw = dict(source=s.name, units=u, text_field=s.text_field, text_split=s.text_split, count=s.eval_documents,
+                      instruction=s.instruction)
             hashes = first_document_hashes(**kw, counter=_counter(cfg, s.name), limits=_limits(cfg))
             eval_hashes.append(frozenset(hashes))
         else:
@@ -225,7 +247,8 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
         "process_index": process_index,
         "tokenizer": tok_fingerprint,
         "sources": [
-            {**{k: v for k, v in to_dict(s).items() if k not in ("paths", "weight")}, "files": _units_fingerprint(u)}
+            {**{k: v for k, v in to_dict(s).items() if k not in ("paths", "weight") and not _default_instruction(k, v)},
+             "files": _units_fingerprint(u)}
             for s, u in zip(cfg.sources, units)
         ],
     }
@@ -256,6 +279,7 @@ def _source_rows(
         host_index=host[0],
         host_count=host[1],
         limits=_limits(cfg),
+        instruction=src.instruction,
     )
     if train and cfg.shuffle_buffer > 1:
         docs = WindowShuffleDataset(docs, window_size=cfg.shuffle_buffer, seed=stable_seed(seed, src.name, "documents"))
@@ -268,6 +292,8 @@ def _source_rows(
         split_fn=functools.partial(document_pieces, seq_len=plan.seq_len),
         source=src.name,
         max_without_tokens=cfg.max_documents_without_tokens,
+        instruction=src.instruction,
+        loss_on=src.loss_on,
     )
     return pack(
         pieces,
@@ -276,6 +302,7 @@ def _source_rows(
         bins=cfg.packing_bins,
         seed=stable_seed(seed, src.name, "bins"),
         shuffle_bins=train,
+        masked=src.instruction != "none",
     )
 
 

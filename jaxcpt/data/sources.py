@@ -271,7 +271,32 @@ def _decode(raw: bytes) -> tuple[str, object]:
     return "doc", text
 
 
-def _parse_json_line(line: bytes, text_field: str) -> tuple[str, object]:
+def _instruction_record(record: dict, instruction: str) -> tuple[str, object]:
+    """An instruction record as canonical JSON text (hashed, held out and carried like a text document)."""
+    if instruction == "messages":
+        messages = record.get("messages")
+        if messages is None:
+            return "missing_field", "no 'messages' field"
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            return "non_string_field", "'messages' is not a non-empty list of {role: str, content: str}"
+        if not any(m["role"] == "assistant" for m in messages):
+            return "missing_field", "no assistant message: nothing to train on"
+        doc = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    else:
+        for key in ("prompt", "completion"):
+            if key not in record:
+                return "missing_field", f"no '{key}' field"
+            if not isinstance(record[key], str):
+                return "non_string_field", f"'{key}' is a {type(record[key]).__name__}"
+        if not record["completion"].strip():
+            return "empty", "empty completion"
+        doc = {"prompt": record["prompt"], "completion": record["completion"]}
+    return "doc", json.dumps(doc, sort_keys=True, ensure_ascii=False)
+
+
+def _parse_json_line(line: bytes, text_field: str, instruction: str = "none") -> tuple[str, object]:
     if line.startswith(BOM):  # a file (or a file concatenated into this one) saved with a byte-order mark
         line = line[len(BOM):]
     try:
@@ -284,6 +309,8 @@ def _parse_json_line(line: bytes, text_field: str) -> tuple[str, object]:
         return "malformed_json", str(e)
     if not isinstance(record, dict):
         return "malformed_json", f"a JSON {type(record).__name__}, not an object"
+    if instruction != "none":
+        return _instruction_record(record, instruction)
     text = record.get(text_field)
     if text is None:
         return "missing_field", f"no '{text_field}' field"
@@ -294,7 +321,7 @@ def _parse_json_line(line: bytes, text_field: str) -> tuple[str, object]:
     return "doc", text
 
 
-def parse_record(fmt: str, raw: object, text_field: str) -> tuple[str, object]:
+def parse_record(fmt: str, raw: object, text_field: str, instruction: str = "none") -> tuple[str, object]:
     """``("doc", text | (tokens, hash))`` or ``(bad kind, reason)`` for one raw record of ``read_unit``.
 
     Kept apart from reading so a reader that skips other hosts' records never parses them.
@@ -305,7 +332,7 @@ def parse_record(fmt: str, raw: object, text_field: str) -> tuple[str, object]:
     if isinstance(raw, Damaged):
         return "damaged_file", f"damaged at {raw.where}: {raw.reason}"
     if fmt == "jsonl":
-        return _parse_json_line(raw, text_field)
+        return _parse_json_line(raw, text_field, instruction)
     if fmt == "text":
         return _decode(raw)
     if fmt == "parquet":

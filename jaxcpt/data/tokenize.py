@@ -280,8 +280,11 @@ class TokenizeDataset(grain.IterDataset):
         split_fn: Callable[[np.ndarray], list],
         source: str = "",
         max_without_tokens: int = 0,
+        instruction: str = "none",
+        loss_on: str = "answer",
     ):
         super().__init__(parent)
+        self.instruction, self.loss_on = instruction, loss_on  # jaxcpt.data.chat: documents with a loss mask
         self.tokenizer_path = tokenizer_path
         self.bos_id, self.eos_id = bos_id, eos_id
         self.batch_size = batch_size
@@ -295,8 +298,14 @@ class TokenizeDataset(grain.IterDataset):
     def __str__(self) -> str:
         return f"TokenizeDataset(batch_size={self.batch_size})"
 
-    def encode(self, docs: list) -> list[np.ndarray]:
-        """[n_i] int32 per document, BOS/EOS added."""
+    def encode(self, docs: list) -> list:
+        """[n_i] int32 per document, BOS/EOS added; for instruction sources (tokens [n_i], mask [n_i]) pairs."""
+        if self.instruction != "none":
+            from jaxcpt.data.chat import render
+
+            tok = cached_tokenizer(self.tokenizer_path)
+            return [render(tok, d, instruction=self.instruction, loss_on=self.loss_on, bos_id=self.bos_id,
+                           eos_id=self.eos_id) for d in docs]
         texts = [(i, d) for i, d in enumerate(docs) if isinstance(d, str)]
         encoded: list = list(docs)
         if texts:
@@ -338,7 +347,8 @@ class _TokenizeIterator(grain.DatasetIterator):
         encoded = self._ds.encode(docs)
         if self._ds.max_without_tokens:
             self._check_tokens(encoded)
-        self._pieces = [p for tokens in encoded for p in self._ds.split_fn(tokens)]
+        self._pieces = [p for doc in encoded
+                        for p in (self._ds.split_fn(*doc) if isinstance(doc, tuple) else self._ds.split_fn(doc))]
         self._next = 0
         if exhausted and not docs:
             raise StopIteration
@@ -348,6 +358,7 @@ class _TokenizeIterator(grain.DatasetIterator):
         ds = self._ds
         added = (ds.bos_id is not None) + (ds.eos_id is not None)
         for tokens in encoded:
+            tokens = tokens[0] if isinstance(tokens, tuple) else tokens  # (tokens, mask) of instruction documents
             self._without_tokens = self._without_tokens + 1 if len(tokens) <= added else 0
         if self._without_tokens < ds.max_without_tokens:
             return
