@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jaxcpt.eval.command", "run lm-eval harness tasks (built-in or your own YAML) on a run, checkpoint or HF directory"),
     "report": ("jaxcpt.train.report_command", "print the forgetting report of one run, or compare two runs"),
     "demo": ("jaxcpt.demo", "the built-in continual-pretraining demo: pretrain, continue with and without replay, compare"),
+    "decontaminate": ("jaxcpt.data.decontaminate", "n-gram overlap of the training sources with held-out and eval.downstream sets"),
     "config-reference": ("jaxcpt.config_reference", "print the reference of every config key, generated from the dataclasses"),
 }
 

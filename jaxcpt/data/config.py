@@ -263,6 +263,11 @@ class DataConfig:
         help="When the input pipeline has produced nothing for this long, log what it waits for (source, host, "
         "worker, file and position) and again each time as long passes. 0 turns the warning off.",
     )
+    exclude_documents: str = field(
+        "",
+        help="A JSON file of document text hashes (`jaxcpt decontaminate --write-hashes`) that no source trains on: "
+        "contaminated documents dropped at read time, like held-out ones. Empty = none.",
+    )
     elastic: bool = field(
         False,
         help="Read every source by random access (pre-tokenized directories: .npy or ArrayRecord shards): a global "

@@ -318,7 +318,7 @@ class ElasticTrainIterator:
 
 
 def _indexed_sources(cfg: DataConfig) -> tuple[list[IndexedSource], HeldOut]:
-    from jaxcpt.data.pipeline import _special_tokens  # the tokenizer checks every stream shares
+    from jaxcpt.data.pipeline import _special_tokens, excluded_hashes  # what every stream shares
 
     files = [resolve_files(s.paths, s.name, s.format) for s in cfg.sources]
     for s, fs in zip(cfg.sources, files):
@@ -335,7 +335,7 @@ def _indexed_sources(cfg: DataConfig) -> tuple[list[IndexedSource], HeldOut]:
     for s, src in zip(cfg.sources, sources):
         eval_hashes.update(int(h) for h in src.hashes[: s.eval_documents])  # the first ones in index order
     held_out = HeldOut(threshold=max(int(s.eval_fraction * 2**64) for s in cfg.sources),
-                       hashes=frozenset(eval_hashes))
+                       hashes=frozenset(eval_hashes) | excluded_hashes(cfg))
     return sources, held_out
 
 

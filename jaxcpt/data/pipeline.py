@@ -176,6 +176,21 @@ def _units_fingerprint(units: list[Unit]) -> str:
     return digest.hexdigest()
 
 
+def excluded_hashes(cfg: DataConfig) -> frozenset[int]:
+    """data.exclude_documents: text hashes no source trains on (jaxcpt decontaminate --write-hashes)."""
+    if not cfg.exclude_documents:
+        return frozenset()
+    try:
+        with open(cfg.exclude_documents) as f:
+            data = json.load(f)
+        if data.get("format") != "jaxcpt-exclude-v1":
+            raise ValueError(f"format {data.get('format')!r}, expected 'jaxcpt-exclude-v1'")
+        return frozenset(int(h, 16) for h in data["text_hashes"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"data.exclude_documents '{cfg.exclude_documents}' cannot be read ({e}); write it with "
+                          "`jaxcpt decontaminate --write-hashes FILE`") from None
+
+
 def _default_instruction(key: str, value) -> bool:
     """Instruction keys at their defaults stay out of the fingerprint: states saved before they existed still fit."""
     return (key, value) in (("instruction", "none"), ("loss_on", "answer"))
@@ -227,7 +242,7 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
             eval_hashes.append(None)
     held_out_anywhere = HeldOut(
         threshold=max(int(s.eval_fraction * 2**64) for s in cfg.sources),
-        hashes=frozenset().union(*(h for h in eval_hashes if h is not None)),
+        hashes=frozenset().union(*(h for h in eval_hashes if h is not None), excluded_hashes(cfg)),
     )
     stream_keys = (
         "packing",
@@ -246,6 +261,7 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
         "process_count": process_count,
         "process_index": process_index,
         "tokenizer": tok_fingerprint,
+        **({"excluded": len(held_out_anywhere.hashes)} if cfg.exclude_documents else {}),
         "sources": [
             {**{k: v for k, v in to_dict(s).items() if k not in ("paths", "weight") and not _default_instruction(k, v)},
              "files": _units_fingerprint(u)}
