@@ -20,7 +20,17 @@ cutting records) and in total, and the tokens delivered. ``--baseline DIR`` meas
 checkout of jaxcpt (e.g. main before the split) the same way, interleaved, each measurement in
 a fresh process with that checkout first on PYTHONPATH.
 
-    python benchmarks/data_throughput.py                       # both parts
+Part ``elastic``: the random-access path of ``data.elastic`` (``jaxcpt.data.indexed``): the
+same tokens as ``.npy`` shards and as ArrayRecord shards, read by 1, 2 and 8 simulated readers
+(hosts; each reader's share timed in turn in this process): packed tokens per second per reader.
+
+Part ``beam``: documents per second of ``jaxcpt tokenize --engine beam`` (direct runner, 2
+worker processes) against ``jaxcpt tokenize --workers 2`` on the same corpus, each a fresh
+process, interleaved. Beam runs with ``--beam-python`` (an environment with jaxcpt[data];
+docs/data.md says why it is separate).
+
+    python benchmarks/data_throughput.py                       # throughput and sharding
+    python benchmarks/data_throughput.py --parts elastic,beam --beam-python /opt/jaxcpt-data/bin/python
     python benchmarks/data_throughput.py --parts sharding --baseline /tmp/main_checkout
 
 Writes benchmarks/results/data_throughput.json (a part not run keeps its previous results).
@@ -387,6 +397,8 @@ def main() -> None:
     parser.add_argument("--sharding-docs-per-file", type=int, default=1500, help="documents in each of the 4 files")
     parser.add_argument("--baseline", help="sharding: another jaxcpt checkout to measure alongside (e.g. main)")
     parser.add_argument("--baseline-name", default="baseline", help="sharding: the baseline's name in the results")
+    parser.add_argument("--beam-python", default=sys.executable, help="beam: a Python with apache-beam installed")
+    parser.add_argument("--elastic-batches", type=int, default=20, help="elastic: batches timed per reader")
     parser.add_argument("--measure-readers", help=argparse.SUPPRESS)  # internal: one sharding measurement
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data_throughput.json"))
     args = parser.parse_args()
@@ -403,6 +415,10 @@ def main() -> None:
         report.update(throughput_part(args))
     if "sharding" in parts:
         report["sharding"] = sharding_part(args)
+    if "elastic" in parts:
+        report["elastic"] = elastic_part(args)
+    if "beam" in parts:
+        report["beam"] = beam_part(args)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
@@ -493,6 +509,104 @@ def throughput_part(args) -> dict:
         "summary": summary,
         "runs": results,
     }
+
+
+def _context() -> dict:
+    return {"machine": machine_info(), "commit": _git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+            "load_average_1m": os.getloadavg()[0]}
+
+
+def elastic_part(args) -> dict:
+    from jaxcpt.config import from_dict
+    from jaxcpt.data.command import tokenize_source
+    from jaxcpt.data.config import DataConfig, SourceConfig
+    from jaxcpt.data.indexed import IndexedSource, write_array_record_shards
+    from jaxcpt.data.pipeline import build_train_iterator
+    from jaxcpt.data.sources import read_tokenized_meta
+
+    root = tempfile.mkdtemp(prefix="jaxcpt_bench_elastic_")
+    try:
+        docs = make_corpus(root, args.docs)
+        sp_path, _ = make_tokenizers(root, docs)
+        npy = os.path.join(root, "npy")
+        tokenize_source(SourceConfig(name="bench", paths=[os.path.join(root, "corpus.jsonl")]), sp_path, npy,
+                        progress=False)
+        meta = read_tokenized_meta(npy)
+        src = IndexedSource("bench", [meta], bos_id=None, eos_id=None)
+        ar = os.path.join(root, "array_record")
+        write_array_record_shards(ar, [(src.tokens(d).tolist(), "") for d in range(src.num_documents)],
+                                  tokenizer_meta={k: meta[k] for k in ("tokenizer", "tokenizer_fingerprint", "bos_id",
+                                                                       "eos_id", "dtype")},
+                                  docs_per_shard=max(1, src.num_documents // 8), source_fingerprint="bench")
+        results = []
+        for round_index in range(args.rounds):
+            for storage, path in (("npy", npy), ("array_record", ar)):
+                for readers in (1, 2, 8):
+                    cfg = from_dict(DataConfig, {"sources": [{"name": "bench", "paths": [path]}], "tokenizer": sp_path,
+                                                 "seq_len": SEQ_LEN, "elastic": True})
+                    per_reader = []
+                    for host in range(readers):
+                        it = build_train_iterator(cfg, batch_size=BATCH, process_index=host, process_count=readers)
+                        next(it)  # first epoch order
+                        t0 = time.perf_counter()
+                        tokens = sum(int(next(it)["loss_mask"].sum()) for _ in range(args.elastic_batches))
+                        per_reader.append(tokens / (time.perf_counter() - t0))
+                        it.close()
+                    r = {"storage": storage, "readers": readers, "round": round_index,
+                         "tokens_per_s_per_reader": statistics.median(per_reader), "load_average_1m": os.getloadavg()[0]}
+                    results.append(r)
+                    print(f"  elastic {storage:12s} readers={readers}: {r['tokens_per_s_per_reader']:>12,.0f} "
+                          "tokens/s per reader", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    summary = [{"storage": st, "readers": n,
+                "tokens_per_s_per_reader_median": statistics.median(
+                    r["tokens_per_s_per_reader"] for r in results if r["storage"] == st and r["readers"] == n)}
+               for st in ("npy", "array_record") for n in (1, 2, 8)]
+    print(f"\n{'storage':14s} {'readers':>7s} {'packed tokens/s per reader':>27s}")
+    for s in summary:
+        print(f"{s['storage']:14s} {s['readers']:>7d} {s['tokens_per_s_per_reader_median']:>27,.0f}")
+    return {**_context(), "seq_len": SEQ_LEN, "batch_per_reader": BATCH, "docs": args.docs, "runs": results,
+            "summary": summary}
+
+
+def beam_part(args) -> dict:
+    root = tempfile.mkdtemp(prefix="jaxcpt_bench_beam_")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        docs = make_corpus(root, args.docs)
+        sp_path, _ = make_tokenizers(root, docs)
+        corpus = os.path.join(root, "parts")
+        os.makedirs(corpus)
+        for k in range(8):  # Beam parallelises over units (files): 8 files
+            with open(os.path.join(corpus, f"part-{k}.jsonl"), "w") as f:
+                f.writelines(json.dumps({"text": d}) + "\n" for d in docs[k::8])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+        runs = []
+        for round_index in range(args.rounds):
+            for engine, python, extra in (("local --workers 2", sys.executable, []),
+                                          ("beam direct 2 workers", args.beam_python, ["--engine", "beam"])):
+                out = os.path.join(root, f"out-{round_index}-{len(runs)}")
+                cmd = [python, "-m", "jaxcpt.cli", "tokenize", corpus, "--output", out, "--tokenizer", sp_path,
+                       "--workers", "2", *extra]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                seconds = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    raise SystemExit(f"{engine} failed:\n{proc.stderr[-3000:]}")
+                runs.append({"engine": engine, "round": round_index, "seconds": seconds,
+                             "documents_per_s": len(docs) / seconds, "load_average_1m": os.getloadavg()[0]})
+                print(f"  {engine:24s} round={round_index}: {len(docs) / seconds:>10,.0f} documents/s "
+                      f"({seconds:.1f} s, process start included)", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    summary = [{"engine": e, "documents_per_s_median": statistics.median(r["documents_per_s"] for r in runs
+                                                                         if r["engine"] == e)}
+               for e in ("local --workers 2", "beam direct 2 workers")]
+    print(f"\n{'engine':24s} {'documents/s':>12s}")
+    for s in summary:
+        print(f"{s['engine']:24s} {s['documents_per_s_median']:>12,.0f}")
+    return {**_context(), "docs": args.docs, "files": 8, "runs": runs, "summary": summary}
 
 
 if __name__ == "__main__":
