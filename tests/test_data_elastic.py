@@ -168,3 +168,23 @@ def test_changed_shards_or_streaming_state_are_errors_unless_restart(corpus, tmp
     it.set_state(state)
     after = it.get_state()["sources"]
     assert after["a"]["offset"] == 0 and after["b"] == state["sources"]["b"] and it.step == 2
+
+
+@pytest.mark.slow  # starts Grain worker processes
+def test_worker_processes_give_the_batches_of_the_trainer_process_and_resume_on_another_count(corpus):
+    def batches(workers, steps, state=None):
+        it = build_train_iterator(_cfg(corpus, num_workers=workers), batch_size=GLOBAL_BATCH, process_index=0,
+                                  process_count=1)
+        try:
+            if state is not None:
+                it.set_state(state)
+            return [next(it) for _ in range(steps)], it.get_state()
+        finally:
+            it.close()
+
+    straight, _ = batches(0, 6)
+    first, state = batches(2, 3)
+    second, _ = batches(3, 3, state)
+    for a, b in zip(straight, first + second):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
