@@ -68,6 +68,12 @@ class SourceConfig:
         "blank_line = documents are separated by blank lines.",
     )
     weight: float = field(1.0, help="Mixture weight before any stage (relative; normalised over all sources).")
+    loss_weight: float = field(
+        1.0,
+        help="This source's weight in the training objective, apart from its sampling weight: the loss is "
+        "sum over tokens of loss_weight(source) * token loss / tokens (the domain-weighted objective of NeMo "
+        "Automodel). Reported losses stay unweighted. 1.0 everywhere = the plain mean.",
+    )
     repeat: bool = field(
         True,
         help="Start a new epoch (new shuffle) when the source is exhausted. false: read once; when a source with "
@@ -108,6 +114,8 @@ class SourceConfig:
             raise ConfigError(f"source '{self.name}': paths is empty; give at least one file, directory or glob")
         if self.weight < 0:
             raise ConfigError(f"source '{self.name}': weight must be >= 0, got {self.weight}")
+        if self.loss_weight < 0:
+            raise ConfigError(f"source '{self.name}': loss_weight must be >= 0, got {self.loss_weight}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"source '{self.name}': eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_documents < 0:

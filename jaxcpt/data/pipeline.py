@@ -263,7 +263,8 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
         "tokenizer": tok_fingerprint,
         **({"excluded": len(held_out_anywhere.hashes)} if cfg.exclude_documents else {}),
         "sources": [
-            {**{k: v for k, v in to_dict(s).items() if k not in ("paths", "weight") and not _default_instruction(k, v)},
+            {**{k: v for k, v in to_dict(s).items()
+                if k not in ("paths", "weight", "loss_weight") and not _default_instruction(k, v)},
              "files": _units_fingerprint(u)}
             for s, u in zip(cfg.sources, units)
         ],

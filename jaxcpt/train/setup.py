@@ -86,6 +86,12 @@ class TrainProgram:
                                         sharding=self.batch_shardings[k]) for k, dtype in BATCH_DTYPES.items()}
 
 
+def _source_loss_weights(cfg: TrainConfig, num_sources: int) -> tuple[float, ...] | None:
+    """data.sources[].loss_weight for the objective; None (the unweighted program) when all are 1."""
+    weights = tuple(float(s.loss_weight) for s in cfg.data.sources)
+    return weights if len(weights) == num_sources and any(w != 1.0 for w in weights) else None
+
+
 def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, num_sources: int,
                   adaptation: dict | None = None) -> TrainProgram:
     """Optimizer, shardings, layout checks and the jitted steps for ``model_cfg`` on ``mesh``.
@@ -108,7 +114,8 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, num_sources=num_sources,
                           grad_accum_steps=cfg.optim.grad_accum_steps, chunk_size=cfg.train.loss_chunk_size,
-                          z_loss_weight=cfg.optim.z_loss_weight, trainable_keys=trainable.keys, ema=cfg.ema),
+                          z_loss_weight=cfg.optim.z_loss_weight, trainable_keys=trainable.keys, ema=cfg.ema,
+                          source_loss_weights=_source_loss_weights(cfg, num_sources)),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, None),
         donate_argnums=0,

@@ -28,14 +28,20 @@ def _per_source(values, source, num_sources: int):
     return jax.ops.segment_sum(values, source, num_segments=num_sources)
 
 
-def _loss_sums(params, batch, *, graphdef, num_sources: int, chunk_size: int, z_loss_weight: float):
-    """((loss_sum, tokens), aux) for gradient accumulation: sums, so micro-batches add exactly."""
+def _loss_sums(params, batch, *, graphdef, num_sources: int, chunk_size: int, z_loss_weight: float,
+               source_loss_weights: tuple[float, ...] | None = None):
+    """((objective_sum, tokens), aux) for gradient accumulation: sums, so micro-batches add exactly.
+
+    ``source_loss_weights`` (data.sources[].loss_weight; None = all 1) weight each row's loss in the
+    objective by its source; the reported sums stay unweighted."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])  # [B, T, E]
     loss_rows, lse2_rows = model_token_loss_sums(model, hidden, batch["targets"], batch["loss_mask"],
                                                  chunk_size=chunk_size)  # [B], [B]
     tokens_rows = batch["loss_mask"].astype(jnp.float32).sum(-1)  # [B]
-    objective_sum = loss_rows.sum() + z_loss_weight * lse2_rows.sum()
+    weighted = loss_rows if source_loss_weights is None else (
+        loss_rows * jnp.asarray(source_loss_weights, jnp.float32)[batch["source"]])  # [B]
+    objective_sum = weighted.sum() + z_loss_weight * lse2_rows.sum()
     aux = {
         "loss_sum": loss_rows.sum(),
         "source_loss_sum": _per_source(loss_rows, batch["source"], num_sources),
@@ -46,7 +52,7 @@ def _loss_sums(params, batch, *, graphdef, num_sources: int, chunk_size: int, z_
 
 def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, schedule, num_sources: int,
                grad_accum_steps: int, chunk_size: int, z_loss_weight: float, trainable_keys,
-               ema: EMAConfig | None = None):
+               ema: EMAConfig | None = None, source_loss_weights: tuple[float, ...] | None = None):
     """One optimizer step. A non-finite loss or gradient leaves params, optimizer state and EMA unchanged.
 
     Gradients, the optimizer and the EMA see only the trainable view (``trainable_keys``);
@@ -57,7 +63,7 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
 
     def loss_fn(view, micro):
         return _loss_sums(with_trainable(params, view), micro, graphdef=graphdef, num_sources=num_sources,
-                          chunk_size=chunk_size, z_loss_weight=z_loss_weight)
+                          chunk_size=chunk_size, z_loss_weight=z_loss_weight, source_loss_weights=source_loss_weights)
 
     _, grads, aux = accumulate_gradients(loss_fn, trainable, batch, grad_accum_steps)
     grad_norm = optax.global_norm(grads)
