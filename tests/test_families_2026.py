@@ -96,3 +96,25 @@ def test_smollm3_sliding_layers_without_use_sliding_window_are_refused():
 def test_olmo3_legacy_rope_theta_reaches_the_full_layers_only_as_in_transformers():
     cfg = config_from_hf(dict(REQUIRED, model_type="olmo3", rope_theta=1000.0))
     assert (cfg.rope_theta, cfg.rope_local_theta) == (1000.0, 500000.0)
+
+
+def test_gemma4_text_checkpoint_is_refused_naming_the_features_it_uses():
+    from transformers import Gemma4TextConfig
+
+    hf = Gemma4TextConfig(**dict(REQUIRED, num_hidden_layers=6), num_kv_shared_layers=2, attention_k_eq_v=True,
+                          use_double_wide_mlp=True).to_dict()
+    with pytest.raises(HFFormatError) as refused:
+        config_from_hf(hf)
+    message = str(refused.value)
+    for feature in ("gemma4_text", "per-layer input embeddings", "attention_k_eq_v", "KV sharing", "twice-as-wide MLP",
+                    "global_head_dim", "proportional"):
+        assert feature in message, feature
+    assert "MoE" not in message  # this checkpoint has no MoE block: only what it uses is named
+
+
+def test_gemma4_with_vision_and_audio_towers_says_what_a_text_only_import_keeps():
+    from transformers import Gemma4Config
+
+    hf = Gemma4Config(text_config=dict(REQUIRED, num_hidden_layers=6), vision_config={}, audio_config={}).to_dict()
+    with pytest.raises(HFFormatError, match=r"vision_config, audio_config towers.*model\.language_model.*drop the vision and audio towers"):
+        config_from_hf(hf)

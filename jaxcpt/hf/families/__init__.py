@@ -8,7 +8,7 @@ Everything outside these modules asks the registry, never a ``model_type``.
 from __future__ import annotations
 
 from jaxcpt.errors import HFFormatError
-from jaxcpt.hf.families import base, gemma2, gemma3, llama, mistral, olmo3, qwen2, qwen3, smollm3
+from jaxcpt.hf.families import base, gemma2, gemma3, llama, mistral, olmo3, qwen2, qwen3, smollm3, unsupported
 from jaxcpt.hf.families.base import Family
 from jaxcpt.hf.mapping import Tensor, decoder_tensors
 from jaxcpt.model.config import ModelConfig
@@ -23,6 +23,8 @@ _WRAPPED = {"gemma3": "gemma3_text (Gemma3ForCausalLM); a multimodal Gemma3ForCo
 
 def family_of_hf(hf: dict, where: str) -> Family:
     model_type = hf.get("model_type")
+    if (why := unsupported.refusal(hf, where)) is not None:
+        raise HFFormatError(why)
     if model_type in _WRAPPED:
         raise HFFormatError(f"{where}: model_type '{model_type}' is not supported; supported is {_WRAPPED[model_type]}")
     if model_type not in _BY_MODEL_TYPE:
