@@ -119,7 +119,8 @@ class LayerStack(nnx.Module):
 
 
 def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rules, attend):
-    """One pre-norm block on x [B, T, E] -> (x [B, T, E], aux); ``p`` holds this layer's weights (no [L] axis).
+    """One block on x [B, T, E] -> (x [B, T, E], aux) (pre-norm; post-norm only with pre_norms off, as OLMo);
+    ``p`` holds this layer's weights (no [L] axis), and its ``uses_rope`` flag when some layers have no RoPE.
 
     ``ropes`` maps each layer kind to its (cos, sin) [B, T, D]; ``is_sliding`` is this
     layer's kind as a scanned boolean, or None when every layer is of the one kind in ``ropes``.
