@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo3Config,
+                          Qwen2Config, Qwen3Config, SmolLM3Config)
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=512, rms_norm_eps=1e-5)
@@ -54,6 +54,16 @@ OPTION_CONFIGS = {
     "llama_longrope": lambda: LlamaConfig(**dict(SMALL, **LONG), num_key_value_heads=2, rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 0.7 * i for i in range(8)]}),
+    # post-norms, q/k norms over the whole projection, 3 sliding : 1 full, the full layers' RoPE scaled (YaRN, as
+    # the released checkpoints) and the sliding layers' not
+    "olmo3_post_norm_pattern": lambda: Olmo3Config(
+        **dict(SMALL, **LONG, num_hidden_layers=4), num_key_value_heads=2, sliding_window=6, attention_bias=True,
+        rope_parameters={"full_attention": dict(YARN, rope_theta=500000.0),
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # layers 2 and 4 without RoPE, the NoPE layers sliding
+    "smollm3_nope": lambda: SmolLM3Config(**dict(SMALL, num_hidden_layers=4), num_key_value_heads=2,
+                                          no_rope_layer_interval=2, use_sliding_window=True, sliding_window=6,
+                                          pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -86,6 +96,9 @@ OPTION_OFF = {
     "qwen2_yarn": [dict(rope_scaling=None)],
     "llama_dynamic": [dict(rope_scaling=None)],
     "llama_longrope": [dict(rope_scaling=None)],
+    # (its post-norm placement and projection-wide q/k norms change the parameters' layout: tests/test_families_2026.py)
+    "olmo3_post_norm_pattern": [dict(layer_types=None), dict(rope_local_theta=None)],
+    "smollm3_nope": [dict(rope_layers=None), dict(layer_types=None, sliding_window=None)],
 }
 
 

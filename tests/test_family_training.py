@@ -17,8 +17,12 @@ from jaxcpt.model.persist import model_from_params, params_of
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.train.loss import model_loss
 
-# soft-capping and alternating windows; q/k norms, two RoPE bases and embedding scale; q/k norms
-CASES = ["gemma2_softcap_window", "gemma3_pattern_two_bases", "qwen3_tied"]
+# soft-capping and alternating windows; q/k norms, two RoPE bases and embedding scale; q/k norms; post-norms only
+# with projection-wide q/k norms; NoPE layers (slow suite: a select around RoPE, its forward checked by parity)
+CASES = ["gemma2_softcap_window", "gemma3_pattern_two_bases", "qwen3_tied", "olmo3_post_norm_pattern", "smollm3_nope"]
+# Measured against torch in float64 on OLMo 3's q/k gradients (through the projection-wide norms, whose gradients
+# cancel): jaxcpt float32 2.0e-5 off, transformers float32 4.0e-5 off; so the two float32 sides can be 4e-5 apart.
+GRADIENT_BOUND = {"olmo3_post_norm_pattern": 1e-4}
 
 
 def one_device():
@@ -62,7 +66,7 @@ def torch_grads_in_jax_layout(hf_model, cfg, batch):
     return loss.item(), out
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "smollm3_nope" else n for n in CASES])
 def test_gradients_match_transformers_autograd(name, tmp_path):
     """Chunked loss, hand-written projection backward and remat against torch's autograd on the same weights."""
     hf_model = make_hf_model(name, tmp_path).train()  # no dropout in these configs; train() keeps autograd plain
@@ -73,7 +77,7 @@ def test_gradients_match_transformers_autograd(name, tmp_path):
     assert rel_err(loss, torch_loss) < 1e-5
     errors = jax.tree.map(rel_err, grads, torch_grads)
     print(name, "worst gradient relative error", max(jax.tree.leaves(errors)))
-    assert max(jax.tree.leaves(errors)) < 1e-5, errors
+    assert max(jax.tree.leaves(errors)) < GRADIENT_BOUND.get(name, 1e-5), errors
 
 
 @pytest.mark.slow
@@ -90,7 +94,7 @@ def test_splash_gradients_of_soft_capped_alternating_windows_match_the_reference
     assert max(jax.tree.leaves(jax.tree.map(rel_err, splash_grads, ref_grads))) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["gemma2_softcap_window", "gemma3_pattern_two_bases"])
+@pytest.mark.parametrize("name", ["gemma2_softcap_window", "gemma3_pattern_two_bases", "olmo3_post_norm_pattern"])
 def test_sharded_loss_and_gradients_equal_one_device(name, tmp_path):
     make_hf_model(name, tmp_path)
     batch = text_batch(rows=4, length=32)
@@ -101,4 +105,5 @@ def test_sharded_loss_and_gradients_equal_one_device(name, tmp_path):
             results.append(jax_loss_and_grads(model, batch, chunk_size=16))
     (one_loss, one_grads), (sharded_loss, sharded_grads) = results
     assert rel_err(sharded_loss, one_loss) < 1e-6
-    assert max(jax.tree.leaves(jax.tree.map(rel_err, sharded_grads, one_grads))) < 1e-5
+    # OLMo 3's q/k gradients are ill-conditioned in float32 (GRADIENT_BOUND): a sharded sum order moves them 2.7e-5
+    assert max(jax.tree.leaves(jax.tree.map(rel_err, sharded_grads, one_grads))) < GRADIENT_BOUND.get(name, 1e-5)

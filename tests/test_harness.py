@@ -88,7 +88,7 @@ def test_a_jaxcpt_checkpoint_scores_like_the_hf_directory_it_came_from(hf_dir, t
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "mistral_window", "qwen3_tied", "gemma2_softcap_window",
-                                  "gemma3_pattern_two_bases"])
+                                  "gemma3_pattern_two_bases", "olmo3_post_norm_pattern", "smollm3_nope"])
 def test_greedy_decoding_with_the_kv_cache_matches_transformers_generate(tmp_path, name):
     from jaxcpt.hf.convert import load_hf
     from jaxcpt.model.decode import generate_greedy

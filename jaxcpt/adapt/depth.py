@@ -19,6 +19,8 @@ is expanded alike, so the module knows no family's names beyond the residual out
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from jaxcpt.errors import UserError
@@ -73,3 +75,17 @@ def expand_layers(layers: dict[str, np.ndarray], after: list[int], *, init: str 
             blocks.append(value)
         out[name] = np.stack(blocks)  # [L_new, ...]
     return out, inserted
+
+
+# ModelConfig fields that hold one entry per layer: a copy takes the entry of the block it copies.
+PER_LAYER_FIELDS = ("layer_types", "rope_layers")
+
+
+def expanded_config(cfg, after: list[int]):
+    """``cfg`` with copies of blocks ``after`` inserted: more layers, and every per-layer pattern (attention
+    kind, RoPE or NoPE) keeps each copy beside its source with the source's entry, so the copy computes what its
+    source computes (a sliding block's copy slides too) and the original blocks keep their kinds."""
+    order = [block for i in range(cfg.num_layers) for block in ((i, i) if i in after else (i,))]
+    patterns = {name: tuple(getattr(cfg, name)[i] for i in order) for name in PER_LAYER_FIELDS
+                if getattr(cfg, name) is not None}
+    return dataclasses.replace(cfg, num_layers=len(order), **patterns)

@@ -89,7 +89,10 @@ def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS) -> list[Tensor]:
         if cfg.qkv_bias:
             to_jax, to_hf = bias(heads)
             rows.append(Tensor(("layers", f"{name}_bias"), pre + f"self_attn.{name}_proj.bias", to_jax, to_hf, (heads * D,)))
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_scope == "projection":  # HF [heads*D] <-> jax [heads, D]
+        rows += [Tensor(("layers", leaf), pre + f"{hf}.weight", *bias(heads), (heads * D,))
+                 for (leaf, hf), heads in zip(QK_NORMS, (H, K))]
+    elif cfg.qk_norm:
         rows += [Tensor(("layers", leaf), pre + f"{hf}.weight", _same, _same, (D,)) for leaf, hf in QK_NORMS]
     # o_proj: HF [E, H*D] <-> jax [H, D, E]
     rows.append(Tensor(("layers", "o"), pre + "self_attn.o_proj.weight",

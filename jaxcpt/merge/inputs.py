@@ -33,9 +33,10 @@ from jaxcpt.model.config import ModelConfig
 # Settings that decide the tensors' shapes and meaning: inputs must agree on all of them.
 STRUCTURE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_kv_heads", "head_size", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
-                    "post_norms")
+                    "post_norms", "pre_norms", "qk_norm_scope")
 # Settings that leave the tensors alone: the merged model takes the first CPT model's, and a difference is noted.
 CONFIG_FIELDS = ("rope_theta", "rope_scaling", "rope_local_theta", "rms_norm_eps", "sliding_window", "layer_types",
+                 "rope_layers",
                  "max_position_embeddings", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
                  "bos_token_id", "eos_token_id", "pad_token_id")
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}

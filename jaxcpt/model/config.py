@@ -1,6 +1,6 @@
 """The shape and numerics of a decoder-only transformer, with the block options families declare.
 
-One config covers Llama 2/3.x, Mistral, Qwen2/2.5/3 and Gemma 2/3: the shared decoder in
+One config covers Llama 2/3.x, Mistral, Qwen2/2.5/3, Gemma 2/3, OLMo 3 and SmolLM3: the shared decoder in
 ``transformer.py`` reads the options below (norm form, extra norms, activation, q/k norms,
 soft-capping, the per-layer attention pattern ...), and each family module in
 ``jaxcpt.hf.families`` declares which ones its checkpoints set.
@@ -43,7 +43,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"] = field(
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3"] = field(
         "llama", help="HF family written on export (model_type/architectures); its block options must match")
     vocab_size: int = field(32000, help="vocabulary size (real rows of the embedding)")
     vocab_pad_multiple: int = field(
@@ -64,8 +64,16 @@ class ModelConfig:
                                          "beyond it; written on export)")
     rms_norm_eps: float = field(1e-5, help="RMSNorm epsilon")
     norm_plus_one: bool = field(False, help="RMSNorm scales by (1 + weight), in float32 (Gemma); weights start at 0")
+    pre_norms: bool = field(True, help="RMSNorm the input of attention and of the MLP (pre-norm); false with "
+                            "post_norms: only the outputs are normed (OLMo 2/3's post-norm placement)")
     post_norms: bool = field(False, help="also RMSNorm the attention and MLP outputs before each residual add (Gemma)")
-    qk_norm: bool = field(False, help="per-head RMSNorm on queries and keys before RoPE (Qwen3, Gemma 3)")
+    qk_norm: bool = field(False, help="RMSNorm on queries and keys before RoPE (Qwen3, Gemma 3, OLMo 3)")
+    qk_norm_scope: Literal["head", "projection"] = field(
+        "head", help="what qk_norm normalises: head (each head's D channels, one [D] scale shared by all heads; Qwen3, "
+        "Gemma 3) or projection (all heads' H*D channels at once, an [H, D] scale; OLMo 2/3)")
+    rope_layers: tuple[bool, ...] | None = field(
+        None, help="per layer, whether it rotates q and k by RoPE (false: no position encoding, NoPE; SmolLM3's "
+        "no_rope_layers); null: every layer does")
     activation: Literal["silu", "gelu_tanh"] = field(
         "silu", help="gated MLP activation: silu (SwiGLU) or gelu_tanh (GeGLU, tanh approximation; Gemma)")
     scale_embeddings: bool = field(False, help="multiply input embeddings by sqrt(hidden_size) in the compute dtype "
@@ -150,6 +158,10 @@ class ModelConfig:
                 raise ConfigError(f"layer_types lists {len(self.layer_types)} layers, but num_layers is {self.num_layers}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ConfigError("layer_types has sliding_attention layers but sliding_window is null; set it")
+        if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
+            raise ConfigError(f"rope_layers lists {len(self.rope_layers)} layers, but num_layers is {self.num_layers}")
+        if self.qk_norm_scope != "head" and not self.qk_norm:
+            raise ConfigError(f"qk_norm_scope={self.qk_norm_scope!r} needs qk_norm: true")
         for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -169,7 +181,8 @@ class ModelConfig:
         h, k = self.num_heads, self.num_kv_heads
         attn = e * d * (h + 2 * k) + h * d * e + (d * (h + 2 * k) if self.qkv_bias else 0) + (e if self.o_bias else 0)
         mlp = 3 * e * f + ((2 * f + e) if self.mlp_bias else 0)
-        norms = 2 * e + (2 * e if self.post_norms else 0) + (2 * d if self.qk_norm else 0)
+        qk_norms = (h + k) * d if self.qk_norm_scope == "projection" else 2 * d
+        norms = (2 * e if self.pre_norms else 0) + (2 * e if self.post_norms else 0) + (qk_norms if self.qk_norm else 0)
         per_layer = attn + mlp + norms
         vocab = self.padded_vocab_size
         head = 0 if self.tie_word_embeddings else e * vocab

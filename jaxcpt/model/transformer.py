@@ -34,6 +34,7 @@ from jaxcpt.model.rope import apply_rope, rope_cos_sin
 from jaxcpt.sharding.rules import constrain, make_rules, named_sharding
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+USES_ROPE = "uses_rope"  # the per-layer RoPE flag LayerStack.arrays() scans beside the weights (cfg.rope_layers)
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str = "normal") -> nnx.Param:
@@ -63,16 +64,18 @@ class LayerStack(nnx.Module):
                             cfg.intermediate_size)
         p = functools.partial(_param, rngs, cfg)
         norm_init = "zeros" if cfg.norm_plus_one else "ones"  # (1 + w) norms start at w = 0
-        self.attn_norm = p((L, E), ("layers", "norm"), norm_init)
         self.q = p((L, E, H, D), ("layers", "embed", "heads", "head_dim"))
         self.k = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
         self.v = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
         self.o = p((L, H, D, E), ("layers", "heads", "head_dim", "embed"))
-        self.mlp_norm = p((L, E), ("layers", "norm"), norm_init)
         self.gate = p((L, E, F), ("layers", "embed", "mlp"))
         self.up = p((L, E, F), ("layers", "embed", "mlp"))
         self.down = p((L, F, E), ("layers", "mlp", "embed"))
-        names = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"]
+        names = ["q", "k", "v", "o", "gate", "up", "down"]
+        if cfg.pre_norms:
+            self.attn_norm = p((L, E), ("layers", "norm"), norm_init)
+            self.mlp_norm = p((L, E), ("layers", "norm"), norm_init)
+            names += ["attn_norm", "mlp_norm"]
         if cfg.qkv_bias:
             self.q_bias = p((L, H, D), ("layers", "heads", "head_dim"), "zeros")
             self.k_bias = p((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
@@ -86,7 +89,11 @@ class LayerStack(nnx.Module):
             self.up_bias = p((L, F), ("layers", "mlp"), "zeros")
             self.down_bias = p((L, E), ("layers", "embed"), "zeros")
             names += ["gate_bias", "up_bias", "down_bias"]
-        if cfg.qk_norm:  # one scale per head_dim channel, shared by all heads
+        if cfg.qk_norm and cfg.qk_norm_scope == "projection":  # one scale per channel of the whole projection
+            self.q_norm = p((L, H, D), ("layers", "heads", "head_dim"), norm_init)
+            self.k_norm = p((L, K, D), ("layers", "kv_heads", "head_dim"), norm_init)
+            names += ["q_norm", "k_norm"]
+        elif cfg.qk_norm:  # one scale per head_dim channel, shared by all heads
             self.q_norm = p((L, D), ("layers", "head_dim"), norm_init)
             self.k_norm = p((L, D), ("layers", "head_dim"), norm_init)
             names += ["q_norm", "k_norm"]
@@ -101,13 +108,19 @@ class LayerStack(nnx.Module):
                     setattr(self, name, param)
                     names.append(name)
         self.names = tuple(names)
+        self.rope_layers = cfg.rope_layers  # static per-layer flags (not parameters), scanned with the weights
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in self.names}
+        """This stack's weights by name, each [L, ...]; with per-layer RoPE flags also ``uses_rope`` [L] bool."""
+        out = {name: getattr(self, name)[...] for name in self.names}
+        if self.rope_layers is not None:
+            out[USES_ROPE] = jnp.asarray(self.rope_layers, bool)
+        return out
 
 
 def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rules, attend):
-    """One pre-norm block on x [B, T, E] -> (x [B, T, E], aux); ``p`` holds this layer's weights (no [L] axis).
+    """One block on x [B, T, E] -> (x [B, T, E], aux) (pre-norm; post-norm only with pre_norms off, as OLMo);
+    ``p`` holds this layer's weights (no [L] axis), and its ``uses_rope`` flag when some layers have no RoPE.
 
     ``ropes`` maps each layer kind to its (cos, sin) [B, T, D]; ``is_sliding`` is this
     layer's kind as a scanned boolean, or None when every layer is of the one kind in ``ropes``.
@@ -116,7 +129,8 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
     decoding (``jaxcpt.model.decode``, whose aux is the updated cache).
     """
     dt = jnp.dtype(cfg.dtype)
-    p = {name: w.astype(dt) for name, w in p.items()}
+    uses_rope = p.get(USES_ROPE)  # () bool when some layers have no RoPE (NoPE), else None
+    p = {name: w.astype(dt) for name, w in p.items() if name != USES_ROPE}
     norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     act = ("batch", "length", "act_embed")
     x = constrain(x, act, rules)
@@ -134,11 +148,13 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
             out = out + low_rank_update(inputs, p[a], p[b], cfg.lora.scale, contract)
         return checkpoint_name(out, remat_lib.PROJECTION_NAMES[name])
 
-    h = norm(x, p["attn_norm"])
+    h = norm(x, p["attn_norm"]) if cfg.pre_norms else x
     q = project(h, "q")  # [B, T, H, D]
     k = project(h, "k")  # [B, T, K, D]
     v = project(h, "v")  # [B, T, K, D]
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_scope == "projection":  # RMS over all heads' channels at once (OLMo)
+        q, k = projection_norm(q, p["q_norm"], norm), projection_norm(k, p["k_norm"], norm)
+    elif cfg.qk_norm:
         q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
     q = constrain(q, ("batch", "length", "act_heads", None), rules)
     k = constrain(k, ("batch", "length", "act_kv_heads", None), rules)
@@ -146,7 +162,10 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
 
     def rotated(kind):
         cos, sin = ropes[kind]
-        return attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, kind)
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if uses_rope is not None:  # a NoPE layer attends to the unrotated q and k
+            q_rot, k_rot = jnp.where(uses_rope, q_rot, q), jnp.where(uses_rope, k_rot, k)
+        return attend(q_rot, k_rot, v, kind)
 
     if is_sliding is None:
         (kind,) = ropes
@@ -159,11 +178,17 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
         attn_out = norm(attn_out, p["post_attn_norm"])
     x = x + constrain(attn_out, act, rules)
 
-    h = norm(x, p["mlp_norm"])
+    h = norm(x, p["mlp_norm"]) if cfg.pre_norms else x
     mlp_out = gated_mlp(h, project, activation=cfg.activation)
     if cfg.post_norms:
         mlp_out = norm(mlp_out, p["post_mlp_norm"])
     return x + constrain(mlp_out, act, rules), aux
+
+
+def projection_norm(x, scale, norm):
+    """RMSNorm of x [B, T, N, D] over all N*D channels of the projection, scale [N, D]."""
+    b, t, n, d = x.shape
+    return norm(x.reshape(b, t, n * d), scale.reshape(n * d)).reshape(b, t, n, d)
 
 
 def packed_attention(cfg: ModelConfig, attention_fn, segment_ids):

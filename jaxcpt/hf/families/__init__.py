@@ -8,12 +8,13 @@ Everything outside these modules asks the registry, never a ``model_type``.
 from __future__ import annotations
 
 from jaxcpt.errors import HFFormatError
-from jaxcpt.hf.families import base, gemma2, gemma3, llama, mistral, qwen2, qwen3
+from jaxcpt.hf.families import base, gemma2, gemma3, llama, mistral, olmo3, qwen2, qwen3, smollm3, unsupported
 from jaxcpt.hf.families.base import Family
 from jaxcpt.hf.mapping import Tensor, decoder_tensors
 from jaxcpt.model.config import ModelConfig
 
-FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, mistral, qwen2, qwen3, gemma2, gemma3)}
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, mistral, qwen2, qwen3, gemma2, gemma3,
+                                                                olmo3, smollm3)}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 # model types whose checkpoints hold a text model we support, under another wrapper
 _WRAPPED = {"gemma3": "gemma3_text (Gemma3ForCausalLM); a multimodal Gemma3ForConditionalGeneration checkpoint "
@@ -22,6 +23,8 @@ _WRAPPED = {"gemma3": "gemma3_text (Gemma3ForCausalLM); a multimodal Gemma3ForCo
 
 def family_of_hf(hf: dict, where: str) -> Family:
     model_type = hf.get("model_type")
+    if (why := unsupported.refusal(hf, where)) is not None:
+        raise HFFormatError(why)
     if model_type in _WRAPPED:
         raise HFFormatError(f"{where}: model_type '{model_type}' is not supported; supported is {_WRAPPED[model_type]}")
     if model_type not in _BY_MODEL_TYPE:

@@ -25,7 +25,7 @@ from jaxcpt.model.config import ModelConfig, RopeScaling
 BLOCK_OPTIONS = (
     "qkv_bias", "o_bias", "mlp_bias", "sliding_window", "layer_types", "rope_local_theta", "norm_plus_one",
     "post_norms", "qk_norm", "activation", "scale_embeddings", "query_pre_attn_scalar", "attn_logit_softcap",
-    "final_logit_softcap",
+    "final_logit_softcap", "pre_norms", "qk_norm_scope", "rope_layers",
 )
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
