@@ -20,7 +20,7 @@ from jaxcpt.plan.heldout import determination, leave_one_out
 from jaxcpt.plan.laws import FitError, Observation, fit_power_law, power_law
 from jaxcpt.plan.sweep import collect, run_sweep
 from jaxcpt.train.config import config_as_yaml_dict, load_train_config
-from test_plan_sweep import FakeTrainer, cmr_losses, spec, write_config
+from test_plan_sweep import FakeTrainer, spec, write_config
 
 
 class RunWritingTrainer(FakeTrainer):

@@ -30,8 +30,12 @@ TABLE_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
 def _target(manifest: dict, observations, at_steps: int | None, at_params: float | None) -> tuple[float, float]:
     params = at_params if at_params is not None else max(o.params for o in observations)
     if at_steps is None:
-        same = [o.tokens for o in observations if o.params == params] or [o.tokens for o in observations]
-        return max(same), params
+        same = [o for o in observations if o.params == params] or observations
+        # The largest budget the sweep ran over ratios, not one that holds a single added run (plan check of a
+        # longer --at-steps config): that budget has no curve of its own.
+        swept = [t for t in {o.tokens for o in same} if len({o.replay for o in same if o.tokens == t
+                                                             and 0.0 < o.replay < 1.0}) >= 2]
+        return max(swept or [o.tokens for o in same]), params
     per_step = {r["tokens_per_step"] for r in manifest["runs"].values()}
     if len(per_step) != 1:
         raise UserError(f"the sweep's runs differ in tokens per step {sorted(per_step)}; --at-steps is ambiguous")
@@ -260,7 +264,12 @@ def write_config(manifest: dict, rec: Recommendation, out: Path, steps: int | No
                    f"{_fmt_pm(rec.domain_loss, unc['domain_loss'], signed=False)}; check the finished run with "
                    f"`jaxcpt plan check {source['sweep']} RUN_DIR`\n")
     out.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    load_train_config(str(out))  # what train will do with it: fail here, not on the pod
+    cfg = load_train_config(str(out))  # what train will do with it: fail here, not on the pod
+    trained = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
+    if abs(trained - rec.tokens) > 1e-9 * rec.tokens:
+        print(f"note: the prediction is for {group_label(rec.tokens, rec.params)} (the swept budget), but this config "
+              f"trains {cfg.train.steps} steps = {trained:.4g} tokens; pass --at-steps {cfg.train.steps} to predict "
+              "at its own budget (plan check compares a run only with a prediction at its budget)", flush=True)
     print(f"wrote {out}: {spec.general} weight {round(rec.replay, 4):g}, {spec.domain} weight "
           f"{round(1 - round(rec.replay, 4), 4):g}; train it with `jaxcpt train --config {out}`"
           + (f", then `jaxcpt plan check {source['sweep']} RUN_DIR`" if source else ""), flush=True)
