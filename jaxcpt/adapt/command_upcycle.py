@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add Gaussian noise of this many times each tensor's std to every expert copy "
                         "(breaks symmetry; the upcycled model no longer computes the dense function exactly)")
     parser.add_argument("--router-std", type=float, default=None,
-                        help="std of the router's initial weights (default: the config's initializer_range with "
-                        "--split 1, 0 with --split > 1, which the exact start needs)")
+                        help="std of the router's initial weights (default: the config's initializer_range); one row "
+                        "per copy, shared by its --split experts. 0: a zero router (with --split > 1 the function is "
+                        "then kept only if top-k breaks ties by whole copies)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the router and the noise")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file to write (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

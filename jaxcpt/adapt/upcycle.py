@@ -13,20 +13,28 @@ model still computes the dense function, up to float rounding of sum_e w_e = 1.
 Granular upcycling (``split`` G > 1): each of the ``experts`` copies is cut into G experts,
 each holding a 1/G slice of the intermediate dimension (MLP(x) = sum_s down_s(act(gate_s x) *
 up_s x) exactly), and top-k is scaled to ``top_k * G``, so the active parameters per token
-stay those of the unsplit model. Fine expert f = copy * G + slice holds slice f mod G with its
-down projection multiplied by G. Then the function is preserved when, and only when:
+stay those of the unsplit model. Fine expert f = copy * G + slice holds slice f mod G of copy
+f // G, with its down projection multiplied by G, and the G experts of one copy share one
+(random) router row. Their logits are then equal, so the top ``top_k * G`` experts are the G
+experts of each of the ``top_k`` best copies, each copy's experts weigh the same w_c / G, and::
 
-- the router is zero, so every logit ties and each chosen expert weighs 1 / (top_k * G); and
-- the top-k of tied logits takes the lowest indices (jax.lax.top_k documents it; torch.topk on
-  CPU does it, checked by tests/test_upcycle.py, but torch does not promise it), so the chosen
-  experts are copies 0..top_k-1, each slice top_k times: sum = G * top_k / (top_k * G) * MLP = MLP
-  (with top_k * G = all experts, no tie-breaking is involved at all); and
-- no ``noise``; and the x G scale is exact in the storage dtype when G is a power of two
-  (otherwise it rounds once, ~1 ulp).
+    moe(x) = sum_{c in top copies} (w_c / G) * sum_s G * slice_s(x) = sum_c w_c * MLP(x) = MLP(x)
 
-A random router with G > 1 mixes slices with unequal weights (not the dense function), so the
-router of a split model starts at zero; its gradient is non-zero from the first step because the
-fine experts differ. ``noise`` (Drop-Upcycling's point, Nakamura et al. 2025: identical experts
+whatever the router's values: the function is preserved, and nothing depends on how top-k breaks
+ties (torch.topk does not promise an order among equal values: over six equal logits it returns
+indices 3 and 5). The conditions, exactly:
+
+- no ``noise``;
+- a non-zero router. A zero router ties every logit, and the function is then kept only when
+  top-k breaks ties by whole copies (``jax.lax.top_k`` takes the lowest indices, copies
+  0..top_k-1, so it does; torch's does not promise it), so it is recorded as not preserved;
+- the logits of two different copies are not exactly equal at the top-k boundary for a token
+  (probability ~0 in float32; in bfloat16 two logits can round to the same value, and for that
+  token the top-k may split a copy);
+- the x G scale is exact in the storage dtype when G is a power of two (otherwise it rounds once).
+
+Router rows shared within a copy move apart from the first step: the slices' outputs differ, so
+their gradients do. ``noise`` (Drop-Upcycling's point, Nakamura et al. 2025: identical experts
 learn alike) adds Gaussian noise of ``noise`` times each tensor's std to every expert copy, which
 breaks the exact start on purpose. What was done, and whether the function is preserved, is
 recorded in ``jaxcpt_adaptation.json`` under ``moe``.
@@ -115,12 +123,13 @@ class UpcyclePlan:
         if self.split == 1:
             return True, ("every expert is a copy of the dense MLP and the top-k weights are renormalised to sum to 1, "
                           "so the router does not change the output")
-        if self.router_std > 0:
-            return False, "a non-zero router weighs the 1/G slices unequally; split upcycling needs router_std 0"
+        if self.router_std == 0:
+            return False, ("a zero router ties every logit: the 1/G slices are summed whole only if top-k breaks ties by "
+                           "whole copies (jax.lax.top_k does, torch.topk does not promise it)")
         exact_scale = self.split & (self.split - 1) == 0
-        return True, ("the zero router ties every logit, top-k takes the lowest indices (copies 0..top_k-1, every slice "
-                      f"top_k times) each weighing 1/{self.experts_per_token}, and down projections are scaled by "
-                      f"{self.split}" + ("" if exact_scale else " (not a power of two: rounded once, ~1 ulp)"))
+        return True, (f"the {self.split} experts of each copy share one router row, so top-{self.experts_per_token} "
+                      f"takes whole copies and weighs their slices alike; down projections are scaled by {self.split}"
+                      + ("" if exact_scale else " (not a power of two: rounded once, ~1 ulp)"))
 
 
 def plan_upcycle(dense: dict, *, experts: int, top_k: int, split: int = 1, noise: float = 0.0,
@@ -153,8 +162,8 @@ def plan_upcycle(dense: dict, *, experts: int, top_k: int, split: int = 1, noise
                         "set use_sliding_window false in its config.json if it was never used, or keep it dense")
     if dense.get("hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act '{dense.get('hidden_act')}': the MoE families' experts use silu")
-    if router_std is None:  # a random router breaks symmetry for free with whole copies; splits need zero (above)
-        router_std = float(dense.get("initializer_range", 0.02)) if split == 1 else 0.0
+    if router_std is None:  # random: breaks the symmetry between copies, and keeps the function (module docstring)
+        router_std = float(dense.get("initializer_range", 0.02))
     return UpcyclePlan(model_type, MOE_TARGET[model_type], int(dense["num_hidden_layers"]), int(dense["hidden_size"]),
                        intermediate, experts, top_k, split, float(router_std), float(noise), seed)
 
@@ -237,9 +246,10 @@ def tensors(reader, plan: UpcyclePlan, order, np_dtype) -> Iterator[tuple[str, n
             value = reader.get(name)
         elif kind == "zeros":
             value = np.zeros(shape, np.float32)
-        elif kind == "router":  # [E, H]; seeded per layer, so a value does not depend on the file order
+        elif kind == "router":  # [E, H]: one row per copy [copies, H], repeated for its G slices; seeded per layer
             rng = np.random.default_rng([plan.seed, what[0], 0])
-            value = rng.normal(0.0, plan.router_std, shape).astype(np.float32) if plan.router_std else np.zeros(shape, np.float32)
+            rows = rng.normal(0.0, plan.router_std, (plan.experts, shape[1])).astype(np.float32)
+            value = np.repeat(rows, plan.split, axis=0)  # [copies * G, H]; expert f = copy f // G
         else:
             layer = what[0]
             if layer != mlp_layer:
