@@ -266,7 +266,7 @@ def tensors(reader, plan: UpcyclePlan, order, np_dtype) -> Iterator[tuple[str, n
                     value = value + rng.normal(0.0, plan.noise * float(np.std(value)), value.shape).astype(np.float32)
         if tuple(value.shape) != tuple(shape):
             raise AssertionError(f"'{name}': made {value.shape}, planned {shape}")
-        yield name, np.asarray(value).astype(np_dtype)
+        yield name, np.asarray(value).astype(np_dtype, copy=False)  # a copied tensor in its own dtype: no second copy
 
 
 def upcycle(source: str | Path, out: str | Path, *, experts: int, top_k: int, split: int = 1, noise: float = 0.0,
