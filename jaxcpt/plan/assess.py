@@ -148,7 +148,8 @@ def plot_laws(assessments: list[Assessment], observations: list[Observation], ch
         except UserError:
             continue
         bound = a.bound("general_error")
-        label = f"{LAW_SHORT[a.law]}" + ("" if bound is None else f" (LOO +/- {bound:.3f})")
+        label = f"{LAW_SHORT[a.law]}" + (" (exactly determined: untested)" if a.det.exact else
+                                         " (no LOO error)" if bound is None else f" (LOO +/- {bound:.3f})")
         width = 2.6 if a is chosen else 1.2
         axes[0].plot(x, g, "-", color=colors[a.law], linewidth=width, label=label)
         axes[1].plot(x, d, "-", color=colors[a.law], linewidth=width)

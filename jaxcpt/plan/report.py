@@ -166,8 +166,9 @@ def run_fit(args) -> dict:
              f"general source '{manifest['general']}' (replay ratio r = its share), domain source "
              f"'{manifest['domain']}' (1 - r)", ""]
     show_ci = boot if boot is not None and boot.enough else None
-    lines.append(format_table(["coefficient", "fit", "bootstrap 90%"], _coefficient_rows(fitted.coefficients, show_ci),
-                              right={1, 2}))
+    if chosen.law != "interp":  # the interpolation's "coefficients" are its knots: the runs' column 'fit' below
+        lines.append(format_table(["coefficient", "fit", "bootstrap 90%"],
+                                  _coefficient_rows(fitted.coefficients, show_ci), right={1, 2}))
     lines.append(_bootstrap_line(chosen))
     lines.append(chosen.det.message(LAW_SHORT[chosen.law]))
     if getattr(fitted, "left_out", None):
