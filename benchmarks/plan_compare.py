@@ -33,6 +33,7 @@ def _fit(sweep: Path, law: str, tolerance: str, plot: Path, bootstrap: int) -> d
 
 
 def compare_laws(out: Path, *, tolerance: str, steps: int, plot: Path, title: str, bootstrap: int = 200) -> dict:
+    from jaxcpt.errors import UserError
     from jaxcpt.plan.assess import AUTO_LAWS, assess, choose, plot_laws
     from jaxcpt.plan.check import check_run
     from jaxcpt.plan.laws import Recommendation, Tolerance
@@ -46,8 +47,14 @@ def compare_laws(out: Path, *, tolerance: str, steps: int, plot: Path, title: st
     (sweep / "predictions.json").unlink(missing_ok=True)  # this invocation's predictions only
     timings, fits, planned = {}, {}, {}
     t0 = time.monotonic()
+    errors = {}
     for law in LAWS:
-        fits[law] = _fit(sweep, law, tolerance, out / f"fit_{law}.png", bootstrap)
+        try:
+            fits[law] = _fit(sweep, law, tolerance, out / f"fit_{law}.png", bootstrap)
+        except UserError as e:  # e.g. D-CPT with fewer runs than parameters: reported, not fatal
+            print(f"{law}: not fitted: {e}", flush=True)
+            errors[law] = str(e)
+            continue
         rec = fits[law]["recommendation"]
         if rec["replay"] is not None:
             planned[law] = out / f"planned_{law}.yaml"
@@ -74,8 +81,8 @@ def compare_laws(out: Path, *, tolerance: str, steps: int, plot: Path, title: st
                             "general_rise": obs.general_loss - obs.base_general_loss}
     timings["planned_runs_s"] = time.monotonic() - t0
 
-    rows = []
-    for law in LAWS:
+    rows = [{"law": law, "error": error} for law, error in errors.items()]
+    for law in (law for law in LAWS if law in fits):
         fit, rec = fits[law], fits[law]["recommendation"]
         loo = fit["leave_one_out"] or {}
         row = {"law": law, "chosen": fit["law"], "recommended_replay": rec["replay"],
@@ -124,6 +131,9 @@ def compare_laws(out: Path, *, tolerance: str, steps: int, plot: Path, title: st
     header = ["law", "LOO rise err", "replay", "predicted rise", "measured rise", "error", "within", "domain pred/meas"]
     lines = []
     for r in rows:
+        if r.get("error"):
+            lines.append([r["law"], "-", "-", "not fitted", "-", "-", "-", "-"])
+            continue
         unc = r["uncertainty"]["general_rise"]
         pred = "-" if r["predicted_general_rise"] is None else (
             f"{r['predicted_general_rise']:+.4f}" + ("" if unc is None else f" +/- {unc:.4f}"))
@@ -141,7 +151,8 @@ def compare_laws(out: Path, *, tolerance: str, steps: int, plot: Path, title: st
                                           "base_domain_loss")} for o in fits["auto"]["runs"]],
             "fits": {law: {k: fits[law][k] for k in ("law", "chosen_because", "coefficients", "recommendation",
                                                      "leave_one_out", "uncertainty", "determination", "bootstrap",
-                                                     "bootstrap_skipped", "left_out_of_fit")} for law in LAWS},
+                                                     "bootstrap_skipped", "left_out_of_fit")} for law in fits},
+            "not_fitted": errors,
             "plan_check": check, "after_check": {"law": refit["law"], "recommendation": refit["recommendation"],
                                                  "uncertainty": refit["uncertainty"], "runs": len(refit["runs"])},
             "timings_s": timings, "plot": str(plot)}
