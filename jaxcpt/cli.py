@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                      "add new tokens to a model's tokenizer and embeddings (old ids and encodings kept)"),
     "expand-depth": ("jaxcpt.adapt.command_expand_depth",
                      "insert identity-initialised copies of decoder blocks (LLaMA-Pro block expansion)"),
+    "upcycle": ("jaxcpt.adapt.command_upcycle",
+                "turn a dense Llama/Mistral/Qwen2/Qwen3 model into an MoE model (Mixtral/Qwen-MoE) of the same function"),
     "plan": ("jaxcpt.plan.command", "plan a CPT run: token budget per source, proxy sweeps, mixture-law fits of the replay ratio"),
     "merge": ("jaxcpt.merge.command", "merge a base model with CPT models (linear, SLERP, task arithmetic), or sweep the mixture on held-out data"),
     "evaluate": ("jaxcpt.eval.command", "run lm-eval harness tasks (built-in or your own YAML) on a run, checkpoint or HF directory"),

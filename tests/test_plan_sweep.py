@@ -83,10 +83,10 @@ def spec(config, ratios=(0.0, 0.1, 0.25, 0.5), steps=(100,), **kw) -> SweepSpec:
 
 def test_sweep_writes_one_loadable_config_per_run_with_its_mixture(tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", extra_source=True)
-    manifest = run_sweep(spec(config, ratios=(0.0, 0.3), steps=(10, 20),
+    manifest = run_sweep(spec(config, ratios=(0.0, 0.3, 0.6), steps=(10, 20),
                               sizes={"base": [], "wide": ["model.hidden_size=64"]}), tmp_path / "sweep", dry_run=True)
     assert sorted(manifest["runs"]) == sorted(f"{size}-s{s}-r{r:g}" for size in ("base", "wide") for s in (10, 20)
-                                              for r in (0.0, 0.3))
+                                              for r in (0.0, 0.3, 0.6))
     notes = capsys.readouterr().out
     assert "source 'code' gets weight 0" in notes and "checkpoint.directory is cleared" in notes
     for name, run in manifest["runs"].items():

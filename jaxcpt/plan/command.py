@@ -5,9 +5,12 @@
         ~4 epochs; the planned mixture over steps next to the LR schedule (no accelerator needed)
     jaxcpt plan sweep --config C --ratios 0,0.05,0.1,0.25,0.5 --steps 200,400 --out SWEEP [overrides ...]
         short proxy runs, one ordinary run directory each, resumable; per-source held-out loss
-    jaxcpt plan fit SWEEP --law cmr|dcpt --tolerance 0.05 [--at-steps N] [--write-config OUT.yaml]
-        fit the law (bootstrap over runs), print coefficients, predicted losses and the replay
-        ratio that keeps the general-loss rise within the tolerance while gaining most on the domain
+    jaxcpt plan fit SWEEP --law cmr|dcpt|interp|auto --tolerance 0.05 [--at-steps N] [--write-config OUT.yaml]
+        fit the law (or every law, choosing by leave-one-out error), print coefficients, the held-out
+        error of each interior run, predicted losses and the replay ratio that keeps the general-loss
+        rise within the tolerance while gaining most on the domain
+    jaxcpt plan check SWEEP RUN_DIR
+        the planned run against its prediction (within the reported uncertainty or not); adds it to the sweep
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep = sub.add_parser("sweep", help="run short proxy runs over replay ratios, budgets and model sizes")
     sweep.add_argument("--config", required=True, help="training YAML of the CPT run to plan")
     sweep.add_argument("--out", required=True, help="sweep directory (runs/, sweep.json); rerun to resume")
-    sweep.add_argument("--ratios", default=DEFAULT_RATIOS, help="replay (general) shares, comma-separated "
+    sweep.add_argument("--ratios", default=DEFAULT_RATIOS, help="replay (general) shares, comma-separated, or "
+                       "'auto': a coarse pass (0,0.1,0.25,0.5), then --auto-runs ratios where the --tolerance binds "
                        "(default: %(default)s)")
+    sweep.add_argument("--tolerance", default="0.05", help="with --ratios auto: the general-loss rise the plan will "
+                       "allow, as for plan fit (default: %(default)s)")
+    sweep.add_argument("--auto-runs", type=int, default=3, help="with --ratios auto: ratios added by the second "
+                       "pass (default: %(default)s)")
     sweep.add_argument("--steps", required=True, help="budgets in optimizer steps, comma-separated, e.g. 200,400")
     sweep.add_argument("--size", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                        help="a model size as dotted overrides, e.g. small:model.hidden_size=256,model.num_layers=4 "
@@ -48,8 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     fit = sub.add_parser("fit", help="fit a mixture law to a sweep and recommend the replay ratio")
     fit.add_argument("sweep_dir", help="directory written by jaxcpt plan sweep")
-    fit.add_argument("--law", choices=["cmr", "dcpt"], default="cmr", help="CMR (Gu et al. 2024) or D-CPT "
-                     "(Que et al. 2024) (default: %(default)s)")
+    fit.add_argument("--law", choices=["cmr", "dcpt", "interp", "auto"], default="cmr",
+                     help="CMR (Gu et al. 2024), D-CPT (Que et al. 2024), interp (monotone interpolation in the ratio: "
+                     "the baseline), or auto (fit all three, recommend with the one whose leave-one-out error is "
+                     "smallest) (default: %(default)s)")
     fit.add_argument("--tolerance", default="0.05", help="allowed general-loss rise over the base model: nats "
                      "(0.05) or a percentage of the base loss (3%%) (default: %(default)s)")
     fit.add_argument("--at-steps", type=int, help="recommend for this budget in steps (default: the largest swept)")
@@ -63,7 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--plot", help="PNG of data and fit (default: SWEEP/fit_LAW.png)")
     fit.add_argument("--write-config", metavar="OUT_YAML",
                      help="write the sweep's config with the recommended mixture (and --at-steps) as a YAML "
-                          "that jaxcpt train --config accepts")
+                          "that jaxcpt train --config accepts; the prediction is recorded for plan check")
+
+    check = sub.add_parser("check", help="compare a finished planned run with its prediction; add it to the sweep")
+    check.add_argument("sweep_dir", help="directory written by jaxcpt plan sweep")
+    check.add_argument("run_dir", help="run directory of the config plan fit --write-config wrote, trained")
+    check.add_argument("--law", default=None, help="use the prediction of this law when several match the run")
+    check.add_argument("--no-add", action="store_true", help="compare only; leave the sweep as it is")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         return _budget(args)
     if args.plan_command == "sweep":
         return _sweep(args)
+    if args.plan_command == "check":
+        from jaxcpt.plan.check import check_run
+
+        check_run(Path(args.sweep_dir), Path(args.run_dir), add=not args.no_add, law=args.law)
+        return 0
     return _fit(args)
 
 
@@ -102,15 +123,53 @@ def _parse_list(text: str, kind, what: str) -> list:
 
 
 def _sweep(args) -> int:
+    import dataclasses
+
     from jaxcpt.plan.sweep import SweepSpec, parse_size, run_sweep
 
+    auto = args.ratios.strip() == "auto"
+    if auto:
+        from jaxcpt.plan.design import COARSE
     spec = SweepSpec(config=args.config, overrides=list(args.overrides),
-                     ratios=_parse_list(args.ratios, float, "--ratios"),
+                     ratios=list(COARSE) if auto else _parse_list(args.ratios, float, "--ratios"),
                      steps=_parse_list(args.steps, int, "--steps"),
                      sizes=dict(parse_size(s) for s in args.size) or {"base": []},
                      general=args.general, domain=args.domain)
-    run_sweep(spec, Path(args.out), dry_run=args.dry_run)
+    if auto:
+        from jaxcpt.plan.laws import Tolerance
+
+        Tolerance.parse(args.tolerance)  # a bad tolerance fails before the coarse pass trains
+        print(f"--ratios auto: coarse pass at {', '.join(f'{r:g}' for r in COARSE)}", flush=True)
+    manifest = run_sweep(spec, Path(args.out), dry_run=args.dry_run)
+    if not auto:
+        return 0
+    if args.dry_run:
+        print(f"--ratios auto: the second pass ({args.auto_runs} ratios) is chosen from the coarse runs' losses, "
+              "so a dry run cannot list it", flush=True)
+        return 0
+    added = _auto_ratios(Path(args.out), manifest, args)
+    if added is None:
+        return 0
+    run_sweep(dataclasses.replace(spec, ratios=sorted(set(COARSE) | set(added))), Path(args.out))
     return 0
+
+
+def _auto_ratios(out: Path, manifest: dict, args) -> list[float] | None:
+    from jaxcpt.plan.design import refine_ratios
+    from jaxcpt.plan.laws import Tolerance
+    from jaxcpt.plan.sweep import collect
+
+    observations, unfinished = collect(out)
+    if unfinished:  # stopped by a signal: the coarse pass resumes first on the next invocation
+        return None
+    params = max(o.params for o in observations)
+    tokens = max(o.tokens for o in observations if o.params == params)
+    added, why = refine_ratios(observations, tokens, params, Tolerance.parse(args.tolerance), args.auto_runs)
+    print(f"--ratios auto: {why}: adding {', '.join(f'{r:g}' for r in added) or 'nothing'}", flush=True)
+    manifest = json.loads((out / "sweep.json").read_text())
+    manifest["auto_ratios"] = {"added": added, "why": why}  # a record of what the second pass chose, and why
+    (out / "sweep.json").write_text(json.dumps(manifest, indent=1))
+    return added
 
 
 def _fit(args) -> int:

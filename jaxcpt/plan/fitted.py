@@ -55,7 +55,7 @@ class CMRFit:
     def __init__(self, observations: list[Observation]):
         # Gu et al. fit L(R) "for different mixture ratios R (non-endpoint values, R in (0, 1))" (Sec. 5.1):
         # a run without replay (R = 1) or without domain data (R = 0) is plotted but not fitted.
-        self.left_out = [o.run for o in observations if not 0.0 < o.replay < 1.0]
+        self.left_out = [o.run for o in observations if not 0.0 < o.replay < 1.0]  # (budgets not fitted join below)
         groups: dict[tuple[float, float], list[Observation]] = defaultdict(list)
         for obs in observations:
             if 0.0 < obs.replay < 1.0:
@@ -64,18 +64,28 @@ class CMRFit:
             raise FitError("the CMR law is fitted on replay ratios strictly between 0 and 1 (Gu et al. Sec. 5.1), "
                            "and the sweep has none")
         self.groups: dict[tuple[float, float], dict] = {}
+        # The law has no budget term: each budget is its own curve, and a budget with too few ratios (a run that
+        # `plan check` added at another budget, say) cannot be fitted. It is left out, and named if it is asked for.
+        self.unfitted: dict[tuple[float, float], str] = {}
         for (tokens, params), runs in sorted(groups.items()):
             ratios = [1.0 - o.replay for o in runs]
             try:
                 general = fit_power_law(ratios, [o.general_loss for o in runs])
                 domain = fit_power_law(ratios, [o.domain_loss for o in runs])
             except FitError as e:
-                raise FitError(f"budget {group_label(tokens, params)}: {e}") from None
+                if len(groups) == 1:
+                    raise FitError(f"budget {group_label(tokens, params)}: {e}") from None
+                self.unfitted[(tokens, params)] = f"{', '.join(o.run for o in runs)}: {e}"
+                self.left_out += [o.run for o in runs]
+                continue
             self.groups[(tokens, params)] = {
                 "general": general, "domain": domain, "runs": len(runs),
                 "base_general": float(np.mean([o.base_general_loss for o in runs])),
                 "base_domain": float(np.mean([o.base_domain_loss for o in runs])),
             }
+        if not self.groups:
+            raise FitError("no budget of the sweep has 3 distinct replay ratios strictly between 0 and 1 to fit the "
+                           "CMR law on: " + "; ".join(f"{group_label(*k)} ({v})" for k, v in self.unfitted.items()))
         self.tokens_seen = sorted({t for t, _ in self.groups})
         self.params_seen = sorted({p for _, p in self.groups})
 
@@ -83,12 +93,20 @@ class CMRFit:
     def coefficients(self) -> dict:
         return {group_label(t, p): {"general": g["general"], "domain": g["domain"]} for (t, p), g in self.groups.items()}
 
+    def _refuse_unfitted(self, tokens: float, params: float) -> None:
+        reason = next((v for (t, p), v in self.unfitted.items() if _same(t, tokens) and _same(p, params)), None)
+        if reason is not None:
+            raise FitError(f"the sweep mixes budgets, and the CMR law has no budget term: each budget is its own "
+                           f"curve, and {group_label(tokens, params)} cannot be fitted ({reason}). Sweep that budget "
+                           f"over 3+ ratios, or fit --law dcpt, whose D^beta term carries the other budgets over")
+
     def _group(self, tokens: float, params: float) -> dict | None:
         return next((g for (t, p), g in self.groups.items() if _same(t, tokens) and _same(p, params)), None)
 
     def predict(self, replay, tokens: float, params: float) -> tuple[np.ndarray, np.ndarray]:
         group = self._group(tokens, params)
         if group is None:
+            self._refuse_unfitted(tokens, params)
             raise UserError(f"the CMR law predicts losses only at swept budgets ({self._budgets()}); at "
                             f"{group_label(tokens, params)} it gives the critical ratio alone (Eq. 8), or fit --law dcpt")
         ratio = 1.0 - np.asarray(replay, np.float64)
@@ -103,6 +121,7 @@ class CMRFit:
         if group is not None:
             base = group["base_general"] if base_general is None else base_general
             return _from_curves(self, tokens, params, tolerance, base, extrapolated=False)
+        self._refuse_unfitted(tokens, params)
         same_size = [(t, g) for (t, p), g in self.groups.items() if _same(p, params)]
         if len(same_size) < 3:
             raise UserError(f"no swept budget at {group_label(tokens, params)}: the CMR scaling law (Gu et al. Eq. 8, "
@@ -201,7 +220,11 @@ def fit_law(name: str, observations: list[Observation], start: dict | None = Non
         return CMRFit(observations)
     if name == "dcpt":
         return DCPTFit(observations, start=start)
-    raise UserError(f"unknown law {name!r}; choose cmr or dcpt")
+    if name == "interp":
+        from jaxcpt.plan.monotone import InterpolationFit
+
+        return InterpolationFit(observations)
+    raise UserError(f"unknown law {name!r}; choose cmr, dcpt or interp (or auto in plan fit)")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, float]:
@@ -223,17 +246,30 @@ class Bootstrap:
     samples: int  # refits that succeeded
     failed: int  # resamples too degenerate to fit (e.g. fewer than 3 distinct ratios)
     infeasible: int  # refits under which no ratio met the tolerance
+    degenerate: int = 0  # resamples with no more distinct runs than parameters (exactly determined): not refitted
+    requested: int = 0
+
+    @property
+    def enough(self) -> bool:
+        """Whether the percentiles rest on enough non-degenerate refits to print (a fifth of those asked, >= 20)."""
+        return self.samples >= max(20, self.requested // 5)
 
 
 def bootstrap(name: str, observations: list[Observation], *, tokens: float, params: float, tolerance: Tolerance,
               base_general: float | None = None, samples: int = 200, seed: int = 0, full=None) -> Bootstrap:
     """Refit on ``samples`` resamples of the runs; resamples that cannot be fitted are counted, not hidden."""
+    from jaxcpt.plan.heldout import is_degenerate_resample, parameters
+
     rng = np.random.default_rng(seed)
     start = full.start() if full is not None else None
+    needed = parameters(full or fit_law(name, observations), tokens, params)
     values: dict[str, list[float]] = defaultdict(list)
-    replays, failed, infeasible = [], 0, 0
+    replays, failed, infeasible, degenerate = [], 0, 0, 0
     for _ in range(samples):
         pick = [observations[i] for i in rng.integers(0, len(observations), len(observations))]
+        if is_degenerate_resample(name, pick, needed):  # it would fit exactly: a zero-width sample, not evidence
+            degenerate += 1
+            continue
         try:
             fitted = fit_law(name, pick, start=start)
             rec = fitted.recommend(tokens, params, tolerance, base_general)
@@ -251,4 +287,5 @@ def bootstrap(name: str, observations: list[Observation], *, tokens: float, para
         return tuple(float(x) for x in np.percentile(v, [5, 50, 95]))
 
     return Bootstrap(coefficients={k: pct(v) for k, v in values.items()}, replay=pct(replays) if replays else None,
-                     samples=samples - failed, failed=failed, infeasible=infeasible)
+                     samples=samples - failed - degenerate, failed=failed, infeasible=infeasible,
+                     degenerate=degenerate, requested=samples)

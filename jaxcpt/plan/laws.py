@@ -38,7 +38,7 @@ from scipy import optimize
 
 from jaxcpt.errors import UserError
 
-LAWS = ("cmr", "dcpt")
+LAWS = ("cmr", "dcpt", "interp")  # interp: the monotone baseline (jaxcpt.plan.monotone)
 
 
 class FitError(UserError):

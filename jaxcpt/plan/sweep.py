@@ -137,6 +137,11 @@ def run_sweep(spec: SweepSpec, out: Path, *, dry_run: bool = False, train_fn: Ca
         raise UserError(f"--ratios must lie in [0, 1] (the general source's share), got {bad}")
     if any(s < 1 for s in spec.steps):
         raise UserError(f"--steps must be >= 1, got {spec.steps}")
+    interior = sorted({r for r in spec.ratios if 0.0 < r < 1.0})
+    if len(interior) < 2:
+        raise UserError(f"--ratios has {len(interior)} ratio(s) strictly between 0 and 1 ({interior}); every law needs "
+                        "at least 2 (the CMR law 3, and 4 to measure its error by leave-one-out), e.g. "
+                        "--ratios 0,0.05,0.1,0.25,0.5, or --ratios auto")
     out.mkdir(parents=True, exist_ok=True)
     (out / "configs").mkdir(exist_ok=True)
     manifest = _manifest(spec, out)
@@ -192,8 +197,6 @@ def load_manifest(out: Path) -> dict:
 
 def collect(out: Path) -> tuple[list[Observation], list[str]]:
     """Observations of the finished runs, and the names of runs not finished (left out)."""
-    from jaxcpt.train.report import eval_curves
-
     manifest = load_manifest(out)
     general, domain = manifest["general"], manifest["domain"]
     observations, unfinished = [], []
@@ -204,15 +207,21 @@ def collect(out: Path) -> tuple[list[Observation], list[str]]:
         if not finished(run_dir, run["steps"]):
             unfinished.append(name)
             continue
-        curves = eval_curves(run_dir)
-        missing = [s for s in (general, domain) if s not in curves]
-        if missing:
-            raise UserError(f"run '{name}' has no evaluation of {missing}; its sources need held-out splits")
-        first = {s: dict(curves[s]).get(0) for s in (general, domain)}
-        if None in first.values():
-            raise UserError(f"run '{name}' has no step-0 evaluation, so its base losses are unknown")
-        observations.append(Observation(
-            run=name, replay=run["replay"], tokens=float(run["tokens"]), params=float(run["params"]),
-            general_loss=curves[general][-1][1], domain_loss=curves[domain][-1][1],
-            base_general_loss=first[general], base_domain_loss=first[domain]))
+        observations.append(_observation(name, run, general, domain, run_dir))
     return observations, unfinished
+
+
+def _observation(name: str, run: dict, general: str, domain: str, run_dir: Path) -> Observation:
+    """One finished run's final and step-0 held-out losses of the general and domain sources."""
+    from jaxcpt.train.report import eval_curves
+
+    curves = eval_curves(run_dir)
+    missing = [s for s in (general, domain) if s not in curves]
+    if missing:
+        raise UserError(f"run '{name}' has no evaluation of {missing}; its sources need held-out splits")
+    first = {s: dict(curves[s]).get(0) for s in (general, domain)}
+    if None in first.values():
+        raise UserError(f"run '{name}' has no step-0 evaluation, so its base losses are unknown")
+    return Observation(run=name, replay=run["replay"], tokens=float(run["tokens"]), params=float(run["params"]),
+                       general_loss=curves[general][-1][1], domain_loss=curves[domain][-1][1],
+                       base_general_loss=first[general], base_domain_loss=first[domain])
