@@ -22,11 +22,13 @@ only) for the load-balancing losses and the routing metrics.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from jaxcpt.config import ConfigError, field
+from jaxcpt.errors import UserError
 from jaxcpt.model.layers import ACTIVATIONS
 
 EXPERT_PARAMS = ("router", "expert_gate", "expert_up", "expert_down")
@@ -78,6 +80,22 @@ def expert_param_shapes(moe: MoeConfig, hidden_size: int, num_layers: int) -> di
         "expert_up": ((L, X, E, F), ("layers", "exp", "embed", "mlp")),
         "expert_down": ((L, X, F, E), ("layers", "exp", "mlp", "embed")),
     }
+
+
+def check_expert_split(axes, shape, mesh, rules) -> None:
+    """Refuse an ``exp`` axis whose mesh axes do not divide the expert count (the rule table would silently
+    replicate the experts on every device instead of splitting them)."""
+    if "exp" not in axes:
+        return
+    mesh_axes = dict(rules).get("exp") or ()
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    size = 1
+    for name in mesh_axes:
+        size *= dict(mesh.shape).get(name, 1)
+    experts = shape[list(axes).index("exp")]
+    if experts % size:
+        raise UserError(f"{experts} experts cannot be split over the mesh's {'x'.join(mesh_axes)} axis of size {size}; "
+                        f"make mesh.expert a divisor of {experts} (e.g. {math.gcd(experts, size)})")
 
 
 @jax.tree_util.register_dataclass

@@ -301,6 +301,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
         axes = variable.get_metadata().get("axes")
         if axes is None:
             return named_sharding(mesh, rules, ())
+        moe_lib.check_expert_split(axes, variable.get_value().shape, mesh, rules)
         return named_sharding(mesh, rules, axes, variable.get_value().shape)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
