@@ -44,7 +44,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"] = field(
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "qwen3_moe", "mixtral"] = field(
         "llama", help="HF family written on export (model_type/architectures); its block options must match")
     vocab_size: int = field(32000, help="vocabulary size (real rows of the embedding)")
     vocab_pad_multiple: int = field(
