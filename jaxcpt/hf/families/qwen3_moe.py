@@ -62,8 +62,9 @@ FAMILY = Family(
     declared=dict(qk_norm=True), expresses=("qkv_bias", "o_bias", "sliding_window"),
     # transformers' Qwen3MoeConfig defaults for keys a config.json may omit
     defaults=dict(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
-                  use_sliding_window=False, sliding_window=4096, num_key_value_heads=4, head_dim=128,
-                  attention_bias=False, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
+                  use_sliding_window=False, sliding_window=None, num_key_value_heads=4, attention_bias=False,
+                  # num_local_experts: the key save_pretrained writes (num_experts, its alias, wins when given)
+                  num_local_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
                   router_aux_loss_coef=0.001, output_router_logits=False, intermediate_size=6144),
     read=read, write=write, norms=LLAMA_NORMS, sliding="every layer (`use_sliding_window`)",
     experts=ExpertNames(router="mlp.gate.weight", gate="mlp.experts.{j}.gate_proj.weight",
