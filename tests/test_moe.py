@@ -234,3 +234,38 @@ def test_dense_and_moe_layers_mixed_are_refused_by_name(hf_dirs, tmp_path):
     config = json.loads((hf_dirs["qwen3_moe"][0] / "config.json").read_text())
     with pytest.raises(HFFormatError, match="mlp_only_layers"):
         config_from_hf(dict(config, mlp_only_layers=[0]))
+
+
+def _tiny_moe_config(**overrides):
+    from jaxcpt.model.config import ModelConfig
+
+    moe = moe_lib.MoeConfig(num_experts=4, top_k=2, expert_intermediate_size=16)
+    return ModelConfig(family="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                       num_heads=4, num_kv_heads=2, qk_norm=True, moe=moe, **overrides)
+
+
+def test_flops_and_parameters_count_active_experts():
+    from jaxcpt.train.metrics import flops_per_token
+
+    cfg = _tiny_moe_config()
+    expert = 3 * 32 * 16  # gate, up, down of one expert
+    assert cfg.num_params() - cfg.num_active_params() == 2 * (4 - 2) * expert  # 2 layers x 2 experts not run
+    dense_attention_only = flops_per_token(dataclasses.replace(cfg, moe=moe_lib.MoeConfig(
+        num_experts=4, top_k=1, expert_intermediate_size=16)), 8)
+    assert flops_per_token(cfg, 8) - dense_attention_only == 6 * 2 * expert  # one more active expert per layer
+
+
+def test_lora_on_attention_of_an_moe_model_starts_at_the_base_model():
+    from jaxcpt.model.lora import LoraConfig
+    from jaxcpt.model.transformer import init_model
+
+    mesh = build_mesh({"data": 1}, devices=jax.devices()[:1])
+    adapted = init_model(_tiny_moe_config(lora=LoraConfig(rank=4, targets=["q", "v"])), mesh)
+    state = nnx.state(adapted)
+    for name in ("q_lora_a", "q_lora_b", "v_lora_a", "v_lora_b"):
+        del state["layers"][name]
+    base = nnx.merge(*_with_config(adapted, _tiny_moe_config())[:1], state)  # the same weights, no adapters
+    ids = np.arange(16).reshape(1, 16)
+    np.testing.assert_allclose(_forward(adapted)(ids), _forward(base)(ids), atol=1e-6)  # B = 0 at the start
+    with pytest.raises(ConfigError, match="experts instead of a dense MLP"):
+        _tiny_moe_config(lora=LoraConfig(rank=4, targets=["q", "gate"])).validate()
