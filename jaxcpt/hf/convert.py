@@ -296,7 +296,13 @@ def _export_order(table: list[Tensor], cfg: ModelConfig) -> list[tuple[str, Tens
     """Every HF tensor as (name, row, layer), in checkpoint order: unstacked ones first, then layer by layer."""
     out = []
     for layer in [None] + list(range(cfg.num_layers)):
-        out += [(row.hf_name.format(i=layer), row, layer) for row in table if row.stacked == (layer is not None)]
+        for row in table:
+            if row.stacked != (layer is not None):
+                continue
+            if row.experts:  # one HF tensor per expert: layer is then (layer, expert)
+                out += [(row.hf_name.format(i=layer, j=j), row, (layer, j)) for j in range(row.experts)]
+            else:
+                out.append((row.hf_name.format(i=layer), row, layer))
     return out
 
 
@@ -306,6 +312,9 @@ def _host_slices(state, cfg: ModelConfig, row: Tensor, layer: int | None, dtype:
     Every process takes part in the gathers; the values are complete on process 0.
     """
     value = value_at(state, row.path)[...]
+    if row.experts:  # (layer, expert): one expert's slice
+        yield row.to_hf(to_host(_expert_of(value, *layer, dtype=jnp.dtype(dtype))))
+        return
     if row.vocab_axis is None:
         if layer is not None and not _adapted(cfg, row):  # one program indexes and casts: one buffer
             value = _layer_of(value, layer, dtype=jnp.dtype(dtype))
@@ -324,6 +333,13 @@ def _host_slices(state, cfg: ModelConfig, row: Tensor, layer: int | None, dtype:
 def _layer_of(stack, layer, *, dtype):
     """Layer ``layer`` (traced: one program for every layer) of a stacked parameter, cast."""
     return jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _expert_of(stack, layer, expert, *, dtype):
+    """Expert ``expert`` of layer ``layer`` of a stacked [L, X, ...] expert parameter, cast (one program)."""
+    one = jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False)
+    return jax.lax.dynamic_index_in_dim(one, expert, axis=0, keepdims=False).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("size", "axis", "dtype"))

@@ -39,6 +39,9 @@ class Tensor:
     vocab_axis: int | None = None
     rows_to_jax: Callable[[np.ndarray], np.ndarray] | None = None
     rows_to_hf: Callable[[np.ndarray], np.ndarray] | None = None
+    # MoE experts: HF keeps one tensor per expert ('{j}' in hf_name); jaxcpt stacks them on the
+    # axis after [L], so to_jax / to_hf map one expert's tensor <-> one [E, F]-like slice.
+    experts: int = 0
 
     @property
     def stacked(self) -> bool:
@@ -59,8 +62,10 @@ LLAMA_NORMS = (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_la
 QK_NORMS = (("q_norm", "self_attn.q_norm"), ("k_norm", "self_attn.k_norm"))
 
 
-def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS) -> list[Tensor]:
+def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS, experts: "ExpertNames | None" = None) -> list[Tensor]:
     """Every parameter of a model with config ``cfg``, in the order HF checkpoints list them.
+
+    ``experts``: the family's MoE tensor names, for a model with ``cfg.moe``.
 
     ``norms``: (jaxcpt leaf, HF name) of the per-layer norm weights; q/k norms (``cfg.qk_norm``)
     and biases come from the config.
@@ -100,7 +105,9 @@ def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS) -> list[Tensor]:
                        lambda w: np.ascontiguousarray(w.reshape(H * D, E).T), (E, H * D)))
     if cfg.o_bias:
         rows.append(Tensor(("layers", "o_bias"), pre + "self_attn.o_proj.bias", _same, _same, (E,)))
-    for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
+    if cfg.moe is not None:
+        rows += moe_tensors(cfg, experts)
+    for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))) if cfg.moe is None else ():
         rows.append(Tensor(("layers", name), pre + f"mlp.{name}_proj.weight", _t, _t, shape))
         if cfg.mlp_bias:
             rows.append(Tensor(("layers", f"{name}_bias"), pre + f"mlp.{name}_proj.bias", _same, _same, (shape[0],)))
@@ -111,5 +118,30 @@ def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS) -> list[Tensor]:
     return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertNames:
+    """An MoE family's names inside model.layers.{i}.: the router and one expert's three projections ('{j}')."""
+
+    router: str  # e.g. 'mlp.gate.weight', HF [X, E]
+    gate: str  # e.g. 'mlp.experts.{j}.gate_proj.weight', HF [F, E]
+    up: str
+    down: str  # HF [E, F]
+
+
+def moe_tensors(cfg: ModelConfig, names: ExpertNames | None) -> list[Tensor]:
+    """The router and per-expert rows of an MoE model: HF one torch Linear per expert, jaxcpt [L, X, in, out]."""
+    if names is None:
+        raise ValueError(f"family '{cfg.family}' declares no MoE tensor names, but the model config has moe set")
+    E, X, F = cfg.hidden_size, cfg.moe.num_experts, cfg.moe.expert_intermediate_size
+    pre = "model.layers.{i}."
+    rows = [Tensor(("layers", "router"), pre + names.router, _t, _t, (X, E))]
+    for leaf, hf, shape in (("expert_gate", names.gate, (F, E)), ("expert_up", names.up, (F, E)),
+                            ("expert_down", names.down, (E, F))):
+        rows.append(Tensor(("layers", leaf), pre + hf, _t, _t, shape, experts=X))
+    return rows
+
+
 def hf_names(row: Tensor, num_layers: int) -> list[str]:
+    if row.experts:
+        return [row.hf_name.format(i=i, j=j) for i in range(num_layers) for j in range(row.experts)]
     return [row.hf_name.format(i=i) for i in range(num_layers)] if row.stacked else [row.hf_name]

@@ -13,6 +13,7 @@ from typing import Literal
 
 from jaxcpt.config import ConfigError, field
 from jaxcpt.model.lora import LoraConfig
+from jaxcpt.model.moe import MoeConfig
 
 LayerType = Literal["full_attention", "sliding_attention"]  # the words transformers' layer_types uses
 
@@ -43,7 +44,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3"] = field(
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "qwen3_moe",
+                    "mixtral"] = field(
         "llama", help="HF family written on export (model_type/architectures); its block options must match")
     vocab_size: int = field(32000, help="vocabulary size (real rows of the embedding)")
     vocab_pad_multiple: int = field(
@@ -120,6 +122,10 @@ class ModelConfig:
         None, help="LoRA adapters on the projections (jaxcpt/model/lora.py); null = none. Allowed with any init.source: "
         "the adapters are added to the starting model, and by default only they train. Exports: export.lora")
 
+    moe: MoeConfig | None = field(
+        None, help="mixture-of-experts MLPs on every layer instead of the dense MLP (jaxcpt/model/moe.py; families "
+        "qwen3_moe, mixtral, olmoe); null = dense")
+
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
@@ -143,6 +149,11 @@ class ModelConfig:
     def validate(self) -> None:
         if self.lora is not None:
             self.lora.validate()
+        if self.moe is not None:
+            self.moe.validate()
+            if self.lora is not None and set(self.lora.targets) & {"gate", "up", "down"}:
+                raise ConfigError("model.lora.targets names gate/up/down, but an MoE model has experts instead of a "
+                                  "dense MLP; target the attention projections (q, k, v, o)")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim is None and self.hidden_size % self.num_heads:
@@ -181,12 +192,21 @@ class ModelConfig:
         h, k = self.num_heads, self.num_kv_heads
         attn = e * d * (h + 2 * k) + h * d * e + (d * (h + 2 * k) if self.qkv_bias else 0) + (e if self.o_bias else 0)
         mlp = 3 * e * f + ((2 * f + e) if self.mlp_bias else 0)
+        if self.moe is not None:
+            mlp = self.moe.params_per_layer(e)[0]
         qk_norms = (h + k) * d if self.qk_norm_scope == "projection" else 2 * d
         norms = (2 * e if self.pre_norms else 0) + (2 * e if self.post_norms else 0) + (qk_norms if self.qk_norm else 0)
         per_layer = attn + mlp + norms
         vocab = self.padded_vocab_size
         head = 0 if self.tie_word_embeddings else e * vocab
         return vocab * e + self.num_layers * per_layer + e + head + self.num_adapter_params()
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: ``num_params`` less the experts it is not routed to (equal when dense)."""
+        if self.moe is None:
+            return self.num_params()
+        total, active = self.moe.params_per_layer(self.hidden_size)
+        return self.num_params() - self.num_layers * (total - active)
 
     def num_adapter_params(self) -> int:
         """Parameters of the LoRA adapters (A and B of every target, all layers); 0 without LoRA."""

@@ -78,8 +78,9 @@ def forward_cached(model: Transformer, cache: KVCache, input_ids, valid, positio
         def attend(q, k, v, kind):
             return _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, all_valid, start)
 
-        x_out, (new_k, new_v) = decoder_block(layer_params, carry, layer_is_sliding, ropes, cfg=cfg, rules=model.rules,
-                                              attend=attend)
+        x_out, aux = decoder_block(layer_params, carry, layer_is_sliding, ropes, cfg=cfg, rules=model.rules,
+                                   attend=attend)
+        new_k, new_v = aux[0] if cfg.moe is not None else aux  # an MoE block adds its router stats
         return x_out, (new_k, new_v)
 
     x, (keys, values) = jax.lax.scan(scan_body, x, (model.layers.arrays(), is_sliding, cache.k, cache.v))

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from jaxcpt.model.attention import choose_attention
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model import lora as lora_lib
+from jaxcpt.model import moe as moe_lib
 from jaxcpt.model import remat as remat_lib
 from jaxcpt.model.layers import dense, gated_mlp, low_rank_update, output_logits, rms_norm
 from jaxcpt.model.rope import apply_rope, rope_cos_sin
@@ -68,10 +69,16 @@ class LayerStack(nnx.Module):
         self.k = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
         self.v = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
         self.o = p((L, H, D, E), ("layers", "heads", "head_dim", "embed"))
-        self.gate = p((L, E, F), ("layers", "embed", "mlp"))
-        self.up = p((L, E, F), ("layers", "embed", "mlp"))
-        self.down = p((L, F, E), ("layers", "mlp", "embed"))
-        names = ["q", "k", "v", "o", "gate", "up", "down"]
+        names = ["q", "k", "v", "o"]
+        if cfg.moe is None:
+            self.gate = p((L, E, F), ("layers", "embed", "mlp"))
+            self.up = p((L, E, F), ("layers", "embed", "mlp"))
+            self.down = p((L, F, E), ("layers", "mlp", "embed"))
+            names += ["gate", "up", "down"]
+        else:  # stacked experts and a router instead of the dense MLP (jaxcpt.model.moe)
+            for name, (shape, axes) in moe_lib.expert_param_shapes(cfg.moe, E, L).items():
+                setattr(self, name, p(shape, axes))
+                names.append(name)
         if cfg.pre_norms:
             self.attn_norm = p((L, E), ("layers", "norm"), norm_init)
             self.mlp_norm = p((L, E), ("layers", "norm"), norm_init)
@@ -118,9 +125,12 @@ class LayerStack(nnx.Module):
         return out
 
 
-def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rules, attend):
+def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rules, attend, valid=None):
     """One block on x [B, T, E] -> (x [B, T, E], aux) (pre-norm; post-norm only with pre_norms off, as OLMo);
     ``p`` holds this layer's weights (no [L] axis), and its ``uses_rope`` flag when some layers have no RoPE.
+
+    With ``cfg.moe`` the MLP is the mixture of experts and aux becomes (attention aux,
+    ``moe.RouterStats`` of this layer over the tokens ``valid`` [B, T] marks; None: all).
 
     ``ropes`` maps each layer kind to its (cos, sin) [B, T, D]; ``is_sliding`` is this
     layer's kind as a scanned boolean, or None when every layer is of the one kind in ``ropes``.
@@ -179,7 +189,11 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
     x = x + constrain(attn_out, act, rules)
 
     h = norm(x, p["mlp_norm"]) if cfg.pre_norms else x
-    mlp_out = gated_mlp(h, project, activation=cfg.activation)
+    if cfg.moe is not None:
+        mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid)
+        aux = (aux, stats)
+    else:
+        mlp_out = gated_mlp(h, project, activation=cfg.activation)
     if cfg.post_norms:
         mlp_out = norm(mlp_out, p["post_mlp_norm"])
     return x + constrain(mlp_out, act, rules), aux
@@ -260,6 +274,10 @@ class Transformer(nnx.Module):
 
     def hidden_states(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         """Final-norm hidden states [B, T, E] in the compute dtype."""
+        return self.hidden_states_and_router(input_ids, segment_ids, positions)[0]
+
+    def hidden_states_and_router(self, input_ids, segment_ids=None, positions=None):
+        """(final-norm hidden states [B, T, E], ``moe.RouterStats`` with a leading [L] axis, or None when dense)."""
         cfg = self.config
         batch, length = input_ids.shape
         if segment_ids is None:
@@ -270,16 +288,17 @@ class Transformer(nnx.Module):
         ropes, is_sliding = self.rope_and_kinds(positions, segment_ids)
         attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules, softcap=cfg.attn_logit_softcap)
         block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
-                                  attend=packed_attention(cfg, attention_fn, segment_ids))
+                                  attend=packed_attention(cfg, attention_fn, segment_ids), valid=segment_ids != 0)
         if cfg.remat != "none":
             block = jax.checkpoint(block, policy=remat_lib.policy(cfg.remat))
 
         def scan_body(carry, layer):
             layer_params, layer_is_sliding = layer
-            return block(layer_params, carry, layer_is_sliding, ropes)[0], None
+            x, aux = block(layer_params, carry, layer_is_sliding, ropes)
+            return x, (aux[1] if cfg.moe is not None else None)
 
-        x, _ = jax.lax.scan(scan_body, x, (self.layers.arrays(), is_sliding))
-        return self.final_norm_of(x)
+        x, router = jax.lax.scan(scan_body, x, (self.layers.arrays(), is_sliding))
+        return self.final_norm_of(x), router
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., E] -> logits [..., vocab_size] in float32, soft-capped when the model says so.
@@ -307,6 +326,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
         axes = variable.get_metadata().get("axes")
         if axes is None:
             return named_sharding(mesh, rules, ())
+        moe_lib.check_expert_split(axes, variable.get_value().shape, mesh, rules)
         return named_sharding(mesh, rules, axes, variable.get_value().shape)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -23,12 +23,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxcpt.errors import UserError
 
 MeshAxes = str | tuple[str, ...] | None
-STANDARD_AXES = ("data", "fsdp", "tensor")
+STANDARD_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axis (or axes, major first), None = replicated.
 DEFAULT_RULES: dict[str, MeshAxes] = {
     # activations
-    "batch": ("data", "fsdp"),
+    # the expert axis also splits the batch: outside the MoE MLPs its devices are data-parallel
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "act_embed": None,
     "act_heads": "tensor",
@@ -44,6 +45,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    "exp": "expert",  # the stacked experts of MoE layers (jaxcpt.model.moe): expert parallelism
     "lora_rank": None,  # LoRA adapters' rank axis: small, replicated; their other axes are their base weight's
 }
 

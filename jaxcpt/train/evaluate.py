@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from jaxcpt.train.routing import routing_summary
+
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
@@ -28,13 +30,18 @@ def evaluate(eval_fn, params, eval_batches: dict, to_global) -> dict[str, dict]:
     """
     results = {}
     for name, batches in eval_batches.items():
-        loss_sum, tokens, text_bytes = 0.0, 0.0, 0.0
+        loss_sum, tokens, text_bytes, router_counts = 0.0, 0.0, 0.0, None
         for batch in batches:
-            batch_loss, batch_tokens, batch_bytes = eval_fn(params, to_global(batch))
+            batch_loss, batch_tokens, batch_bytes, *router = eval_fn(params, to_global(batch))
             loss_sum, tokens, text_bytes = loss_sum + float(batch_loss), tokens + float(batch_tokens), text_bytes + float(batch_bytes)
+            if router:  # an MoE model's router counts [L, X]
+                counts = np.asarray(jax.device_get(router[0]), np.float64)
+                router_counts = counts if router_counts is None else router_counts + counts
         if tokens:
             loss = loss_sum / tokens
             results[name] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
+            if router_counts is not None:
+                results[name]["routing"] = routing_summary(router_counts)
             if text_bytes:
                 results[name].update(bits_per_byte=loss_sum / (math.log(2) * text_bytes), bytes=int(text_bytes))
     return results

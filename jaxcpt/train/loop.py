@@ -36,6 +36,7 @@ from jaxcpt.train import rundir
 from jaxcpt.train import state as train_state
 from jaxcpt.train.config import TrainConfig, config_as_yaml_dict
 from jaxcpt.train.evaluate import evaluate, global_batch
+from jaxcpt.train.routing import routing_summary
 from jaxcpt.train.metrics import (MetricsWriter, Progress, device_peak_flops, flops_per_token, set_aside_metrics,
                                   truncate_metrics)
 from jaxcpt.train.setup import RunSetup, set_up
@@ -158,7 +159,9 @@ def start(setup: RunSetup) -> Run:
               resume_lib.encode_tokenizers(setup.tokenizers), export_tokenizer, history)
     run.step = run.start_step
     m = program.model_cfg
-    _say(f"{m.family}: {m.num_params() / 1e6:.1f}M parameters | mesh {describe_mesh(program.mesh)} | "
+    counted = (f"{m.num_params() / 1e6:.1f}M parameters" if m.moe is None else
+               f"{m.num_params() / 1e6:.1f}M parameters total, {m.num_active_params() / 1e6:.1f}M active per token")
+    _say(f"{m.family}: {counted} | mesh {describe_mesh(program.mesh)} | "
          f"batch {cfg.train.batch_size} x {program.seq_len} tokens | steps {run.start_step}->{cfg.train.steps} | "
          f"stop on signal: {stop.mechanism}")
     _say(program.layout)
@@ -294,6 +297,9 @@ class _StepMetrics:
                   "source_loss": per_source, "skipped": not bool(m["finite"])}
         if mfu is not None:
             values["mfu"] = mfu
+        if "router_counts" in m and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            values["routing"] = dict(routing_summary(m["router_counts"]), aux_loss=float(m["router_aux_loss"]),
+                                     z_loss=float(m["router_z_loss"]))
         bad_input = run.setup.data_iter.bad_input_report()  # this host's (process 0's) counts so far
         if bad_input:
             values["bad_input"] = bad_input

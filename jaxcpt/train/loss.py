@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxcpt.model import moe as moe_lib
 from jaxcpt.model.layers import output_logits
 
 
@@ -75,9 +76,10 @@ def model_loss(model, batch: dict, *, chunk_size: int = 0, z_loss_weight: float 
     (objective, aux) with aux = {loss_sum [B], tokens [B], z_loss_sum [B]}; the
     objective divides by the batch's total tokens, so micro-batches can be summed.
     """
-    hidden = model.hidden_states(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
+    hidden, router = model.hidden_states_and_router(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
     loss_sum, lse2_sum = model_token_loss_sums(model, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
     tokens = batch["loss_mask"].astype(jnp.float32).sum(-1)  # [B]
     total_tokens = jnp.maximum(tokens.sum(), 1.0)
     objective = (loss_sum.sum() + z_loss_weight * lse2_sum.sum()) / total_tokens
+    objective = objective + moe_lib.router_objective(router, model.config.moe)  # 0 for a dense model
     return objective, {"loss_sum": loss_sum, "tokens": tokens, "z_loss_sum": lse2_sum}

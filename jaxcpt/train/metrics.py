@@ -49,11 +49,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, frozen_projections: bool = F
     for causality nor cut by sliding windows: the convention of the PaLM paper's MFU, which
     most stacks report.
 
+    An MoE model counts its active parameters: the router and top_k experts per token, not all experts.
+
     ``frozen_projections`` (a LoRA run training its adapters only): the layers' projections get
     no weight gradient, so they count 4x (forward and input gradient), the adapters 6x.
     """
     e, f, d, h, k = cfg.hidden_size, cfg.intermediate_size, cfg.head_size, cfg.num_heads, cfg.num_kv_heads
     per_layer = e * d * (h + 2 * k) + h * d * e + 3 * e * f  # q, k, v, o, gate, up, down
+    if cfg.moe is not None:  # active parameters: the router and the top_k experts each token runs through
+        per_layer = e * d * (h + 2 * k) + h * d * e + cfg.moe.params_per_layer(e)[1]
     projections, head = cfg.num_layers * per_layer, e * cfg.padded_vocab_size
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
     if frozen_projections:

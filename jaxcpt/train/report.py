@@ -22,6 +22,7 @@ from etils import epath
 
 from jaxcpt.errors import UserError
 from jaxcpt.train.metrics import read_metrics
+from jaxcpt.train.report_routing import plot_routing, routing_lines
 
 
 def eval_curves(run_dir, weights: str = "sources", unit: str = "loss") -> dict[str, list[tuple[int, float]]]:
@@ -96,6 +97,7 @@ def format_table(run_dir) -> str:
     if late:
         lines.append(f"  warning: no step-0 evaluation recorded; 'step 0' above is the evaluation at step {late[0]}")
     lines += _downstream_lines(run_dir)
+    lines += routing_lines(run_dir)  # MoE runs: expert load per source (jaxcpt.train.report_routing)
     for sweep in merge_sweeps(run_dir):
         lines += _sweep_lines(sweep)
     return "\n".join(lines)
@@ -176,6 +178,7 @@ def write_report(run_dir) -> str:
     text = format_table(run_dir)
     (run_dir / "report.txt").write_text(text + "\n")
     plot([run_dir], run_dir / "eval_loss.png")
+    plot_routing(run_dir, run_dir / "routing_shift.png")  # MoE runs only
     return text
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 from jaxcpt.optim.accumulate import accumulate_gradients
 from jaxcpt.optim.optimizer import skip_update
 from jaxcpt.train.ema import EMAConfig, decay_at, update_ema
+from jaxcpt.model import moe as moe_lib
 from jaxcpt.train.loss import model_token_loss_sums
 from jaxcpt.train.state import trainable_view, with_trainable
 
@@ -35,18 +36,22 @@ def _loss_sums(params, batch, *, graphdef, num_sources: int, chunk_size: int, z_
     ``source_loss_weights`` (data.sources[].loss_weight; None = all 1) weight each row's loss in the
     objective by its source; the reported sums stay unweighted."""
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])  # [B, T, E]
+    hidden, router = model.hidden_states_and_router(batch["inputs"], batch["segment_ids"], batch["positions"])
     loss_rows, lse2_rows = model_token_loss_sums(model, hidden, batch["targets"], batch["loss_mask"],
                                                  chunk_size=chunk_size)  # [B], [B]
     tokens_rows = batch["loss_mask"].astype(jnp.float32).sum(-1)  # [B]
     weighted = loss_rows if source_loss_weights is None else (
         loss_rows * jnp.asarray(source_loss_weights, jnp.float32)[batch["source"]])  # [B]
     objective_sum = weighted.sum() + z_loss_weight * lse2_rows.sum()
+    # MoE balancing terms are per-token means: times the tokens, so micro-batches still add up
+    objective_sum = objective_sum + moe_lib.router_objective(router, model.config.moe) * tokens_rows.sum()
     aux = {
         "loss_sum": loss_rows.sum(),
         "source_loss_sum": _per_source(loss_rows, batch["source"], num_sources),
         "source_tokens": _per_source(tokens_rows, batch["source"], num_sources),
     }
+    if router is not None:  # RouterStats [L, X]: sums, so micro-batches add
+        aux["router"] = router
     return (objective_sum, tokens_rows.sum()), aux
 
 
@@ -102,6 +107,10 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
         "source_loss_sum": aux["source_loss_sum"],
         "source_tokens": aux["source_tokens"],
     }
+    if "router" in aux:
+        metrics["router_counts"] = aux["router"].counts  # [L, X]
+        metrics["router_aux_loss"] = moe_lib.load_balancing_loss(aux["router"])
+        metrics["router_z_loss"] = moe_lib.z_loss(aux["router"])
     return new_state, metrics
 
 
@@ -112,7 +121,9 @@ def eval_step(params, batch, *, graphdef, chunk_size: int):
     batch has it, for bits per byte; else 0.
     """
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])
+    hidden, router = model.hidden_states_and_router(batch["inputs"], batch["segment_ids"], batch["positions"])
     loss_rows, _ = model_token_loss_sums(model, hidden, batch["targets"], batch["loss_mask"], chunk_size=chunk_size)
     target_bytes = batch["target_bytes"].sum() if "target_bytes" in batch else jnp.zeros((), jnp.float32)
+    if router is not None:  # an MoE model: also its router counts [L, X], for routing per source
+        return loss_rows.sum(), batch["loss_mask"].astype(jnp.float32).sum(), target_bytes, router.counts
     return loss_rows.sum(), batch["loss_mask"].astype(jnp.float32).sum(), target_bytes

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Callable
 
 from jaxcpt.errors import HFFormatError
+from jaxcpt.hf.mapping import ExpertNames
 from jaxcpt.model.config import ModelConfig, RopeScaling
 
 # ModelConfig fields that describe what a decoder block does; a family fixes some
@@ -43,6 +44,7 @@ class Family:
     write: Callable[[ModelConfig], dict]  # ModelConfig -> the family's own config.json keys
     norms: tuple[tuple[str, str], ...]  # (jaxcpt leaf, HF name in model.layers.{i}.) of the per-layer norms
     sliding: str  # how its layers may slide, for the README table
+    experts: ExpertNames | None = None  # MoE families: router and expert tensor names (jaxcpt.hf.mapping)
 
 
 def config_from_hf(family: Family, hf: dict, where: str) -> ModelConfig:
