@@ -23,13 +23,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxcpt.errors import UserError
 
 MeshAxes = str | tuple[str, ...] | None
-STANDARD_AXES = ("data", "fsdp", "tensor")
+STANDARD_AXES = ("data", "fsdp", "tensor", "context")
 
 # logical name -> mesh axis (or axes, major first), None = replicated.
 DEFAULT_RULES: dict[str, MeshAxes] = {
     # activations
     "batch": ("data", "fsdp"),
-    "length": None,
+    "length": "context",  # context parallelism: each row's positions split over devices (model/context_parallel.py)
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
