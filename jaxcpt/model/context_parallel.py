@@ -237,7 +237,7 @@ def _ring_local(q, k, v, segment_ids, *, context, window, scale, softcap, kv_chu
 
 
 def ring_attention(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None, rules=(),
-                   kv_chunk: int = KV_CHUNK):
+                   kv_chunk: int | None = None):
     """Attention over the ``context`` axis of the current mesh: inputs in the balanced layout (``to_balanced``),
     the same signature as the functions of ``jaxcpt.model.attention``."""
     from jaxcpt.sharding.rules import logical_to_spec
@@ -259,7 +259,7 @@ def ring_attention(q, k, v, segment_ids, sliding_window=None, *, scale=None, sof
     seg_spec = PartitionSpec(*tuple(q_spec)[:2])
     local = functools.partial(_ring_local, context=context, window=sliding_window,
                               scale=q.shape[-1] ** -0.5 if scale is None else scale, softcap=softcap,
-                              kv_chunk=kv_chunk)
+                              kv_chunk=kv_chunk or KV_CHUNK)
     return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False)(
         q, k, v, segment_ids)
 
