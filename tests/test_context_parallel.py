@@ -80,3 +80,18 @@ def test_context_axis_that_does_not_divide_the_sequence_is_a_clear_error():
     model = init_model(LLAMA, mesh, seed=0)
     with jax.set_mesh(mesh), pytest.raises(UserError, match="2 x 4 = 8 equal chunks.*multiple of 8 \\(e.g. 64\\)"):
         jax.eval_shape(model.hidden_states, jnp.zeros((2, 60), jnp.int32))
+
+
+def test_train_check_on_a_context_mesh_shows_the_rope_and_positions_and_warns_past_the_trained_length(tmp_path, capsys):
+    from train_helpers import make_corpora, tiny_overrides
+
+    from jaxcpt.cli import main
+
+    overrides = tiny_overrides(tmp_path / "run", make_corpora(tmp_path / "data"), mesh="{data: 2, context: 4}", seq_len=64)
+    assert main(["train", "--check", *overrides, "model.max_position_embeddings=32"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh         data=2 x context=4 (8 devices)" in out
+    assert "rope         theta 10000, no scaling, max_position_embeddings 32; rows train positions 0..63" in out
+    assert "warning: data.seq_len trains rows of 64 tokens" in out and "trained for 32 positions" in out
+    assert main(["train", "--check", *overrides, "data.seq_len=60"]) == 2
+    assert "multiple of 8 (e.g. 64)" in capsys.readouterr().err

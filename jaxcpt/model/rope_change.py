@@ -57,6 +57,14 @@ def apply_rope_change(model_cfg: ModelConfig, change: RopeChange | None) -> Mode
     return changed
 
 
+def describe_rope(model_cfg: ModelConfig) -> str:
+    """One line: theta, scaling and the trained length, as ``train --check`` prints it."""
+    s = model_cfg.rope_scaling
+    scaling = "no scaling" if s is None else f"{s.type} x{s.factor:g}" + (
+        f" of {s.original_max_position_embeddings}" if s.type in ("llama3", "yarn", "longrope") else "")
+    return f"theta {model_cfg.rope_theta:g}, {scaling}, max_position_embeddings {model_cfg.max_position_embeddings}"
+
+
 def trained_length(model_cfg: ModelConfig) -> int:
     """The longest context the model's RoPE settings were trained for: its max_position_embeddings."""
     return model_cfg.max_position_embeddings
