@@ -43,6 +43,19 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeChange:
+    """A RoPE change applied to the starting model (context extension; jaxcpt/model/rope_change.py)."""
+
+    theta: float | None = field(None, help="new rope_theta; null: keep the starting model's")
+    scaling: RopeScaling | None = field(
+        None, help="new RoPE scaling (linear, llama3, yarn with a new factor and original length); null: keep the "
+        "starting model's")
+    max_position_embeddings: int | None = field(
+        None, help="new max_position_embeddings (written on export); null: the starting model's, raised to "
+        "factor x original_max_position_embeddings when scaling is set")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "qwen3_moe",
                     "mixtral"] = field(
@@ -118,6 +131,9 @@ class ModelConfig:
         help="attention kernel: reference (einsum, the oracle), xla (jax.nn.dot_product_attention), cudnn (flash, GPU), "
         "splash (Pallas, TPU), auto (splash on TPU; on GPU cudnn in bf16/fp16 without soft-capping, else xla; reference on CPU)",
     )
+    rope: RopeChange | None = field(
+        None, help="RoPE change for context extension, applied to whatever model the run starts from (an HF "
+        "directory, a checkpoint); every export's config.json carries it. null: keep the model's RoPE")
     lora: LoraConfig | None = field(
         None, help="LoRA adapters on the projections (jaxcpt/model/lora.py); null = none. Allowed with any init.source: "
         "the adapters are added to the starting model, and by default only they train. Exports: export.lora")

@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from jaxcpt.model.attention import choose_attention
+from jaxcpt.model.context_parallel import ContextLayout
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model import moe as moe_lib
@@ -284,9 +285,14 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((batch, length), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        context = ContextLayout.current(length, self.rules)  # a 'context' mesh axis: rows split, ring attention
+        if context is not None:
+            input_ids, segment_ids, positions = context.inputs(input_ids, segment_ids, positions)
         x = self.embed(input_ids)  # [B, T, E]
         ropes, is_sliding = self.rope_and_kinds(positions, segment_ids)
         attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules, softcap=cfg.attn_logit_softcap)
+        if context is not None:
+            attention_fn = context.attention()
         block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
                                   attend=packed_attention(cfg, attention_fn, segment_ids), valid=segment_ids != 0)
         if cfg.remat != "none":
@@ -298,6 +304,8 @@ class Transformer(nnx.Module):
             return x, (aux[1] if cfg.moe is not None else None)
 
         x, router = jax.lax.scan(scan_body, x, (self.layers.arrays(), is_sliding))
+        if context is not None:
+            x = context.outputs(x)
         return self.final_norm_of(x), router
 
     def logits(self, hidden: jax.Array) -> jax.Array:

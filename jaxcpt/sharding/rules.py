@@ -23,14 +23,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxcpt.errors import UserError
 
 MeshAxes = str | tuple[str, ...] | None
-STANDARD_AXES = ("data", "fsdp", "tensor", "expert")
+STANDARD_AXES = ("data", "fsdp", "tensor", "expert", "context")
 
 # logical name -> mesh axis (or axes, major first), None = replicated.
 DEFAULT_RULES: dict[str, MeshAxes] = {
     # activations
     # the expert axis also splits the batch: outside the MoE MLPs its devices are data-parallel
     "batch": ("data", "fsdp", "expert"),
-    "length": None,
+    "length": "context",  # context parallelism: each row's positions split over devices (model/context_parallel.py)
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",

@@ -26,6 +26,8 @@ NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "attention")
 # ModelConfig fields that add parameters to whatever model a run starts from: LoRA adapters are
 # architecture (they are parameters), but no HF directory holds them, so the run's config sets them.
 ADDED_FIELDS = ("lora",)
+# ModelConfig fields that change the starting model's numbers: a RoPE change for context extension.
+CHANGE_FIELDS = ("rope",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +150,7 @@ def config_as_yaml_dict(cfg: TrainConfig) -> dict:
     """
     data = to_dict(cfg)
     if cfg.init.source != "scratch":
-        data["model"] = {name: data["model"][name] for name in NUMERICS_FIELDS + ADDED_FIELDS}
+        data["model"] = {name: data["model"][name] for name in NUMERICS_FIELDS + ADDED_FIELDS + CHANGE_FIELDS}
     return data
 
 
@@ -156,7 +158,7 @@ def load_train_config(path: str | None, overrides: list[str] | None = None) -> T
     """Read YAML + dotted overrides into a ``TrainConfig``; every mistake is a ConfigError before any compilation."""
     raw = apply_overrides(read_yaml(path) if path else {}, overrides or [])
     source = (raw.get("init") or {}).get("source", "scratch")
-    allowed = NUMERICS_FIELDS + ADDED_FIELDS
+    allowed = NUMERICS_FIELDS + ADDED_FIELDS + CHANGE_FIELDS
     architecture = sorted(set(raw.get("model") or {}) - set(allowed))
     if source != "scratch" and architecture:
         raise ConfigError(

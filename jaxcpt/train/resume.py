@@ -66,7 +66,9 @@ def _warn_if_source_changed(cfg: TrainConfig, saved: ModelConfig) -> None:
     from jaxcpt.hf.convert import read_hf_config
 
     try:
-        now = to_dict(read_hf_config(cfg.init.path))
+        from jaxcpt.model.rope_change import apply_rope_change
+
+        now = to_dict(apply_rope_change(read_hf_config(cfg.init.path), cfg.model.rope))  # as the run started
     except UserError as e:
         log.warning("init.path '%s' no longer reads as a model (%s); resuming from the checkpoint's model", cfg.init.path, e)
         return

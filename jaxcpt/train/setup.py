@@ -31,6 +31,7 @@ from jaxcpt.optim.optimizer import build_optimizer
 from jaxcpt.optim.trainable import resolve_trainable
 from jaxcpt.sharding.distributed import initialize_distributed
 from jaxcpt.sharding.mesh import build_mesh, describe_mesh
+from jaxcpt.model.rope_change import describe_rope
 from jaxcpt.sharding.rules import check_rules, logical_to_spec, make_rules
 from jaxcpt.train import layout as layout_lib
 from jaxcpt.train import resume as resume_lib
@@ -185,6 +186,7 @@ class RunSetup:
             f"model        {m.family}: {m.num_layers} layers, width {m.hidden_size}, heads {m.num_heads}/"
             f"{m.num_kv_heads}, vocab {m.vocab_size}, {m.num_params() / 1e6:.1f}M parameters, compute {m.dtype}, "
             f"params {m.param_dtype}, remat {m.remat}, attention {m.attention}",
+            f"rope         {describe_rope(m)}; rows train positions 0..{cfg.data.seq_len - 1}",
             f"special ids  bos {m.bos_token_id}, eos {m.eos_token_id}, pad {m.pad_token_id} (written on export)",
             f"tokenizer    {self.tokenizers.data or '(none: pre-tokenized sources)'}; exports ship "
             f"{self.tokenizers.export or ('a conversion of it' if self.tokenizers.data else 'no tokenizer')}",
@@ -219,6 +221,9 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
     mesh = build_mesh(cfg.mesh)
     rules = make_rules(cfg.sharding_rules)
     check_rules(rules, mesh)
+    from jaxcpt.model.context_parallel import CONTEXT_AXIS, check_sequence_split
+
+    check_sequence_split(cfg.data.seq_len, dict(mesh.shape).get(CONTEXT_AXIS, 1))
     checkpoint_dir = epath.Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else run_dir / "checkpoints"
     # Where everything comes from, decided once: the newest step whose data, meta and files read on
     # every host gives the model config, the tokenizer and the adaptation record; a fresh run takes
@@ -234,6 +239,10 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
             model_cfg = train_state.resolve_model_config(cfg)
             tokenizers = resume_lib.tokenizer_files_for_start(cfg, train_state.init_tokenizer_dir(cfg), scratch)
             adaptation = train_state.init_adaptation(cfg)
+        from jaxcpt.model.rope_change import check_trained_length
+
+        for warning in check_trained_length(model_cfg, cfg.model.rope, {"data.seq_len": cfg.data.seq_len}):
+            print(f"warning: {warning}", flush=True)
         data_cfg = dataclasses.replace(cfg.data, tokenizer=tokenizers.data)
         model_cfg = _agree_with_tokenizer(model_cfg, data_cfg,
                                           defaults_apply=cfg.init.source == "scratch" and not resume_from)

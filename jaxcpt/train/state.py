@@ -27,7 +27,14 @@ from jaxcpt.train.ema import init_ema
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The model's config: architecture from the init source, numerics and adapters (LoRA) from ``cfg.model``."""
+    """The model's config: architecture from the init source, numerics and adapters (LoRA) from ``cfg.model``,
+    then ``cfg.model.rope``'s change (jaxcpt.model.rope_change)."""
+    from jaxcpt.model.rope_change import apply_rope_change
+
+    return apply_rope_change(_source_model_config(cfg), cfg.model.rope)
+
+
+def _source_model_config(cfg: TrainConfig) -> ModelConfig:
     numerics = {name: getattr(cfg.model, name) for name in NUMERICS_FIELDS + ADDED_FIELDS}
     if cfg.init.source == "hf":
         from jaxcpt.hf.convert import read_hf_config
