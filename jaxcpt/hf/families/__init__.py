@@ -8,16 +8,19 @@ Everything outside these modules asks the registry, never a ``model_type``.
 from __future__ import annotations
 
 from jaxcpt.errors import HFFormatError
-from jaxcpt.hf.families import base, gemma2, gemma3, llama, mistral, qwen2, qwen3
+from jaxcpt.hf.families import base, gemma2, gemma3, llama, mistral, qwen2, qwen3, qwen3_5_text
 from jaxcpt.hf.families.base import Family
 from jaxcpt.hf.mapping import Tensor, decoder_tensors
 from jaxcpt.model.config import ModelConfig
 
-FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, mistral, qwen2, qwen3, gemma2, gemma3)}
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, mistral, qwen2, qwen3, gemma2, gemma3,
+                                                                   qwen3_5_text)}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 # model types whose checkpoints hold a text model we support, under another wrapper
 _WRAPPED = {"gemma3": "gemma3_text (Gemma3ForCausalLM); a multimodal Gemma3ForConditionalGeneration checkpoint "
-                      "must have its language model saved on its own first"}
+                      "must have its language model saved on its own first",
+            "qwen3_5": "qwen3_5_text (Qwen3_5ForCausalLM); a multimodal Qwen3_5ForConditionalGeneration checkpoint "
+                       "(vision tower, text_config) must have its language model saved on its own first"}
 
 
 def family_of_hf(hf: dict, where: str) -> Family:
@@ -42,7 +45,9 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
 
 def tensor_table(cfg: ModelConfig) -> list[Tensor]:
     """Every parameter of a model with config ``cfg``, with its HF name and layout."""
-    return decoder_tensors(cfg, FAMILIES[cfg.family].norms)
+    family = FAMILIES[cfg.family]
+    rows = decoder_tensors(cfg, family.norms)
+    return rows + family.extra_tensors(cfg) if family.extra_tensors is not None else rows
 
 
 def generation_config(cfg: ModelConfig) -> dict:
