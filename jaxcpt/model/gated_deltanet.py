@@ -180,7 +180,11 @@ def gated_deltanet(p: dict, h: jax.Array, doc: jax.Array, *, num_key_heads: int,
                                        initial_state=None if state is None else state.recurrent)
     core = gated_rms_norm(core.astype(h.dtype), z, p["lin_norm"], eps)  # [B, T, Hv, Dv]
     out = dense(core, p["lin_out"], 2)  # [B, T, E]
+    # the conv inputs the next call continues from: the last document's (zeros before it, as a reset)
     width = p["lin_conv"].shape[0]
-    conv_tail = jnp.concatenate([history, mixed], axis=1)[:, -(width - 1):] if history is not None else \
-        jnp.pad(mixed, ((0, 0), (max(0, width - 1 - t), 0), (0, 0)))[:, -(width - 1):]  # [B, W-1, C]
+    own = jnp.where((doc == doc[:, -1:])[..., None], mixed, 0).astype(mixed.dtype)  # [B, T, C]
+    before = jnp.zeros((b, width - 1, mixed.shape[-1]), mixed.dtype)  # [B, W-1, C]
+    if history is not None:  # the history continues the first document: kept unless this call resets
+        before = jnp.where((doc[:, -1] == doc[:, 0])[:, None, None], history.astype(mixed.dtype), before)
+    conv_tail = jnp.concatenate([before, own], axis=1)[:, -(width - 1):]  # [B, W-1, C]
     return out, LinearState(recurrent, conv_tail)

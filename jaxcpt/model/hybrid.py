@@ -109,7 +109,7 @@ def grouped(cfg: ModelConfig, arrays: dict) -> dict:
 def group_step(cfg: ModelConfig, group: dict, x, *, attention_block, linear, states=None):
     """Run one repeat of the layer pattern on x [B, T, E].
 
-    ``group``: this group's weights [per group, ...]; ``attention_block(p, x, kind)`` and
+    ``group``: this group's weights [per group, ...]; ``attention_block(p, x, kind, index in group)`` and
     ``linear(p, x, state)`` run one layer each and return (x, aux). ``states``: per linear position
     of the group, its LinearState (decoding) or None. Returns (x, [aux of each attention position],
     [LinearState of each linear position]).
@@ -126,7 +126,7 @@ def group_step(cfg: ModelConfig, group: dict, x, *, attention_block, linear, sta
         else:
             i = len(attention_aux)
             own = {n: w[i] for n, w in group.items() if stack_of(n) == "attention"}
-            x, aux = attention_block({**shared, **own}, x, kind)
+            x, aux = attention_block({**shared, **own}, x, kind, i)
             attention_aux.append(aux)
     return x, attention_aux, linear_states
 
@@ -145,9 +145,51 @@ def scan_groups(model, x, segment_ids, ropes: dict, block):
 
     def body(carry, group):
         out, _, _ = group_step(cfg, group, carry,
-                               attention_block=lambda p, h, kind: block(p, h, None, {kind: ropes[kind]}),
+                               attention_block=lambda p, h, kind, i: block(p, h, None, {kind: ropes[kind]}),
                                linear=lambda p, h, state: linear(p, h, doc))
         return out, None
 
     x, _ = jax.lax.scan(body, x, grouped(cfg, model.layers.arrays()))
     return x
+
+
+def init_linear_state(cfg: ModelConfig, batch: int) -> LinearState:
+    """Empty decoding state of every linear layer: recurrent [L_linear, B, Hv, Dk, Dv], conv [L_linear, B, W-1, C]."""
+    lin, n = cfg.linear_attention, len(cfg.linear_layers)
+    recurrent = jnp.zeros((n, batch, lin.num_value_heads, lin.key_head_dim, lin.value_head_dim), jnp.float32)
+    conv = jnp.zeros((n, batch, lin.conv_kernel - 1, lin.conv_channels), jnp.dtype(cfg.dtype))
+    return LinearState(recurrent, conv)
+
+
+def decode_groups(model, x, valid, ropes: dict, cache_k, cache_v, linear_state: LinearState, attention_block):
+    """Decoding through a hybrid: tokens x [B, T, E] continue each row from the caches.
+
+    ``cache_k``/``cache_v`` [L_attention, B, S, K, D] and ``linear_state`` (``init_linear_state``) are the
+    caches before the call; ``attention_block(p, x, kind, k, v) -> (x, (k, v))`` runs one attention layer
+    over its cache. ``valid`` [B, T] marks real tokens: a row's padding is its own document, so the
+    state never sees it. Returns (x, new k, new v, new LinearState).
+    """
+    cfg = model.config
+    doc = document_index(valid.astype(jnp.int32))  # [B, T]
+    pattern = cfg.layer_pattern()
+    groups = cfg.num_layers // len(pattern)
+    n_att, n_lin = len(pattern) - pattern.count(LINEAR), pattern.count(LINEAR)
+    split = lambda a, per: a.reshape(groups, per, *a.shape[1:])  # noqa: E731  [G, per, ...]
+    linear = functools.partial(linear_block, cfg=cfg, rules=model.rules)
+
+    def body(carry, group):
+        params, ks, vs, rec, conv = group
+        x_out, kvs, states = group_step(
+            cfg, params, carry,
+            attention_block=lambda p, h, kind, i: attention_block(p, h, kind, ks[i], vs[i]),
+            linear=lambda p, h, state: linear(p, h, doc, state),
+            states=[LinearState(rec[i], conv[i]) for i in range(n_lin)])
+        new_k = jnp.stack([kv[0] for kv in kvs]) if kvs else ks
+        new_v = jnp.stack([kv[1] for kv in kvs]) if kvs else vs
+        return x_out, (new_k, new_v, jnp.stack([s.recurrent for s in states]), jnp.stack([s.conv for s in states]))
+
+    xs = (grouped(cfg, model.layers.arrays()), split(cache_k, n_att), split(cache_v, n_att),
+          split(linear_state.recurrent, n_lin), split(linear_state.conv, n_lin))
+    x, (k, v, rec, conv) = jax.lax.scan(body, x, xs)
+    merge = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731  [G, per, ...] -> [L_kind, ...]
+    return x, merge(k), merge(v), LinearState(merge(rec), merge(conv).astype(linear_state.conv.dtype))
