@@ -61,11 +61,12 @@ def generation_config(cfg: ModelConfig) -> dict:
 def families_markdown() -> str:
     """The README table of supported families, from the family modules' declarations."""
     lines = ["| family | transformers class (`model_type`) | import | export | splash | sliding window | "
-             "tied embeddings | block options it declares | options its config.json sets |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "linear-attention layers | tied embeddings | block options it declares | options its config.json sets |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in FAMILIES.values():
         declared = ", ".join(f"`{k}={v}`" for k, v in f.declared.items()) or "none (the shared block)"
         expresses = ", ".join(f"`{name}`" for name in f.expresses)
-        lines.append(f"| {f.name} | `{f.architecture}` (`{f.model_type}`) | yes | yes | yes | {f.sliding} | yes | "
+        linear = "Gated DeltaNet (`layer_types`)" if "linear_attention" in f.expresses else "no"
+        lines.append(f"| {f.name} | `{f.architecture}` (`{f.model_type}`) | yes | yes | yes | {f.sliding} | {linear} | yes | "
                      f"{declared} | {expresses} |")
     return "\n".join(lines)
