@@ -27,7 +27,6 @@ from jaxcpt.model.config import LinearAttentionConfig, ModelConfig
 from jaxcpt.model.decode import generate_greedy
 from jaxcpt.model.gated_deltanet import document_index, gated_delta_rule, gated_deltanet
 from jaxcpt.model.transformer import Transformer
-from jaxcpt.sharding.mesh import build_mesh
 
 VOCAB, SEQ = 300, 40  # 300 is stored padded to 384 rows; 40 tokens span several chunks of 16
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=8, num_attention_heads=4,
@@ -63,6 +62,19 @@ def model(hf_dir):
 @pytest.fixture(scope="module")
 def input_ids():
     return np.random.RandomState(0).randint(0, VOCAB, size=(2, SEQ))
+
+
+@nnx.jit
+def _forward(model, ids, segment_ids, positions):
+    return model(ids, segment_ids, positions)
+
+
+def logits(model, ids, segment_ids=None, positions=None) -> np.ndarray:
+    """The model's float32 logits, as one compiled program (eager op-by-op dispatch is slow on 8 CPU devices)."""
+    ids = jnp.asarray(ids)
+    segment_ids = jnp.ones(ids.shape, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape) if positions is None else jnp.asarray(positions)
+    return np.asarray(_forward(model, ids, segment_ids, positions))
 
 
 def torch_logits(hf_model, ids) -> np.ndarray:
@@ -156,11 +168,10 @@ def test_layer_gradients_match_torch_autograd_over_sgd_steps(hf_dir):
 # --- the model --------------------------------------------------------------------------
 
 
-def test_float32_logits_match_transformers(hf_dir, input_ids):
-    model = load_hf(hf_dir[0], mesh=build_mesh({"fsdp": 4, "tensor": 2}))
-    logits = np.asarray(model(jnp.asarray(input_ids)))
-    assert logits.shape == (2, SEQ, VOCAB) and logits.dtype == np.float32
-    assert rel_err(logits, torch_logits(hf_dir[1], input_ids)) < 1e-5
+def test_float32_logits_match_transformers(hf_dir, model, input_ids):
+    got = logits(model, input_ids)
+    assert got.shape == (2, SEQ, VOCAB) and got.dtype == np.float32
+    assert rel_err(got, torch_logits(hf_dir[1], input_ids)) < 1e-5
 
 
 def test_packed_row_matches_each_document_alone(model):
@@ -169,8 +180,8 @@ def test_packed_row_matches_each_document_alone(model):
     packed = np.concatenate([doc_a, doc_b])[None]
     segment_ids = np.array([[1] * 13 + [2] * 22])
     positions = np.array([list(range(13)) + list(range(22))])
-    packed_logits = np.asarray(model(jnp.asarray(packed), jnp.asarray(segment_ids), jnp.asarray(positions)))
-    alone_a, alone_b = (np.asarray(model(jnp.asarray(d[None]))) for d in (doc_a, doc_b))
+    packed_logits = logits(model, packed, segment_ids, positions)
+    alone_a, alone_b = (logits(model, d[None]) for d in (doc_a, doc_b))
     assert rel_err(packed_logits[0, :13], alone_a[0]) < 1e-5
     assert rel_err(packed_logits[0, 13:], alone_b[0]) < 1e-5
 
@@ -204,7 +215,7 @@ def test_chunk_size_leaves_model_logits_unchanged(hf_dir, model, input_ids):
     cfg = model.config
     small = dataclasses.replace(cfg, linear_attention=dataclasses.replace(cfg.linear_attention, chunk_size=7))
     other = load_hf(hf_dir[0], linear_attention=small.linear_attention)
-    assert rel_err(other(jnp.asarray(input_ids)), model(jnp.asarray(input_ids))) < 1e-5
+    assert rel_err(logits(other, input_ids), logits(model, input_ids)) < 1e-5
 
 
 def _without_output_gate(model: Transformer) -> Transformer:
@@ -227,10 +238,10 @@ def _without_output_gate(model: Transformer) -> Transformer:
 
 def test_switching_each_option_off_disagrees_with_transformers(hf_dir, model, input_ids):
     want = torch_logits(hf_dir[1], input_ids)
-    assert rel_err(model(jnp.asarray(input_ids)), want) < 1e-5
+    assert rel_err(logits(model, input_ids), want) < 1e-5
     full_rope = load_hf(hf_dir[0], partial_rotary_factor=1.0)
-    assert rel_err(full_rope(jnp.asarray(input_ids)), want) > 1e-3
-    assert rel_err(_without_output_gate(model)(jnp.asarray(input_ids)), want) > 1e-3
+    assert rel_err(logits(full_rope, input_ids), want) > 1e-3
+    assert rel_err(logits(_without_output_gate(model), input_ids), want) > 1e-3
 
 
 def test_export_round_trip_is_bit_identical_and_loads_in_transformers(hf_dir, model, input_ids, tmp_path):
@@ -273,9 +284,9 @@ def test_lora_on_a_hybrid_starts_as_the_base_model_and_trains_attention_and_mlp(
     adapted = load_hf(hf_dir[0], lora=LoraConfig(rank=2, targets=["q", "o", "up"]))
     assert adapted.layers.q_lora_a[...].shape[0] == 2  # the 2 attention layers of 8, not every layer
     assert adapted.layers.up_lora_a[...].shape[0] == 8
-    assert rel_err(adapted(jnp.asarray(input_ids)), model(jnp.asarray(input_ids))) < 1e-6  # B starts at zero
+    assert rel_err(logits(adapted, input_ids), logits(model, input_ids)) < 1e-6  # B starts at zero
     adapted.layers.q_lora_b.set_value(adapted.layers.q_lora_b[...] + 0.1)
-    assert rel_err(adapted(jnp.asarray(input_ids)), model(jnp.asarray(input_ids))) > 1e-4
+    assert rel_err(logits(adapted, input_ids), logits(model, input_ids)) > 1e-4
 
 
 def test_expand_depth_copies_whole_pattern_repeats_and_keeps_the_function(hf_dir, input_ids, tmp_path):
