@@ -73,6 +73,24 @@ def _chunks(x: jax.Array, size: int) -> jax.Array:
     return x.reshape(x.shape[:2] + (x.shape[2] // size, size) + x.shape[3:])
 
 
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """Inverse of the unit lower-triangular matrix with a's strictly lower part: a [..., n, n] -> [..., n, n].
+
+    By 2x2 blocks, inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1, D^-1]], recursively: log2(n) levels of
+    batched matmuls, the arithmetic of forward substitution. Not ``lax.linalg.triangular_solve``: on XLA:CPU
+    that is a LAPACK custom call, and 8 CPU devices running it at once hung the test process; matmuls are
+    also what TPUs run best.
+    """
+    n = a.shape[-1]
+    if n == 1:
+        return jnp.ones_like(a)
+    h = n // 2
+    top, bottom = unit_lower_inverse(a[..., :h, :h]), unit_lower_inverse(a[..., h:, h:])  # [.., h, h], [.., n-h, n-h]
+    corner = -(bottom @ a[..., h:, :h] @ top)  # [..., n-h, h]
+    upper = jnp.concatenate([top, jnp.zeros(a.shape[:-2] + (h, n - h), a.dtype)], axis=-1)
+    return jnp.concatenate([upper, jnp.concatenate([corner, bottom], axis=-1)], axis=-2)
+
+
 def gated_delta_rule(q, k, v, g, beta, doc, *, chunk_size: int = 64, initial_state=None):
     """The gated delta rule over packed rows, chunked; returns (out [B, T, Hv, Dv] float32, final state [B, Hv, Dk, Dv]).
 
@@ -117,11 +135,9 @@ def gated_delta_rule(q, k, v, g, beta, doc, *, chunk_size: int = 64, initial_sta
     keeps_state = (last_doc[..., 0] == carry_doc[..., 0]).astype(f32)  # [B, 1, N]: no reset in the chunk
 
     decayed_k_beta = k_beta * (jnp.exp(cum) * reads_state)[..., None]  # [B, Hv, N, C, Dk]
-    solve = jax.vmap(lambda a, y: jax.lax.linalg.triangular_solve(a, y, left_side=True, lower=True,
-                                                                   unit_diagonal=True))
-    flat = lambda x: x.reshape((-1,) + x.shape[-2:])  # noqa: E731  [B*Hv*N, C, *]
-    new_values = solve(flat(ut_system), flat(v_beta)).reshape(v_beta.shape)  # [B, Hv, N, C, Dv]: "u"
-    k_cumdecay = solve(flat(ut_system), flat(decayed_k_beta)).reshape(k_beta.shape)  # [B, Hv, N, C, Dk]
+    ut_inverse = unit_lower_inverse(ut_system)  # [B, Hv, N, C, C]: the UT transform
+    new_values = ut_inverse @ v_beta  # [B, Hv, N, C, Dv]: "u"
+    k_cumdecay = ut_inverse @ decayed_k_beta  # [B, Hv, N, C, Dk]
 
     q_state = q * (jnp.exp(cum) * reads_state)[..., None]  # [B, Hv, N, C, Dk]
     k_state = k * (jnp.exp(cum[..., -1:] - cum) * writes_state)[..., None]  # [B, Hv, N, C, Dk]
