@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from jaxcpt.adapt import metadata
-    from jaxcpt.adapt.depth import expand_layers, expanded_config, insertion_points
+    from jaxcpt.adapt.depth import expand_layers, expand_pattern, expanded_config, insertion_points
     from jaxcpt.adapt.model_io import check_out, load_source, save_model
 
     check_out(args.out, args.overwrite)
@@ -53,9 +53,15 @@ def run(args) -> int:
     source = load_source(args.base, args.tokenizer)
     cfg = source.config
     after = insertion_points(cfg.num_layers, every=args.every, after=args.after)
-    layers, inserted = expand_layers(source.params["layers"], after, init=args.init, noise_std=args.noise_std,
-                                     seed=args.seed)
-    new_cfg = expanded_config(cfg, after)  # per-layer patterns (layer_types, rope_layers) follow the copies
+    init = dict(init=args.init, noise_std=args.noise_std, seed=args.seed)
+    if cfg.linear_layers:  # a hybrid grows by whole repeats of its layer pattern (jaxcpt.adapt.depth.expand_pattern)
+        pattern = cfg.layer_pattern()
+        layers, inserted = expand_pattern(source.params["layers"], pattern, after, **init)
+        new_cfg = dataclasses.replace(cfg, num_layers=cfg.num_layers + len(inserted),
+                                      layer_types=pattern * ((cfg.num_layers + len(inserted)) // len(pattern)))
+    else:
+        layers, inserted = expand_layers(source.params["layers"], after, **init)
+        new_cfg = expanded_config(cfg, after)  # per-layer patterns (layer_types, rope_layers) follow the copies
     out = save_model(new_cfg, {**source.params, "layers": layers}, args.out, dtype=args.dtype or source.dtype,
                      tokenizer_dir=source.tokenizer_dir, overwrite=args.overwrite)
     details = {"method": args.init, **({"noise_std": args.noise_std, "seed": args.seed} if args.init == "noise" else {})}

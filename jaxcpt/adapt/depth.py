@@ -26,7 +26,7 @@ import numpy as np
 from jaxcpt.errors import UserError
 
 # The parameters through which a block writes into the residual stream: zero, the block is the identity.
-RESIDUAL_OUTPUTS = ("o", "o_bias", "down", "down_bias")
+RESIDUAL_OUTPUTS = ("o", "o_bias", "down", "down_bias", "lin_out")  # lin_out: a Gated DeltaNet layer's output
 DEPTH_INITS = ("zero", "noise")
 
 
@@ -89,3 +89,24 @@ def expanded_config(cfg, after: list[int]):
     patterns = {name: tuple(getattr(cfg, name)[i] for i in order) for name in PER_LAYER_FIELDS
                 if getattr(cfg, name) is not None}
     return dataclasses.replace(cfg, num_layers=len(order), **patterns)
+
+
+def expand_pattern(layers: dict[str, np.ndarray], pattern: tuple[str, ...], after: list[int], **init) -> tuple[
+        dict[str, np.ndarray], list[int]]:
+    """``expand_layers`` for a hybrid (``layer_types`` repeating ``pattern``): whole repeats of the pattern are copied.
+
+    Inserting one block would shift every later layer's type (and the linear and attention stacks hold
+    different layers), so a hybrid grows by copies of a whole repeat, inserted after the repeat it copies;
+    ``after`` must name blocks that end a repeat. Returns (stacks, new indices of every inserted block).
+    """
+    size = len(pattern)
+    bad = [i for i in after if i % size != size - 1]
+    if bad:
+        raise UserError(f"block {bad[0]} does not end a repeat of the layer pattern ({', '.join(pattern)}); a hybrid "
+                        f"model grows by whole repeats to keep its layer types: use --every with a multiple of {size}, "
+                        f"or --after blocks among {size - 1}, {2 * size - 1}, ...")
+    total = layers["mlp_norm"].shape[0] // size  # repeats of the pattern ([L] stacks: norms, MLP)
+    grouped = {name: stack.reshape(total, stack.shape[0] // total, *stack.shape[1:]) for name, stack in layers.items()}
+    out, inserted_groups = expand_layers(grouped, [i // size for i in after], **init)  # [G_new, per repeat, ...]
+    inserted = [g * size + j for g in inserted_groups for j in range(size)]
+    return {name: stack.reshape(-1, *stack.shape[2:]) for name, stack in out.items()}, inserted

@@ -39,6 +39,18 @@ ARCHITECTURES: dict[str, dict] = {
         "sliding_window": 131072, "max_window_layers": 28, "initializer_range": 0.02,
         "bos_token_id": 151643, "eos_token_id": 151643,
     },
+    # Qwen/Qwen3.5-9B's text_config (the hub checkpoint is Qwen3_5ForConditionalGeneration; its language model
+    # alone is Qwen3_5ForCausalLM). transformers' Qwen3_5TextConfig defaults are these shapes ("Qwen3.5-9B style").
+    "Qwen3.5-9B": {
+        "model_type": "qwen3_5_text", "architectures": ["Qwen3_5ForCausalLM"], "hidden_act": "silu",
+        "vocab_size": 248320, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 262144,
+        "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "attention_bias": False, "full_attention_interval": 4,
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "linear_value_head_dim": 128, "eos_token_id": 248044,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                            "mrope_interleaved": True, "mrope_section": [11, 11, 10]},
+    },
 }
 
 

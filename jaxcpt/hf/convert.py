@@ -294,15 +294,16 @@ def parse_size(size: int | str) -> int:
 
 def _export_order(table: list[Tensor], cfg: ModelConfig) -> list[tuple[str, Tensor, int | None]]:
     """Every HF tensor as (name, row, layer), in checkpoint order: unstacked ones first, then layer by layer."""
-    out = []
-    for layer in [None] + list(range(cfg.num_layers)):
+    out = [(row.hf_name, row, None) for row in table if not row.stacked]
+    for layer in range(cfg.num_layers):  # rows of a hybrid's sub-stacks hold some layers only
         for row in table:
-            if row.stacked != (layer is not None):
+            if not row.stacked or (row.layers is not None and layer not in row.layers):
                 continue
-            if row.experts:  # one HF tensor per expert: layer is then (layer, expert)
+            if row.experts:  # one HF tensor per expert: the index is then (layer, expert)
                 out += [(row.hf_name.format(i=layer, j=j), row, (layer, j)) for j in range(row.experts)]
             else:
-                out.append((row.hf_name.format(i=layer), row, layer))
+                index = layer if row.layers is None else row.layers.index(layer)
+                out.append((row.name_at(index), row, index))
     return out
 
 

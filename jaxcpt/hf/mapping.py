@@ -42,10 +42,24 @@ class Tensor:
     # MoE experts: HF keeps one tensor per expert ('{j}' in hf_name); jaxcpt stacks them on the
     # axis after [L], so to_jax / to_hf map one expert's tensor <-> one [E, F]-like slice.
     experts: int = 0
+    # Stacked rows of a hybrid model's sub-stack (attention or linear-attention weights): the HF layer
+    # number of each stack index; None: stack index = layer number (every layer has the tensor).
+    layers: tuple[int, ...] | None = None
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf_name
+
+    def stack_size(self, num_layers: int) -> int:
+        return num_layers if self.layers is None else len(self.layers)
+
+    def layer_of(self, index: int) -> int:
+        """The HF layer number of stack index ``index``."""
+        return index if self.layers is None else self.layers[index]
+
+    def name_at(self, index: int) -> str:
+        """The HF name of stack index ``index``."""
+        return self.hf_name.format(i=self.layer_of(index))
 
 
 def _same(x):
@@ -84,27 +98,32 @@ def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS, experts: "ExpertNames |
         return np.pad(w, ((0, padded - V), (0, 0)))
 
     pre = "model.layers.{i}."
+    attention = None if not cfg.linear_layers else cfg.attention_layers  # a hybrid's attention layers
     rows = [Tensor(("embedding",), "model.embed_tokens.weight", pad_rows, lambda w: np.ascontiguousarray(w[:V]), (V, E),
                    vocab_axis=0, rows_to_jax=_same, rows_to_hf=_same)]
     for leaf, hf in norms:
         rows.append(Tensor(("layers", leaf), pre + f"{hf}.weight", _same, _same, (E,)))
-    for name, heads in (("q", H), ("k", K), ("v", K)):
+    q_heads = 2 * H if cfg.attn_output_gate else H  # Qwen3.5's q_proj: per head D query rows, then D gate rows
+    for name, heads in (("q", q_heads), ("k", K), ("v", K)):
         to_jax, to_hf = proj_in(heads)
-        rows.append(Tensor(("layers", name), pre + f"self_attn.{name}_proj.weight", to_jax, to_hf, (heads * D, E)))
+        rows.append(Tensor(("layers", name), pre + f"self_attn.{name}_proj.weight", to_jax, to_hf, (heads * D, E),
+                           layers=attention))
         if cfg.qkv_bias:
             to_jax, to_hf = bias(heads)
-            rows.append(Tensor(("layers", f"{name}_bias"), pre + f"self_attn.{name}_proj.bias", to_jax, to_hf, (heads * D,)))
+            rows.append(Tensor(("layers", f"{name}_bias"), pre + f"self_attn.{name}_proj.bias", to_jax, to_hf,
+                               (heads * D,), layers=attention))
     if cfg.qk_norm and cfg.qk_norm_scope == "projection":  # HF [heads*D] <-> jax [heads, D]
-        rows += [Tensor(("layers", leaf), pre + f"{hf}.weight", *bias(heads), (heads * D,))
+        rows += [Tensor(("layers", leaf), pre + f"{hf}.weight", *bias(heads), (heads * D,), layers=attention)
                  for (leaf, hf), heads in zip(QK_NORMS, (H, K))]
     elif cfg.qk_norm:
-        rows += [Tensor(("layers", leaf), pre + f"{hf}.weight", _same, _same, (D,)) for leaf, hf in QK_NORMS]
+        rows += [Tensor(("layers", leaf), pre + f"{hf}.weight", _same, _same, (D,), layers=attention)
+                 for leaf, hf in QK_NORMS]
     # o_proj: HF [E, H*D] <-> jax [H, D, E]
     rows.append(Tensor(("layers", "o"), pre + "self_attn.o_proj.weight",
                        lambda w: np.ascontiguousarray(w.T.reshape(H, D, E)),
-                       lambda w: np.ascontiguousarray(w.reshape(H * D, E).T), (E, H * D)))
+                       lambda w: np.ascontiguousarray(w.reshape(H * D, E).T), (E, H * D), layers=attention))
     if cfg.o_bias:
-        rows.append(Tensor(("layers", "o_bias"), pre + "self_attn.o_proj.bias", _same, _same, (E,)))
+        rows.append(Tensor(("layers", "o_bias"), pre + "self_attn.o_proj.bias", _same, _same, (E,), layers=attention))
     if cfg.moe is not None:
         rows += moe_tensors(cfg, experts)
     for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))) if cfg.moe is None else ():
@@ -144,4 +163,4 @@ def moe_tensors(cfg: ModelConfig, names: ExpertNames | None) -> list[Tensor]:
 def hf_names(row: Tensor, num_layers: int) -> list[str]:
     if row.experts:
         return [row.hf_name.format(i=i, j=j) for i in range(num_layers) for j in range(row.experts)]
-    return [row.hf_name.format(i=i) for i in range(num_layers)] if row.stacked else [row.hf_name]
+    return [row.name_at(i) for i in range(row.stack_size(num_layers))] if row.stacked else [row.hf_name]

@@ -102,10 +102,11 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
     for target in cfg.lora.targets:
         module = _module(by_path[("layers", target)])
         a_all, b_all = (state["layers"][name][...] for name in lora_lib.adapter_names(target))
-        for layer in range(cfg.num_layers):
+        row = by_path[("layers", target)]
+        for layer in range(a_all.shape[0]):  # stack index: a hybrid's attention weights skip the linear layers
             a, b = host(a_all[layer]), host(b_all[layer])  # [*in, r], [r, *out]
             rank = a.shape[-1]
-            name = PREFIX + module.format(i=layer)
+            name = PREFIX + module.format(i=row.layer_of(layer))
             tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, rank).T)  # [r, in]
             tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(rank, -1).T)  # [out, r]
 
@@ -115,8 +116,9 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
             continue
         modules_to_save.append(_save_name(row))
         value = value_at(state, row.path)[...]
-        for layer in range(cfg.num_layers) if row.stacked else [None]:
-            tensors[PREFIX + row.hf_name.format(i=layer)] = row.to_hf(host(value if layer is None else value[layer]))
+        for layer in range(row.stack_size(cfg.num_layers)) if row.stacked else [None]:
+            name = row.name_at(layer) if layer is not None else row.hf_name
+            tensors[PREFIX + name] = row.to_hf(host(value if layer is None else value[layer]))
     tie = cfg.tie_word_embeddings and "embedding" in trained
     if tie:  # peft ties lm_head to the saved embedding and expects it saved as well
         tensors[PREFIX + "lm_head.weight"] = tensors[PREFIX + by_path[("embedding",)].hf_name]

@@ -111,7 +111,7 @@ def _chunks(row: Tensor, reader: SafetensorsReader, bounds: list[tuple[int, int]
                 yield offset, tensor[inner[2:]][None, None]
     elif row.stacked:  # [L, ...]: one layer's HF tensor at a time
         for layer in range(*bounds[0]):
-            tensor = row.to_jax(reader.get(row.hf_name.format(i=layer)))
+            tensor = row.to_jax(reader.get(row.name_at(layer)))
             yield (layer - bounds[0][0],) + (0,) * (len(bounds) - 1), tensor[inner[1:]][None]
     elif row.vocab_axis is not None:  # a vocabulary table: block_rows HF rows at a time
         axis, vocab = row.vocab_axis, row.hf_shape[0]

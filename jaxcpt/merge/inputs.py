@@ -62,9 +62,9 @@ def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
 
     out = []
     for row in tensor_table(cfg):
-        layers = range(cfg.num_layers) if row.stacked else [None]
-        for layer in layers:
-            name = row.hf_name.format(i=layer) if layer is not None else row.hf_name
+        layers = range(row.stack_size(cfg.num_layers)) if row.stacked else [None]
+        for layer in layers:  # stack index (a hybrid's sub-stacks hold some layers only)
+            name = row.name_at(layer) if layer is not None else row.hf_name
             out.append(HFTensor(name, tuple(row.hf_shape), tuple(row.path), layer, row.to_hf))
     return out
 

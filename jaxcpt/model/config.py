@@ -15,7 +15,32 @@ from jaxcpt.config import ConfigError, field
 from jaxcpt.model.lora import LoraConfig
 from jaxcpt.model.moe import MoeConfig
 
-LayerType = Literal["full_attention", "sliding_attention"]  # the words transformers' layer_types uses
+LayerType = Literal["full_attention", "sliding_attention", "linear_attention"]  # the words transformers' layer_types uses
+LINEAR = "linear_attention"
+MAX_PATTERN = 8  # layers unrolled inside one scan step of a hybrid model (jaxcpt.model.hybrid)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionConfig:
+    """The Gated DeltaNet layers of a hybrid model (``layer_types`` entries ``linear_attention``; Qwen3.5)."""
+
+    num_key_heads: int = field(16, help="query/key heads of the linear-attention layers")
+    num_value_heads: int = field(32, help="value heads (a multiple of num_key_heads; each key head serves a group)")
+    key_head_dim: int = field(128, help="width of each query/key head")
+    value_head_dim: int = field(128, help="width of each value head")
+    conv_kernel: int = field(4, help="width of the short causal convolution on q, k and v")
+    chunk_size: int = field(64, help="tokens per chunk of the chunked delta rule in training (the result does not "
+                            "depend on it; memory grows with it, the sequential scan shrinks)")
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+
+    def num_params(self, hidden: int) -> int:
+        """Parameters of one layer's linear-attention mixer."""
+        hv, dv = self.num_value_heads, self.value_head_dim
+        c = self.conv_channels
+        return hidden * c + self.conv_kernel * c + 2 * hidden * hv * dv + 2 * hidden * hv + 2 * hv + dv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +83,7 @@ class RopeChange:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "qwen3_moe",
-                    "mixtral"] = field(
+                    "mixtral", "qwen3_5_text"] = field(
         "llama", help="HF family written on export (model_type/architectures); its block options must match")
     vocab_size: int = field(32000, help="vocabulary size (real rows of the embedding)")
     vocab_pad_multiple: int = field(
@@ -109,6 +134,13 @@ class ModelConfig:
     layer_types: tuple[LayerType, ...] | None = field(
         None, help="attention of each layer, full_attention or sliding_attention (Gemma 2/3, Qwen with "
         "use_sliding_window); null: every layer slides when sliding_window is set (Mistral)")
+    attn_output_gate: bool = field(
+        False, help="full-attention output times sigmoid of a per-head gate that q_proj also produces (Qwen3.5); the q "
+        "projection then holds 2 * num_heads heads, query and gate interleaved as in the checkpoint")
+    partial_rotary_factor: float = field(1.0, help="RoPE rotates only this fraction of each head's dims, the first "
+                                         "ones (Qwen3.5: 0.25); the rest pass through")
+    linear_attention: LinearAttentionConfig | None = field(
+        None, help="the Gated DeltaNet layers of layer_types' linear_attention entries (Qwen3.5); null: none")
     initializer_range: float = field(0.02, help="std of the normal init for a model trained from scratch")
     bos_token_id: int | None = field(1, help="written to config.json / generation_config.json on export")
     eos_token_id: int | list[int] | None = field(
@@ -155,6 +187,28 @@ class ModelConfig:
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_size) ** -0.5
 
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_size * self.partial_rotary_factor)
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """Indices of the layers with (full or sliding) attention; all of them in a model without linear ones."""
+        return tuple(i for i, kind in enumerate(self.layer_kinds()) if kind != LINEAR)
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """Indices of the Gated DeltaNet layers."""
+        return tuple(i for i, kind in enumerate(self.layer_kinds()) if kind == LINEAR)
+
+    def layer_pattern(self) -> tuple[LayerType, ...]:
+        """The shortest run of layer kinds whose repeats make up ``layer_kinds()`` (one scan step of a hybrid)."""
+        kinds = self.layer_kinds()
+        for size in range(1, len(kinds) + 1):
+            if len(kinds) % size == 0 and kinds == kinds[:size] * (len(kinds) // size):
+                return kinds[:size]
+        return kinds
+
     def layer_kinds(self) -> tuple[LayerType, ...]:
         """The attention of every layer, spelled out."""
         if self.layer_types is not None:
@@ -185,10 +239,17 @@ class ModelConfig:
                 raise ConfigError(f"layer_types lists {len(self.layer_types)} layers, but num_layers is {self.num_layers}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ConfigError("layer_types has sliding_attention layers but sliding_window is null; set it")
+            self._validate_linear()
+        elif self.linear_attention is not None:
+            raise ConfigError("linear_attention is set but layer_types lists no linear_attention layer; list them "
+                              "or set linear_attention to null")
         if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
             raise ConfigError(f"rope_layers lists {len(self.rope_layers)} layers, but num_layers is {self.num_layers}")
         if self.qk_norm_scope != "head" and not self.qk_norm:
             raise ConfigError(f"qk_norm_scope={self.qk_norm_scope!r} needs qk_norm: true")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise ConfigError(f"partial_rotary_factor ({self.partial_rotary_factor}) must be in (0, 1] and leave an "
+                              f"even number of rotated dims (head_dim {self.head_size})")
         for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -201,12 +262,32 @@ class ModelConfig:
                     raise ConfigError(f"rope_scaling.{name} needs head_dim/2 = {self.head_size // 2} numbers for "
                                       f"longrope, got {None if factors is None else len(factors)}")
 
+    def _validate_linear(self) -> None:
+        if not self.linear_layers:
+            return
+        lin = self.linear_attention
+        if lin is None:
+            raise ConfigError("layer_types has linear_attention layers but linear_attention is null; set its heads")
+        if lin.num_value_heads % lin.num_key_heads:
+            raise ConfigError(f"linear_attention.num_value_heads ({lin.num_value_heads}) must be a multiple of "
+                              f"num_key_heads ({lin.num_key_heads})")
+        if lin.conv_kernel < 1 or lin.chunk_size < 1:
+            raise ConfigError("linear_attention.conv_kernel and chunk_size must be >= 1")
+        pattern = self.layer_pattern()
+        if len(pattern) > MAX_PATTERN:
+            raise ConfigError(
+                f"layer_types does not repeat a pattern of at most {MAX_PATTERN} layers (its shortest period is "
+                f"{len(pattern)} of {self.num_layers}), so the hybrid layers cannot be scanned in groups; make "
+                "layer_types a repeated pattern (Qwen3.5: 3 linear_attention then 1 full_attention, repeated; "
+                "full_attention_interval in config.json) or a num_layers that is a multiple of it")
+
     def num_params(self) -> int:
         """Parameters as stored: the padded vocabulary rows included, the embedding counted once when tied, adapters
         included."""
         e, f, d = self.hidden_size, self.intermediate_size, self.head_size
         h, k = self.num_heads, self.num_kv_heads
-        attn = e * d * (h + 2 * k) + h * d * e + (d * (h + 2 * k) if self.qkv_bias else 0) + (e if self.o_bias else 0)
+        q_heads = 2 * h if self.attn_output_gate else h
+        attn = e * d * (q_heads + 2 * k) + h * d * e + (d * (h + 2 * k) if self.qkv_bias else 0) + (e if self.o_bias else 0)
         mlp = 3 * e * f + ((2 * f + e) if self.mlp_bias else 0)
         if self.moe is not None:
             mlp = self.moe.params_per_layer(e)[0]
@@ -215,7 +296,11 @@ class ModelConfig:
         per_layer = attn + mlp + norms
         vocab = self.padded_vocab_size
         head = 0 if self.tie_word_embeddings else e * vocab
-        return vocab * e + self.num_layers * per_layer + e + head + self.num_adapter_params()
+        layers = self.num_layers * per_layer
+        if self.linear_layers:  # a linear layer has the MLP and two norms, its mixer instead of attention
+            attention_only = attn + (2 * d if self.qk_norm else 0)
+            layers -= len(self.linear_layers) * (attention_only - self.linear_attention.num_params(e))
+        return vocab * e + layers + e + head + self.num_adapter_params()
 
     def num_active_params(self) -> int:
         """Parameters one token uses: ``num_params`` less the experts it is not routed to (equal when dense)."""
@@ -229,6 +314,7 @@ class ModelConfig:
         if self.lora is None:
             return 0
         e, f, d, h, k = self.hidden_size, self.intermediate_size, self.head_size, self.num_heads, self.num_kv_heads
-        sizes = {"q": (e, h * d), "k": (e, k * d), "v": (e, k * d), "o": (h * d, e), "gate": (e, f), "up": (e, f),
+        sizes = {"q": (e, (2 if self.attn_output_gate else 1) * h * d), "k": (e, k * d), "v": (e, k * d), "o": (h * d, e), "gate": (e, f), "up": (e, f),
                  "down": (f, e)}  # (in, out) of each projection
-        return self.num_layers * self.lora.rank * sum(sum(sizes[t]) for t in self.lora.targets)
+        layers = {t: len(self.attention_layers) if t in ("q", "k", "v", "o") else self.num_layers for t in sizes}
+        return self.lora.rank * sum(layers[t] * sum(sizes[t]) for t in self.lora.targets)

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcpt.model import hybrid
+from jaxcpt.model.gated_deltanet import LinearState
 from jaxcpt.model.layers import softcap as apply_softcap
 from jaxcpt.model.transformer import SLIDING, Transformer, decoder_block
 
@@ -31,13 +33,15 @@ class KVCache(NamedTuple):
     v: jax.Array  # [L, B, S, K, D]
     valid: jax.Array  # [B, S] bool: the slot holds a real token (not padding, already written)
     length: jax.Array  # () int32: slots written so far, the same for every row
+    linear: LinearState | None = None  # a hybrid's Gated DeltaNet states ([L_linear, B, ...]); None otherwise
 
 
 def init_cache(model: Transformer, batch: int, slots: int) -> KVCache:
     cfg = model.config
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_size)
+    shape = (len(cfg.attention_layers), batch, slots, cfg.num_kv_heads, cfg.head_size)  # attention layers only
     zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-    return KVCache(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+    linear = hybrid.init_linear_state(cfg, batch) if cfg.linear_layers else None
+    return KVCache(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32), linear)
 
 
 def _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, valid, start):
@@ -71,6 +75,16 @@ def forward_cached(model: Transformer, cache: KVCache, input_ids, valid, positio
     all_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))  # [B, S]
     x = model.embed(input_ids)
     ropes, is_sliding = model.rope_and_kinds(positions, valid.astype(jnp.int32))
+    if cfg.linear_layers:  # a hybrid: the linear layers carry their recurrent and conv states instead of a cache
+        def attention_block(p, h, kind, layer_k, layer_v):
+            def attend(q, k, v, kind):
+                return _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, all_valid, start)
+            return decoder_block(p, h, None, {kind: ropes[kind]}, cfg=cfg, rules=model.rules, attend=attend)
+
+        x, keys, values, linear = hybrid.decode_groups(model, x, valid, ropes, cache.k, cache.v, cache.linear,
+                                                       attention_block)
+        logits = model.logits(model.final_norm_of(x))  # [B, T, V]
+        return logits, KVCache(keys, values, all_valid, start + t, linear)
 
     def scan_body(carry, layer):
         layer_params, layer_is_sliding, layer_k, layer_v = layer

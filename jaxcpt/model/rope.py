@@ -134,7 +134,12 @@ def rope_cos_sin(positions: jax.Array, segment_ids: jax.Array, *, theta: float, 
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [B, T, N, D] by position: x * cos + rotate_half(x) * sin, in float32."""
+    """Rotate x [B, T, N, D] by position: x * cos + rotate_half(x) * sin, in float32.
+
+    cos/sin narrower than D (partial RoPE, Qwen3.5) rotate the first dims; the rest pass through."""
+    if cos.shape[-1] < x.shape[-1]:
+        rot = cos.shape[-1]
+        return jnp.concatenate([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], axis=-1)
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)

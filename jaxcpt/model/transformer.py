@@ -25,6 +25,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
+from jaxcpt.model import hybrid
 from jaxcpt.model.attention import choose_attention
 from jaxcpt.model.context_parallel import ContextLayout
 from jaxcpt.model.config import ModelConfig
@@ -66,10 +67,12 @@ class LayerStack(nnx.Module):
                             cfg.intermediate_size)
         p = functools.partial(_param, rngs, cfg)
         norm_init = "zeros" if cfg.norm_plus_one else "ones"  # (1 + w) norms start at w = 0
-        self.q = p((L, E, H, D), ("layers", "embed", "heads", "head_dim"))
-        self.k = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
-        self.v = p((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
-        self.o = p((L, H, D, E), ("layers", "heads", "head_dim", "embed"))
+        La = len(cfg.attention_layers)  # attention weights exist for attention layers only (all but linear ones)
+        Hq = 2 * H if cfg.attn_output_gate else H  # query and gate heads interleaved, as Qwen3.5's q_proj
+        self.q = p((La, E, Hq, D), ("layers", "embed", "heads", "head_dim"))
+        self.k = p((La, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
+        self.v = p((La, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
+        self.o = p((La, H, D, E), ("layers", "heads", "head_dim", "embed"))
         names = ["q", "k", "v", "o"]
         if cfg.moe is None:
             self.gate = p((L, E, F), ("layers", "embed", "mlp"))
@@ -98,13 +101,15 @@ class LayerStack(nnx.Module):
             self.down_bias = p((L, E), ("layers", "embed"), "zeros")
             names += ["gate_bias", "up_bias", "down_bias"]
         if cfg.qk_norm and cfg.qk_norm_scope == "projection":  # one scale per channel of the whole projection
-            self.q_norm = p((L, H, D), ("layers", "heads", "head_dim"), norm_init)
-            self.k_norm = p((L, K, D), ("layers", "kv_heads", "head_dim"), norm_init)
+            self.q_norm = p((La, H, D), ("layers", "heads", "head_dim"), norm_init)
+            self.k_norm = p((La, K, D), ("layers", "kv_heads", "head_dim"), norm_init)
             names += ["q_norm", "k_norm"]
         elif cfg.qk_norm:  # one scale per head_dim channel, shared by all heads
-            self.q_norm = p((L, D), ("layers", "head_dim"), norm_init)
-            self.k_norm = p((L, D), ("layers", "head_dim"), norm_init)
+            self.q_norm = p((La, D), ("layers", "head_dim"), norm_init)
+            self.k_norm = p((La, D), ("layers", "head_dim"), norm_init)
             names += ["q_norm", "k_norm"]
+        if cfg.linear_layers:  # Gated DeltaNet weights, [L_linear, ...] (jaxcpt.model.hybrid)
+            names += hybrid.linear_params(self, cfg, p)
         if cfg.post_norms:
             self.post_attn_norm = p((L, E), ("layers", "norm"), norm_init)
             self.post_mlp_norm = p((L, E), ("layers", "norm"), norm_init)
@@ -160,7 +165,9 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
         return checkpoint_name(out, remat_lib.PROJECTION_NAMES[name])
 
     h = norm(x, p["attn_norm"]) if cfg.pre_norms else x
-    q = project(h, "q")  # [B, T, H, D]
+    q = project(h, "q")  # [B, T, H, D] ([B, T, 2H, D] with the output gate)
+    if cfg.attn_output_gate:  # Qwen3.5: per head, D query dims then D gate dims
+        q, out_gate = jnp.moveaxis(q.reshape(*q.shape[:2], -1, 2, q.shape[-1]), 3, 0)  # 2 x [B, T, H, D]
     k = project(h, "k")  # [B, T, K, D]
     v = project(h, "v")  # [B, T, K, D]
     if cfg.qk_norm and cfg.qk_norm_scope == "projection":  # RMS over all heads' channels at once (OLMo)
@@ -184,6 +191,8 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
     else:
         attn, aux = jax.lax.cond(is_sliding, lambda: rotated(SLIDING), lambda: rotated(FULL))
     attn = checkpoint_name(attn, remat_lib.ATTENTION_OUT)  # [B, T, H, D]
+    if cfg.attn_output_gate:
+        attn = attn * jax.nn.sigmoid(out_gate)
     attn_out = project(attn, "o")  # [B, T, E]
     if cfg.post_norms:
         attn_out = norm(attn_out, p["post_attn_norm"])
@@ -221,7 +230,7 @@ def rope_tables(cfg: ModelConfig, kind: str, positions, segment_ids):
     theta, scaling = cfg.rope_theta, cfg.rope_scaling
     if kind == SLIDING and cfg.rope_local_theta is not None:
         theta, scaling = cfg.rope_local_theta, None
-    return rope_cos_sin(positions, segment_ids, theta=theta, scaling=scaling, dim=cfg.head_size,
+    return rope_cos_sin(positions, segment_ids, theta=theta, scaling=scaling, dim=cfg.rotary_dim,
                         max_positions=cfg.max_position_embeddings)
 
 
@@ -263,7 +272,7 @@ class Transformer(nnx.Module):
 
     def rope_and_kinds(self, positions, segment_ids) -> tuple[dict, jax.Array | None]:
         """({layer kind: (cos, sin) [B, T, D]}, the [L] is-sliding flags, or None when all layers are alike)."""
-        kinds = self.config.layer_kinds()
+        kinds = tuple(kind for kind in self.config.layer_kinds() if kind != hybrid.LINEAR)  # linear layers: no RoPE
         ropes = {kind: rope_tables(self.config, kind, positions, segment_ids) for kind in sorted(set(kinds))}
         # [L] layer kinds as scanned data when the layers differ; None keeps a uniform model cond-free
         is_sliding = jnp.asarray([kind == SLIDING for kind in kinds]) if len(ropes) > 1 else None
@@ -297,6 +306,9 @@ class Transformer(nnx.Module):
                                   attend=packed_attention(cfg, attention_fn, segment_ids), valid=segment_ids != 0)
         if cfg.remat != "none":
             block = jax.checkpoint(block, policy=remat_lib.policy(cfg.remat))
+
+        if cfg.linear_layers:  # a hybrid: scanned a repeat of the layer pattern at a time
+            return self.final_norm_of(hybrid.scan_groups(self, x, segment_ids, ropes, block))
 
         def scan_body(carry, layer):
             layer_params, layer_is_sliding = layer

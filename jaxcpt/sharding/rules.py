@@ -46,6 +46,11 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "mlp": "tensor",
     "norm": None,
     "exp": "expert",  # the stacked experts of MoE layers (jaxcpt.model.moe): expert parallelism
+    # Gated DeltaNet (hybrid models): value heads split like attention heads; the q|k|v conv channels stay
+    # whole (a tensor split would cut across the seams where q, k and v are split apart); FSDP splits embed
+    "linear_heads": "tensor",
+    "linear_conv": None,
+    "conv_width": None,
     "lora_rank": None,  # LoRA adapters' rank axis: small, replicated; their other axes are their base weight's
 }
 

@@ -8,18 +8,20 @@ Everything outside these modules asks the registry, never a ``model_type``.
 from __future__ import annotations
 
 from jaxcpt.errors import HFFormatError
-from jaxcpt.hf.families import (base, gemma2, gemma3, llama, mistral, mixtral, olmo3, qwen2, qwen3, qwen3_moe, smollm3,
-                                 unsupported)
+from jaxcpt.hf.families import (base, gemma2, gemma3, llama, mistral, mixtral, olmo3, qwen2, qwen3, qwen3_5_text,
+                                 qwen3_moe, smollm3, unsupported)
 from jaxcpt.hf.families.base import Family
 from jaxcpt.hf.mapping import Tensor, decoder_tensors
 from jaxcpt.model.config import ModelConfig
 
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, mistral, qwen2, qwen3, gemma2, gemma3,
-                                                                olmo3, smollm3, qwen3_moe, mixtral)}
+                                                                olmo3, smollm3, qwen3_moe, mixtral, qwen3_5_text)}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 # model types whose checkpoints hold a text model we support, under another wrapper
 _WRAPPED = {"gemma3": "gemma3_text (Gemma3ForCausalLM); a multimodal Gemma3ForConditionalGeneration checkpoint "
-                      "must have its language model saved on its own first"}
+                      "must have its language model saved on its own first",
+            "qwen3_5": "qwen3_5_text (Qwen3_5ForCausalLM); a multimodal Qwen3_5ForConditionalGeneration checkpoint "
+                       "(vision tower, text_config) must have its language model saved on its own first"}
 
 
 def family_of_hf(hf: dict, where: str) -> Family:
@@ -47,7 +49,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
 def tensor_table(cfg: ModelConfig) -> list[Tensor]:
     """Every parameter of a model with config ``cfg``, with its HF name and layout."""
     family = FAMILIES[cfg.family]
-    return decoder_tensors(cfg, family.norms, family.experts)
+    rows = decoder_tensors(cfg, family.norms, family.experts)
+    return rows + family.extra_tensors(cfg) if family.extra_tensors is not None else rows
 
 
 def generation_config(cfg: ModelConfig) -> dict:
@@ -61,11 +64,12 @@ def generation_config(cfg: ModelConfig) -> dict:
 def families_markdown() -> str:
     """The README table of supported families, from the family modules' declarations."""
     lines = ["| family | transformers class (`model_type`) | import | export | splash | sliding window | "
-             "tied embeddings | block options it declares | options its config.json sets |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "linear-attention layers | tied embeddings | block options it declares | options its config.json sets |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in FAMILIES.values():
         declared = ", ".join(f"`{k}={v}`" for k, v in f.declared.items()) or "none (the shared block)"
         expresses = ", ".join(f"`{name}`" for name in f.expresses)
-        lines.append(f"| {f.name} | `{f.architecture}` (`{f.model_type}`) | yes | yes | yes | {f.sliding} | yes | "
+        linear = "Gated DeltaNet (`layer_types`)" if "linear_attention" in f.expresses else "no"
+        lines.append(f"| {f.name} | `{f.architecture}` (`{f.model_type}`) | yes | yes | yes | {f.sliding} | {linear} | yes | "
                      f"{declared} | {expresses} |")
     return "\n".join(lines)

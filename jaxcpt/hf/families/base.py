@@ -26,7 +26,8 @@ from jaxcpt.model.config import ModelConfig, RopeScaling
 BLOCK_OPTIONS = (
     "qkv_bias", "o_bias", "mlp_bias", "sliding_window", "layer_types", "rope_local_theta", "norm_plus_one",
     "post_norms", "qk_norm", "activation", "scale_embeddings", "query_pre_attn_scalar", "attn_logit_softcap",
-    "final_logit_softcap", "pre_norms", "qk_norm_scope", "rope_layers",
+    "final_logit_softcap", "pre_norms", "qk_norm_scope", "rope_layers", "attn_output_gate", "partial_rotary_factor",
+    "linear_attention",
 )
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -45,6 +46,8 @@ class Family:
     norms: tuple[tuple[str, str], ...]  # (jaxcpt leaf, HF name in model.layers.{i}.) of the per-layer norms
     sliding: str  # how its layers may slide, for the README table
     experts: ExpertNames | None = None  # MoE families: router and expert tensor names (jaxcpt.hf.mapping)
+    # the family's own tensors beyond the shared decoder's (a hybrid's linear-attention weights), if any
+    extra_tensors: Callable[[ModelConfig], list] | None = None
 
 
 def config_from_hf(family: Family, hf: dict, where: str) -> ModelConfig:
