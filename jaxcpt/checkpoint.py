@@ -40,6 +40,7 @@ through ``etils.epath``, never ``pathlib``.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -99,6 +100,19 @@ def _on_host_memory(state: Any) -> bool:
     """Whether any array of ``state`` lives on a CPU device (its buffers are host memory)."""
     return any(device.platform == "cpu" for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array)
                for device in leaf.devices())
+
+
+def _return_freed_host_memory() -> None:
+    """Give the pages of freed heap blocks back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Orbax's host copy of the state is freed once written, but glibc kept its pages (in the malloc
+    arenas of the threads that made it), and XLA's next step did not reuse them: on the Qwen2.5-0.5B
+    shape the step after a waited save peaked at 14.70 GiB against 10.2 GiB for the steps before it,
+    the 5.1 GiB copy still resident (docs/real-size.md). ``malloc_trim(0)`` returns such pages.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only (not musl, not macOS)
+    if trim is not None:
+        trim(0)
 
 
 def _check_json(value: Any, item: str) -> dict:
@@ -205,6 +219,7 @@ class Checkpointer:
             # On TPU and GPU the copy goes from HBM to host RAM, which the step does not use: the
             # overlap costs no device memory and hides the write, so those saves stay asynchronous.
             self._manager.wait_until_finished()
+            _return_freed_host_memory()
         self._last_save_time = time.monotonic()
         return True
 
