@@ -34,10 +34,10 @@ def _load(stem: str, results: Path) -> dict | None:
 
 
 def _missing(stem: str) -> str:
-    shape = stem.removeprefix("real_size_").split("_")[0]
-    return (f"Not measured yet: `benchmarks/results/{stem}.json` is written by "
-            f"`python benchmarks/real_size.py --shape {shape}` (run it on main, then `python "
-            "benchmarks/real_size_page.py --update docs/real-size.md`).")
+    shape, *commit = stem.removeprefix("real_size_").split("_")
+    code = f" --code WORKTREE_AT_{commit[0]}" if commit else ""
+    return (f"Not measured yet: `python benchmarks/real_size.py --shape {shape}{code}` writes "
+            f"`benchmarks/results/{stem}.json`; then `python benchmarks/real_size_page.py --update docs/real-size.md`.")
 
 
 def _about(result: dict, stem: str) -> str:

@@ -56,3 +56,13 @@ def test_the_benchmark_itself_refuses_to_measure_a_cpu_as_the_gpu_result(tmp_pat
                             capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2 and "--require-gpu, but JAX's backend is cpu" in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_smoke_runs_the_same_benchmark_tiny_on_any_backend():
+    result = run("--smoke", "--dry-run", "--out", "/tmp/x")
+    assert result.returncode == 0
+    line = result.stdout.strip()
+    for part in ("--shape tiny", "--seq-len 128", "--attention xla", "--vs-torch", "--torch-modes compile",
+                 "--out /tmp/x/train_throughput_tiny_smoke.json"):
+        assert part in line
+    assert "--require-gpu" not in line
