@@ -18,8 +18,9 @@ Each process runs under this script's ``--child`` mode, which marks phases (star
 state init, first step with its compile, later steps, checkpoint save, restore, export write ...)
 by wrapping the functions that do them, and resets the kernel's peak-RSS mark (``VmHWM``,
 reset through ``/proc/self/clear_refs``) at each boundary: a phase's peak is exact, spikes
-included, and the process's peak is the largest of its phases'. Checkpoint saves run
-asynchronously as in a real run, so the write's host copy shows in the steps that follow it.
+included, and the process's peak is the largest of its phases'. Checkpoint saves run as in a real
+run: on CPU jaxcpt waits for the write (the save's phase holds Orbax's host copy of the state);
+where a save is asynchronous (older code) the copy shows in the step that follows it.
 
 The JSON in benchmarks/results/ names the git commit, the CPU and its load, and holds per phase
 the peak RSS and seconds; per checkpoint item its bytes against the train state's bytes; the
@@ -68,7 +69,7 @@ SHAPES = {
 TOKENIZER_IDS = {"bpe": dict(bos_token_id=None, eos_token_id=400, pad_token_id=400),  # tests/tokenizer_fixtures.py
                  "sentencepiece": dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)}
 STEPS, KILL_AFTER = 4, 2
-BESIDE_WRITE = "step beside ckpt write"  # the phase where an asynchronous save's copy meets a step
+BESIDE_WRITE = "step beside ckpt write"  # the step after a save: where an asynchronous save's copy meets a step
 
 
 # -- the stated bound (docs/real-size.md) ----------------------------------------------------
@@ -190,7 +191,7 @@ def child(phases_file: str, kill_after: int, argv: list[str]) -> int:
         if not force and not run.ckpt.should_save(step):
             return save(run, step, force)
         phases.mark("checkpoint save")
-        save(run, step, force=True)  # asynchronous: the write goes on during the next step
+        save(run, step, force=True)  # on CPU the save waits for its write (jaxcpt/checkpoint.py); older code: asynchronous
         if step == kill_after:
             saved.append(run)
         phases.mark("loop")
@@ -282,8 +283,18 @@ def _machine() -> dict:
 
 
 def _commit(code: Path) -> str | None:
-    done = subprocess.run(["git", "-C", str(code), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return done.stdout.strip() or None
+    """The checkout's full commit hash, with '-dirty' when it has uncommitted changes to tracked files."""
+    head = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(code), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return (head + ("-dirty" if dirty else "")) or None
+
+
+def results_name(shape: str, commit: str | None, other_code: bool, label: str = "") -> str:
+    """``real_size_SHAPE.json`` for this checkout (what docs/real-size.md quotes, re-measured on main
+    after each merge); ``real_size_SHAPE_COMMIT.json`` for another checkout (``--code``, a comparison)."""
+    suffix = [label] if label else [(commit or "unknown")[:7]] if other_code else []
+    return "_".join(["real_size", shape, *suffix]) + ".json"
 
 
 def _baseline(env: dict) -> int:
@@ -400,7 +411,8 @@ def main() -> int:
                                                      "the HF directory made there is reused")
     parser.add_argument("--separate-tokenizer", action="store_true",
                         help="set data.tokenizer to a tokenizer-only copy instead of reading it from the HF directory")
-    parser.add_argument("--label", default="", help="suffix of the results file name")
+    parser.add_argument("--label", default="", help="suffix of the results file name (default: none for this "
+                                                    "checkout, the commit for --code)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results directory")
     parser.add_argument("--keep", action="store_true", help="keep the run and export directories")
     parser.add_argument("--code", default=str(REPO), help="the jaxcpt checkout to measure (e.g. another commit's "
@@ -410,7 +422,7 @@ def main() -> int:
     work = Path(args.work or f"/tmp/jaxcpt-real-size-{args.shape}")
     result = benchmark(args.shape, work, args.separate_tokenizer, args.overrides, Path(args.code).resolve())
     print(table(result))
-    out = Path(args.out) / f"real_size_{args.shape}{'_' + args.label if args.label else ''}.json"
+    out = Path(args.out) / results_name(args.shape, result["commit"], Path(args.code).resolve() != REPO, args.label)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -174,15 +174,21 @@ def test_config_rejects_keep_last_zero_and_negative_intervals():
 
 
 _CHILD = textwrap.dedent("""
-    import sys, time
+    import os, sys, threading, time
     import jax.numpy as jnp, numpy as np
     from jaxcpt.checkpoint import Checkpointer, CheckpointConfig
     ckpt = Checkpointer(sys.argv[1], CheckpointConfig(every_steps=1, async_save=True))
     ckpt.save(1, {"w": jnp.ones(4), "big": jnp.zeros(8)}, {"pos": 1}, {})
     ckpt.wait()
     big = np.random.default_rng(0).random(32_000_000, dtype=np.float32)  # 128 MB: ~0.3 s to write
+
+    def announce():  # on CPU save() waits for its write: say when the write has begun, from beside it
+        while not os.path.exists(os.path.join(sys.argv[1], "2.orbax-checkpoint-tmp")):
+            time.sleep(0.002)
+        print("SAVING", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
     ckpt.save(2, {"w": jnp.zeros(4), "big": jnp.asarray(big)}, {"pos": 2}, {})
-    print("SAVING", flush=True)  # save() returned; the background write is under way
     time.sleep(60)
 """)
 

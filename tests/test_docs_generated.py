@@ -130,19 +130,21 @@ def test_demo_stops_when_a_run_was_stopped_by_a_signal(monkeypatch, tmp_path):
 # (`benchmarks/results/X.json`, globs allowed), by file name (`X.json`, `..._suffix.json`) or by the
 # script that writes it (`python benchmarks/X.py` -> benchmarks/results/X*.json). Each decimal
 # figure of a data cell must be one of that JSON's numbers at the precision shown, in the unit
-# shown (GiB, MiB, M, k, %). Signed figures (+0.229: differences) and the first column (labels,
-# versions) are not checked.
+# shown (GiB, MiB, M, k, %, s), or in the unit its column's header names ("peak RSS GiB", "seconds")
+# when the figure carries none: results JSONs record bytes and seconds, pages show GiB and MiB.
+# Signed figures (+0.229: differences) and the first column (labels, versions) are not checked, nor a
+# section that says `<!-- not measurements: WHY -->` (specifications, version tables).
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURE = re.compile(r"(?<![\w.+-])(\d[\d,]*\.\d+) ?(M|k|%|GiB|MiB|s)?(?![\w.])")
 UNIT_SCALES = {"": (1.0,), "s": (1.0,), "M": (1e-6,), "k": (1e-3,), "%": (100.0, 1.0), "GiB": (2.0**-30, 1.0),
                "MiB": (2.0**-20, 1.0)}
+HEADER_UNIT = re.compile(r"(?<![\w/])(GiB|MiB|seconds|s)(?![\w])")
+NOT_MEASURED_SECTION = "<!-- not measurements:"
 GENERATED = ("docs/config-reference.md", "docs/models.md",  # tables generated from code, checked above
              "docs/accelerators.md")  # generated from the compile JSONs (tests/test_aot.py checks it)
 # Pages whose tables state behaviour, defaults and limits (fault tables, topology specs), not measurements.
 NOT_MEASUREMENTS = ("docs/faults.md", "docs/faults-rundir.md", "docs/faults-data.md", "docs/faults-hosts.md",
-                    # Pages written in the third wave whose tables quote their JSONs in other units (GiB of RSS
-                    # recorded in bytes per phase, driver memory specs): not yet in the checker's form. Open item.
-                    "docs/gpu.md", "docs/real-size.md")
+)
 
 
 def _numbers(value):
@@ -171,9 +173,16 @@ def unbacked_figures(text: str) -> list[str]:
     """'heading: figure' for each table figure that no results JSON named in its section holds."""
     problems = []
     for section in re.split(r"\n(?=#{1,6} )", text):
-        rows = [line for line in section.splitlines() if line.startswith("|") and not re.fullmatch(r"[|\s:-]+", line)]
-        figures = [(m.group(1), m.group(2) or "") for row in rows[1:] for cell in row.split("|")[2:-1]
-                   for m in FIGURE.finditer(cell)]
+        if NOT_MEASURED_SECTION in section:
+            continue
+        figures = []
+        for table in re.split(r"\n(?!\|)", section):  # a table: consecutive lines that start with '|'
+            rows = [line for line in table.splitlines() if line.startswith("|") and not re.fullmatch(r"[|\s:-]+", line)]
+            if not rows:
+                continue
+            units = [(HEADER_UNIT.search(cell) or [None, ""])[1].replace("seconds", "s") for cell in rows[0].split("|")[2:-1]]
+            figures += [(m.group(1), m.group(2) or (units[i] if i < len(units) else "")) for row in rows[1:]
+                        for i, cell in enumerate(row.split("|")[2:-1]) for m in FIGURE.finditer(cell)]
         if not figures:
             continue
         heading = section.splitlines()[0].lstrip("# ")[:60]
@@ -205,3 +214,13 @@ def test_the_figure_checker_names_a_figure_its_json_lacks():
     recorded = sorted(p.name for p in (ROOT / "benchmarks" / "results").glob("train_throughput_*.json"))
     assert speed == f"Speed: 999.9 is in none of {', '.join(recorded)}"
     assert other == "Other: a table of figures whose section names no results JSON"
+
+
+def test_the_figure_checker_reads_units_from_column_headers_and_skips_sections_marked_not_measured():
+    """Results JSONs record bytes and seconds; docs/gpu.md and docs/real-size.md show GiB in a column
+    headed 'GiB' (once skipped whole, as the checker read such a figure as a bare number)."""
+    page = ("## Fit\n\n`compile_qwen2.5-7b-8xh100_h200-8_b200-8.json`:\n\n| topology | memory GiB | compile seconds |\n"
+            "| --- | ---: | ---: |\n| h200-8 | 141.00 | 37.81 |\n| b200-8 | 178.36 | 33.73 |\n| x | 150.25 | 9.99 |\n\n"
+            "## Versions\n\n<!-- not measurements: versions -->\n\n| jax | CUDA |\n| --- | --- |\n| 0.10.2 | 13.0 |\n")
+    assert unbacked_figures(page) == [f"Fit: {n} is in none of compile_qwen2.5-7b-8xh100_h200-8_b200-8.json"
+                                      for n in ("150.25 GiB", "9.99 s")]

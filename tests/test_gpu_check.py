@@ -56,3 +56,27 @@ def test_the_benchmark_itself_refuses_to_measure_a_cpu_as_the_gpu_result(tmp_pat
                             capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2 and "--require-gpu, but JAX's backend is cpu" in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_smoke_runs_the_same_benchmark_tiny_on_any_backend():
+    result = run("--smoke", "--dry-run", "--out", "/tmp/x")
+    assert result.returncode == 0
+    line = result.stdout.strip()
+    for part in ("--shape tiny", "--seq-len 128", "--attention xla", "--vs-torch", "--torch-modes compile",
+                 "--out /tmp/x/train_throughput_tiny_smoke.json"):
+        assert part in line
+    assert "--require-gpu" not in line
+
+
+def test_the_benchmark_asks_for_the_cpu_on_a_host_without_accelerators(tmp_path):
+    """With a CUDA plugin installed (the test extra's gpu-compile) and no GPU, jax printed a cuDNN traceback."""
+    from jaxcpt.aot.gpu import gpus_attached
+
+    if gpus_attached():
+        pytest.skip("a GPU is attached: the benchmark uses it")
+    bench = Path(__file__).parent.parent / "benchmarks" / "train_throughput.py"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = subprocess.run([sys.executable, str(bench), "--shape", "tiny", "--require-gpu", "--out", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2 and "JAX's backend is cpu" in result.stderr
+    assert "Traceback" not in result.stderr and "cuDNN" not in result.stderr, result.stderr

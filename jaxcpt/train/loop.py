@@ -360,7 +360,10 @@ def loop(run: Run) -> bool:
             metrics.flush()
             run_downstream(run, run.step)
             metrics.restart_clock()
-        save(run, run.step)
+        if run.ckpt.should_save(run.step):  # log this step first and keep the save out of the next step's time:
+            metrics.flush()  # on CPU a save waits for its write (jaxcpt/checkpoint.py)
+            save(run, run.step, force=True)
+            metrics.restart_clock()
         if cfg.export.hf_every and run.step % cfg.export.hf_every == 0 and run.step < total_steps:
             metrics.flush()
             export(run, run.step)
