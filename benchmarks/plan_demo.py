@@ -53,7 +53,7 @@ def main() -> int:
     from jaxcpt.plan.sweep import SweepSpec, collect, run_sweep
     from jaxcpt.train.config import load_train_config
     from jaxcpt.train.loop import train
-    from jaxcpt.train.report import summarize
+    from jaxcpt.report.forgetting import summarize
 
     out = Path(args.out)
     load = CpuLoad()

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("jaxcpt.plan.command", "plan a CPT run: token budget per source, proxy sweeps, mixture-law fits of the replay ratio"),
     "merge": ("jaxcpt.merge.command", "merge a base model with CPT models (linear, SLERP, task arithmetic), or sweep the mixture on held-out data"),
     "evaluate": ("jaxcpt.eval.command", "run lm-eval harness tasks (built-in or your own YAML) on a run, checkpoint or HF directory"),
-    "report": ("jaxcpt.train.report_command", "print the forgetting report of one run, or compare two runs"),
+    "report": ("jaxcpt.report.command", "print the forgetting report of one run, or compare two runs"),
     "demo": ("jaxcpt.demo", "the built-in continual-pretraining demo: pretrain, continue with and without replay, compare"),
     "config-reference": ("jaxcpt.config_reference", "print the reference of every config key, generated from the dataclasses"),
 }

@@ -192,7 +192,7 @@ def load_manifest(out: Path) -> dict:
 
 def collect(out: Path) -> tuple[list[Observation], list[str]]:
     """Observations of the finished runs, and the names of runs not finished (left out)."""
-    from jaxcpt.train.report import eval_curves
+    from jaxcpt.report.forgetting import eval_curves
 
     manifest = load_manifest(out)
     general, domain = manifest["general"], manifest["domain"]
