@@ -166,6 +166,7 @@ def _adapter_base_name(adapter_dir):
     return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
+@pytest.mark.slow
 def test_lora_adapter_base_is_init_path_while_it_exists_else_run_hf_base_for_export_and_evaluate(tmp_path):
     from test_lora import SEQ, _peft_logits
 
@@ -200,6 +201,7 @@ def test_lora_adapter_base_is_init_path_while_it_exists_else_run_hf_base_for_exp
     np.testing.assert_array_equal(evaluated_logits(), before)
 
 
+@pytest.mark.slow
 def test_the_trainers_adapter_export_follows_the_same_base_rule(tmp_path):
     _lora_run(tmp_path, "export.final=true", "export.lora=adapter", "export.dtype=float32")
     run = tmp_path / "run"
