@@ -133,7 +133,7 @@ def child(phases_file: str, kill_after: int, argv: list[str]) -> int:
 
     from jaxcpt import cli
     from jaxcpt.hf import convert, peft_export
-    from jaxcpt.model import persist
+    from jaxcpt import open_model as open_model_lib
     from jaxcpt.train import loop, setup, state as train_state
 
     phases.mark("imports done")
@@ -199,7 +199,7 @@ def child(phases_file: str, kill_after: int, argv: list[str]) -> int:
     loop.save = saving
     loop.finish = phases.around("finish (final save)", loop.finish, "close")
     # export-hf
-    persist.load_model = phases.around("load checkpoint", persist.load_model, "export")
+    open_model_lib.open_model = phases.around("load checkpoint", open_model_lib.open_model, "export")
     convert.save_hf = phases.around("export write", convert.save_hf, "exit")
     peft_export.save_peft_adapter = phases.around("export write", peft_export.save_peft_adapter, "exit")
     try:

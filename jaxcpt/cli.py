@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("jaxcpt.merge.command", "merge a base model with CPT models (linear, SLERP, task arithmetic), or sweep the mixture on held-out data"),
     "evaluate": ("jaxcpt.eval.command", "run lm-eval harness tasks (built-in or your own YAML) on a run, checkpoint or HF directory"),
     "long-context-tasks": ("jaxcpt.eval.long_context", "write passkey and multi-needle retrieval tasks of chosen lengths and depths as lm-eval tasks"),
-    "report": ("jaxcpt.train.report_command", "print the forgetting report of one run, or compare two runs"),
+    "report": ("jaxcpt.report.command", "print the forgetting report of one run, or compare two runs"),
     "demo": ("jaxcpt.demo", "the built-in continual-pretraining demo: pretrain, continue with and without replay, compare"),
     "decontaminate": ("jaxcpt.data.decontaminate", "n-gram overlap of the training sources with held-out and eval.downstream sets"),
     "config-reference": ("jaxcpt.config_reference", "print the reference of every config key, generated from the dataclasses"),

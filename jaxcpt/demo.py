@@ -201,7 +201,7 @@ def run(args) -> int:
         raise UserError("the demo's merge sweep failed; see the message above")
     phase("merge_sweep")
     print("[5/6] forgetting report: without replay (A) vs with replay (B)", flush=True)
-    from jaxcpt.train.report import compare, plot
+    from jaxcpt.report.forgetting import compare, plot
 
     table, removed = compare(runs["no_replay"], runs["replay"])
     print(table, flush=True)

@@ -83,7 +83,7 @@ def git_commit() -> str | None:
 def build_record(*, scale: dict, table: str, runs: dict, sweeps: dict, timings: dict, load: dict,
                  reused: dict) -> dict:
     """The JSON the demo writes: its printed table, the numbers behind it, the run's time and machine."""
-    from jaxcpt.train.report import summarize
+    from jaxcpt.report.forgetting import summarize
 
     numbers = {}
     for label, run_dir in runs.items():

@@ -47,7 +47,7 @@ def test_eval_records_and_the_report_carry_bits_per_byte(tmp_path):
 
 
 def test_comparing_runs_with_different_tokenizers_uses_bits_per_byte(tmp_path):
-    from jaxcpt.train.report import compare
+    from jaxcpt.report.forgetting import compare
 
     for name, tokens_per_byte in (("a", 0.5), ("b", 0.25)):  # B's tokenizer makes half as many tokens
         (tmp_path / name).mkdir()

@@ -172,7 +172,7 @@ def test_checkpoints_of_an_hf_start_refer_to_one_copy_of_the_tokenizer_files(tmp
     setup = set_up(cfg, check=True)
     setup.close()
     assert setup.tokenizers.data == setup.tokenizers.export == os.path.join(directory, "tokenizers", bundle)
-    from jaxcpt.model.persist import tokenizer_dir_for  # export-hf / evaluate / merge of one step
+    from jaxcpt.open_model import checkpoint_tokenizer_dir as tokenizer_dir_for  # export-hf / evaluate / merge of one step
 
     assert tokenizer_dir_for(os.path.join(directory, "4")) == os.path.join(directory, "tokenizers", bundle)
 
@@ -206,7 +206,7 @@ def test_checkpoints_written_before_the_tokenizer_store_still_resume(tmp_path):
         assert shipped == set(os.listdir(llama_style_tokenizer_dir()))  # the weights it also held stay out
     finally:
         setup.close()
-    from jaxcpt.model.persist import tokenizer_dir_for  # export-hf / evaluate / merge of that step
+    from jaxcpt.open_model import checkpoint_tokenizer_dir as tokenizer_dir_for  # export-hf / evaluate / merge of that step
 
     assert set(os.listdir(tokenizer_dir_for(os.path.join(cfg.run_dir, "checkpoints", "2")))) == shipped
 
@@ -298,7 +298,7 @@ def fake_gcs(monkeypatch):
 def test_tokenizer_dir_for_a_gs_checkpoint_keeps_the_scheme(fake_gcs):
     from etils import epath
 
-    from jaxcpt.model.persist import tokenizer_dir_for
+    from jaxcpt.open_model import checkpoint_tokenizer_dir as tokenizer_dir_for
 
     (epath.Path("gs://bucket/run/tokenizer") / "tokenizer.json").write_text("{}")
     (epath.Path("gs://bucket/run/checkpoints/5") / "state").mkdir(parents=True)

@@ -21,7 +21,7 @@ def test_demo_fast_mode_shows_learning_and_less_forgetting_with_replay(tmp_path)
     proc = run_cli(["demo", "--fast", "--out", str(out)])
     output = proc.communicate(timeout=1200)[0]
     assert proc.returncode == 0, output[-5000:]
-    from jaxcpt.train.report import summarize
+    from jaxcpt.report.forgetting import summarize
 
     no_replay, replay = summarize(out / "cpt_no_replay"), summarize(out / "cpt_replay")
     assert no_replay["domain"]["change"] < 0 and replay["domain"]["change"] < 0  # both learn the domain

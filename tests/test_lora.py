@@ -46,7 +46,7 @@ def _adapted(hf_dir, lora: LoraConfig, seed: int = 1, trained_too: tuple[str, ..
         for key in parents:
             node = node[key]
         node[leaf] = node[leaf] + rng.normal(0, 0.05, node[leaf].shape).astype(np.float32)
-    return model_from_params(cfg, params, rules, base.tokenizer_dir)
+    return model_from_params(cfg, params, rules)
 
 
 def _peft_logits(base_dir, adapter_dir, input_ids):
@@ -153,15 +153,15 @@ def _hf_start(tmp_path, *extra):
 
 
 def _checkpoint_params(run_dir):
-    from jaxcpt.model.persist import load_model
+    from jaxcpt.open_model import open_model
 
-    return jax.tree.map(np.asarray, params_of(load_model(run_dir, mesh=build_mesh({"data": 8}))))
+    return jax.tree.map(np.asarray, open_model(run_dir, lora="adapter", mesh=build_mesh({"data": 8})).params)
 
 
 def test_a_lora_run_trains_only_the_adapters_and_exports_merged_and_peft(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from jaxcpt.model.persist import load_model
+    from jaxcpt.open_model import open_model
     from jaxcpt.train.loop import train
 
     summary = train(load_train_config(None, _hf_start(tmp_path, "export.final=true", "export.dtype=float32")))
@@ -181,7 +181,7 @@ def test_a_lora_run_trains_only_the_adapters_and_exports_merged_and_peft(tmp_pat
     meta = read_meta(run / "checkpoints")
     assert all(k.endswith(("_lora_a", "_lora_b")) for k in meta["trainable_keys"]) and len(meta["trainable_keys"]) == 14
 
-    model = load_model(run, mesh=build_mesh({"data": 8}))
+    model = open_model(run, lora="adapter", mesh=build_mesh({"data": 8})).model()
     input_ids = np.random.RandomState(0).randint(0, 200, size=(2, SEQ))
     ours = np.asarray(model(jnp.asarray(input_ids)))
     merged = AutoModelForCausalLM.from_pretrained(run / "hf" / "step_4", dtype=torch.float32).eval()

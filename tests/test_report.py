@@ -2,7 +2,7 @@
 
 import json
 
-from jaxcpt.train.report import compare, format_table, write_report
+from jaxcpt.report.forgetting import compare, format_table, write_report
 
 
 def _run(directory, general_last: float, with_extras: bool = True):

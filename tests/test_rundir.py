@@ -214,7 +214,7 @@ def test_run_close_closes_everything_even_when_the_checkpointer_raises():
 
 # -- #20.10 exports ------------------------------------------------------------------------------
 def test_prune_exports_keeps_the_newest_steps_and_everything_else(tmp_path):
-    from jaxcpt.train.export import prune_exports
+    from jaxcpt.hf.run_export import prune_exports
 
     for name in ("step_2", "step_4", "step_4-adapter", "step_10", "step_10-adapter", "base", "notes"):
         (tmp_path / name).mkdir()

@@ -11,6 +11,7 @@ inserted layers.
 
 from __future__ import annotations
 
+import dataclasses
 import argparse
 from pathlib import Path
 

@@ -2,7 +2,7 @@
 
 Adaptation edits a few named parameters (``embedding`` [V, E], ``lm_head`` [E, V], the
 ``layers.*`` stacks [L, ...]) and must leave every other tensor bit-identical. Reading goes
-through ``load_hf`` / ``load_model`` onto one CPU device (surgery is host work; a GPU's
+through ``jaxcpt.open_model`` onto one CPU device (surgery is host work; a GPU's
 memory would only limit it), in a storage dtype that holds the source exactly, and
 writing through ``save_hf`` in the source's dtype, so an unchanged tensor round-trips
 bit for bit.
@@ -17,7 +17,6 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcpt.adapt.metadata import read_adaptation
 from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
 
@@ -61,32 +60,25 @@ def hf_weights_dtype(directory: Path) -> str:
 
 
 def load_source(path: str | os.PathLike, tokenizer: str | None = None) -> SourceModel:
-    """The model at ``path``: an HF directory (config.json + safetensors) or a jaxcpt run/checkpoint directory."""
-    from jaxcpt.model.persist import params_of
+    """The model at ``path`` (an HF directory or a jaxcpt run/checkpoint directory), opened by
+    ``jaxcpt.open_model``: a LoRA run's adapters folded in, tokenizer and adaptation record by its rules."""
+    from jaxcpt.open_model import locate_model, open_model
 
-    directory = Path(path)
-    if not directory.exists():
-        raise UserError(f"'{directory}' does not exist; give an HF model directory or a jaxcpt run/checkpoint directory")
-    if (directory / "config.json").is_file():
-        from jaxcpt.hf.convert import load_hf
-
-        dtype = hf_weights_dtype(directory)
+    location = locate_model(path)
+    if location.kind == "hf":
+        dtype = hf_weights_dtype(Path(path))
         # bfloat16 sources stay bfloat16 in memory (half the host memory); float16 has no such storage dtype
         # here, and float32 holds it exactly.
-        model = load_hf(directory, mesh=host_mesh(), param_dtype="bfloat16" if dtype == "bfloat16" else "float32")
-        adaptation = read_adaptation(directory)
+        opened = open_model(location, lora="merged", mesh=host_mesh(),
+                            param_dtype="bfloat16" if dtype == "bfloat16" else "float32")
     else:
-        from jaxcpt.checkpoint import read_meta
-        from jaxcpt.model.persist import load_model, merged_model, resolve_run_checkpoints
-
-        model = merged_model(load_model(directory, mesh=host_mesh()))  # a LoRA run's adapters folded in
-        dtype = model.config.param_dtype
-        adaptation = read_meta(resolve_run_checkpoints(directory)).get("adaptation")  # the trainer keeps it there
-    params = jax.tree.map(np.asarray, params_of(model))
-    tokenizer_dir = tokenizer or model.tokenizer_dir
+        opened = open_model(location, lora="merged", mesh=host_mesh())
+        dtype = opened.config.param_dtype
+    params = jax.tree.map(np.asarray, opened.params)
+    tokenizer_dir = tokenizer or opened.tokenizer_dir
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise UserError(f"tokenizer directory '{tokenizer_dir}' does not exist")
-    return SourceModel(str(path), model.config, params, dtype, tokenizer_dir, adaptation)
+    return SourceModel(str(path), opened.config, params, dtype, tokenizer_dir, opened.adaptation)
 
 
 def _fit_to(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -110,7 +102,7 @@ def save_model(cfg: ModelConfig, params: dict, out: str | os.PathLike, *, dtype:
     targets = abstract_params(cfg, mesh, rules)
     arrays = jax.tree.map(lambda a, t: jax.device_put(_fit_to(np.asarray(a, t.dtype), t.shape), device),
                           params, targets)
-    model = model_from_params(cfg, arrays, rules, tokenizer_dir)
+    model = model_from_params(cfg, arrays, rules)
     return save_hf(model, out, dtype=dtype, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
 
 

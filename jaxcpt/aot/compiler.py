@@ -20,7 +20,7 @@ from jaxcpt.aot.topology import Topology
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.sharding.mesh import build_mesh, describe_mesh
 from jaxcpt.sharding.rules import check_rules, make_rules
-from jaxcpt.train import layout as layout_lib
+from jaxcpt.sharding import layout as layout_lib
 from jaxcpt.train.config import TrainConfig
 from jaxcpt.train.setup import TrainProgram, build_program
 

@@ -89,9 +89,9 @@ class JaxcptLM(TemplateLM):
         """A jaxcpt run directory, its checkpoints directory or one step, or an HF directory."""
         from jaxcpt.eval.loading import load_for_evaluation
 
-        model, tokenizer, mesh, params = load_for_evaluation(path, mesh=mesh, dtype=dtype, weights=weights)
+        model, tokenizer, mesh = load_for_evaluation(path, mesh=mesh, dtype=dtype, weights=weights)
         graphdef, state = nnx.split(model)
-        return cls(graphdef, state if params is None else params, model.config, tokenizer, mesh=mesh, **kwargs)
+        return cls(graphdef, state, model.config, tokenizer, mesh=mesh, **kwargs)
 
     # -- what the harness reads -----------------------------------------------------
     @property

@@ -5,7 +5,8 @@ CKPT is a run directory, its ``checkpoints`` directory (latest step) or one step
 
 A LoRA checkpoint (``model.lora``) exports ``--lora merged`` (default: adapters folded into their
 projections, a plain HF directory), ``adapter`` (a PEFT directory; ``--base`` names the HF
-directory it applies to, by default the run's ``init.path`` when it started from one) or
+directory it applies to, by default the one rule of ``jaxcpt.open_model.adapter_base``: the run's
+``init.path`` while it holds config.json, else RUN/hf/base, written from the checkpoint) or
 ``base`` (the model without its adapters, for a base to give the adapter).
 """
 
@@ -26,7 +27,8 @@ def add_arguments(parser) -> None:
                              "(without adapters)")
     parser.add_argument("--base", default=None,
                         help="with --lora adapter: the HF directory the adapter applies to, written into "
-                             "adapter_config.json (default: the run's init.path when it started from an HF directory)")
+                             "adapter_config.json (default: the run's init.path while it exists, else RUN/hf/base, "
+                             "written from the checkpoint's frozen weights when missing)")
 
 
 def run(args) -> int:
@@ -34,61 +36,52 @@ def run(args) -> int:
 
     from jaxcpt.errors import UserError
     from jaxcpt.hf.convert import save_hf
-    from jaxcpt.model.persist import base_model, load_model
+    from jaxcpt.hf.run_export import adaptation_file, adapter_base_dir, write_adapter_base
+    from jaxcpt.model.lora import is_adapter
+    from jaxcpt.open_model import locate_model, open_model
     from jaxcpt.sharding.distributed import DistributedConfig, initialize_distributed
     from jaxcpt.sharding.mesh import build_mesh
 
     initialize_distributed(DistributedConfig())  # auto: joins the other hosts of a pod / SLURM job
-    base = _adapter_base(args) if args.lora == "adapter" else None  # checked before any weights are read
-    model = load_model(args.checkpoint, mesh=build_mesh(yaml.safe_load(args.mesh) if args.mesh else None))
-    if model.config.lora is None and args.lora != "merged":
+    location = locate_model(args.checkpoint)
+    if location.config.lora is None and args.lora != "merged":
         raise UserError(f"--lora {args.lora}: '{args.checkpoint}' has no LoRA adapters (its model.lora is null)")
+    base, write_base = None, False
+    if args.lora == "adapter":  # decided, and a given base checked, before any weights are read
+        base, write_base = (args.base, False) if args.base else adapter_base_dir(location)
+        base = base if write_base else _checked_base(base, args.checkpoint)
+    mesh = build_mesh(yaml.safe_load(args.mesh) if args.mesh else None)
+    # --lora base is the adapter's base; merged folds the adapters in (save_hf would too)
+    opened = open_model(location, lora=args.lora, mesh=mesh)
+    model, tokenizer = opened.model(), args.tokenizer or opened.tokenizer_dir
     if args.lora == "adapter":
         from jaxcpt.hf.peft_export import save_peft_adapter
 
+        if write_base:  # the one rule (jaxcpt.open_model.adapter_base): RUN/hf/base, from the checkpoint's frozen weights
+            write_adapter_base(model, base, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                               tokenizer_dir=tokenizer, adaptation=location.adaptation)
+            print(f"wrote the adapter's base {base} ({args.dtype}): the run's init.path is gone or it did not start "
+                  "from an HF directory")
+        trained = tuple(k for k in location.meta.get("trainable_keys") or [] if not is_adapter(k))  # modules_to_save
         out = save_peft_adapter(model, args.out, base_model_name_or_path=base,
-                                trained=_trained_non_adapters(args.checkpoint), dtype=args.dtype,
-                                overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
+                                trained=trained, dtype=args.dtype, overwrite=args.overwrite, tokenizer_dir=tokenizer)
     else:
-        model = base_model(model) if args.lora == "base" else model  # save_hf folds the adapters of a merged one
-        out = save_hf(model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      tokenizer_dir=args.tokenizer, overwrite=args.overwrite)
+        out = save_hf(model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer_dir=tokenizer,
+                      overwrite=args.overwrite, extra_files=adaptation_file(location.adaptation))
     if out is not None:
         print(f"wrote {out} ({args.dtype})")
     return 0
 
 
-def _checkpoint_meta(checkpoint: str) -> dict:
-    from jaxcpt.checkpoint import read_meta, resolve_step_dir
-    from jaxcpt.model.persist import resolve_run_checkpoints
-
-    return read_meta(resolve_step_dir(resolve_run_checkpoints(checkpoint)))
-
-
-def _adapter_base(args) -> str:
-    """--base, else the run's init.path when it started from an HF directory; it must hold config.json."""
+def _checked_base(base: str, checkpoint: str) -> str:
+    """``base`` as adapter_config.json names it; a local one must be an HF directory."""
     import os
 
     from jaxcpt.errors import UserError
 
-    base = args.base
-    if base is None:
-        init = (_checkpoint_meta(args.checkpoint).get("run_config") or {}).get("init") or {}
-        if init.get("source") != "hf" or not init.get("path"):
-            raise UserError(f"'{args.checkpoint}' did not start from an HF directory, so its adapter's base is not on "
-                            f"disk: write it with 'jaxcpt export-hf {args.checkpoint} --lora base --out BASE' and pass "
-                            "--base BASE")
-        base = init["path"]
     if "://" in base:
         return base
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise UserError(f"the adapter's base '{base}' is not an HF directory (no config.json); pass --base, or write "
-                        f"one with: jaxcpt export-hf {args.checkpoint} --lora base --out BASE")
+                        f"one with: jaxcpt export-hf {checkpoint} --lora base --out BASE")
     return os.path.abspath(base)
-
-
-def _trained_non_adapters(checkpoint: str) -> tuple[str, ...]:
-    """Parameters besides the adapters that the run trained (peft's modules_to_save)."""
-    from jaxcpt.model.lora import is_adapter
-
-    return tuple(k for k in _checkpoint_meta(checkpoint).get("trainable_keys") or [] if not is_adapter(k))

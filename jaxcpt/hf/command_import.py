@@ -26,6 +26,7 @@ def run(args) -> int:
     from jaxcpt.checkpoint import CheckpointConfig, Checkpointer
     from jaxcpt.hf.convert import copy_companion_files, load_hf
     from jaxcpt.model.persist import model_meta, params_of
+    from jaxcpt.open_model import locate_model
     from jaxcpt.sharding.mesh import build_mesh
 
     out = Path(args.out)
@@ -41,7 +42,8 @@ def run(args) -> int:
         meta = {**model_meta(model), "source": str(Path(args.hf_dir).resolve()),
                 "adaptation": read_adaptation(args.hf_dir)}  # optim.trainable's [new] selectors read it
         ckpt.save(0, {"params": params_of(model)}, {}, meta, force=True)
-    if model.tokenizer_dir and is_writer():
-        copy_companion_files(model.tokenizer_dir, out / "tokenizer")
-    print(f"wrote {out}/checkpoints/0" + (f" and {out}/tokenizer" if model.tokenizer_dir else ""))
+    tokenizer_dir = locate_model(args.hf_dir).tokenizer_dir  # the one tokenizer rule (jaxcpt.open_model)
+    if tokenizer_dir and is_writer():
+        copy_companion_files(tokenizer_dir, out / "tokenizer")
+    print(f"wrote {out}/checkpoints/0" + (f" and {out}/tokenizer" if tokenizer_dir else ""))
     return 0

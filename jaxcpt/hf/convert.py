@@ -33,7 +33,7 @@ from jaxcpt.hf.mapping import Tensor, hf_names
 from jaxcpt.hf.tensor_io import SafetensorsReader, ShardStream, block_rows, place  # noqa: F401 (SafetensorsReader: merge)
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
-from jaxcpt.model.transformer import Transformer, abstract_model, state_shardings
+from jaxcpt.model.transformer import Transformer, abstract_model, variable_shardings
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
 
@@ -118,10 +118,9 @@ def load_hf(
     _check_shapes(reader, table, cfg)
     mesh = mesh if mesh is not None else build_mesh()
     rules = rules if rules is not None else make_rules()
-    tokenizer_dir = str(directory.resolve()) if any((directory / f).is_file() for f in COMPANION_FILES) else None
-    abstract = abstract_model(cfg, rules, tokenizer_dir)
+    abstract = abstract_model(cfg, rules)
     graphdef, state = nnx.split(abstract)
-    shardings = state_shardings(state, mesh, rules)
+    shardings = variable_shardings(state, mesh, rules)
     np_dtype = NUMPY_DTYPES[cfg.param_dtype]
     for row in table:
         variable, sharding = value_at(state, row.path), value_at(shardings, row.path)
@@ -405,9 +404,8 @@ def save_hf(
         if len(stream.files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        source = tokenizer_dir or getattr(model, "tokenizer_dir", None)
-        if source:
-            copy_companion_files(source, tmp)
+        if tokenizer_dir:
+            copy_companion_files(tokenizer_dir, tmp)
         for name, text in (extra_files or {}).items():  # e.g. the run's jaxcpt_adaptation.json
             (tmp / name).write_text(text)
     return staged.publish("jaxcpt.save_hf")

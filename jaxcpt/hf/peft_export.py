@@ -83,7 +83,7 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
 
     ``base_model_name_or_path``: the HF directory the adapter applies to (written into the config;
     peft loads the base from it when given only the adapter directory). The tokenizer files of
-    ``tokenizer_dir`` (default: the model's) are copied beside the adapter, as peft's own saves do.
+    ``tokenizer_dir`` (if given) are copied beside the adapter, as peft's own saves do.
     """
     cfg = model.config
     if cfg.lora is None:
@@ -129,7 +129,6 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
         save_file(tensors, str(staged.tmp / ADAPTER_FILE), metadata={"format": "pt"})
         config = adapter_config(model, base_model_name_or_path, modules_to_save, tie)
         (staged.tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        source = tokenizer_dir or getattr(model, "tokenizer_dir", None)
-        if source:
-            copy_companion_files(source, staged.tmp)
+        if tokenizer_dir:
+            copy_companion_files(tokenizer_dir, staged.tmp)
     return staged.publish("jaxcpt.save_peft_adapter")

@@ -124,19 +124,17 @@ class CheckpointInput:
 
     kind = "checkpoint"
 
-    def __init__(self, path: Path):
+    def __init__(self, location):
         import orbax.checkpoint as ocp
+        from etils import epath
 
-        from jaxcpt.checkpoint import read_meta, resolve_step_dir
-        from jaxcpt.model.persist import config_from_meta, resolve_run_checkpoints, tokenizer_dir_for
-
-        self.path = path
-        self.step_dir = resolve_step_dir(resolve_run_checkpoints(path))
-        self.config = config_from_meta(read_meta(self.step_dir))
+        self.path = Path(location.path)
+        self.step_dir = epath.Path(location.step_dir)
+        self.config = location.config
         if self.config.lora is not None:  # its tensors alone are the frozen base: merging them would drop the training
             raise UserError(f"checkpoint '{self.step_dir}' holds LoRA adapters (model.lora); merge its merged export "
-                            f"instead: jaxcpt export-hf {path} --out DIR (adapters folded in), then pass DIR")
-        self._tokenizer_dir = tokenizer_dir_for(self.step_dir)
+                            f"instead: jaxcpt export-hf {location.path} --out DIR (adapters folded in), then pass DIR")
+        self._tokenizer_dir = location.tokenizer_dir
         tree = ocp.PyTreeCheckpointHandler().metadata(self.step_dir / "state").tree
         if not isinstance(tree, dict) or "params" not in tree:
             raise UserError(f"checkpoint '{self.step_dir}' has no 'params' in its state")
@@ -201,16 +199,13 @@ ModelInput = HFInput | CheckpointInput
 
 
 def open_input(path: str | Path) -> ModelInput:
-    """An HF directory (has config.json) or a jaxcpt checkpoint (run dir, RUN/checkpoints, one step)."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"'{p}' does not exist; pass an HF directory or a jaxcpt run/checkpoint directory")
-    if (p / "config.json").is_file():
-        return HFInput(p)
-    if (p / "checkpoints").is_dir() or (p / "state").is_dir() or any(c.name.isdigit() for c in p.iterdir() if c.is_dir()):
-        return CheckpointInput(p)
-    raise UserError(f"'{p}' is neither an HF directory (no config.json) nor a jaxcpt checkpoint (a run directory, "
-                    "RUN/checkpoints or RUN/checkpoints/STEP)")
+    """An HF directory (has config.json) or a jaxcpt checkpoint (run dir, RUN/checkpoints, one step),
+    located by ``jaxcpt.open_model`` (its rules for the step and the tokenizer); tensors are read
+    here, one at a time."""
+    from jaxcpt.open_model import locate_model
+
+    location = locate_model(path)
+    return HFInput(Path(path)) if location.kind == "hf" else CheckpointInput(location)
 
 
 def _describe(value) -> str:

@@ -213,7 +213,7 @@ def run_sweep(base: ModelInput, model: ModelInput, method: str, coefficients: li
 
 def _run_eval(run_dir: str) -> dict | None:
     """The run's own step-0 and last eval loss per source (from metrics.jsonl), for comparison."""
-    from jaxcpt.train.report import summarize
+    from jaxcpt.report.forgetting import summarize
 
     try:
         summary = summarize(run_dir)

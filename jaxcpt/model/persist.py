@@ -1,8 +1,8 @@
-"""A model as plain pytrees: parameters out of and back into the NNX module, and from checkpoints.
+"""A model as plain pytrees: parameters out of and back into the NNX module, merged and base models.
 
 Checkpoints store parameters as a nested dict of arrays (``{'layers': {'q': ...}, ...}``)
 so their layout does not depend on Flax internals; the model config travels in the
-checkpoint's ``meta`` item.
+checkpoint's ``meta`` item. Opening a model from a path is ``jaxcpt.open_model``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import dataclasses
 import functools
 
 import jax
-from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -19,8 +18,7 @@ from jaxcpt import __version__
 from jaxcpt.config import from_dict, to_dict
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
-from jaxcpt.model.transformer import Transformer, abstract_model, state_shardings
-from jaxcpt.sharding.mesh import build_mesh
+from jaxcpt.model.transformer import Transformer, abstract_model, variable_shardings
 from jaxcpt.sharding.rules import make_rules
 
 
@@ -32,14 +30,14 @@ def params_of(model: Transformer) -> dict:
 def abstract_params(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
     """Parameters as ``ShapeDtypeStruct`` leaves carrying their target sharding (for restores)."""
     state = nnx.state(abstract_model(cfg, rules), nnx.Param)
-    shardings = state_shardings(state, mesh, rules).to_pure_dict()
+    shardings = variable_shardings(state, mesh, rules).to_pure_dict()
     shapes = state.to_pure_dict()
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def model_from_params(cfg: ModelConfig, params: dict, rules=None, tokenizer_dir: str | None = None) -> Transformer:
+def model_from_params(cfg: ModelConfig, params: dict, rules=None) -> Transformer:
     rules = rules if rules is not None else make_rules()
-    graphdef, state = nnx.split(abstract_model(cfg, rules, tokenizer_dir))
+    graphdef, state = nnx.split(abstract_model(cfg, rules))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
@@ -51,7 +49,7 @@ def fresh_adapters(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> dict[s
     initialisation: nothing of the base is materialised.
     """
     names = [name for target in cfg.lora.targets for name in lora_lib.adapter_names(target)]
-    layer_shardings = state_shardings(nnx.state(abstract_model(cfg, rules), nnx.Param), mesh, rules)["layers"]
+    layer_shardings = variable_shardings(nnx.state(abstract_model(cfg, rules), nnx.Param), mesh, rules)["layers"]
 
     @functools.partial(jax.jit, out_shardings={name: layer_shardings[name] for name in names})
     def create():
@@ -80,8 +78,7 @@ def merged_model(model: Transformer) -> Transformer:
         w = layers[target]
         fold = jax.jit(lambda w, a, b: lora_lib.fold(w, a, b, cfg.lora.scale).astype(w.dtype), out_shardings=w.sharding)
         layers[target] = fold(w, a, b)
-    return model_from_params(dataclasses.replace(cfg, lora=None), {**params, "layers": layers}, model.rules,
-                             model.tokenizer_dir)
+    return model_from_params(dataclasses.replace(cfg, lora=None), {**params, "layers": layers}, model.rules)
 
 
 def base_model(model: Transformer) -> Transformer:
@@ -92,8 +89,7 @@ def base_model(model: Transformer) -> Transformer:
     params = params_of(model)
     adapters = {name for target in cfg.lora.targets for name in lora_lib.adapter_names(target)}
     layers = {name: value for name, value in params["layers"].items() if name not in adapters}
-    return model_from_params(dataclasses.replace(cfg, lora=None), {**params, "layers": layers}, model.rules,
-                             model.tokenizer_dir)
+    return model_from_params(dataclasses.replace(cfg, lora=None), {**params, "layers": layers}, model.rules)
 
 
 def model_meta(model: Transformer) -> dict:
@@ -109,37 +105,3 @@ def config_from_meta(meta: dict) -> ModelConfig:
     fields = dict(meta["model_config"])
     fields.setdefault("vocab_pad_multiple", 1)
     return from_dict(ModelConfig, fields, prefix="model")
-
-
-def tokenizer_dir_for(step_dir: str | epath.PathLike) -> str | None:
-    """RUN/tokenizer for a checkpoint RUN/checkpoints/STEP, else the copy the checkpoint stores.
-
-    Paths go through ``epath`` only: ``pathlib`` would turn ``gs://bucket/run`` into ``gs:/bucket/run``,
-    a local path that does not exist, and the export would silently ship no tokenizer.
-    """
-    from jaxcpt.checkpoint import stored_export_tokenizer
-
-    step_dir = epath.Path(step_dir)  # a str, pathlib or epath path; a URL keeps its scheme
-    candidate = step_dir.parent.parent / "tokenizer"
-    return str(candidate) if candidate.is_dir() else stored_export_tokenizer(step_dir)
-
-
-def load_model(path, mesh: Mesh | None = None, rules=None, **model_overrides) -> Transformer:
-    """The model of a jaxcpt checkpoint (run dir, checkpoints dir or one step), sharded on ``mesh``."""
-    import dataclasses
-
-    from jaxcpt.checkpoint import read_meta, resolve_step_dir, restore_params
-
-    step_dir = resolve_step_dir(resolve_run_checkpoints(path))
-    cfg = config_from_meta(read_meta(step_dir))
-    cfg = dataclasses.replace(cfg, **model_overrides)
-    mesh = mesh if mesh is not None else build_mesh()
-    rules = rules if rules is not None else make_rules()
-    params = restore_params(step_dir, abstract_params(cfg, mesh, rules))
-    return model_from_params(cfg, params, rules, tokenizer_dir_for(step_dir))
-
-
-def resolve_run_checkpoints(path) -> epath.Path:
-    """Accept a run directory too: RUN -> RUN/checkpoints when that exists."""
-    p = epath.Path(path)
-    return p / "checkpoints" if (p / "checkpoints").is_dir() else p

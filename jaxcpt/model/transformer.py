@@ -245,10 +245,9 @@ class Transformer(nnx.Module):
     past ``vocab_size`` stay zero, and logits are only ever returned for the real ones.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules=None, tokenizer_dir: str | None = None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules=None):
         self.config = cfg
         self.rules = rules if rules is not None else make_rules()
-        self.tokenizer_dir = tokenizer_dir  # HF tokenizer files to ship with an export, if any
         vocab, width = cfg.padded_vocab_size, cfg.hidden_size
         self.embedding = _vocab_param(rngs, cfg, (vocab, width), ("vocab", "embed"), vocab_axis=0)
         self.layers = LayerStack(cfg, rngs)
@@ -334,12 +333,12 @@ class Transformer(nnx.Module):
         return constrain(out, ("batch", "length", "act_vocab"), self.rules)
 
 
-def abstract_model(cfg: ModelConfig, rules=None, tokenizer_dir: str | None = None) -> Transformer:
+def abstract_model(cfg: ModelConfig, rules=None) -> Transformer:
     """The model with ShapeDtypeStruct leaves: structure, shapes and axes, no memory."""
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), rules=rules, tokenizer_dir=tokenizer_dir))
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), rules=rules))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
+def variable_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
     """NamedSharding for every variable of ``state``, from its ``axes`` metadata and the rule table."""
 
     def one(variable):
@@ -352,16 +351,16 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def init_model(cfg: ModelConfig, mesh: Mesh, rules=None, seed: int = 0, tokenizer_dir: str | None = None) -> Transformer:
+def init_model(cfg: ModelConfig, mesh: Mesh, rules=None, seed: int = 0) -> Transformer:
     """A randomly initialised model whose parameters are created directly in their shardings."""
     rules = rules if rules is not None else make_rules()
-    abstract = abstract_model(cfg, rules, tokenizer_dir)
+    abstract = abstract_model(cfg, rules)
     graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh, rules)
+    shardings = variable_shardings(abstract_state, mesh, rules)
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def create():
-        model = Transformer(cfg, rngs=nnx.Rngs(seed), rules=rules, tokenizer_dir=tokenizer_dir)
+        model = Transformer(cfg, rngs=nnx.Rngs(seed), rules=rules)
         return nnx.state(model)
 
     with jax.set_mesh(mesh):

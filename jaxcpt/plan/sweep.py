@@ -213,7 +213,7 @@ def collect(out: Path) -> tuple[list[Observation], list[str]]:
 
 def _observation(name: str, run: dict, general: str, domain: str, run_dir: Path) -> Observation:
     """One finished run's final and step-0 held-out losses of the general and domain sources."""
-    from jaxcpt.train.report import eval_curves
+    from jaxcpt.report.forgetting import eval_curves
 
     curves = eval_curves(run_dir)
     missing = [s for s in (general, domain) if s not in curves]

@@ -17,7 +17,7 @@ from jaxcpt.eval.downstream import DownstreamConfig
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.optim.config import OptimConfig
 from jaxcpt.sharding.distributed import DistributedConfig
-from jaxcpt.train.ema import EMAConfig
+from jaxcpt.optim.ema import EMAConfig
 from jaxcpt.train.rundir import LockConfig
 
 # ModelConfig fields that say how to compute, not what the model is; these apply

@@ -145,7 +145,7 @@ def start(setup: RunSetup) -> Run:
             resume_lib.restore_eval_history(run_dir, history)
     else:
         _say(f"starting from {cfg.init.source}" + (f" {cfg.init.path}" if cfg.init.path else ""))
-        params, _ = train_state.initial_params(cfg, program.model_cfg, program.mesh, program.rules)
+        params = train_state.initial_params(cfg, program.model_cfg, program.mesh, program.rules, setup.start)
         state = train_state.fresh_state(params, program.tx, program.state_shardings, program.trainable.keys)
         history = []
         if is_writer():  # records of an attempt that crashed before its first checkpoint, or of a run whose
@@ -245,9 +245,17 @@ def save(run: Run, step: int, force: bool = False) -> None:
 
 
 def export(run: Run, step: int) -> None:
-    from jaxcpt.train.export import export as write_exports
+    from jaxcpt.hf.run_export import export_step
 
-    for target in write_exports(run, step):
+    setup, cfg = run.setup, run.setup.cfg
+    weights = run.state["params"]
+    if cfg.export.weights == "ema":  # the average of the trainable parameters; frozen ones are as they are
+        weights = train_state.with_trainable(weights, run.state["ema"])
+    model = train_state.model_of(setup.program.graphdef, weights)
+    written = export_step(model, step, export_cfg=cfg.export, root=cfg.export.directory or str(setup.run_dir / "hf"),
+                          tokenizer_dir=run.export_tokenizer, adaptation=setup.adaptation,
+                          trained=tuple(setup.program.trainable.keys), init=to_dict(cfg.init))
+    for target in written:
         run.exports.append(target)
         _say(f"exported {target}")
 
@@ -391,7 +399,7 @@ def report(run: Run, stopped: bool) -> dict:
     if is_writer() and not stopped:
         (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if setup.eval_batches:  # the report compares held-out losses; without eval splits there is none
-            from jaxcpt.train.report import write_report
+            from jaxcpt.report.forgetting import write_report
 
             print(write_report(setup.run_dir), flush=True)
     return summary

@@ -33,7 +33,8 @@ from jaxcpt.sharding.distributed import initialize_distributed
 from jaxcpt.sharding.mesh import build_mesh, describe_mesh
 from jaxcpt.model.rope_change import describe_rope
 from jaxcpt.sharding.rules import check_rules, logical_to_spec, make_rules
-from jaxcpt.train import layout as layout_lib
+from jaxcpt.open_model import ModelLocation
+from jaxcpt.sharding import layout as layout_lib
 from jaxcpt.train import resume as resume_lib
 from jaxcpt.train import state as train_state
 from jaxcpt.train.config import TrainConfig
@@ -107,7 +108,7 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
     trainable = resolve_trainable(phases, infos, adaptation, cfg.train.steps)
     _check_trained_dtypes(model_cfg, trainable)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, trainable)
-    shardings = train_state.state_shardings(tx, model_cfg, mesh, rules, keys=trainable.keys, ema=cfg.ema.enabled)
+    shardings = train_state.train_state_shardings(tx, model_cfg, mesh, rules, keys=trainable.keys, ema=cfg.ema.enabled)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, dict(mesh.shape)))
     source_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules, dict(mesh.shape)))
     batch_shardings = {**{k: batch_sharding for k in BATCH_KEYS}, "source": source_sharding}
@@ -160,6 +161,7 @@ class RunSetup:
     source_names: list[str]
     data_iter: Any = None  # None after a --check
     eval_batches: dict | None = None
+    start: ModelLocation | None = None  # a fresh run's init.path, located once (jaxcpt.open_model); None on resume
 
     @property
     def model_cfg(self) -> ModelConfig:
@@ -229,16 +231,17 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
     # every host gives the model config, the tokenizer and the adaptation record; a fresh run takes
     # them from init.* and data.tokenizer.
     resume_from = find_resume_point(checkpoint_dir, required_meta=("model_config",))
-    scratch, data_iter = ScratchDirs(), None
+    scratch, data_iter, start = ScratchDirs(), None, None
     try:
         if resume_from is not None:
             model_cfg = resume_lib.model_config_from_checkpoint(cfg, resume_from.meta)
             tokenizers = resume_lib.tokenizer_files_for_resume(cfg, resume_from.files, checkpoint_dir, scratch)
             adaptation = resume_from.meta.get("adaptation")
         else:
-            model_cfg = train_state.resolve_model_config(cfg)
-            tokenizers = resume_lib.tokenizer_files_for_start(cfg, train_state.init_tokenizer_dir(cfg), scratch)
-            adaptation = train_state.init_adaptation(cfg)
+            start = train_state.locate_start(cfg)  # init.path read once: config, tokenizer, adaptation, step
+            model_cfg = train_state.resolve_model_config(cfg, start)
+            tokenizers = resume_lib.tokenizer_files_for_start(cfg, start.tokenizer_dir if start else None, scratch)
+            adaptation = start.adaptation if start else None
         from jaxcpt.model.rope_change import check_trained_length
 
         for warning in check_trained_length(model_cfg, cfg.model.rope, {"data.seq_len": cfg.data.seq_len}):
@@ -265,7 +268,7 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
             data_iter.close()
         raise
     return RunSetup(cfg, run_dir, checkpoint_dir, resume_from, program, adaptation, tokenizers, data_cfg,
-                    source_names, data_iter, eval_batches)
+                    source_names, data_iter, eval_batches, start)
 
 
 def _agree_with_tokenizer(model_cfg: ModelConfig, data_cfg, defaults_apply: bool) -> ModelConfig:

@@ -19,91 +19,57 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcpt.model.config import ModelConfig
-from jaxcpt.model.persist import abstract_params, fresh_adapters, load_model, merged_model, params_of, with_adapters
+from jaxcpt.errors import UserError
+from jaxcpt.model.persist import abstract_params, fresh_adapters, params_of, with_adapters
 from jaxcpt.model.transformer import Transformer, abstract_model, init_model
 from jaxcpt.train.config import ADDED_FIELDS, NUMERICS_FIELDS, TrainConfig
 from jaxcpt.optim.trainable import ParamInfo
-from jaxcpt.train.ema import init_ema
+from jaxcpt.optim.ema import init_ema
+from jaxcpt.open_model import ModelLocation, locate_model, open_model
 
 
-def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The model's config: architecture from the init source, numerics and adapters (LoRA) from ``cfg.model``,
-    then ``cfg.model.rope``'s change (jaxcpt.model.rope_change)."""
+def locate_start(cfg: TrainConfig) -> ModelLocation | None:
+    """Where a fresh run's model comes from, resolved once (``jaxcpt.open_model``): the config, the
+    tokenizer, the adaptation record and the checkpoint step of ``init.path``; None from scratch."""
+    if cfg.init.source == "scratch":
+        return None
+    location = locate_model(cfg.init.path)
+    if location.kind != cfg.init.source:
+        what = {"hf": "an HF directory (config.json)", "checkpoint": "a jaxcpt checkpoint"}
+        raise UserError(f"init.source={cfg.init.source}, but init.path '{cfg.init.path}' is {what[location.kind]}; "
+                        f"set init.source={location.kind}")
+    return location
+
+
+def resolve_model_config(cfg: TrainConfig, start: ModelLocation | None = None) -> ModelConfig:
+    """The model's config: architecture from the init source (``start``, located here when not
+    given), numerics and adapters (LoRA) from ``cfg.model``, then ``cfg.model.rope``'s change
+    (jaxcpt.model.rope_change)."""
     from jaxcpt.model.rope_change import apply_rope_change
 
-    return apply_rope_change(_source_model_config(cfg), cfg.model.rope)
+    return apply_rope_change(_source_model_config(cfg, start), cfg.model.rope)
 
 
-def _source_model_config(cfg: TrainConfig) -> ModelConfig:
+def _source_model_config(cfg: TrainConfig, start: ModelLocation | None) -> ModelConfig:
+    if cfg.init.source == "scratch":
+        return cfg.model
     numerics = {name: getattr(cfg.model, name) for name in NUMERICS_FIELDS + ADDED_FIELDS}
-    if cfg.init.source == "hf":
-        from jaxcpt.hf.convert import read_hf_config
-
-        return dataclasses.replace(read_hf_config(cfg.init.path), **numerics)
-    if cfg.init.source == "checkpoint":
-        from jaxcpt.checkpoint import read_meta
-        from jaxcpt.model.persist import config_from_meta, resolve_run_checkpoints
-
-        meta = read_meta(resolve_run_checkpoints(cfg.init.path))
-        return dataclasses.replace(config_from_meta(meta), **numerics)
-    return cfg.model
+    return dataclasses.replace((start or locate_start(cfg)).config, **numerics)
 
 
-def init_tokenizer_dir(cfg: TrainConfig) -> str | None:
-    """The HF tokenizer directory that comes with the init source, without loading any weights."""
-    from pathlib import Path
-
-    from jaxcpt.hf.convert import COMPANION_FILES
-
-    if cfg.init.source == "hf":
-        return cfg.init.path if any((Path(cfg.init.path) / f).is_file() for f in COMPANION_FILES) else None
-    if cfg.init.source == "checkpoint":
-        from jaxcpt.checkpoint import resolve_step_dir
-        from jaxcpt.model.persist import resolve_run_checkpoints, tokenizer_dir_for
-
-        return tokenizer_dir_for(resolve_step_dir(resolve_run_checkpoints(cfg.init.path)))
-    return None
-
-
-def init_adaptation(cfg: TrainConfig) -> dict | None:
-    """The starting model's adaptation record (``jaxcpt_adaptation.json``, written by extend-vocab /
-    expand-depth), or None. A checkpoint start reads it from the checkpoint's meta."""
-    import json
-    from pathlib import Path
-
-    if cfg.init.source == "hf":
-        path = Path(cfg.init.path) / "jaxcpt_adaptation.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-    if cfg.init.source == "checkpoint":
-        from jaxcpt.checkpoint import read_meta
-        from jaxcpt.model.persist import resolve_run_checkpoints
-
-        return read_meta(resolve_run_checkpoints(cfg.init.path)).get("adaptation")
-    return None
-
-
-def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules) -> tuple[dict, str | None]:
-    """(params, tokenizer_dir) for a fresh run, from the configured source.
+def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, start: ModelLocation | None) -> dict:
+    """A fresh run's parameters, from ``start`` (``locate_start``), or initialised from scratch.
 
     With ``model.lora`` the source gives the base and fresh adapters are added (B = 0: the same
     function). A checkpoint that has adapters of its own starts as its merged model.
     """
+    if start is None:
+        return params_of(init_model(model_cfg, mesh, rules, seed=cfg.init.seed))
     numerics = {name: getattr(model_cfg, name) for name in NUMERICS_FIELDS}
-    if cfg.init.source == "scratch":
-        model = init_model(model_cfg, mesh, rules, seed=cfg.init.seed)
-        return params_of(model), model.tokenizer_dir
-    if cfg.init.source == "hf":
-        from jaxcpt.hf.convert import load_hf
-
-        overrides = {k: v for k, v in numerics.items() if k not in ("dtype", "param_dtype")}
-        model = load_hf(cfg.init.path, mesh=mesh, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
-                        rules=rules, **overrides)
-    else:
-        model = merged_model(load_model(cfg.init.path, mesh=mesh, rules=rules, **numerics))
-    params = params_of(model)
+    params = open_model(start, lora="merged", mesh=mesh, rules=rules, **numerics).params
     if model_cfg.lora is not None:
         params = with_adapters(params, fresh_adapters(model_cfg, mesh, rules, seed=cfg.init.seed))
-    return params, model.tokenizer_dir
+    return params
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, view_abstract: dict, mesh: Mesh):
@@ -152,7 +118,7 @@ def with_trainable(params: dict, view: dict) -> dict:
     return jax.tree_util.tree_map_with_path(put, params)
 
 
-def state_shardings(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, keys, ema: bool = False) -> dict:
+def train_state_shardings(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, keys, ema: bool = False) -> dict:
     params_abstract = abstract_params(model_cfg, mesh, rules)
     param_shardings = jax.tree.map(lambda p: p.sharding, params_abstract)
     view = trainable_view(params_abstract, keys)
@@ -170,7 +136,7 @@ def abstract_state(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, keys, ema: 
     """ShapeDtypeStruct leaves with target shardings: what a checkpoint restores into."""
     params_abstract = abstract_params(model_cfg, mesh, rules)
     view = trainable_view(params_abstract, keys)
-    shardings = state_shardings(tx, model_cfg, mesh, rules, keys=keys, ema=ema)
+    shardings = train_state_shardings(tx, model_cfg, mesh, rules, keys=keys, ema=ema)
     shapes = {"params": params_abstract, "opt_state": jax.eval_shape(tx.init, view),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
     if ema:
@@ -189,8 +155,8 @@ def fresh_state(params: dict, tx, shardings: dict, keys) -> dict:
     return state
 
 
-def graphdef_of(model_cfg: ModelConfig, rules, tokenizer_dir: str | None = None):
-    return nnx.split(abstract_model(model_cfg, rules, tokenizer_dir))[0]
+def graphdef_of(model_cfg: ModelConfig, rules):
+    return nnx.split(abstract_model(model_cfg, rules))[0]
 
 
 def model_of(graphdef, params: dict) -> Transformer:

@@ -1,7 +1,7 @@
 """The hot path: pure ``train_step(state, batch) -> (state, metrics)`` and ``eval_step``.
 
 ``state`` is a plain pytree ``{'params', 'opt_state', 'step'}``, plus ``'ema'`` (the
-parameters' moving average, ``jaxcpt.train.ema``) when one is kept; the model's static
+parameters' moving average, ``jaxcpt.optim.ema``) when one is kept; the model's static
 structure (``graphdef``), the optimizer and the loss settings are bound with
 ``functools.partial`` before jitting, so nothing hidden reaches the compiled step.
 
@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxcpt.optim.accumulate import accumulate_gradients
 from jaxcpt.optim.optimizer import skip_update
-from jaxcpt.train.ema import EMAConfig, decay_at, update_ema
+from jaxcpt.optim.ema import EMAConfig, decay_at, update_ema
 from jaxcpt.model import moe as moe_lib
 from jaxcpt.train.loss import model_token_loss_sums
 from jaxcpt.train.state import trainable_view, with_trainable

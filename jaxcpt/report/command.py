@@ -12,7 +12,7 @@ def run(args) -> int:
     from etils import epath
 
     from jaxcpt.errors import UserError
-    from jaxcpt.train.report import compare, plot, write_report
+    from jaxcpt.report.forgetting import compare, plot, write_report
 
     for run_dir in args.runs:
         if not (epath.Path(run_dir) / "metrics.jsonl").exists():

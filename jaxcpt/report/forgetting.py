@@ -22,7 +22,7 @@ from etils import epath
 
 from jaxcpt.errors import UserError
 from jaxcpt.train.metrics import read_metrics
-from jaxcpt.train.report_routing import plot_routing, routing_lines
+from jaxcpt.report.routing import plot_routing, routing_lines
 
 
 def eval_curves(run_dir, weights: str = "sources", unit: str = "loss") -> dict[str, list[tuple[int, float]]]:
@@ -97,7 +97,7 @@ def format_table(run_dir) -> str:
     if late:
         lines.append(f"  warning: no step-0 evaluation recorded; 'step 0' above is the evaluation at step {late[0]}")
     lines += _downstream_lines(run_dir)
-    lines += routing_lines(run_dir)  # MoE runs: expert load per source (jaxcpt.train.report_routing)
+    lines += routing_lines(run_dir)  # MoE runs: expert load per source (jaxcpt.report.routing)
     for sweep in merge_sweeps(run_dir):
         lines += _sweep_lines(sweep)
     return "\n".join(lines)

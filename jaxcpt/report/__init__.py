@@ -1,0 +1,1 @@
+"""The forgetting report of a run (or two runs compared): tables, plots and the `jaxcpt report` command."""
