@@ -11,8 +11,8 @@ inserted layers.
 
 from __future__ import annotations
 
-import dataclasses
 import argparse
+import dataclasses
 from pathlib import Path
 
 from jaxcpt.adapt.depth import DEPTH_INITS
