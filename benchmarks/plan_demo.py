@@ -19,6 +19,7 @@ Rerunning reuses the base and the finished sweep runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -56,8 +57,8 @@ def main() -> int:
     timings = {}
     t0 = time.monotonic()
     data_dir = demo.prepare_data(Path("runs/demo"), demo.SCALES["full"], fresh=False)  # as `jaxcpt demo --data-only`
-    scale = demo.DemoScale(documents=demo.SCALES["full"].documents, pretrain_steps=args.pretrain_steps,
-                           cpt_steps=args.steps, eval_every=args.steps)
+    scale = dataclasses.replace(demo.SCALES["full"], pretrain_steps=args.pretrain_steps, cpt_steps=args.steps,
+                                eval_every=args.steps)
     reused = {"base": (out / "base" / "summary.json").is_file()}
     base = demo.pretrain_base(out, data_dir, scale)
     timings["data_and_base_s"] = time.monotonic() - t0

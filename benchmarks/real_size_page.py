@@ -37,7 +37,7 @@ def _missing(stem: str) -> str:
     shape, *commit = stem.removeprefix("real_size_").split("_")
     code = f" --code WORKTREE_AT_{commit[0]}" if commit else ""
     return (f"Not measured yet: `python benchmarks/real_size.py --shape {shape}{code}` writes "
-            f"`benchmarks/results/{stem}.json`; then `python benchmarks/real_size_page.py --update docs/real-size.md`.")
+            f"`{stem}.json` into `benchmarks/results/`; then `python benchmarks/real_size_page.py --update docs/real-size.md`.")
 
 
 def _about(result: dict, stem: str) -> str:

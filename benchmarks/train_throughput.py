@@ -393,6 +393,9 @@ def main(argv=None) -> int:
         if peak:
             entry["mfu"] = flops_step / median / (peak * jax.device_count())
         results[name] = entry
+    if "jaxcpt" not in results:  # the step itself failed (e.g. out of device memory): say why, write no ratios
+        print(f"jaxcpt: failed during warm-up: {failed.get('jaxcpt')}", file=sys.stderr)
+        return 1
     results["jaxcpt"]["peak_device_bytes"] = peak_memory_jax()
     for name in results:
         if name.startswith("pytorch"):

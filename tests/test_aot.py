@@ -153,9 +153,11 @@ def test_levers_for_the_state_come_first_when_it_dominates():
 
 
 def test_architectures_have_the_published_parameter_counts():
-    # The models' published sizes (Hugging Face model cards: 8.03B, 1.24B, 7.62B parameters).
+    # The models' published sizes (Hugging Face model cards: 8.03B, 1.24B, 7.62B parameters); Qwen3.5-9B is its
+    # text model alone (no vision tower), as transformers 5.25 counts Qwen3_5TextConfig()'s parameters.
     counts = {name: architecture(name).num_params() for name in ARCHITECTURES}
-    assert counts == {"Llama-3.1-8B": 8_030_261_248, "Llama-3.2-1B": 1_235_814_400, "Qwen2.5-7B": 7_615_616_512}
+    assert counts == {"Llama-3.1-8B": 8_030_261_248, "Llama-3.2-1B": 1_235_814_400, "Qwen2.5-7B": 7_615_616_512,
+                      "Qwen3.5-9B": 8_953_803_264}
 
 
 def test_a_model_directory_is_matched_to_its_architecture_by_name():

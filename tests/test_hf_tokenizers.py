@@ -72,7 +72,7 @@ def test_export_ships_the_source_tokenizer_byte_identical_and_transformers_loads
     shipped = sorted(name for name in COMPANION_FILES if (source / name).is_file())
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(shipped)
 
-    save_hf(load_hf(source), export)
+    save_hf(load_hf(source), export, tokenizer_dir=source)  # the tokenizer travels explicitly, not on the model
     for name in shipped:
         assert (export / name).read_bytes() == (source / name).read_bytes(), name
 

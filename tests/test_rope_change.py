@@ -18,7 +18,7 @@ from jaxcpt.model.rope_change import apply_rope_change, check_trained_length
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
 from jaxcpt.train.config import config_as_yaml_dict, load_train_config
-from jaxcpt.train.state import graphdef_of, initial_params, model_of, resolve_model_config
+from jaxcpt.train.state import graphdef_of, initial_params, locate_start, model_of, resolve_model_config
 
 SOURCE = "data.sources=[{name: text, paths: [unused.jsonl]}]"  # a run needs one; these tests read no data
 F32 = "model.dtype=float32"  # the run default is bfloat16 compute
@@ -49,9 +49,10 @@ def start(tmp_path_factory):
 def test_rope_change_matches_transformers_through_export(name, start, tmp_path):
     overrides, rope_parameters, longest = CHANGES[name]
     cfg = load_train_config(None, [SOURCE, F32, "init.source=hf", f"init.path={start}", *overrides])
-    model_cfg = resolve_model_config(cfg)  # the run's start: the HF config with the change applied
+    start = locate_start(cfg)
+    model_cfg = resolve_model_config(cfg, start)  # the run's start: the HF config with the change applied
     mesh, rules = build_mesh({"data": 8}), make_rules()
-    params, _ = initial_params(cfg, model_cfg, mesh, rules)
+    params = initial_params(cfg, model_cfg, mesh, rules, start)
     model = model_of(graphdef_of(model_cfg, rules), params)
     ids = np.random.RandomState(0).randint(0, 256, size=(2, SEQ))
     ours = np.asarray(model(ids))

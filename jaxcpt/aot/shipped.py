@@ -49,6 +49,8 @@ SHIPPED = (
     # 4 chips it is the 1B row of the remat table, and a check that splash and fsdp lower.
     ShippedCompile("llama3.2-1b_v5p-8", "configs/llama3.2-1b-1gpu.yaml", "v5p-8", ("mesh={data: 1, fsdp: -1}",),
                    why="the 1-GPU config on a v5p-8 (fsdp=4)", checked_in_ci=False),
+    # The long-context worked example (docs/long-context.md): 32k-token rows, {fsdp: 2, context: 2}.
+    ShippedCompile("llama3.2-1b-32k-v5p8", "configs/llama3.2-1b-32k-v5p8.yaml", "v5p-8"),
 )
 
 # The GPU configs on the node each is written for (config, topology, recorded JSON); tests/test_aot_gpu.py

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
+from jaxcpt.config import ConfigError
 from jaxcpt.model import hybrid
 from jaxcpt.model.attention import choose_attention
 from jaxcpt.model.context_parallel import ContextLayout
@@ -307,7 +308,10 @@ class Transformer(nnx.Module):
             block = jax.checkpoint(block, policy=remat_lib.policy(cfg.remat))
 
         if cfg.linear_layers:  # a hybrid: scanned a repeat of the layer pattern at a time
-            return self.final_norm_of(hybrid.scan_groups(self, x, segment_ids, ropes, block))
+            if context is not None:  # the ring layout reorders positions; a recurrence needs them in order
+                raise ConfigError("context parallelism (a 'context' mesh axis) is not supported for models with "
+                                  "linear-attention layers (Gated DeltaNet); drop the context axis from mesh")
+            return self.final_norm_of(hybrid.scan_groups(self, x, segment_ids, ropes, block)), None
 
         def scan_body(carry, layer):
             layer_params, layer_is_sliding = layer
