@@ -49,10 +49,10 @@ def start(tmp_path_factory):
 def test_rope_change_matches_transformers_through_export(name, start, tmp_path):
     overrides, rope_parameters, longest = CHANGES[name]
     cfg = load_train_config(None, [SOURCE, F32, "init.source=hf", f"init.path={start}", *overrides])
-    start = locate_start(cfg)
-    model_cfg = resolve_model_config(cfg, start)  # the run's start: the HF config with the change applied
+    location = locate_start(cfg)
+    model_cfg = resolve_model_config(cfg, location)  # the run's start: the HF config with the change applied
     mesh, rules = build_mesh({"data": 8}), make_rules()
-    params = initial_params(cfg, model_cfg, mesh, rules, start)
+    params = initial_params(cfg, model_cfg, mesh, rules, location)
     model = model_of(graphdef_of(model_cfg, rules), params)
     ids = np.random.RandomState(0).randint(0, 256, size=(2, SEQ))
     ours = np.asarray(model(ids))
