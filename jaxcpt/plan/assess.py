@@ -167,6 +167,16 @@ def plot_laws(assessments: list[Assessment], observations: list[Observation], ch
         ax.set_ylim(min(values) - pad, max(values) + pad)
     axes[0].axhline(base_general + rec.allowed_rise, color="tab:red", linestyle=":", label="base + tolerance")
     axes[0].axhline(base_general, color="0.5", linestyle=":", label="base model")
+    label_loss_axes(axes)
+    fig.suptitle(title + f"\nchosen by leave-one-out error: {LAW_SHORT[chosen.law]}", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(out))
+    plt.close(fig)
+
+
+def label_loss_axes(axes) -> None:
+    """Labels, range and legend of a fit plot's two panels (general and domain held-out loss against replay)."""
     axes[0].set_ylabel("general held-out loss (nats/token)")
     axes[1].set_ylabel("domain held-out loss (nats/token)")
     for ax in axes:
@@ -174,8 +184,3 @@ def plot_laws(assessments: list[Assessment], observations: list[Observation], ch
         ax.set_xlim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title + f"\nchosen by leave-one-out error: {LAW_SHORT[chosen.law]}", fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(out))
-    plt.close(fig)

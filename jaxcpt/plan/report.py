@@ -294,6 +294,8 @@ def plot_fit(fitted, observations, rec: Recommendation, base_general: float, out
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from jaxcpt.plan.assess import label_loss_axes
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
     grid = np.linspace(0.0, 1.0, 201)
     groups = sorted({(o.tokens, o.params) for o in observations})
@@ -348,13 +350,7 @@ def plot_fit(fitted, observations, rec: Recommendation, base_general: float, out
             ax.axvline(rec.replay, color="tab:green", linestyle="--", linewidth=1.5)
         axes[0].text(rec.replay, axes[0].get_ylim()[1], f" recommended {rec.replay:.3f}"
                      + (" (extrapolated)" if rec.extrapolated else ""), color="tab:green", va="top", fontsize=9)
-    axes[0].set_ylabel("general held-out loss (nats/token)")
-    axes[1].set_ylabel("domain held-out loss (nats/token)")
-    for ax in axes:
-        ax.set_xlabel("replay ratio r (general share of tokens)")
-        ax.set_xlim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    label_loss_axes(axes)
     fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
