@@ -31,6 +31,7 @@ from jaxcpt.sharding.rules import constrain
 
 # weights stacked over attention layers only; their LoRA adapters follow them
 ATTENTION_PARAMS = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm")
+LINEAR_MATRICES = ("lin_qkv", "lin_z", "lin_b", "lin_a", "lin_out")  # reach layers.dense only (gated_deltanet)
 
 
 def linear_params(stack: nnx.Module, cfg: ModelConfig, p) -> list[str]:
@@ -73,7 +74,7 @@ def linear_block(p: dict, x, doc, state: LinearState | None = None, *, cfg: Mode
     each row from an earlier call (decoding).
     """
     dt = jnp.dtype(cfg.dtype)
-    p = {name: w.astype(dt) for name, w in p.items()}
+    p = remat_lib.cast_for_compute(p, dt, keep=lora_lib.matmul_weights(cfg, LINEAR_MATRICES))
     lin = cfg.linear_attention
     norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     act = ("batch", "length", "act_embed")
@@ -140,8 +141,8 @@ def scan_groups(model, x, segment_ids, ropes: dict, block):
     cfg = model.config
     doc = document_index(segment_ids)  # [B, T]
     linear = functools.partial(linear_block, cfg=cfg, rules=model.rules)
-    if cfg.remat != "none":
-        linear = jax.checkpoint(linear, policy=remat_lib.policy(cfg.remat))
+    if remat_lib.block_policy(cfg) is not None:
+        linear = jax.checkpoint(linear, policy=remat_lib.block_policy(cfg))
 
     def body(carry, group):
         out, _, _ = group_step(cfg, group, carry,

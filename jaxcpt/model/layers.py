@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxcpt.model.remat import COMPUTE_WEIGHT
+
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
     """RMSNorm over the last axis, normalising in float32 as transformers does.
@@ -55,8 +57,10 @@ def compile_platform() -> str:
 # ``compile_platform()`` is 'cpu'.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _cpu_matmul(x, w, out_dtype):
-    """x [N, I] @ w [I, O] -> out_dtype (None: the inputs' dtype), with an explicit-transpose backward."""
-    return jnp.dot(x, w, preferred_element_type=out_dtype)
+    """x [N, I] @ w [I, O] -> out_dtype (None: x's dtype), with an explicit-transpose backward.
+
+    w is cast to x's dtype inside, so the backward's residual is the weight as stored (see ``dense``)."""
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=out_dtype)
 
 
 def _cpu_matmul_fwd(x, w, out_dtype):
@@ -66,7 +70,7 @@ def _cpu_matmul_fwd(x, w, out_dtype):
 def _cpu_matmul_bwd(out_dtype, residuals, dy):
     x, w = residuals
     dy = dy.astype(x.dtype)
-    dx = jnp.dot(dy, w.T, preferred_element_type=jnp.float32).astype(x.dtype)  # [N, I]
+    dx = jnp.dot(dy, w.astype(x.dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)  # [N, I]
     dw = jnp.dot(jnp.transpose(x), dy, preferred_element_type=jnp.float32).astype(w.dtype)  # [I, O]
     return dx, dw
 
@@ -81,6 +85,11 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, out_dtype=None, name: s
     ``out_dtype`` float32 keeps e.g. logits in full precision. ``name`` tags the output for
     rematerialisation policies (``jaxcpt.model.remat``).
 
+    The matmul runs in x's dtype (the compute dtype); w comes as stored and is cast here, where
+    the backward pass can redo the cast rather than keep a compute-dtype copy of every weight
+    from the forward pass (``remat.COMPUTE_WEIGHT``; a float32 step on a bfloat16 base would
+    otherwise hold a float32 copy of the base).
+
     On TPU and GPU this is one ``dot_general`` that autodiff and remat see as it is; on CPU
     a 2-D matmul with the explicit-transpose backward above.
     """
@@ -89,6 +98,8 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, out_dtype=None, name: s
         size_in, size_out = math.prod(inner), math.prod(out)
         y = _cpu_matmul(x.reshape(-1, size_in), w.reshape(size_in, size_out), out_dtype).reshape(*lead, *out)
     else:
+        if w.dtype != x.dtype:
+            w = checkpoint_name(w.astype(x.dtype), COMPUTE_WEIGHT)
         dims = ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))
         y = jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)  # [..., *out]
     return y if name is None else checkpoint_name(y, name)

@@ -91,6 +91,16 @@ def adapter_names(target: str) -> tuple[str, str]:
     return f"{target}_lora_a", f"{target}_lora_b"
 
 
+def matmul_weights(cfg, extra=()) -> frozenset[str]:
+    """The block weights that reach ``layers.dense`` only: the projections, their adapters and ``extra``.
+
+    ``layers.dense`` casts these to the compute dtype itself (see ``remat.cast_for_compute``)."""
+    names = set(PROJECTIONS) | set(extra)
+    for target in (cfg.lora.targets if cfg.lora is not None else ()):
+        names.update(adapter_names(target))
+    return frozenset(names)
+
+
 def is_adapter(path: str) -> bool:
     """A dotted parameter path (``layers.q_lora_a``) of a LoRA adapter."""
     return path.rsplit(".", 1)[-1].endswith(("_lora_a", "_lora_b"))

@@ -28,9 +28,11 @@ analysis counts a scanned body once and a Pallas kernel not at all, so it cannot
 from __future__ import annotations
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 Q_PROJ, K_PROJ, V_PROJ, O_PROJ = "q_proj", "k_proj", "v_proj", "o_proj"
 GATE_PROJ, UP_PROJ, DOWN_PROJ = "gate_proj", "up_proj", "down_proj"
+COMPUTE_WEIGHT = "compute_weight"  # a weight cast to the compute dtype: never kept (cast_for_compute)
 ATTENTION_OUT = "attention_out"  # [B, T, H, D], the attention kernel's output (the o projection's input)
 PROJECTION_NAMES = {"q": Q_PROJ, "k": K_PROJ, "v": V_PROJ, "o": O_PROJ, "gate": GATE_PROJ, "up": UP_PROJ,
                     "down": DOWN_PROJ}  # the block's projection -> the name of its output
@@ -126,3 +128,31 @@ def step_flops(cfg, tokens: int, seq_len: int) -> float:
     per_token = sum(forward_flops_per_token(cfg).values()) + attention_flops_per_token(cfg, seq_len)
     head = 2 * cfg.hidden_size * cfg.vocab_size
     return 3 * (per_token * cfg.num_layers + head) * tokens
+
+
+def cast_for_compute(params: dict, dtype, keep=()) -> dict:
+    """A layer's weights in the compute dtype, each cast named ``COMPUTE_WEIGHT`` so that no policy saves it;
+    the names in ``keep`` stay as stored (the matrices ``layers.dense`` casts itself).
+
+    Autodiff through a scanned block saves what the backward pass reads, the weights included: a
+    weight cast to the compute dtype would be saved per layer, a compute-dtype copy of the whole stack
+    held from the forward pass to the backward (a float32 step on a bfloat16 base, as LoRA on a frozen
+    base: twice the base's bytes). Every policy leaves the name out (``block_policy``), so the backward
+    redoes the cast from the stored weight, an elementwise pass per layer.
+    """
+    dtype = jax.numpy.dtype(dtype)
+    return {name: w if w.dtype == dtype or name in keep else checkpoint_name(w.astype(dtype), COMPUTE_WEIGHT)
+            for name, w in params.items()}
+
+
+def block_policy(cfg):
+    """The ``jax.checkpoint`` policy a decoder block runs under, or None for no checkpoint.
+
+    ``model.remat``'s policy; with ``none`` and weights stored in another dtype than the compute
+    dtype, every value but the weights' casts is kept (``cast_for_compute``).
+    """
+    if cfg.remat != "none":
+        return policy(cfg.remat)
+    if jax.numpy.dtype(cfg.param_dtype) != jax.numpy.dtype(cfg.dtype):
+        return jax.checkpoint_policies.save_anything_except_these_names(COMPUTE_WEIGHT)
+    return None

@@ -147,7 +147,8 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
     """
     dt = jnp.dtype(cfg.dtype)
     uses_rope = p.get(USES_ROPE)  # () bool when some layers have no RoPE (NoPE), else None
-    p = {name: w.astype(dt) for name, w in p.items() if name != USES_ROPE}
+    matrices = lora_lib.matmul_weights(cfg)  # cast by ``dense`` itself, where the backward can redo the cast
+    p = remat_lib.cast_for_compute({name: w for name, w in p.items() if name != USES_ROPE}, dt, keep=matrices)
     norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     act = ("batch", "length", "act_embed")
     x = constrain(x, act, rules)
@@ -304,8 +305,8 @@ class Transformer(nnx.Module):
             attention_fn = context.attention()
         block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
                                   attend=packed_attention(cfg, attention_fn, segment_ids), valid=segment_ids != 0)
-        if cfg.remat != "none":
-            block = jax.checkpoint(block, policy=remat_lib.policy(cfg.remat))
+        if remat_lib.block_policy(cfg) is not None:
+            block = jax.checkpoint(block, policy=remat_lib.block_policy(cfg))
 
         if cfg.linear_layers:  # a hybrid: scanned a repeat of the layer pattern at a time
             if context is not None:  # the ring layout reorders positions; a recurrence needs them in order
@@ -329,7 +330,7 @@ class Transformer(nnx.Module):
         The matmul runs in the compute dtype with float32 accumulation; padded columns are dropped.
         """
         cfg = self.config
-        w = self.output_weights().astype(cfg.dtype)
+        w = self.output_weights()  # as stored: ``dense`` casts it to the hidden states' dtype
         return output_logits(hidden, w, vocab_size=cfg.vocab_size, cap=cfg.final_logit_softcap)[..., : cfg.vocab_size]
 
     def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
