@@ -219,8 +219,11 @@ def test_the_figure_checker_names_a_figure_its_json_lacks():
 def test_the_figure_checker_reads_units_from_column_headers_and_skips_sections_marked_not_measured():
     """Results JSONs record bytes and seconds; docs/gpu.md and docs/real-size.md show GiB in a column
     headed 'GiB' (once skipped whole, as the checker read such a figure as a bare number)."""
+    reports = json.loads((ROOT / "benchmarks/results/compile_qwen2.5-7b-8xh100_h200-8_b200-8.json").read_text())["reports"]
+    seconds = [f"{r['compile_s']:.2f}" for r in reports]  # as recorded: the checker must find them
     page = ("## Fit\n\n`compile_qwen2.5-7b-8xh100_h200-8_b200-8.json`:\n\n| topology | memory GiB | compile seconds |\n"
-            "| --- | ---: | ---: |\n| h200-8 | 141.00 | 37.81 |\n| b200-8 | 178.36 | 33.73 |\n| x | 150.25 | 9.99 |\n\n"
+            f"| --- | ---: | ---: |\n| h200-8 | 141.00 | {seconds[0]} |\n| b200-8 | 178.36 | {seconds[1]} |\n"
+            "| x | 150.25 | 9.99 |\n\n"
             "## Versions\n\n<!-- not measurements: versions -->\n\n| jax | CUDA |\n| --- | --- |\n| 0.10.2 | 13.0 |\n")
     assert unbacked_figures(page) == [f"Fit: {n} is in none of compile_qwen2.5-7b-8xh100_h200-8_b200-8.json"
                                       for n in ("150.25 GiB", "9.99 s")]
