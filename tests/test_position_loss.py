@@ -7,6 +7,7 @@ token); a metrics file written by hand for the report.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -40,9 +41,11 @@ def test_bucket_losses_equal_the_per_token_loss_averaged_over_each_range_of_posi
              "segment_ids": jnp.asarray((mask > 0).astype(np.int32)), "positions": jnp.asarray(np.tile(np.arange(24), (2, 1))),
              "loss_mask": jnp.asarray(mask)}
     ranges = ((0, 5), (5, 17), (17, 24))
-    loss, count = position_eval_step(params, batch, graphdef=graphdef, chunk_size=4, ranges=ranges)
+    step = jax.jit(functools.partial(position_eval_step, graphdef=graphdef, chunk_size=4, ranges=ranges))
+    loss, count = step(params, batch)
 
-    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])  # [2, 24, V]
+    logits = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b["inputs"], b["segment_ids"], b["positions"]))(params, batch)
+    # logits [2, 24, V]
     per_token = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["targets"][..., None], -1)[..., 0]
     for k, (lo, hi) in enumerate(ranges):
         expected = float((per_token[:, lo:hi] * mask[:, lo:hi]).sum())
