@@ -187,7 +187,7 @@ def test_resume_before_and_after_a_seq_len_boundary_matches_the_uninterrupted_ru
     def overrides(run_dir):
         return tiny_overrides(run_dir, corpora, steps=8) + [
             "data.stages=[{step: 4, seq_len: 64, batch_size: 8}]", "checkpoint.every_steps=3",
-            "checkpoint.keep_last=0", "eval.position_buckets=[16, 40]", "eval.position_rows=4"]
+            "checkpoint.keep_last=5", "eval.position_buckets=[16, 40]", "eval.position_rows=4"]
 
     straight = tmp_path / "straight"
     train(load_train_config(None, overrides(straight)))
