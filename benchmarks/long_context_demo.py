@@ -1,6 +1,6 @@
 """The long-context worked example at demo scale: a base trained on 64-token rows, extended to 256.
 
-    python benchmarks/long_context_demo.py [--out runs/long_context_demo] [--base-steps 150] [--steps 60]
+    python benchmarks/long_context_demo.py [--out runs/long_context_demo] [--base-steps 400] [--steps 100]
 
 1. Corpora from the Python standard library: ``long`` = whole modules (one file, 4-24 KB, is one
    document: thousands of tokens), ``general`` = docstrings (short; the replay). A 1024-id BPE
@@ -72,9 +72,9 @@ def train(overrides: list[str]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/long_context_demo")
-    parser.add_argument("--base-steps", type=int, default=150)
-    parser.add_argument("--steps", type=int, default=60, help="steps of the extension run")
-    parser.add_argument("--switch", type=int, default=10, help="step at which rows become 256 tokens long")
+    parser.add_argument("--base-steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=100, help="steps of the extension run")
+    parser.add_argument("--switch", type=int, default=20, help="step at which rows become 256 tokens long")
     parser.add_argument("--json", default="benchmarks/results/long_context_demo.json")
     args = parser.parse_args()
     out = Path(args.out)
