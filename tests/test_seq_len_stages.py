@@ -211,3 +211,39 @@ def test_resume_before_and_after_a_seq_len_boundary_matches_the_uninterrupted_ru
         assert a.keys() == b.keys()
         for key in a:
             assert np.array_equal(a[key], b[key]), (resume_at, key)
+
+
+@pytest.mark.slow
+def test_repacking_and_resume_across_the_boundary_hold_with_grain_worker_processes(tmp_path):
+    """Each Grain worker builds every 2nd batch and repacks its own share of the documents at the boundary."""
+    path = _corpus(tmp_path)
+    cfg = _cfg(path, [{"step": 5, "seq_len": 64, "batch_size": 4}], num_workers=2)
+    with build_train_iterator(cfg, batch_size=8, process_index=0, process_count=1) as it:
+        batches = _drain(it)
+    assert [b["inputs"].shape for b in batches[4:6]] == [(8, 32), (4, 64)]
+    assert _trained_pairs(batches) == _document_pairs(cfg, path)
+    cfg = _cfg(path, [{"step": 5, "seq_len": 64, "batch_size": 4}], num_workers=2, repeat=True)
+    with build_train_iterator(cfg, batch_size=8, process_index=0, process_count=1) as it:
+        for _ in range(7):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))
+        straight = [next(it) for _ in range(3)]
+    with build_train_iterator(cfg, batch_size=8, process_index=0, process_count=1) as it:
+        it.set_state(state)
+        for a in straight:
+            b = next(it)
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_stage_batch_the_mesh_cannot_split_names_the_stage(tmp_path):
+    from jaxcpt.data.stage_shapes import check_stage_batches
+    from jaxcpt.sharding.layout import check_batch_split
+    from jaxcpt.sharding.mesh import build_mesh
+    from jaxcpt.sharding.rules import make_rules
+
+    cfg = _cfg(_corpus(tmp_path, n=5), [{"step": 3, "seq_len": 64, "batch_size": 4}])
+    shapes = resolve_shapes(cfg, batch_size=8, seq_len=32, stage_starts=[3])
+    mesh, rules = build_mesh({"data": 8}), make_rules()
+    with pytest.raises(UserError, match=r"the data stage starting at step 3 \(batch_size 4\): .*micro-batches of 4 rows"):
+        check_stage_batches(shapes, lambda rows: check_batch_split(rows, 1, mesh, rules))

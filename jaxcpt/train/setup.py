@@ -292,8 +292,17 @@ def _stage_shapes(cfg: TrainConfig, program: TrainProgram):
 
     starts = resolve_stage_steps(cfg.data, program.schedule, cfg.train.steps)
     shapes = resolve_shapes(cfg.data, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len, stage_starts=starts)
-    check_stage_batches(shapes, lambda rows: layout_lib.check_batch_split(rows, cfg.optim.grad_accum_steps, program.mesh,
-                                                                           program.rules, jax.process_count()))
+    accum = cfg.optim.grad_accum_steps
+
+    def check(rows: int) -> None:
+        if rows % accum:
+            from jaxcpt.errors import UserError
+
+            raise UserError(f"{rows} rows are not a multiple of optim.grad_accum_steps ({accum}); set the stage's "
+                            f"batch_size to a multiple of {accum}")
+        layout_lib.check_batch_split(rows, accum, program.mesh, program.rules, jax.process_count())
+
+    check_stage_batches(shapes, check)
     return shapes
 
 
