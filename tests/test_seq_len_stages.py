@@ -74,6 +74,19 @@ def test_repacking_at_the_boundary_trains_every_document_pair_exactly_once(tmp_p
     assert _trained_pairs(batches) == _document_pairs(cfg, path)  # nothing lost, nothing repeated
 
 
+def test_before_the_boundary_a_staged_stream_gives_the_batches_of_an_unstaged_one(tmp_path):
+    """Within a stage the rows are Grain's first-fit packing, exactly as a run without seq_len stages packs them."""
+    path = _corpus(tmp_path)
+    staged = _cfg(path, [{"step": 6, "seq_len": 64, "batch_size": 4}], repeat=True)
+    plain = _cfg(path, [], repeat=True)
+    with build_train_iterator(staged, batch_size=8, process_index=0, process_count=1) as a, \
+            build_train_iterator(plain, batch_size=8, process_index=0, process_count=1) as b:
+        for step in range(6):
+            x, y = next(a), next(b)
+            for key in y:
+                np.testing.assert_array_equal(x[key], y[key], err_msg=f"step {step} {key}")
+
+
 def test_resume_inside_either_stage_gives_the_batches_of_an_uninterrupted_stream(tmp_path):
     path = _corpus(tmp_path)
     cfg = _cfg(path, [{"step": 4, "seq_len": 64, "batch_size": 4}], repeat=True)
