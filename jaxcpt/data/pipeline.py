@@ -49,7 +49,7 @@ from jaxcpt.data.documents import (
     stable_seed,
 )
 from jaxcpt.data.mixture import MixtureDataset, WeightSchedule, resolve_stage_steps
-from jaxcpt.data.packing import document_pieces, pack, stack_rows
+from jaxcpt.data.packing import DocumentSplit, document_pieces, pack, stack_rows
 from jaxcpt.data.readers import ReadLimits
 from jaxcpt.data.remote import file_size
 from jaxcpt.data.shares import split_units
@@ -62,6 +62,8 @@ from jaxcpt.data.sources import (
     read_tokenized_meta,
     resolve_files,
 )
+from jaxcpt.data.stage_shapes import ShapeSchedule, check_elastic, check_host_split, check_supported, resolve_shapes
+from jaxcpt.data.staged_rows import LocalRows, StagedSourceRows, StepBatches
 from jaxcpt.data.state import decode_state, encode_state, fingerprint_diff
 from jaxcpt.data.tokenize import TokenizeDataset, token_byte_lengths, tokenizer_facts, tokenizer_fingerprint
 from jaxcpt.data.watch import ACTIVITY, InputWaitInterrupted
@@ -193,7 +195,7 @@ def excluded_hashes(cfg: DataConfig) -> frozenset[int]:
 
 def _default_instruction(key: str, value) -> bool:
     """Instruction keys at their defaults stay out of the fingerprint: states saved before they existed still fit."""
-    return (key, value) in (("instruction", "none"), ("loss_on", "answer"))
+    return (key, value) in (("instruction", "none"), ("loss_on", "answer"), ("min_doc_tokens", 0))
 
 
 def _check_instruction_sources(cfg: DataConfig, units: list[list[Unit]]) -> None:
@@ -275,9 +277,14 @@ def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, proce
 
 
 def _source_rows(
-    plan: _Plan, index: int, *, split: str, seed: int, counter: BadInputCounter, host: tuple[int, int]
+    plan: _Plan, index: int, *, split: str, seed: int, counter: BadInputCounter, host: tuple[int, int],
+    shapes=None, first_step: int = 0, pieces: Callable | None = None,
 ) -> grain.IterDataset:
-    """One source's packed rows {inputs, targets, segment_ids, positions}, each [seq_len] int32."""
+    """One source's packed rows {inputs, targets, segment_ids, positions}, each [seq_len] int32.
+
+    ``shapes``: the seq_len schedule of data.stages (rows follow the step). ``pieces``: a split
+    function whose pieces are returned unpacked (jaxcpt.eval.position_loss).
+    """
     cfg, src = plan.cfg, plan.cfg.sources[index]
     train = split == "train"
     docs: grain.IterDataset = DocumentDataset(
@@ -300,27 +307,34 @@ def _source_rows(
     )
     if train and cfg.shuffle_buffer > 1:
         docs = WindowShuffleDataset(docs, window_size=cfg.shuffle_buffer, seed=stable_seed(seed, src.name, "documents"))
-    pieces = TokenizeDataset(
-        docs,
+    tokenize = functools.partial(
+        TokenizeDataset,
         tokenizer_path=cfg.tokenizer,
         bos_id=plan.bos_id,
         eos_id=plan.eos_id,
         batch_size=cfg.tokenize_batch_size,
-        split_fn=functools.partial(document_pieces, seq_len=plan.seq_len),
         source=src.name,
         max_without_tokens=cfg.max_documents_without_tokens,
         instruction=src.instruction,
         loss_on=src.loss_on,
     )
-    return pack(
-        pieces,
+    cut = functools.partial(DocumentSplit, min_tokens=src.min_doc_tokens, source=src.name,
+                  max_short=cfg.max_documents_without_tokens)
+    packer = functools.partial(
+        pack,
         packing=cfg.packing,
-        seq_len=plan.seq_len,
         bins=cfg.packing_bins,
         seed=stable_seed(seed, src.name, "bins"),
         shuffle_bins=train,
         masked=src.instruction != "none",
     )
+    if pieces is not None:
+        return tokenize(docs, split_fn=pieces)
+    if shapes is not None and len(shapes.seq_lens()) > 1:  # rows whose length follows the step
+        return StagedSourceRows(docs, tokenize=tokenize, split=cut, pack=packer, shapes=shapes, first_step=first_step)
+    split_fn = (functools.partial(document_pieces, seq_len=plan.seq_len) if not src.min_doc_tokens
+                else cut(plan.seq_len))
+    return packer(tokenize(docs, split_fn=split_fn), seq_len=plan.seq_len)
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -339,13 +353,17 @@ class TrainIterator:
     exact position (JSON-serialisable). ``close()`` stops worker processes.
     """
 
-    def __init__(self, plan: _Plan, *, batch_size: int, schedule: WeightSchedule, stage_steps: list[int | None]):
+    def __init__(self, plan: _Plan, *, batch_size: int, schedule: WeightSchedule, stage_steps: list[int | None],
+                 shapes: ShapeSchedule | None = None):
         self._plan = plan
         self.batch_size = batch_size
         self.schedule = schedule
         self.stage_steps = stage_steps  # resolved start step of each data.stages entry
+        # (seq_len, global rows) per step when data.stages change them (jaxcpt.data.stage_shapes), else None
+        self.shapes = shapes if shapes is not None and shapes.varies else None
         self.source_names = [s.name for s in plan.cfg.sources]
-        self._fingerprint = {**plan.fingerprint, "batch_size": batch_size}
+        self._fingerprint = {**plan.fingerprint, "batch_size": batch_size,
+                             **({"shapes": self.shapes.describe()} if self.shapes else {})}
         self._start(seed=plan.cfg.seed, step=0)
 
     def _start(self, *, seed: int, step: int) -> None:
@@ -353,7 +371,8 @@ class TrainIterator:
         self._counters = [_counter(cfg, name) for name in self.source_names]
         host = (plan.process_index, plan.process_count)
         rows = [
-            _source_rows(plan, i, split="train", seed=seed, counter=c, host=host) for i, c in enumerate(self._counters)
+            _source_rows(plan, i, split="train", seed=seed, counter=c, host=host, shapes=self.shapes, first_step=step)
+            for i, c in enumerate(self._counters)
         ]
         ds: grain.IterDataset = MixtureDataset(
             rows,
@@ -363,11 +382,15 @@ class TrainIterator:
             counters=self._counters,
             first_step=step,
             stall_seconds=cfg.stall_warn_seconds,
+            rows_at=LocalRows(self.shapes, plan.process_count) if self.shapes else None,
         )
         # Whole batches leave the worker: one transfer per step instead of one per row.
-        ds = ds.batch(
-            self.batch_size, batch_fn=functools.partial(stack_rows, batch_size=self.batch_size, seq_len=plan.seq_len)
-        )
+        if self.shapes:  # each step's own shape
+            ds = StepBatches(ds, self.shapes, plan.process_count)
+        else:
+            ds = ds.batch(
+                self.batch_size, batch_fn=functools.partial(stack_rows, batch_size=self.batch_size, seq_len=plan.seq_len)
+            )
         if cfg.num_workers > 0:
             _ensure_absl_flags_parsed()
             ds = ds.mp_prefetch(
@@ -510,6 +533,7 @@ def build_train_iterator(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if cfg.elastic:  # random access by index arithmetic: jaxcpt.data.elastic
+        check_elastic(cfg)
         from jaxcpt.data.elastic import build_elastic_train_iterator
 
         return build_elastic_train_iterator(cfg, batch_size=batch_size, seq_len=seq_len or cfg.seq_len,
@@ -519,7 +543,11 @@ def build_train_iterator(
     plan = _plan(cfg, seq_len, process_index, process_count)
     stage_steps = resolve_stage_steps(cfg, lr_schedule, total_steps)
     schedule = WeightSchedule.from_config(cfg, stage_steps)
-    return TrainIterator(plan, batch_size=batch_size, schedule=schedule, stage_steps=stage_steps)
+    shapes = resolve_shapes(cfg, batch_size=batch_size * plan.process_count, seq_len=plan.seq_len,
+                            stage_starts=stage_steps)
+    check_supported(cfg, shapes)
+    check_host_split(cfg, shapes, plan.process_count)
+    return TrainIterator(plan, batch_size=batch_size, schedule=schedule, stage_steps=stage_steps, shapes=shapes)
 
 
 def build_eval_batches(

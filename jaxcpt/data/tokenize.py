@@ -385,6 +385,12 @@ class _TokenizeIterator(grain.DatasetIterator):
         self._next += 1
         return piece
 
+    def take_buffered(self) -> tuple[list, dict]:
+        """The pieces of the current batch not yet yielded, and the documents' position after that batch
+        (jaxcpt.data.staged_rows: a seq_len stage carries them into its new packer)."""
+        rest, self._next = self._pieces[self._next :], len(self._pieces)
+        return rest, self._parent.get_state()
+
     def get_state(self) -> dict:
         return {"parent": self._batch_start_state, "next": self._next}
 

@@ -22,6 +22,7 @@ from etils import epath
 
 from jaxcpt.errors import UserError
 from jaxcpt.train.metrics import read_metrics
+from jaxcpt.report.positions import position_lines
 from jaxcpt.report.routing import plot_routing, routing_lines
 
 
@@ -96,6 +97,7 @@ def format_table(run_dir) -> str:
     late = sorted({r["baseline_step"] for r in rows.values() if r["baseline_step"] != 0})
     if late:
         lines.append(f"  warning: no step-0 evaluation recorded; 'step 0' above is the evaluation at step {late[0]}")
+    lines += position_lines(run_dir)  # eval.position_buckets (jaxcpt.report.positions)
     lines += _downstream_lines(run_dir)
     lines += routing_lines(run_dir)  # MoE runs: expert load per source (jaxcpt.report.routing)
     for sweep in merge_sweeps(run_dir):
