@@ -230,7 +230,7 @@ def test_mxfp4_dequantization_equals_transformers_dequantizer():
 
     from jaxcpt.hf.mxfp4 import dequantize
 
-    blocks, scales = _mxfp4(np.random.RandomState(0), 3, 8, 64, exponents=(1, 255))  # every code, wide exponents
+    blocks, scales = _mxfp4(np.random.RandomState(0), 3, 8, 64, exponents=(1, 250))  # every code, wide exponents
     got = dequantize(blocks, scales)
     assert got.shape == (3, 64, 8)
     for dtype in (torch.float32, torch.bfloat16):  # exact in both: FP4 times a power of two
@@ -280,3 +280,22 @@ def test_context_parallelism_refuses_attention_sinks_naming_the_option(hf_dirs):
     model = load_hf(hf_dirs["gpt_oss"][0], mesh=mesh)
     with jax.set_mesh(mesh), pytest.raises(ConfigError, match=r"does not support attention sinks.*attention_sinks"):
         jax.eval_shape(model.hidden_states, jnp.zeros((2, 64), jnp.int32))
+
+
+def test_mxfp4_scales_past_bfloat16_are_refused_naming_the_tensor():
+    from jaxcpt.hf.mxfp4 import Mxfp4Reader
+
+    blocks, scales = _mxfp4(np.random.RandomState(0), 1, 2, 32)
+    scales[0, 1, 0] = 255  # 2 ** 128: past float32 and bfloat16 for any code above 0.5
+
+    class Reader:  # the two tensors of one packed weight, as SafetensorsReader gives them
+        weight_map = {"w_blocks": "model.safetensors", "w_scales": "model.safetensors"}
+
+        def get(self, name):
+            return {"w_blocks": blocks, "w_scales": scales}[name]
+
+        def where(self, name):
+            return "ckpt/model.safetensors"
+
+    with pytest.raises(HFFormatError, match=r"MXFP4 tensor 'w' in 'ckpt/model.safetensors'.*damaged"):
+        Mxfp4Reader(Reader()).get("w")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from jaxcpt.errors import HFFormatError
+
 # The 16 FP4 (E2M1) values by code: sign bit 3, then exponent and mantissa (transformers' FP4_VALUES)
 FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
                       np.float32)
@@ -70,7 +72,12 @@ class Mxfp4Reader:
     def get(self, name: str) -> np.ndarray:
         if name not in self.packed:
             return self.reader.get(name)
-        return dequantize(self.reader.get(name + "_blocks"), self.reader.get(name + "_scales"))
+        with np.errstate(over="ignore"):  # checked below, with the tensor named
+            value = dequantize(self.reader.get(name + "_blocks"), self.reader.get(name + "_scales"))
+        if not np.isfinite(value).all():
+            raise HFFormatError(f"MXFP4 tensor '{name}' in '{self.where(name)}' dequantizes to values beyond bfloat16 "
+                                "(scales near 255): the checkpoint is damaged")
+        return value
 
     def where(self, name: str) -> str:
         return self.reader.where(name + "_blocks" if name in self.packed else name)
