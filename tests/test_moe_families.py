@@ -25,18 +25,20 @@ SEQ = 24
 TINY = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, rms_norm_eps=1e-5, router_aux_loss_coef=0.02, output_router_logits=True)
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
-        "truncate": False, "original_max_position_embeddings": 16}
+        "truncate": False, "original_max_position_embeddings": 64}  # factor 4 = 256 / 64, as transformers checks
 CONFIGS = {
     # top 3 of 8, probabilities used as they are; q/k norms over the whole projection (32 and 16 channels)
     "olmoe": lambda: OlmoeConfig(**TINY, intermediate_size=16, num_experts=8, num_experts_per_tok=3,
                                  norm_topk_prob=False),
-    # top 2 of 4; a sliding layer (window 5) then a full one; head_dim 16 (not 32 / 4); YaRN over 16 positions,
+    # top 2 of 4; a sliding layer (window 5) then a full one; head_dim 16 (not 32 / 4); YaRN from 64 positions,
     # not truncated; a SwiGLU limit small enough that the tiny model's activations reach it; expert width 32, a
     # whole MXFP4 block
     "gpt_oss": lambda: GptOssConfig(**TINY, head_dim=16, intermediate_size=32, num_local_experts=4,
                                     num_experts_per_tok=2, sliding_window=5, swiglu_limit=0.3, rope_parameters=YARN),
 }
 FAMILIES = list(CONFIGS)
+# olmoe's packing, export and aux-loss paths are qwen3_moe's (tests/test_moe.py): its cases run in the slow suite
+GPT_OSS_DEFAULT = [pytest.param("olmoe", marks=pytest.mark.slow), "gpt_oss"]
 
 
 def make_model(name: str, directory, seed: int = 0):
@@ -104,7 +106,12 @@ OPTIONS_OFF = {
 }
 
 
-@pytest.mark.parametrize("name,option", list(OPTIONS_OFF), ids=[f"{n}-{o}" for n, o in OPTIONS_OFF])
+SLOW_OPTIONS = {("gpt_oss", "expert biases"), ("gpt_oss", "router bias")}  # the slow suite checks these
+
+
+@pytest.mark.parametrize("name,option", [pytest.param(*key, id="-".join(key),
+                                                      marks=[pytest.mark.slow] * (key in SLOW_OPTIONS))
+                                         for key in OPTIONS_OFF])
 def test_switching_a_family_option_off_changes_the_logits(name, option, one_device_models, hf_dirs, input_ids):
     """Each option the family declares changes its function: without it, transformers' logits are missed."""
     model = one_device_models[name]
@@ -118,7 +125,7 @@ def test_switching_a_family_option_off_changes_the_logits(name, option, one_devi
     assert rel_err(other, hf_logits(hf_dirs[name][1], input_ids)) > 1e-3
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", GPT_OSS_DEFAULT)
 def test_packed_row_matches_each_document_alone(name, one_device_models, hf_dirs):
     """Documents packed in a row, padding after them (segment 0), each routed and attended as if alone
     (gpt-oss: its sinks and sliding window inside each document)."""
@@ -133,7 +140,7 @@ def test_packed_row_matches_each_document_alone(name, one_device_models, hf_dirs
     assert rel_err(packed_logits[0, 10:21], hf_logits(hf_model, doc_b[None])[0]) < 1e-5
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", GPT_OSS_DEFAULT)
 def test_round_trip_is_bit_identical_and_loads_in_transformers(name, hf_dirs, tmp_path, input_ids):
     directory, hf_model = hf_dirs[name]
     model = load_hf(directory, mesh=build_mesh({"fsdp": 2, "expert": 4}))
@@ -150,7 +157,7 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(name, hf_dirs, tm
     np.testing.assert_array_equal(hf_logits(reloaded, input_ids), hf_logits(hf_model, input_ids))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", GPT_OSS_DEFAULT)
 def test_aux_loss_and_training_loss_equal_transformers(name, one_device_models, hf_dirs, input_ids):
     model, hf_model = one_device_models[name], hf_dirs[name][1]
     assert model.config.moe.router_aux_loss_coef == 0.02  # output_router_logits: the coefficient trains
@@ -161,7 +168,7 @@ def test_aux_loss_and_training_loss_equal_transformers(name, one_device_models, 
     assert abs(float(objective) - out.loss.item()) < 1e-5 * out.loss.item()
 
 
-@pytest.mark.parametrize("name", [pytest.param("olmoe", marks=pytest.mark.slow), "gpt_oss"])
+@pytest.mark.parametrize("name", GPT_OSS_DEFAULT)
 def test_greedy_generation_with_the_kv_cache_matches_transformers_generate(name, one_device_models, hf_dirs):
     """Decoding over the KV cache (gpt-oss: sinks in the cached attention, a window shorter than the text)."""
     from jaxcpt.model.decode import generate_greedy
@@ -202,15 +209,16 @@ def test_kernels_without_sinks_refuse_them_naming_the_option(kernel):
     assert choose_attention("auto", "float32", 24, sinks=True).__name__ == "attention_reference"  # on CPU
 
 
-def test_gpt_oss_export_without_its_options_is_refused(one_device_models):
+def test_gpt_oss_export_without_its_options_is_refused(hf_dirs):
+    from jaxcpt.hf.convert import read_hf_config
     from jaxcpt.hf.families import config_to_hf, tensor_table
 
-    cfg = one_device_models["gpt_oss"].config
+    cfg = read_hf_config(hf_dirs["gpt_oss"][0])
     with pytest.raises(HFFormatError, match=r"model.moe.expert_bias=False"):
         config_to_hf(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_bias=False)), "float32")
     with pytest.raises(HFFormatError, match=r"attention_sinks=False"):
         config_to_hf(dataclasses.replace(cfg, attention_sinks=False), "float32")
-    olmoe = one_device_models["olmoe"].config  # another MoE family cannot hold gpt-oss's expert biases
+    olmoe = read_hf_config(hf_dirs["olmoe"][0])  # another MoE family cannot hold gpt-oss's expert biases
     with pytest.raises(HFFormatError, match=r"family 'olmoe' has no router or expert biases"):
         tensor_table(dataclasses.replace(olmoe, moe=dataclasses.replace(olmoe.moe, expert_bias=True)))
 
@@ -238,6 +246,7 @@ def test_mxfp4_dequantization_equals_transformers_dequantizer():
         np.testing.assert_array_equal(got.astype(np.float32), expected.float().numpy())
 
 
+@pytest.mark.slow
 def test_mxfp4_checkpoint_imports_dequantized_and_matches_transformers(hf_dirs, tmp_path, input_ids):
     """A gpt-oss checkpoint with its experts MXFP4-packed, as released: jaxcpt's logits equal those of
     transformers loading it with Mxfp4Config(dequantize=True)."""
