@@ -271,7 +271,7 @@ class DocumentIterator(grain.DatasetIterator):
                     self._order = self._unit_order(self._epoch)
                     return EpochEnd()
                 unit = self._units[self._order[self._upos]]
-                self._reader = read_unit(unit, self._offset, ds.text_field, ds.text_split, ds.limits)
+                self._reader = read_unit(unit, self._offset, ds.text_field, ds.text_split, ds.limits, ds.instruction)
             ACTIVITY.reader = self  # what a stall warning names (jaxcpt.data.watch)
             try:
                 self._offset, raw = next(self._reader)
@@ -361,7 +361,7 @@ def first_document_hashes(
     """Text hashes of the first ``count`` good documents in unit order: an ``eval_documents`` split."""
     hashes: list[int] = []
     for unit in units:
-        for position, raw in read_unit(unit, 0, text_field, text_split, limits):
+        for position, raw in read_unit(unit, 0, text_field, text_split, limits, instruction):
             if isinstance(raw, Damaged):
                 counter.damaged(unit.path, raw, raw.lost)
                 continue

@@ -282,8 +282,12 @@ class TokenizeDataset(grain.IterDataset):
         max_without_tokens: int = 0,
         instruction: str = "none",
         loss_on: str = "answer",
+        tag_epochs: bool = False,
     ):
         super().__init__(parent)
+        # Training: each piece also carries "epoch" [n] (its pass over the source + 1), counted from the EpochEnd
+        # markers, for the per-source accounting (jaxcpt.data.accounting).
+        self.tag_epochs = tag_epochs
         self.instruction, self.loss_on = instruction, loss_on  # jaxcpt.data.chat: documents with a loss mask
         self.tokenizer_path = tokenizer_path
         self.bos_id, self.eos_id = bos_id, eos_id
@@ -332,23 +336,33 @@ class _TokenizeIterator(grain.DatasetIterator):
         self._pieces: list = []
         self._next = 0  # pieces of the current batch already yielded
         self._without_tokens = 0  # consecutive documents that encoded to no token id
+        self._epoch = 0  # EpochEnd markers read so far: the pass the next document belongs to
+        self._batch_start_epoch = 0
 
     def _fill(self) -> None:
         self._batch_start_state = self._parent.get_state()
-        docs, exhausted = [], False
+        self._batch_start_epoch = self._epoch
+        docs, epochs, exhausted = [], [], False
         while len(docs) < self._ds.batch_size:
             try:
                 doc = next(self._parent)
             except StopIteration:
                 exhausted = True
                 break
-            if not isinstance(doc, EpochEnd):  # epoch markers matter only to the shuffle before
+            if isinstance(doc, EpochEnd):
+                self._epoch += 1
+            else:
                 docs.append(doc)
+                epochs.append(self._epoch)
         encoded = self._ds.encode(docs)
         if self._ds.max_without_tokens:
             self._check_tokens(encoded)
-        self._pieces = [p for doc in encoded
-                        for p in (self._ds.split_fn(*doc) if isinstance(doc, tuple) else self._ds.split_fn(doc))]
+        self._pieces = []
+        for doc, epoch in zip(encoded, epochs):
+            for piece in self._ds.split_fn(*doc) if isinstance(doc, tuple) else self._ds.split_fn(doc):
+                if self._ds.tag_epochs:
+                    piece["epoch"] = np.full(len(piece["inputs"]), epoch + 1, np.int32)  # [n], 0 is padding
+                self._pieces.append(piece)
         self._next = 0
         if exhausted and not docs:
             raise StopIteration
@@ -386,11 +400,12 @@ class _TokenizeIterator(grain.DatasetIterator):
         return piece
 
     def get_state(self) -> dict:
-        return {"parent": self._batch_start_state, "next": self._next}
+        return {"parent": self._batch_start_state, "next": self._next, "pass": self._batch_start_epoch}
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
         self._batch_start_state = state["parent"]
+        self._epoch = self._batch_start_epoch = int(state.get("pass", 0))  # the pass at the batch start
         self._pieces, self._next = [], 0
         if state["next"]:
             self._fill()
