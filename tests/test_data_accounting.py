@@ -184,22 +184,3 @@ def test_report_shows_tokens_seen_and_trained_on_per_source_from_the_latest_data
     assert rows["web"] == ["10", "300", "300", "100.0%", "0.250"]
     assert rows["sft"] == ["4", "120", "30", "25.0%", "<", "1"]
 
-
-@pytest.mark.slow  # a tiny training run: ~30 s on a quiet machine
-def test_training_writes_the_accounting_of_each_checkpoint_to_metrics_and_the_report(tmp_path):
-    from train_helpers import make_corpora, run_cli, tiny_overrides
-
-    run_dir = tmp_path / "run"
-    args = [*tiny_overrides(run_dir, make_corpora(tmp_path / "data"), steps=4), "checkpoint.every_steps=2",
-            "eval.every=4"]
-    proc = run_cli(["train", *args])
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    data = {r["step"]: r["sources"] for r in records if r["kind"] == "data"}
-    assert sorted(data) == [2, 4]
-    for step, sources in data.items():  # the device's count of tokens with loss, step by step, is the oracle
-        trained = sum(r["tokens"] for r in records if r["kind"] == "train" and r["step"] <= step)
-        assert sum(a["tokens_trained"] for a in sources.values()) == trained
-        assert sum(a["rows"] for a in sources.values()) == 8 * step  # 8 rows a step, all with tokens
-    assert "data trained per source (step 4)" in (run_dir / "report.txt").read_text()

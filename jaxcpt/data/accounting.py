@@ -62,16 +62,22 @@ class PassCounter:
     def update(self, tags: np.ndarray, source: np.ndarray, worker: int) -> None:
         """tags [batch, seq] int32, source [batch] int32: one batch of one worker."""
         table = self.tables.setdefault(worker, np.zeros((self.num_sources, 3), np.int64))
-        for row, s in zip(tags, source):
-            counts = np.bincount(row[row > 0] - 1)  # [passes] tokens of each pass in the row
-            for p in np.flatnonzero(counts):
-                n = int(counts[p])
-                if p == 0:
-                    table[s, 1] += n
-                if p > table[s, 0]:
-                    table[s, 0], table[s, 2] = p, n
-                elif p == table[s, 0] and p > 0:
-                    table[s, 2] += n
+        valid = tags > 0  # [batch, seq]
+        if not valid.any():
+            return
+        passes = tags[valid].astype(np.int64) - 1  # [tokens]
+        sources = np.broadcast_to(source[:, None], tags.shape)[valid].astype(np.int64)  # [tokens]
+        width = int(passes.max()) + 1
+        counts = np.bincount(sources * width + passes, minlength=self.num_sources * width)
+        # One pass at a time, in ascending order per source: the same result as row by row.
+        for s, p in zip(*np.nonzero(counts.reshape(self.num_sources, width))):  # [sources, passes] tokens
+            n = int(counts[s * width + p])
+            if p == 0:
+                table[s, 1] += n
+            if p > table[s, 0]:
+                table[s, 0], table[s, 2] = p, n
+            elif p == table[s, 0] and p > 0:
+                table[s, 2] += n
 
     def epochs(self) -> list[float | None]:
         """[sources]: epochs of this host (None while some worker is in its first pass of the source)."""
