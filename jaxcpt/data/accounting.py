@@ -7,12 +7,13 @@ reader or Grain worker read ahead):
 - ``tokens_seen``: non-padding input positions (``segment_ids > 0``), what the model read;
 - ``tokens_trained``: positions with loss (``loss_mask > 0``): an instruction source's answer
   tokens (``loss_on: answer``), every token of a text source;
-- ``epochs``: passes over the source. The elastic reader knows its position exactly (epoch +
-  the fraction of the epoch's pairs trained). In the streaming reader every token carries the
-  pass its document was read in (``TokenizeDataset`` counts the readers' ``EpochEnd`` markers),
-  so epochs = the latest pass + its tokens seen / the tokens of the first pass (``PassCounter``;
-  the slowest Grain worker and host count). During the first pass its size is not known yet:
-  epochs is None there ("< 1" in the report).
+- ``epochs``: tokens seen / the tokens (next-token pairs) of one pass over the source, summed over
+  the hosts; ``pass_tokens`` is that size. The elastic reader knows it from the index. The
+  streaming reader measures it: its readers mark each epoch's end, and the tokenizer stage sums
+  the pairs of the first pass (every pass holds the same documents) and publishes the sum, which
+  rides to the trainer with the bad-input counts; until every reader of every host has read its
+  share once, epochs is None ("< 1" in the report). Rows packed out of reading order (first-fit
+  bins) do not disturb it: it counts tokens, not which pass a row came from.
 
 Where the counts live. The streaming ``TrainIterator`` counts its own host's batches and keeps
 the counts in its data state (so each host's checkpointed state restores its own counts); the
@@ -46,55 +47,6 @@ def as_dict(names: list[str], counts: np.ndarray, epochs: list[float]) -> dict[s
             for name, row, e in zip(names, counts, epochs)}
 
 
-class PassCounter:
-    """Epochs of a streaming host, from each token's pass tag (``_token_epochs``: pass + 1, 0 on padding).
-
-    Per (Grain worker, source) it keeps the latest pass ``P`` whose tokens were handed out and the
-    tokens seen of pass 0 (a whole pass, once pass 1 began: every pass holds the same documents)
-    and of pass ``P``; epochs = ``P + tokens(P) / tokens(0)``, unknown (None) during the first pass,
-    whose size the reader cannot know before reading it. A host's epochs are its slowest worker's.
-    """
-
-    def __init__(self, num_sources: int):
-        self.num_sources = num_sources
-        self.tables: dict[int, np.ndarray] = {}  # worker -> [sources, 3] (P, tokens of pass 0, tokens of pass P)
-
-    def update(self, tags: np.ndarray, source: np.ndarray, worker: int) -> None:
-        """tags [batch, seq] int32, source [batch] int32: one batch of one worker."""
-        table = self.tables.setdefault(worker, np.zeros((self.num_sources, 3), np.int64))
-        valid = tags > 0  # [batch, seq]
-        if not valid.any():
-            return
-        passes = tags[valid].astype(np.int64) - 1  # [tokens]
-        sources = np.broadcast_to(source[:, None], tags.shape)[valid].astype(np.int64)  # [tokens]
-        width = int(passes.max()) + 1
-        counts = np.bincount(sources * width + passes, minlength=self.num_sources * width)
-        # One pass at a time, in ascending order per source: the same result as row by row.
-        for s, p in zip(*np.nonzero(counts.reshape(self.num_sources, width))):  # [sources, passes] tokens
-            n = int(counts[s * width + p])
-            if p == 0:
-                table[s, 1] += n
-            if p > table[s, 0]:
-                table[s, 0], table[s, 2] = p, n
-            elif p == table[s, 0] and p > 0:
-                table[s, 2] += n
-
-    def epochs(self) -> list[float | None]:
-        """[sources]: epochs of this host (None while some worker is in its first pass of the source)."""
-        out = []
-        for s in range(self.num_sources):
-            per_worker = [t[s, 0] + t[s, 2] / t[s, 1] if t[s, 0] > 0 and t[s, 1] > 0 else None
-                          for t in self.tables.values()]
-            out.append(None if not per_worker or None in per_worker else float(min(per_worker)))
-        return out
-
-    def get_state(self) -> dict:
-        return {str(w): t.tolist() for w, t in self.tables.items()}
-
-    def set_state(self, state: dict) -> None:
-        self.tables = {int(w): np.asarray(t, np.int64).reshape(self.num_sources, 3) for w, t in state.items()}
-
-
 def from_states(host_states: list[dict]) -> dict[str, dict]:
     """{source: {rows, tokens_seen, tokens_trained, epochs}} over all hosts, from the data state each
     host saved (a checkpoint's ``hosts`` list): streaming states are summed, an elastic state is global."""
@@ -107,11 +59,14 @@ def from_states(host_states: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for state in host_states:
         for name, acct in state.get("accounting", {}).items():
-            total = out.setdefault(name, {**dict.fromkeys(COUNTS, 0), "epochs": acct["epochs"]})
+            total = out.setdefault(name, {**dict.fromkeys(COUNTS, 0), "pass_tokens": 0, "known": True})
             for k in COUNTS:
                 total[k] += int(acct[k])
-            a, b = total["epochs"], acct["epochs"]  # a pass is complete when every host's is
-            total["epochs"] = None if a is None or b is None else min(a, b)
+            total["pass_tokens"] += int(acct.get("pass_tokens") or 0)
+            total["known"] &= bool(acct.get("pass_tokens"))  # every host has measured its share
+    for total in out.values():
+        known = total.pop("known") and total["pass_tokens"] > 0
+        total["epochs"] = total["tokens_seen"] / total["pass_tokens"] if known else None
     return out
 
 
@@ -125,8 +80,8 @@ def format_lines(accounting: dict[str, dict], step: int) -> list[str]:
         share = a["tokens_trained"] / a["tokens_seen"] if a["tokens_seen"] else 0.0
         lines.append(f"  {name:<20} {a['rows']:>10,} {a['tokens_seen']:>14,} {a['tokens_trained']:>14,} "
                      f"{share:>8.1%} {_epochs(a['epochs']):>8}")
-    lines.append("  trained on = tokens with loss (an instruction source's answers); epochs = passes over the source "
-                 "(< 1: a streaming source in its first pass, whose size is known only once read)")
+    lines.append("  trained on = tokens with loss (an instruction source's answers); epochs = tokens seen / tokens of "
+                 "one pass (< 1: a streaming source not read through once yet)")
     return lines
 
 

@@ -42,8 +42,8 @@ def _require_beam():
     try:
         import apache_beam as beam  # noqa: F401
     except ImportError:
-        raise UserError("`jaxcpt tokenize --engine beam` needs Apache Beam: pip install 'jaxcpt[data]' (in its own "
-                        "environment: docs/data.md says which pins it changes)") from None
+        raise UserError("`jaxcpt tokenize --engine beam` needs Apache Beam: pip install 'jaxcpt[data]' (docs/data.md "
+                        "says which versions it brings)") from None
     return beam
 
 

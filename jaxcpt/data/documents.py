@@ -70,6 +70,9 @@ class BadInputCounter:
         self.warn_seconds = warn_seconds
         self.counts = dict.fromkeys(BAD_KINDS, 0)
         self.records = 0  # every record read, good or bad: the denominator of max_fraction
+        # Next-token pairs of one pass over this reader's share, 0 until known: set by the tokenizer stage, read
+        # by the mixer with the counts (jaxcpt.data.accounting: epochs).
+        self.pass_tokens = 0
         self._last_warning = -float("inf")
         self._damaged_warned: set[str] = set()  # files whose damage was named (the first time, always)
 

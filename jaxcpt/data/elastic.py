@@ -241,7 +241,7 @@ class ElasticTrainIterator:
                       "epochs": float(p["epoch"])} for name, p in self.retired.items()}
         for name, pos, r in zip(self.source_names, self._alloc.positions, self.rows):
             out[name] = {"rows": pos.rows, "tokens_seen": pos.tokens, "tokens_trained": pos.tokens,
-                         "epochs": pos.epoch + pos.offset / max(r.pairs_per_epoch, 1)}
+                         "epochs": pos.epoch + pos.offset / max(r.pairs_per_epoch, 1), "pass_tokens": r.pairs_per_epoch}
         return out
 
     def get_state(self) -> dict:

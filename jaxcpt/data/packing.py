@@ -47,25 +47,20 @@ def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if "loss_mask" in packed:  # instruction rows: the answer tokens' mask (0 on padding, as packed)
         return {**_finish_row({k: v for k, v in packed.items() if k != "loss_mask"}),
                 "loss_mask": packed["loss_mask"].astype(np.float32, copy=False)}  # [seq]
-    row = {
+    return {
         "inputs": packed["inputs"].astype(np.int32, copy=False),  # [seq]
         "targets": packed["targets"].astype(np.int32, copy=False),  # [seq]
         "segment_ids": packed["inputs_segment_ids"].astype(np.int32, copy=False),  # [seq], 0 = padding
         "positions": packed["inputs_positions"].astype(np.int32, copy=False),  # [seq]
     }
-    if "epoch" in packed:  # training rows: each token's pass over its source + 1 (0 on padding): jaxcpt.data.accounting
-        row["epoch"] = packed["epoch"].astype(np.int32, copy=False)  # [seq]
-    return row
 
 
 def pack(
     pieces: grain.IterDataset, *, packing: str, seq_len: int, bins: int, seed: int, shuffle_bins: bool,
-    masked: bool = False, epochs: bool = False,
+    masked: bool = False,
 ) -> grain.IterDataset:
-    """Pieces -> rows {inputs, targets, segment_ids, positions}, each [seq_len] int32 (+ loss_mask when masked,
-    + epoch when the pieces carry their pass over the source)."""
-    lengths = {"inputs": seq_len, "targets": seq_len, **({"loss_mask": seq_len} if masked else {}),
-               **({"epoch": seq_len} if epochs else {})}
+    """Pieces -> rows {inputs, targets, segment_ids, positions}, each [seq_len] int32 (+ loss_mask when masked)."""
+    lengths = {"inputs": seq_len, "targets": seq_len, **({"loss_mask": seq_len} if masked else {})}
     if packing == "first_fit":
         rows = gx.FirstFitPackIterDataset(
             pieces, length_struct=lengths, num_packing_bins=bins, seed=seed, shuffle_bins=shuffle_bins
@@ -89,7 +84,7 @@ def row_weight_count(segment_ids: np.ndarray, mode: str) -> int:
 def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     """Rows -> the trainer's batch; rows missing at the end of a finite stream are all padding.
 
-    The mixer's bookkeeping rides along: ``_worker`` (int) and ``_bad`` (the last row's counts).
+    The mixer's bookkeeping rides along: ``_worker`` (int), ``_bad`` and ``_pass_tokens`` (the last row's).
     """
     batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ROW_KEYS}  # each [batch, seq]
     source = np.zeros((batch_size,), np.int32)  # [batch]; a padding row says 0 but has no loss
@@ -104,8 +99,5 @@ def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict[str, np.
     if rows and "_bad" in rows[-1]:
         batch["_worker"] = np.int64(rows[-1]["_worker"])
         batch["_bad"] = rows[-1]["_bad"]  # [sources, kinds + 1]
-    if rows and "epoch" in rows[0]:  # each token's pass over its source + 1, for the accounting (popped there)
-        batch["_token_epochs"] = np.zeros((batch_size, seq_len), np.int32)  # [batch, seq]
-        for i, row in enumerate(rows):
-            batch["_token_epochs"][i] = row["epoch"]
+        batch["_pass_tokens"] = rows[-1]["_pass_tokens"]  # [sources]
     return batch
