@@ -84,6 +84,7 @@ def test_beam_steps_without_beam_write_the_documents_of_the_local_engine_byte_fo
     for d in range(ours.num_documents):
         assert ours.tokens(d).tobytes() == local.tokens(d).tobytes()
 
+@pytest.mark.slow  # Beam's direct runner starts worker processes: ~15 s a test
 @needs_beam
 def test_beam_tokenize_is_byte_identical_twice_and_holds_the_local_engines_documents(inputs, tmp_path):
     _beam(inputs, tmp_path / "one")
@@ -107,6 +108,7 @@ def test_beam_tokenize_is_byte_identical_twice_and_holds_the_local_engines_docum
     assert meta["num_tokens"] == sum(s["num_tokens"] for s in meta["shards"])
 
 
+@pytest.mark.slow  # Beam's direct runner starts worker processes: ~15 s a test
 @needs_beam
 def test_beam_shards_train_elastically_like_the_local_shards(inputs, tmp_path):
     _beam(inputs, tmp_path / "ar", "--beam-args=--direct_running_mode=in_memory")
@@ -127,6 +129,7 @@ def test_beam_shards_train_elastically_like_the_local_shards(inputs, tmp_path):
                              process_count=1)
 
 
+@pytest.mark.slow  # Beam's direct runner starts worker processes: ~15 s a test
 @needs_beam
 def test_shards_of_another_tokenizer_are_an_error_naming_the_fix(inputs, tmp_path):
     _beam(inputs, tmp_path / "ar", "--beam-args=--direct_running_mode=in_memory")
