@@ -47,6 +47,52 @@ def as_dict(names: list[str], counts: np.ndarray, epochs: list[float]) -> dict[s
             for name, row, e in zip(names, counts, epochs)}
 
 
+class HostAccounting:
+    """One streaming host's counts (``jaxcpt.data.pipeline.TrainIterator``), kept in its data state."""
+
+    def __init__(self, names: list[str], *, workers: int):
+        self.names, self.workers = names, workers
+        self.counts = np.zeros((len(names), len(COUNTS)), np.int64)  # [sources, 3]
+        self.pass_tokens: dict[int, np.ndarray] = {}  # worker -> [sources] tokens of a pass over its share (0: unknown)
+        self.saved_pass = np.zeros(len(names), np.int64)  # [sources] this host's, from before a restarted stream
+        self.retired: dict[str, dict] = {}  # saved counts of sources no longer configured
+
+    def add(self, batch: dict[str, np.ndarray], worker: int, pass_tokens: np.ndarray) -> None:
+        """One batch handed out, from Grain worker ``worker``, with the pass sizes it carried ([sources])."""
+        self.pass_tokens[worker] = np.asarray(pass_tokens, np.int64)
+        self.counts += batch_counts(batch, len(self.names))
+
+    def pass_size(self) -> np.ndarray:
+        """[sources]: tokens of one pass over this host's share, 0 while some worker has not read its share once."""
+        sizes = np.zeros(len(self.names), np.int64)
+        if len(self.pass_tokens) == self.workers:
+            per_worker = np.stack(list(self.pass_tokens.values()))  # [workers, sources]
+            sizes = np.where((per_worker > 0).all(axis=0), per_worker.sum(axis=0), 0)
+        return np.where(sizes > 0, sizes, self.saved_pass)
+
+    def totals(self) -> dict[str, dict]:
+        size = self.pass_size()
+        out = as_dict(self.names, self.counts, [seen / n if n else None for seen, n in zip(self.counts[:, 1], size)])
+        for name, n in zip(self.names, size):
+            out[name]["pass_tokens"] = int(n)
+        return {**out, **self.retired}
+
+    def get_state(self) -> dict:
+        return {"pass_tokens": {str(w): p.tolist() for w, p in self.pass_tokens.items()}, "accounting": self.totals()}
+
+    def set_state(self, state: dict, *, restarted: bool) -> None:
+        """From a saved data state; ``restarted``: a fresh stream (same documents, so the same pass size until
+        it has measured its own). A state saved before accounting existed starts the counts at 0."""
+        saved = state.get("accounting", {})
+        self.counts = np.array([[saved.get(n, {}).get(k, 0) for k in COUNTS] for n in self.names], np.int64)
+        self.retired = {n: a for n, a in saved.items() if n not in self.names}  # kept, as trained
+        if restarted:
+            self.pass_tokens = {}
+            self.saved_pass = np.array([saved.get(n, {}).get("pass_tokens", 0) for n in self.names], np.int64)
+        else:
+            self.pass_tokens = {int(w): np.asarray(p, np.int64) for w, p in state.get("pass_tokens", {}).items()}
+
+
 def from_states(host_states: list[dict]) -> dict[str, dict]:
     """{source: {rows, tokens_seen, tokens_trained, epochs}} over all hosts, from the data state each
     host saved (a checkpoint's ``hosts`` list): streaming states are summed, an elastic state is global."""

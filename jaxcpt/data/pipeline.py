@@ -35,7 +35,7 @@ import grain
 import numpy as np
 
 from jaxcpt.config import ConfigError
-from jaxcpt.data.accounting import COUNTS, as_dict, batch_counts
+from jaxcpt.data.accounting import HostAccounting
 from jaxcpt.data.batches import eval_batches
 from jaxcpt.data.config import DataConfig
 from jaxcpt.data.documents import BadInputCounter, DocumentDataset, pad_bad_counts, stable_seed
@@ -128,10 +128,7 @@ class TrainIterator:
         self.source_names = [s.name for s in plan.cfg.sources]
         self._fingerprint = {**plan.fingerprint, "batch_size": batch_size}
         # Per-source accounting of the batches handed out (jaxcpt.data.accounting); kept across restarts.
-        self._acct = np.zeros((len(self.source_names), len(COUNTS)), np.int64)  # [sources, 3]
-        self._pass_tokens: dict[int, np.ndarray] = {}  # worker -> [sources] tokens of a pass over its share (0: unknown)
-        self._saved_pass = np.zeros(len(self.source_names), np.int64)  # [sources] this host's, from before a restart
-        self._retired: dict[str, dict] = {}  # saved counts of sources no longer configured
+        self._acct = HostAccounting(self.source_names, workers=max(1, plan.cfg.num_workers))
         self._start(seed=plan.cfg.seed, step=0)
 
     def _start(self, *, seed: int, step: int) -> None:
@@ -195,8 +192,7 @@ class TrainIterator:
         batch = {k: np.array(v) if type(v) is not np.ndarray else v for k, v in raw.items()}
         worker = batch.pop("_worker")
         self._bad[int(worker)] = batch.pop("_bad").astype(np.int64)  # [sources, kinds + 1]
-        self._pass_tokens[int(worker)] = batch.pop("_pass_tokens").astype(np.int64)  # [sources]
-        self._acct += batch_counts(batch, len(self.source_names))  # [sources, 3]
+        self._acct.add(batch, int(worker), batch.pop("_pass_tokens"))
         self.step += 1
         return batch
 
@@ -211,33 +207,9 @@ class TrainIterator:
                 f"stop signal while waiting for the input pipeline ({ACTIVITY.stalled_for():.0f} s): saving at step "
                 f"{self.step}")
 
-    def _pass_size(self) -> np.ndarray:
-        """[sources]: tokens (next-token pairs) of one pass over this host's share of each source, 0 while some
-        Grain worker has not read its share once (its tokenizer stage publishes the size at its first epoch end)."""
-        sizes = np.zeros(len(self.source_names), np.int64)
-        if len(self._pass_tokens) == max(1, self._plan.cfg.num_workers):
-            per_worker = np.stack(list(self._pass_tokens.values()))  # [workers, sources]
-            sizes = np.where((per_worker > 0).all(axis=0), per_worker.sum(axis=0), 0)
-        return np.where(sizes > 0, sizes, self._saved_pass)
-
     def accounting(self) -> dict[str, dict]:
-        """{source: {rows, tokens_seen, tokens_trained, epochs, pass_tokens}} of this host's batches so far
-        (``jaxcpt.data.accounting``; epochs = tokens seen / tokens of one pass, None while that is unknown)."""
-        size = self._pass_size()
-        out = as_dict(self.source_names, self._acct, [seen / n if n else None for seen, n in zip(self._acct[:, 1], size)])
-        for name, n in zip(self.source_names, size):
-            out[name]["pass_tokens"] = int(n)
-        return {**out, **self._retired}
-
-    def _restore_accounting(self, state: dict, *, restarted: bool) -> None:
-        saved = state.get("accounting", {})  # a state saved before accounting existed: counts start at 0
-        self._acct = np.array([[saved.get(n, {}).get(k, 0) for k in COUNTS] for n in self.source_names], np.int64)
-        self._retired = {n: a for n, a in saved.items() if n not in self.source_names}  # kept, as trained
-        if restarted:  # a fresh stream: same documents, same pass size until it has measured its own
-            self._pass_tokens = {}
-            self._saved_pass = np.array([saved.get(n, {}).get("pass_tokens", 0) for n in self.source_names], np.int64)
-        else:
-            self._pass_tokens = {int(w): np.asarray(p, np.int64) for w, p in state.get("pass_tokens", {}).items()}
+        """{source: {rows, tokens_seen, tokens_trained, epochs, pass_tokens}} of this host's batches so far."""
+        return self._acct.totals()
 
     def bad_input_report(self) -> dict[str, dict[str, int]]:
         """{source: {"records": read, kind: count, ...}} for sources with bad input, this host (kinds > 0 only)."""
@@ -267,8 +239,7 @@ class TrainIterator:
             "stream_start": self._stream_start,
             "fingerprint": self._fingerprint,
             "bad": {str(w): counts.tolist() for w, counts in self._bad.items()},
-            "pass_tokens": {str(w): p.tolist() for w, p in self._pass_tokens.items()},
-            "accounting": self.accounting(),  # this host's; jaxcpt.data.accounting.from_states sums the hosts
+            **self._acct.get_state(),  # this host's counts; jaxcpt.data.accounting.from_states sums the hosts
             "pipeline": encode_state(self._before if self._interrupted else self._batches.get_state()),
         }
         return json.loads(json.dumps(state))  # a plain copy: later steps never mutate a saved state
@@ -299,7 +270,7 @@ class TrainIterator:
             self.close()
             self._start(seed=stable_seed(self._plan.cfg.seed, "restart", step), step=step)
             if state["fingerprint"].get("process_count") == self._plan.process_count:
-                self._restore_accounting(state, restarted=True)
+                self._acct.set_state(state, restarted=True)
             else:  # each host saved its own counts, and this run splits the data over another number of hosts
                 log.warning("per-source accounting starts over at step %d: the saved counts are per host and the "
                             "host count changed (data.elastic=true keeps global counts across host counts)", step)
@@ -310,7 +281,7 @@ class TrainIterator:
         self._batches.set_state(decode_state(state["pipeline"]))
         self.step = int(state["step"])
         self._bad = {int(w): pad_bad_counts(np.asarray(c, np.int64)) for w, c in state["bad"].items()}
-        self._restore_accounting(state, restarted=False)
+        self._acct.set_state(state, restarted=False)
 
     def close(self) -> None:
         """Stop worker processes now (not at interpreter exit, when Grain's cleanup fails noisily)."""
