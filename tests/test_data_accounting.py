@@ -187,3 +187,16 @@ def test_report_shows_tokens_seen_and_trained_on_per_source_from_the_latest_data
     assert rows["web"] == ["10", "300", "300", "100.0%", "0.250"]
     assert rows["sft"] == ["4", "120", "30", "25.0%", "<", "1"]
 
+
+
+@pytest.mark.slow  # two Grain worker processes, twice: ~15 s
+def test_streaming_accounting_with_worker_processes_is_exact_across_resume(corpus):
+    cfg = _streaming(corpus, num_workers=2)
+    build = lambda h, n: build_train_iterator(cfg, batch_size=4, process_index=h, process_count=n)  # noqa: E731
+    straight = build(0, 1)
+    batches = [next(straight) for _ in range(8)]
+    acct = straight.accounting()
+    straight.close()
+    assert _counts(acct) == _counted(batches, ["web", "tiny", "sft"])
+    assert acct["tiny"]["epochs"] > 1  # both workers' shares measured: the pass is their sum
+    assert _resumed(build, 8, 3) == acct
