@@ -9,7 +9,9 @@ Per source (``jaxcpt.data.documents``, ``tokenize``, ``packing``)::
 
 then ``MixtureDataset`` interleaves the sources' rows by token credit
 (``jaxcpt.data.mixture``), optionally inside Grain worker processes (``num_workers``), and
-stacks rows into batches there; ``TrainIterator`` hands them to the trainer.
+stacks rows into batches there; ``TrainIterator`` hands them to the trainer, counting per source
+the rows, tokens seen and trained on, and epochs (``jaxcpt.data.accounting``). What a stream
+needs resolved first (files, special tokens, held-out documents, fingerprint) is ``jaxcpt.data.plan``.
 
 Determinism and resume. Every shuffle is seeded from ``data.seed`` and the source name, so
 the same config gives the same batches. ``get_state()`` is a small JSON-serialisable dict
