@@ -136,7 +136,8 @@ def slice_document_datasets(ds: grain.IterDataset, sl: slice) -> None:
 class MixtureDataset(grain.IterDataset):
     """Rows of several per-source row datasets, interleaved by credit (see the module docstring).
 
-    Each row gains ``source`` (int), ``_worker`` (the Grain worker that made it) and ``_bad``
+    Each row gains ``source`` (int), ``_worker`` (the Grain worker that made it), ``_pass_tokens``
+    ([sources], the tokens of one pass over that worker's share: jaxcpt.data.accounting) and ``_bad``
     ([sources, kinds + 1] int64, that worker's bad-input counts so far), which the training
     iterator strips. A source that is exhausted (``repeat: false``) ends the stream.
     """
@@ -224,6 +225,7 @@ class _MixtureIterator(grain.DatasetIterator):
         row["source"] = source
         row["_worker"] = ds.worker_index
         row["_bad"] = np.array([c.snapshot() for c in ds.counters], np.int64)  # [sources, kinds + 1]
+        row["_pass_tokens"] = np.array([c.pass_tokens for c in ds.counters], np.int64)  # [sources], 0: not known yet
         if ds.rows_at is not None:
             row["_step"] = step  # for jaxcpt.data.staged_rows.StepBatches
         return row

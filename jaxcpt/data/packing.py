@@ -111,7 +111,7 @@ def row_weight_count(segment_ids: np.ndarray, mode: str) -> int:
 def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     """Rows -> the trainer's batch; rows missing at the end of a finite stream are all padding.
 
-    The mixer's bookkeeping rides along: ``_worker`` (int) and ``_bad`` (the last row's counts).
+    The mixer's bookkeeping rides along: ``_worker`` (int), ``_bad`` and ``_pass_tokens`` (the last row's).
     """
     batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ROW_KEYS}  # each [batch, seq]
     source = np.zeros((batch_size,), np.int32)  # [batch]; a padding row says 0 but has no loss
@@ -126,4 +126,5 @@ def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict[str, np.
     if rows and "_bad" in rows[-1]:
         batch["_worker"] = np.int64(rows[-1]["_worker"])
         batch["_bad"] = rows[-1]["_bad"]  # [sources, kinds + 1]
+        batch["_pass_tokens"] = rows[-1]["_pass_tokens"]  # [sources]
     return batch

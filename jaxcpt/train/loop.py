@@ -25,6 +25,7 @@ from etils import epath
 from jaxcpt import __version__
 from jaxcpt.checkpoint import Checkpointer
 from jaxcpt.config import to_dict
+from jaxcpt.data import accounting as data_accounting
 from jaxcpt.data.documents import sum_bad_input_reports
 from jaxcpt.data.watch import InputWaitInterrupted
 from jaxcpt.model import lora as lora_lib
@@ -246,6 +247,8 @@ def save(run: Run, step: int, force: bool = False) -> None:
             "trainable_keys": list(setup.program.trainable.keys)}
     data_state = {"hosts": gather_json(setup.data_iter.get_state())}
     run.ckpt.save(step, run.state, data_state, meta, files=run.files, force=True)
+    # Per-source rows, tokens seen / trained on and epochs at this checkpoint, over all hosts (jaxcpt.data.accounting)
+    _record(run, "data", step, {"sources": data_accounting.from_states(data_state["hosts"])})
 
 
 def export(run: Run, step: int) -> None:
