@@ -29,7 +29,9 @@ import jax.numpy as jnp
 
 from jaxcpt.config import ConfigError, field
 from jaxcpt.errors import UserError
+from jaxcpt.model import expert_parallel
 from jaxcpt.model.layers import ACTIVATIONS
+from jaxcpt.sharding.rules import make_rules
 
 EXPERT_PARAMS = ("router", "expert_gate", "expert_up", "expert_down")
 
@@ -157,16 +159,30 @@ def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str):
     return jnp.zeros_like(x).at[token].add(out)  # [N, E]
 
 
-def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None):
+def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None, rules=None):
     """The MoE MLP of one layer: h [B, T, E] -> (out [B, T, E], RouterStats).
 
     ``p`` holds this layer's router and expert weights; ``valid`` [B, T] marks real tokens
-    (segment id != 0) for the statistics (None: all are).
+    (segment id != 0) for the statistics (None: all are). When the mesh splits the experts (``rules``:
+    the sharding rule table, None = the default one), they run expert-parallel (``jaxcpt.model.expert_parallel``).
     """
     batch, length, width = h.shape
     x = h.reshape(batch * length, width)  # [N, E]
     logits, weights, experts = route(x, p["router"], moe)
-    out = grouped_experts(x, experts, weights, p["expert_gate"], p["expert_up"], p["expert_down"], activation)
+    shapes = expert_param_shapes(moe, width, 1)
+    params = {name: p[name] for name in shapes if name != "router"}  # each [X, ...]
+
+    def experts_fn(x, experts, weights, w):  # x [N, E], experts/weights [N, k] -> [N, E]
+        return grouped_experts(x, experts, weights, w["expert_gate"], w["expert_up"], w["expert_down"], activation)
+
+    rules = make_rules() if rules is None else rules
+    if expert_parallel.is_active(rules, moe.num_experts):
+        axes = {name: shapes[name][1][1:] for name in params}  # logical axes without "layers"
+        k = experts.shape[-1]
+        out = expert_parallel.experts_over_mesh(h, experts.reshape(batch, length, k), weights.reshape(batch, length, k),
+                                                params, axes, experts_fn, rules).reshape(batch * length, width)
+    else:
+        out = experts_fn(x, experts, weights, params)
     valid = jnp.ones((batch * length,), jnp.float32) if valid is None else valid.reshape(-1)
     return out.reshape(batch, length, width), router_stats(logits, experts, valid, moe.num_experts)
 
