@@ -126,8 +126,8 @@ def _layer_loss(h, router, params, rules):
 @pytest.mark.parametrize("mesh_axes, rows", [
     ({"expert": 4, "data": 2}, 8),  # tokens split over the expert axis: all-gather, reduce-scatter
     ({"data": 2, "expert": 4}, 2),  # 2 rows do not split over data x expert: tokens replicated, outputs summed
-    ({"expert": 2, "tensor": 2, "fsdp": 2}, 8),  # each expert's mlp split over tensor: partial sums added
-    ({"expert": 8}, 8),  # one expert per device: a token's k copies all leave it
+    pytest.param({"expert": 2, "tensor": 2, "fsdp": 2}, 8, marks=pytest.mark.slow),  # mlp split over tensor: partial sums
+    pytest.param({"expert": 8}, 8, marks=pytest.mark.slow),  # one expert per device: fewer slots than top_k
 ])
 def test_layer_output_and_gradients_equal_one_device(mesh_axes, rows):
     rules = make_rules()
@@ -149,14 +149,17 @@ def test_layer_output_and_gradients_equal_one_device(mesh_axes, rows):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def test_expert_weights_are_never_gathered_whole():
-    """Under {expert: 4, data: 2} each device keeps its 2 experts: no collective rebuilds a layer's 8 experts
-    (GSPMD's grouped matmul gathers them all, in the forward and the backward pass)."""
+def test_tokens_move_within_the_expert_group_and_experts_stay_put():
+    """Under {expert: 4, data: 2} the compiled step gathers each expert group's 64 tokens [64, E] and nothing of the
+    whole batch's 256 token copies (GSPMD's grouped matmul all-gathers those copies onto all 8 devices and all-reduces
+    their [256, F] and [256, E] products), and no collective rebuilds a layer's 8 experts."""
     *_, hlo = _loss_grads_stats({"expert": 4, "data": 2})
+    found = collectives(hlo)
+    group_tokens = 4 * (ROWS // 8) * SEQ  # 4 devices x 1 row x 16 positions
+    assert any(c["kind"] == "all-gather" and c["shape"] == [group_tokens, WIDTH] for c in found)
+    batch_copies = ROWS * SEQ * TOP_K
+    assert [c for c in found if c["shape"][:1] == [batch_copies]] == []
     assert _expert_stack_gathers(hlo) == []
-    tokens = [c for c in collectives(hlo) if c["kind"] == "all-gather" and c["shape"][-1] == WIDTH
-              and c["shape"][0] == 4 * ROWS // 8 * SEQ]  # the expert group's tokens [4 x 1 row x 16, E]
-    assert tokens, "the tokens should be gathered over the expert axis"
 
 
 # ----------------------------------------------------------------------------- the whole model (slow)
