@@ -97,7 +97,7 @@ def experts_over_mesh(h: jax.Array, experts: jax.Array, weights: jax.Array, para
     ``experts``/``weights`` [B, T, k]: the routing (``moe.route``); ``params``: the layer's expert parameters,
     each [X, ...] with logical axes ``param_axes[name]`` (``exp`` first); ``expert_fn(x [N, E], experts [N, s],
     weights [N, s], params) -> [N, E]`` computes and combines the experts of ``params`` (``moe.grouped_experts``),
-    ignoring copies whose expert id is ``len(params[...])`` (outside every group).
+    on this device's X / P experts, ignoring copies whose expert id is X / P (past every group).
     """
     mesh = jax.sharding.get_abstract_mesh()
     shape = dict(mesh.shape)
@@ -119,9 +119,9 @@ def experts_over_mesh(h: jax.Array, experts: jax.Array, weights: jax.Array, para
     out_spec = PartitionSpec(*tuple(token_spec)[:2], None)
     # check_vma=False (as ring attention does): with jax 0.10.2's varying-axes checks on, the gradient of tokens
     # replicated over the expert axis came out wrong (tests/test_expert_parallel.py compares with one device)
-    return jax.shard_map(local, in_specs=(out_spec, route_spec, route_spec, param_specs), out_specs=out_spec,
-                         check_vma=False)(
-        h, experts, weights, params)
+    mapped = jax.shard_map(local, in_specs=(out_spec, route_spec, route_spec, param_specs), out_specs=out_spec,
+                           check_vma=False)
+    return mapped(h, experts, weights, params)
 
 
 def experts_count(params: dict[str, jax.Array]) -> int:
