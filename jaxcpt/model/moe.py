@@ -34,7 +34,9 @@ import jax.numpy as jnp
 
 from jaxcpt.config import ConfigError, field
 from jaxcpt.errors import UserError
+from jaxcpt.model import expert_parallel
 from jaxcpt.model.layers import ACTIVATIONS, clamped_swiglu
+from jaxcpt.sharding.rules import make_rules
 
 EXPERT_PARAMS = ("router", "expert_gate", "expert_up", "expert_down")
 
@@ -197,18 +199,34 @@ def expert_glu(moe: MoeConfig):
     return functools.partial(clamped_swiglu, alpha=moe.swiglu_alpha, limit=moe.swiglu_limit)
 
 
-def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None):
+def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None, rules=None):
     """The MoE MLP of one layer: h [B, T, E] -> (out [B, T, E], RouterStats).
 
     ``p`` holds this layer's router and expert weights (and biases, when the config has them);
-    ``valid`` [B, T] marks real tokens (segment id != 0) for the statistics (None: all are).
+    ``valid`` [B, T] marks real tokens (segment id != 0) for the statistics (None: all are). When the
+    mesh splits the experts (``rules``: the sharding rule table, None = the default one), they run
+    expert-parallel (``jaxcpt.model.expert_parallel``).
     """
     batch, length, width = h.shape
     x = h.reshape(batch * length, width)  # [N, E]
     logits, weights, experts = route(x, p["router"], moe, p.get("router_bias"))
-    biases = (p["expert_gate_bias"], p["expert_up_bias"], p["expert_down_bias"]) if moe.expert_bias else None
-    out = grouped_experts(x, experts, weights, p["expert_gate"], p["expert_up"], p["expert_down"], activation,
-                          biases=biases, glu=expert_glu(moe))
+    shapes = expert_param_shapes(moe, width, 1)
+    params = {name: p[name] for name in shapes if name not in ("router", "router_bias")}  # each [X, ...]
+    glu = expert_glu(moe)
+
+    def experts_fn(x, experts, weights, w):  # x [N, E], experts/weights [N, k] -> [N, E]
+        biases = (w["expert_gate_bias"], w["expert_up_bias"], w["expert_down_bias"]) if moe.expert_bias else None
+        return grouped_experts(x, experts, weights, w["expert_gate"], w["expert_up"], w["expert_down"], activation,
+                               biases=biases, glu=glu)
+
+    rules = make_rules() if rules is None else rules
+    if expert_parallel.is_active(rules, moe.num_experts):
+        axes = {name: shapes[name][1][1:] for name in params}  # logical axes without "layers"
+        k = experts.shape[-1]
+        out = expert_parallel.experts_over_mesh(h, experts.reshape(batch, length, k), weights.reshape(batch, length, k),
+                                                params, axes, experts_fn, rules).reshape(batch * length, width)
+    else:
+        out = experts_fn(x, experts, weights, params)
     valid = jnp.ones((batch * length,), jnp.float32) if valid is None else valid.reshape(-1)
     return out.reshape(batch, length, width), router_stats(logits, experts, valid, moe.num_experts)
 

@@ -207,7 +207,7 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
 
     h = norm(x, p["mlp_norm"]) if cfg.pre_norms else x
     if cfg.moe is not None:
-        mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid)
+        mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid, rules)
         aux = (aux, stats)
     else:
         mlp_out = gated_mlp(h, project, activation=cfg.activation)
