@@ -182,7 +182,10 @@ def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str, 
     up = jax.lax.ragged_dot(xs, w_up, group_sizes)  # [N*k, F]
     if biases is not None:  # each sorted copy takes its expert's bias row
         owner = jnp.take(flat, order)  # [N*k] expert of each sorted copy
-        b_gate, b_up, b_down = (jnp.take(b, owner, axis=0) for b in biases)  # [N*k, F], [N*k, F], [N*k, E]
+        # an id outside [0, X) (expert parallelism's slots for other devices' experts, weight 0) takes no bias:
+        # jnp.take's default fill for such rows is NaN, which the zero weight would not remove
+        b_gate, b_up, b_down = (jnp.take(b, owner, axis=0, mode="fill", fill_value=0)
+                                for b in biases)  # [N*k, F], [N*k, F], [N*k, E]
         gate, up = gate + b_gate, up + b_up
     hidden = glu(gate, up) if glu is not None else ACTIVATIONS[activation](gate) * up  # [N*k, F]
     out = jax.lax.ragged_dot(hidden, w_down, group_sizes)  # [N*k, E]
