@@ -419,6 +419,13 @@ def main() -> None:
         report["elastic"] = elastic_part(args)
     if "beam" in parts:
         report["beam"] = beam_part(args)
+    # The top level names the machine, the commit and the time of this invocation; every part keeps the machine
+    # and commit it was measured on (the throughput part's as "throughput_machine" once another part ran after it).
+    if "throughput" not in parts and "runs" in report:
+        report.setdefault("throughput_machine", report.get("machine"))
+    context = _context()
+    report.update(machine={**context["machine"], "loadavg_at_end": list(os.getloadavg())}, commit=context["commit"],
+                  time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), parts_run=sorted(parts))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
@@ -505,6 +512,7 @@ def throughput_part(args) -> dict:
             "characters_per_token": round(chars_per_token, 2),
         },
         "machine": {**machine_info(), "loadavg_at_end": list(os.getloadavg())},
+        "throughput_machine": {**machine_info(), "loadavg_at_end": list(os.getloadavg())},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "summary": summary,
         "runs": results,

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Run jaxcpt on every GPU of one machine: one process that sees all local GPUs
 # (single-process, multi-device JAX), so no jax.distributed setup is needed.
 set -euo pipefail
@@ -38,29 +39,9 @@ Example:
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "run '$PROG --help' for usage" >&2
-  exit 2
-}
-
-# One word as a shell reads it back: bare when safe, else single-quoted.
-quote() {
-  local word=$1
-  if [[ $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-quote_words() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
+# die, quote, quote_words
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 CONFIG="" RUN_DIR="" GPUS="" MEM_FRACTION=0.90 EXTRA_XLA_FLAGS="" DRY_RUN=0
 OVERRIDES=()

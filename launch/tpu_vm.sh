@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Run jaxcpt on a Cloud TPU VM (one host or a multi-host pod slice) with gcloud.
 #
 # Every step is one gcloud command, printed before it runs as "+ gcloud ...", so a
@@ -67,29 +68,9 @@ Example:
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "run '$PROG --help' for usage" >&2
-  exit 2
-}
-
-# One word as a shell reads it back: bare when safe, else single-quoted.
-quote() {
-  local word=$1
-  if [[ $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/\'\\\'\'}"
-  fi
-}
-
-quote_words() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
+# die, quote, quote_words
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Like quote_words, but double-quotes where that is exact, for the command strings
 # sent to the workers: "+ ..." then shows them inside '...' without '\'' noise.

@@ -199,3 +199,11 @@ def test_damaged_file_counts_reach_metrics_and_the_run_summary(tmp_path):
     assert summary["bad_input"]["domain"]["damaged_file"] >= damaged
     assert summary["bad_input"]["domain"]["records"] > damaged
     assert "bad input: source 'domain': damaged_file" in out
+    # The same run checks the per-source accounting the final checkpoint writes (jaxcpt.data.accounting):
+    # the device's count of tokens with loss, step by step, is the oracle for the tokens trained on.
+    data = [r for r in records if r["kind"] == "data"]
+    assert [r["step"] for r in data] == [2]
+    trained = sum(r["tokens"] for r in records if r["kind"] == "train")
+    assert sum(a["tokens_trained"] for a in data[0]["sources"].values()) == trained
+    assert sum(a["rows"] for a in data[0]["sources"].values()) == 2 * 8  # 2 steps of 8 rows, none empty
+    assert "data trained per source (step 2)" in (run_dir / "report.txt").read_text()

@@ -109,3 +109,47 @@ def test_records_without_an_answer_are_counted_bad(tmp_path, chat_tokenizer):
     it = build_train_iterator(cfg, batch_size=1, process_index=0, process_count=1)
     next(it)
     assert it.bad_input_counts()["sft"]["missing_field"] >= 1
+
+
+def _parquet(path, records, row_group_size=2):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+def _batches(path, tokenizer, instruction, n):
+    cfg = data_config(sources=[{"name": "sft", "paths": [path], "instruction": instruction}], tokenizer=tokenizer,
+                      seq_len=48, shuffle_buffer=0, packing_bins=1, shuffle_files=False)
+    it = build_train_iterator(cfg, batch_size=2, process_index=0, process_count=1)
+    return [next(it) for _ in range(n)]
+
+
+def test_instruction_records_in_parquet_train_as_the_same_records_in_jsonl(tmp_path, chat_tokenizer):
+    pairs = [{"prompt": f"question {i} about things", "completion": f" answer number {i}"} for i in range(7)]
+    chats = [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": f"reply {i}"}]}
+             for i in range(7)]
+    for name, records, tokenizer, instruction in (("pc", pairs, sp_model(), "prompt_completion"),
+                                                  ("chat", chats, chat_tokenizer, "messages")):
+        from_jsonl = _batches(_jsonl(tmp_path / f"{name}.jsonl", records), tokenizer, instruction, 4)
+        from_parquet = _batches(_parquet(tmp_path / f"{name}.parquet", records), tokenizer, instruction, 4)
+        for a, b in zip(from_jsonl, from_parquet):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}: {k}")
+        assert 0 < from_parquet[0]["loss_mask"].sum() < (from_parquet[0]["segment_ids"] > 0).sum()  # answers only
+
+
+def test_parquet_instruction_source_without_its_columns_is_an_error_naming_them(tmp_path):
+    path = _parquet(tmp_path / "pc.parquet", [{"prompt": "a question", "text": "no completion column"}])
+    with pytest.raises(ConfigError, match=r"no columns \['completion'\].*prompt_completion reads the columns"):
+        _batches(path, sp_model(), "prompt_completion", 1)
+
+
+def test_instruction_source_cannot_be_read_elastically_and_the_error_says_why(tmp_path):
+    path = _jsonl(tmp_path / "pc.jsonl", [{"prompt": "a question", "completion": " an answer"}])
+    cfg = data_config(sources=[{"name": "sft", "paths": [path], "instruction": "prompt_completion"}],
+                      tokenizer=sp_model(), seq_len=16, elastic=True)
+    with pytest.raises(ConfigError, match="cannot be read with data.elastic=true.*answer mask.*data.elastic=false"):
+        build_train_iterator(cfg, batch_size=1, process_index=0, process_count=1)

@@ -148,7 +148,9 @@ def test_each_epoch_is_shuffled_anew(tmp_path):
         write_jsonl(str(tmp_path / f"p{f}.jsonl"), texts[f * 10 : (f + 1) * 10])
     docs = document_dataset([str(tmp_path / "*.jsonl")], repeat=True)
     it = iter(WindowShuffleDataset(docs, window_size=1000, seed=1))  # a window larger than an epoch
-    epochs = [take(it, 30) for _ in range(3)]
+    marked = [take(it, 31) for _ in range(3)]  # each epoch's documents, then its EpochEnd (the accounting counts it)
+    assert all(isinstance(e[-1], EpochEnd) for e in marked)
+    epochs = [e[:-1] for e in marked]
     assert all(sorted(e) == sorted(texts) for e in epochs)  # the window stops at each epoch's end
     assert epochs[0] != epochs[1] != epochs[2]
     assert not any(isinstance(d, EpochEnd) for e in epochs for d in e)

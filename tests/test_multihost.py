@@ -26,7 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two_processes(args: list[str]) -> list[subprocess.Popen]:
+def start_two_processes(args) -> list[subprocess.Popen]:
+    """``jaxcpt`` in two JAX processes joined over loopback, 4 CPU devices each; ``args`` is the
+    command line of both, or a function of the process id giving each its own."""
+    args_for = args if callable(args) else (lambda process_id: args)
     port = free_port()
     procs = []
     for process_id in range(2):
@@ -34,7 +37,7 @@ def start_two_processes(args: list[str]) -> list[subprocess.Popen]:
         env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
         distributed = ["distributed.initialize=true", f"distributed.coordinator_address=127.0.0.1:{port}",
                        "distributed.num_processes=2", f"distributed.process_id={process_id}"]
-        procs.append(subprocess.Popen([sys.executable, "-m", "jaxcpt.cli", *args, *distributed], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "jaxcpt.cli", *args_for(process_id), *distributed], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 

@@ -23,6 +23,7 @@ def llama_like_params():
                 "attn_norm": {"scale": jnp.ones(4)},
                 "q_proj": {"kernel": jax.random.normal(next(key), (4, 4)), "bias": jax.random.normal(next(key), (4,))},
                 "q_norm": {"scale": jnp.full(4, 1.5)},
+                "sinks": jnp.zeros(4),  # gpt-oss's per-head attention sink logits
             }
         ],
         "final_norm": {"scale": jnp.full(4, 0.7)},
@@ -43,7 +44,8 @@ def test_mask_spares_norms_and_biases_and_decays_embeddings_only_on_request(deca
     mask = weight_decay_mask(llama_like_params(), decay_embeddings=decay_embeddings)
     assert mask == {
         "embed": {"embedding": decay_embeddings},
-        "layers": [{"attn_norm": {"scale": False}, "q_proj": {"kernel": True, "bias": False}, "q_norm": {"scale": False}}],
+        "layers": [{"attn_norm": {"scale": False}, "q_proj": {"kernel": True, "bias": False}, "q_norm": {"scale": False},
+                    "sinks": False}],
         "final_norm": {"scale": False},
         "lm_head": {"kernel": True},  # the output projection is a kernel, not the embedding
     }

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -58,23 +57,11 @@ def test_second_train_is_refused_naming_the_holder_and_a_killed_holders_lease_is
 
 
 # -- two JAX processes ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(args_for):
     """``jaxcpt`` in two processes joined over loopback; ``args_for(i)`` gives process i's arguments."""
-    port = _free_port()
-    procs = []
-    for i in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-        distributed = ["distributed.initialize=true", f"distributed.coordinator_address=127.0.0.1:{port}",
-                       "distributed.num_processes=2", f"distributed.process_id={i}"]
-        procs.append(subprocess.Popen([sys.executable, "-m", "jaxcpt.cli", *args_for(i), *distributed], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    from test_multihost import start_two_processes
+
+    procs = start_two_processes(args_for)
     outputs = []
     for proc in procs:
         try:

@@ -16,5 +16,7 @@ resumable reading of files and ranges of them), ``shares`` (splitting sources in
 when readers outnumber files; each host's and worker's share), ``documents`` (epochs,
 held-out split, bad input), ``shuffle``, ``tokenize`` (tokenizers, the tokenizing stage), ``packing``,
 ``mixture`` (weights over training, the interleaver), ``state`` (JSON-safe iterator
-states), ``pipeline`` (assembly, TrainIterator, eval batches), ``command`` (``jaxcpt tokenize``).
+states), ``plan`` (what a stream needs, resolved at build time: files, special tokens, fingerprint),
+``pipeline`` (assembly, TrainIterator), ``batches`` (evaluation batches), ``accounting`` (per-source
+rows, tokens seen / trained on, epochs), ``command`` (``jaxcpt tokenize``).
 """

@@ -32,12 +32,9 @@ import os
 import shlex
 import tempfile
 
-import numpy as np
-
 from jaxcpt.config import ConfigError
 from jaxcpt.data.config import SourceConfig
-from jaxcpt.data.sources import TOKENIZED_FORMAT, TOKENIZED_META, list_units, parse_record, read_unit, resolve_files
-from jaxcpt.data.sources import text_hash
+from jaxcpt.data.sources import TOKENIZED_META
 from jaxcpt.errors import UserError
 
 
@@ -45,8 +42,8 @@ def _require_beam():
     try:
         import apache_beam as beam  # noqa: F401
     except ImportError:
-        raise UserError("`jaxcpt tokenize --engine beam` needs Apache Beam: pip install 'jaxcpt[data]' (in its own "
-                        "environment: docs/data.md says which pins it changes)") from None
+        raise UserError("`jaxcpt tokenize --engine beam` needs Apache Beam: pip install 'jaxcpt[data]' (docs/data.md "
+                        "says which versions it brings)") from None
     return beam
 
 
@@ -78,9 +75,8 @@ def source_fingerprint(src: SourceConfig, units) -> str:
 class _TokenizeUnit:
     """unit (index, Unit) -> (index, [(ids, text hash)], {bad kind: count}); the tokenizer is loaded once per worker."""
 
-    def __init__(self, files: dict[str, bytes], single_file: bool, text_field: str, text_split: str, batch_size: int):
-        self.files, self.single_file = files, single_file
-        self.text_field, self.text_split, self.batch_size = text_field, text_split, batch_size
+    def __init__(self, files: dict[str, bytes], single_file: bool, source: SourceConfig, batch_size: int):
+        self.files, self.single_file, self.source, self.batch_size = files, single_file, source, batch_size
         self._tok = None
 
     def _tokenizer(self):
@@ -96,29 +92,15 @@ class _TokenizeUnit:
         return self._tok
 
     def __call__(self, item):
-        from jaxcpt.data.readers import Damaged
+        from jaxcpt.data.command import tokenize_counter, unit_documents
 
         index, unit = item
-        texts, hashes, bad = [], [], {}
-        for _, raw in read_unit(unit, 0, self.text_field, self.text_split):
-            if isinstance(raw, Damaged):
-                bad["damaged_file"] = bad.get("damaged_file", 0) + max(1, raw.lost or 1)
-                continue
-            kind, payload = parse_record(unit.fmt, raw, self.text_field)
-            if kind == "doc":
-                try:
-                    doc_hash = text_hash(payload.encode("utf-8"))
-                except UnicodeEncodeError:
-                    kind = "invalid_utf8"
-            if kind != "doc":
-                bad[kind] = bad.get(kind, 0) + 1
-                continue
-            texts.append(payload)
-            hashes.append(doc_hash)
+        counter = tokenize_counter(self.source)  # the same documents kept and skipped as `jaxcpt tokenize`
+        docs = list(unit_documents(unit, self.source.text_field, self.source.text_split, counter))
         ids = []
-        for start in range(0, len(texts), self.batch_size):
-            ids.extend(self._tokenizer().encode_batch(texts[start : start + self.batch_size]))
-        return index, list(zip(ids, hashes)), bad
+        for start in range(0, len(docs), self.batch_size):
+            ids.extend(self._tokenizer().encode_batch([text for text, _ in docs[start : start + self.batch_size]]))
+        return index, [(i, h) for i, (_, h) in zip(ids, docs)], {k: v for k, v in counter.counts.items() if v}
 
 
 class _WriteShard:
@@ -129,22 +111,16 @@ class _WriteShard:
 
     def __call__(self, item):
         from apache_beam.io.filesystems import FileSystems
-        from array_record.python.array_record_module import ArrayRecordWriter
+
+        from jaxcpt.data.indexed import write_array_record_shard
 
         index, docs, bad = item
         stats = {"index": index, "bad": bad, "num_documents": len(docs), "num_tokens": sum(len(i) for i, _ in docs)}
         if not docs:
             return stats
         stem = f"shard-{index:05d}"
-        dtype = np.dtype(self.dtype).newbyteorder("<")
-        with tempfile.TemporaryDirectory(prefix="jaxcpt_beam_shard_") as tmp:
-            local = os.path.join(tmp, f"{stem}.array_record")
-            writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: documents read alone
-            for ids, _ in docs:
-                writer.write(np.asarray(ids, dtype).tobytes())
-            writer.close()
-            np.save(os.path.join(tmp, f"{stem}.lengths.npy"), np.array([len(i) for i, _ in docs], np.int64))
-            np.save(os.path.join(tmp, f"{stem}.hashes.npy"), np.array([h for _, h in docs], np.uint64))
+        with tempfile.TemporaryDirectory(prefix="jaxcpt_beam_shard_") as tmp:  # written here, copied to the output
+            write_array_record_shard(tmp, stem, [i for i, _ in docs], [h for _, h in docs], self.dtype)
             for name in (f"{stem}.array_record", f"{stem}.lengths.npy", f"{stem}.hashes.npy"):
                 with open(os.path.join(tmp, name), "rb") as f, FileSystems.create(
                         FileSystems.join(self.output, name)) as out:
@@ -160,15 +136,14 @@ def run_beam(src: SourceConfig, tokenizer: str, output: str, *, runner: str = "d
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from jaxcpt.data.tokenize import load_tokenizer, tokenizer_fingerprint
+    from jaxcpt.data.command import index_header, source_units, token_dtype
+    from jaxcpt.data.tokenize import load_tokenizer
 
     if FileSystems.exists(FileSystems.join(output, TOKENIZED_META)):
         raise UserError(f"'{output}' already holds token shards; choose a new directory or delete them")
-    units = list_units(resolve_files(src.paths, src.name, src.format), src.format, src.text_field, src.name)
-    if any(u.fmt == "tokenized" for u in units):
-        raise UserError(f"source '{src.name}' is already tokenized")
+    units = source_units(src)
     facts = load_tokenizer(tokenizer).facts
-    dtype = "uint16" if facts.num_ids <= 2**16 else "uint32"
+    dtype = token_dtype(facts).name
     files = tokenizer_files(tokenizer)
     argv = [f"--runner={'DirectRunner' if runner == 'direct' else runner}", *shlex.split(beam_args)]
     if runner == "direct" and not any(a.startswith("--direct_running_mode") for a in argv):
@@ -179,26 +154,13 @@ def run_beam(src: SourceConfig, tokenizer: str, output: str, *, runner: str = "d
             p
             | "units" >> beam.Create(list(enumerate(units)))
             | "reshuffle" >> beam.Reshuffle()  # spread the units over workers
-            | "tokenize" >> beam.Map(_TokenizeUnit(files, os.path.isfile(tokenizer), src.text_field, src.text_split,
-                                                   batch_size))
+            | "tokenize" >> beam.Map(_TokenizeUnit(files, os.path.isfile(tokenizer), src, batch_size))
             | "write" >> beam.Map(_WriteShard(output, dtype))
             | "collect" >> beam.combiners.ToList()
         )
         stats | "index" >> beam.Map(_write_index, output=output, meta={
-            "format": TOKENIZED_FORMAT,
+            **index_header(src, tokenizer, facts, dtype),
             "storage": "array_record",
-            "tokenizer": os.path.abspath(tokenizer),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "vocab_size": facts.num_ids,
-            "bos_id": facts.bos_id,
-            "eos_id": facts.eos_id,
-            "pad_id": facts.pad_id,
-            "adds_bos": facts.document_convention[0],
-            "adds_eos": facts.document_convention[1],
-            "dtype": dtype,
-            "inputs": list(src.paths),
-            "text_field": src.text_field,
-            "text_split": src.text_split,
             "source_fingerprint": source_fingerprint(src, units),
         })
     with FileSystems.open(FileSystems.join(output, TOKENIZED_META)) as f:

@@ -95,24 +95,71 @@ def _source_from_args(args) -> tuple[SourceConfig, str]:
     return src, args.tokenizer or ""
 
 
+def unit_documents(unit: Unit, text_field: str, text_split: str, counter: BadInputCounter) -> Iterator[tuple[str, int]]:
+    """(text, text hash) of every good document of one unit, in order; bad ones are counted in ``counter``.
+
+    Both engines (this command's and ``jaxcpt.data.beam_tokenize``'s, one unit per Beam element) read
+    documents through this, so they keep and skip the same ones.
+    """
+    for position, raw in read_unit(unit, 0, text_field, text_split):
+        if isinstance(raw, Damaged):
+            counter.damaged(unit.path, raw, max(1, raw.lost))
+            continue
+        kind, payload = parse_record(unit.fmt, raw, text_field)
+        if kind == "doc":
+            try:
+                doc_hash = text_hash(payload.encode("utf-8"))
+            except UnicodeEncodeError:
+                kind, payload = "invalid_utf8", "unpaired surrogate"
+        if kind != "doc":
+            counter.bad(kind, payload, f"{unit.path} ({position})")
+            continue
+        counter.good()
+        yield payload, doc_hash
+
+
 def _documents(src: SourceConfig, units: list[Unit], counter: BadInputCounter) -> Iterator[tuple[str, int]]:
     """(text, text hash) of every good document, in sorted file order."""
     for unit in units:
-        for position, raw in read_unit(unit, 0, src.text_field, src.text_split):
-            if isinstance(raw, Damaged):
-                counter.damaged(unit.path, raw, raw.lost)
-                continue
-            kind, payload = parse_record(unit.fmt, raw, src.text_field)
-            if kind == "doc":
-                try:
-                    doc_hash = text_hash(payload.encode("utf-8"))
-                except UnicodeEncodeError:
-                    kind, payload = "invalid_utf8", "unpaired surrogate"
-            if kind != "doc":
-                counter.bad(kind, payload, f"{unit.path} ({position})")
-                continue
-            counter.good()
-            yield payload, doc_hash
+        yield from unit_documents(unit, src.text_field, src.text_split, counter)
+
+
+def tokenize_counter(src: SourceConfig, fatal: bool = False) -> BadInputCounter:
+    """Bad records are skipped and counted (the index lists them), never a reason to stop unless ``fatal``."""
+    return BadInputCounter(src.name, fatal=fatal, max_fraction=1.0, min_records=0, warn_seconds=60.0)
+
+
+def source_units(src: SourceConfig) -> list[Unit]:
+    """The units to tokenize (checked before anything is written): not already token shards."""
+    units = list_units(resolve_files(src.paths, src.name, src.format), src.format, src.text_field, src.name)
+    if any(u.fmt == "tokenized" for u in units):
+        raise UserError(f"source '{src.name}' is already tokenized")
+    return units
+
+
+def index_header(src: SourceConfig, tokenizer: str, facts, dtype: str) -> dict:
+    """What every token directory's jaxcpt_tokenized.json says about the tokenizer and the input."""
+    return {
+        "format": TOKENIZED_FORMAT,
+        "tokenizer": os.path.abspath(tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": facts.num_ids,
+        "bos_id": facts.bos_id,
+        "eos_id": facts.eos_id,
+        "pad_id": facts.pad_id,
+        # the document convention, what data.add_bos / add_eos default to when there is no tokenizer
+        "adds_bos": facts.document_convention[0],
+        "adds_eos": facts.document_convention[1],
+        "dtype": dtype,
+        "inputs": list(src.paths),
+        "text_field": src.text_field,
+        "text_split": src.text_split,
+    }
+
+
+def token_dtype(facts) -> np.dtype:
+    """uint16 ids where the vocabulary fits, else uint32."""
+    return np.dtype(np.uint16 if facts.num_ids <= np.iinfo(np.uint16).max + 1 else np.uint32)
 
 
 def _batches(docs: Iterator[tuple[str, int]], size: int) -> Iterator[tuple[list[str], list[int]]]:
@@ -184,14 +231,11 @@ def tokenize_source(
         n.startswith("shard-") for n in (os.listdir(output) if os.path.isdir(output) else [])
     ):
         raise UserError(f"'{output}' already holds token shards; choose a new directory or delete them")
-    # Inputs and tokenizer are checked before anything is written.
-    units = list_units(resolve_files(src.paths, src.name, src.format), src.format, src.text_field, src.name)
-    if any(u.fmt == "tokenized" for u in units):
-        raise UserError(f"source '{src.name}' is already tokenized")
+    units = source_units(src)  # inputs and tokenizer are checked before anything is written
     facts = load_tokenizer(tokenizer).facts
     os.makedirs(output, exist_ok=True)
-    dtype = np.dtype(np.uint16 if facts.num_ids <= np.iinfo(np.uint16).max + 1 else np.uint32)
-    counter = BadInputCounter(src.name, fatal=fatal_bad_input, max_fraction=1.0, min_records=0, warn_seconds=60.0)
+    dtype = token_dtype(facts)
+    counter = tokenize_counter(src, fatal_bad_input)
     writer = _ShardWriter(output, dtype, shard_tokens)
     items = ((tokenizer, texts, hashes) for texts, hashes in _batches(_documents(src, units, counter), batch_size))
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
@@ -211,20 +255,7 @@ def tokenize_source(
             pool.terminate()
     writer.flush()
     meta = {
-        "format": TOKENIZED_FORMAT,
-        "tokenizer": os.path.abspath(tokenizer),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": facts.num_ids,
-        "bos_id": facts.bos_id,
-        "eos_id": facts.eos_id,
-        "pad_id": facts.pad_id,
-        # the document convention, what data.add_bos / add_eos default to when there is no tokenizer
-        "adds_bos": facts.document_convention[0],
-        "adds_eos": facts.document_convention[1],
-        "dtype": dtype.name,
-        "inputs": list(src.paths),
-        "text_field": src.text_field,
-        "text_split": src.text_split,
+        **index_header(src, tokenizer, facts, dtype.name),
         "num_documents": sum(s["num_documents"] for s in writer.shards),
         "num_tokens": sum(s["num_tokens"] for s in writer.shards),
         "bad_documents": {k: v for k, v in counter.counts.items() if v},

@@ -104,6 +104,13 @@ class SourceConfig:
         "eval_fraction; give one or neither). The training of every source skips every document whose text hash "
         "matches one of them (the union over all sources).",
     )
+    min_doc_tokens: int = field(
+        0,
+        help="Skip this source's documents shorter than this many tokens (BOS/EOS included), in training and in its "
+        "held-out split: a long-document source for a long-context stage (ProLong: upsample long documents through "
+        "this source's weight, keep short text as replay in another source). 0 = keep every document. A source none "
+        "of whose next data.max_documents_without_tokens documents is long enough stops the run (no silent spin).",
+    )
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -122,6 +129,8 @@ class SourceConfig:
             raise ConfigError(f"source '{self.name}': eval_documents must be >= 0, got {self.eval_documents}")
         if self.eval_fraction > 0 and self.eval_documents > 0:
             raise ConfigError(f"source '{self.name}': set eval_fraction or eval_documents, not both")
+        if self.min_doc_tokens < 0:
+            raise ConfigError(f"source '{self.name}': min_doc_tokens must be >= 0, got {self.min_doc_tokens}")
 
     @property
     def has_eval_split(self) -> bool:
@@ -133,7 +142,8 @@ class MixtureStage:
     """A change of the mixture during training (see the module docstring)."""
 
     weights: dict[str, float] = field(
-        {}, help="Mixture from this stage on, {source name: weight}; unnamed sources get 0."
+        {}, help="Mixture from this stage on, {source name: weight}; unnamed sources get 0. Empty (a stage that only "
+        "changes seq_len / batch_size): the mixture in effect goes on."
     )
     step: int | None = field(None, help="Optimizer step (= batch index) at which the stage starts.")
     lr_below: float | None = field(
@@ -145,6 +155,18 @@ class MixtureStage:
         0,
         help="0: switch at the start step. N > 0: move linearly from the mixture in effect at the start to "
         "these weights over N steps.",
+    )
+    seq_len: int | None = field(
+        None,
+        help="Tokens per row from this stage on (a long-context stage; jaxcpt.data.stage_shapes): each source "
+        "repacks from its current position, nothing lost or repeated, and the train step compiles once for the new "
+        "shape. The learning-rate schedule counts optimizer steps, whatever the shape. null = the previous stage's. "
+        "Needs batch_size too.",
+    )
+    batch_size: int | None = field(
+        None,
+        help="Global rows per optimizer step from this stage on. With seq_len, say explicitly how the batch follows: "
+        "keep the tokens per step (rows x seq_len as before) or keep the rows. null = the previous stage's.",
     )
 
     # Named check(), not validate(): the config loader would run validate() while trying this type
@@ -160,8 +182,18 @@ class MixtureStage:
             raise ConfigError(f"mixture stage: ramp_steps must be >= 0, got {self.ramp_steps}")
         if any(w < 0 for w in self.weights.values()):
             raise ConfigError(f"mixture stage: weights must be >= 0, got {self.weights}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"mixture stage: seq_len must be >= 2, got {self.seq_len}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"mixture stage: batch_size must be >= 1, got {self.batch_size}")
+        if not self.weights and self.changes_shape:
+            return  # a shape-only stage: the mixture goes on
         if not any(w > 0 for w in self.weights.values()):
             raise ConfigError(f"mixture stage at step={self.step} lr_below={self.lr_below}: needs a positive weight")
+
+    @property
+    def changes_shape(self) -> bool:
+        return self.seq_len is not None or self.batch_size is not None
 
 
 @dataclasses.dataclass(frozen=True)

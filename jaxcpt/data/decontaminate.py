@@ -48,7 +48,7 @@ def _first_ngram(text: str, grams: set[int], n: int) -> str | None:
 def _source_documents(cfg, index: int, split: str):
     """(text, text hash) of one source's split, in file order (one reader, no shuffling)."""
     from jaxcpt.data.documents import DocumentDataset
-    from jaxcpt.data.pipeline import _counter, _limits, _plan
+    from jaxcpt.data.plan import _counter, _limits, _plan
     from jaxcpt.data.sources import text_hash
 
     plan = _plan(dataclasses.replace(cfg, num_workers=0), None, 0, 1)

@@ -70,6 +70,9 @@ class BadInputCounter:
         self.warn_seconds = warn_seconds
         self.counts = dict.fromkeys(BAD_KINDS, 0)
         self.records = 0  # every record read, good or bad: the denominator of max_fraction
+        # Next-token pairs of one pass over this reader's share, 0 until known: set by the tokenizer stage, read
+        # by the mixer with the counts (jaxcpt.data.accounting: epochs).
+        self.pass_tokens = 0
         self._last_warning = -float("inf")
         self._damaged_warned: set[str] = set()  # files whose damage was named (the first time, always)
 
@@ -271,7 +274,7 @@ class DocumentIterator(grain.DatasetIterator):
                     self._order = self._unit_order(self._epoch)
                     return EpochEnd()
                 unit = self._units[self._order[self._upos]]
-                self._reader = read_unit(unit, self._offset, ds.text_field, ds.text_split, ds.limits)
+                self._reader = read_unit(unit, self._offset, ds.text_field, ds.text_split, ds.limits, ds.instruction)
             ACTIVITY.reader = self  # what a stall warning names (jaxcpt.data.watch)
             try:
                 self._offset, raw = next(self._reader)
@@ -361,7 +364,7 @@ def first_document_hashes(
     """Text hashes of the first ``count`` good documents in unit order: an ``eval_documents`` split."""
     hashes: list[int] = []
     for unit in units:
-        for position, raw in read_unit(unit, 0, text_field, text_split, limits):
+        for position, raw in read_unit(unit, 0, text_field, text_split, limits, instruction):
             if isinstance(raw, Damaged):
                 counter.damaged(unit.path, raw, raw.lost)
                 continue

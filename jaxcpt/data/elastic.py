@@ -37,7 +37,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 
 import grain
@@ -48,7 +47,8 @@ from jaxcpt.data.config import DataConfig
 from jaxcpt.data.documents import HeldOut
 from jaxcpt.data.indexed import IndexedSource, SourceRows, training_documents
 from jaxcpt.data.mixture import WeightSchedule, resolve_stage_steps
-from jaxcpt.data.packing import ROW_KEYS
+from jaxcpt.data.batches import eval_batches
+from jaxcpt.data.packing import stack_rows
 from jaxcpt.data.sources import TOKENIZED_META, read_tokenized_meta, resolve_files
 from jaxcpt.data.tokenize import token_byte_lengths
 from jaxcpt.data.watch import ACTIVITY, InputWaitInterrupted
@@ -109,13 +109,9 @@ class Allocator:
 
 
 def _assemble(rows: list[SourceRows], chosen: list[tuple[int, int, int]], seq_len: int) -> dict[str, np.ndarray]:
-    batch = {k: np.zeros((len(chosen), seq_len), np.int32) for k in ROW_KEYS}  # each [batch, seq]
-    for i, (s, epoch, offset) in enumerate(chosen):
-        for k, v in rows[s].row(epoch, offset, seq_len).items():
-            batch[k][i] = v
-    batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.float32)  # [batch, seq]
-    batch["source"] = np.array([s for s, _, _ in chosen], np.int32)  # [batch]
-    return batch
+    """The batch of rows ``chosen`` [(source, epoch, offset)], stacked as the streaming reader stacks its rows."""
+    return stack_rows([{**rows[s].row(epoch, offset, seq_len), "source": s} for s, epoch, offset in chosen],
+                      len(chosen), seq_len)
 
 
 class ElasticBatches(grain.IterDataset):
@@ -238,11 +234,14 @@ class ElasticTrainIterator:
         return {name: 0 for name in self.source_names}
 
     def accounting(self) -> dict[str, dict]:
-        """{source: {rows, tokens, epochs}} trained so far over all hosts (epochs fractional)."""
-        out = {}
+        """{source: {rows, tokens_seen, tokens_trained, epochs}} trained so far over all hosts
+        (``jaxcpt.data.accounting``): rows are full text rows, so every token seen is trained on;
+        epochs are the exact fraction of the source's epochs. Removed sources keep their counts."""
+        out = {name: {"rows": p["rows"], "tokens_seen": p["tokens"], "tokens_trained": p["tokens"],
+                      "epochs": float(p["epoch"])} for name, p in self.retired.items()}
         for name, pos, r in zip(self.source_names, self._alloc.positions, self.rows):
-            out[name] = {"rows": pos.rows, "tokens": pos.tokens,
-                         "epochs": pos.epoch + pos.offset / max(r.pairs_per_epoch, 1)}
+            out[name] = {"rows": pos.rows, "tokens_seen": pos.tokens, "tokens_trained": pos.tokens,
+                         "epochs": pos.epoch + pos.offset / max(r.pairs_per_epoch, 1), "pass_tokens": r.pairs_per_epoch}
         return out
 
     def get_state(self) -> dict:
@@ -254,6 +253,7 @@ class ElasticTrainIterator:
             "global_batch": self.batch_size * self.host[1],  # informative: any host count continues
             "sources": {**self.retired, **{n: dataclasses.asdict(p) for n, p in zip(self.source_names,
                                                                                     self._alloc.positions)}},
+            "accounting": self.accounting(),  # global (the same on every host): jaxcpt.data.accounting
         }
         return json.loads(json.dumps(state))
 
@@ -266,9 +266,11 @@ class ElasticTrainIterator:
                     "data.elastic=false, or set data.resume_mismatch=restart to start every source from its first "
                     "row at the saved step (documents may repeat)")
             step = int(state.get("step", 0))
-            log.warning("streaming data state restored into an elastic stream: every source starts over at step %d",
+            log.warning("streaming data state restored into an elastic stream: every source (and its accounting) starts "
+                        "over at step %d",
                         step)
             self.close()
+            # Counts start over too: a streaming state holds one host's counts, an elastic one is global.
             self._start([Position(fingerprint=r.source.fingerprint) for r in self.rows], step)
             return
         step, saved = int(state["step"]), dict(state["sources"])
@@ -318,7 +320,7 @@ class ElasticTrainIterator:
 
 
 def _indexed_sources(cfg: DataConfig) -> tuple[list[IndexedSource], HeldOut]:
-    from jaxcpt.data.pipeline import _special_tokens, excluded_hashes  # what every stream shares
+    from jaxcpt.data.plan import _special_tokens, excluded_hashes  # what every stream shares
 
     files = [resolve_files(s.paths, s.name, s.format) for s in cfg.sources]
     for s, fs in zip(cfg.sources, files):
@@ -346,6 +348,13 @@ def _check(cfg: DataConfig) -> None:
     if cfg.weights_count == "documents":
         raise ConfigError("data.elastic=true packs full rows, so weights count tokens (= rows); set "
                           "data.weights_count=tokens or rows")
+    for s in cfg.sources:
+        if s.instruction != "none":
+            raise ConfigError(
+                f"source '{s.name}' (instruction: {s.instruction}) cannot be read with data.elastic=true: the elastic "
+                "reader reads token shards, and `jaxcpt tokenize` writes text documents' ids without the answer mask, so "
+                "the loss would fall on every token. Set data.elastic=false (instruction records stream from JSONL or "
+                "Parquet, resumable on the same host and worker counts)")
 
 
 def build_elastic_train_iterator(cfg: DataConfig, *, batch_size: int, seq_len: int, lr_schedule=None,
@@ -383,20 +392,6 @@ def build_elastic_eval_batches(cfg: DataConfig, *, batch_size: int, seq_len: int
         if count < cfg.eval_rows:
             log.warning("source '%s': the held-out split fills only %d of data.eval_rows=%d rows", s.name, count,
                         cfg.eval_rows)
-        mine = [(i, 0, r * seq_len) for r in range(count)][host[0] :: host[1]]
-        num_batches = math.ceil(math.ceil(count / host[1]) / batch_size)
-        out[s.name] = []
-        for b in range(num_batches):
-            part = mine[b * batch_size : (b + 1) * batch_size]
-            batch = _assemble([rows if j == i else None for j in range(len(sources))], part, seq_len) if part else None
-            full = {k: np.zeros((batch_size, seq_len), np.int32) for k in ROW_KEYS}
-            full["loss_mask"] = np.zeros((batch_size, seq_len), np.float32)
-            full["source"] = np.full((batch_size,), i, np.int32)
-            if batch is not None:
-                for k in (*ROW_KEYS, "loss_mask"):
-                    full[k][: len(part)] = batch[k]
-            # Bytes each target spells, for bits per byte (zeros without a tokenizer, as the streaming path).
-            full["target_bytes"] = (np.zeros((batch_size, seq_len), np.float32) if byte_lengths is None else
-                                    (byte_lengths[full["targets"]] * (full["loss_mask"] > 0)).astype(np.float32))
-            out[s.name].append(full)
+        out[s.name] = eval_batches([{**rows.row(0, r * seq_len, seq_len), "source": i} for r in range(count)],
+                                   batch_size=batch_size, seq_len=seq_len, host=host, byte_lengths=byte_lengths)
     return out

@@ -166,6 +166,20 @@ def training_documents(source: IndexedSource, held_out: HeldOut) -> np.ndarray:
     return np.flatnonzero(keep).astype(np.int64)
 
 
+def write_array_record_shard(directory: str, stem: str, ids: list, hashes: list[int], dtype: str) -> None:
+    """One shard: ``{stem}.array_record`` (one record per document, group size 1 so a record is read alone,
+    ids as little-endian bytes of ``dtype``), ``{stem}.lengths.npy`` and ``{stem}.hashes.npy``."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    little = np.dtype(dtype).newbyteorder("<")
+    writer = ArrayRecordWriter(os.path.join(directory, f"{stem}.array_record"), "group_size:1")
+    for doc in ids:
+        writer.write(np.asarray(doc, little).tobytes())
+    writer.close()
+    np.save(os.path.join(directory, f"{stem}.lengths.npy"), np.array([len(doc) for doc in ids], np.int64))
+    np.save(os.path.join(directory, f"{stem}.hashes.npy"), np.array(hashes, np.uint64))
+
+
 def write_array_record_shards(
     directory: str,
     documents: list[tuple[list[int], str]],
@@ -180,25 +194,17 @@ def write_array_record_shards(
     group size 1 so a record is read alone), with ``.lengths.npy`` and ``.hashes.npy`` beside it.
     ``jaxcpt_tokenized.json`` is written last, atomically: its presence means complete.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     os.makedirs(directory, exist_ok=True)
     if os.path.exists(os.path.join(directory, TOKENIZED_META)):
         raise ConfigError(f"'{directory}' already holds token shards; choose a new directory or delete them")
-    dtype = np.dtype(tokenizer_meta["dtype"]).newbyteorder("<")
     shards = []
     for k, first in enumerate(range(0, max(len(documents), 1), docs_per_shard)):
         part = documents[first : first + docs_per_shard]
         if not part:
             break
         stem = f"shard-{k:05d}"
-        writer = ArrayRecordWriter(os.path.join(directory, f"{stem}.array_record"), "group_size:1")
-        for ids, _ in part:
-            writer.write(np.asarray(ids, dtype).tobytes())
-        writer.close()
-        np.save(os.path.join(directory, f"{stem}.lengths.npy"), np.array([len(ids) for ids, _ in part], np.int64))
-        np.save(os.path.join(directory, f"{stem}.hashes.npy"),
-                np.array([text_hash(text.encode()) for _, text in part], np.uint64))
+        write_array_record_shard(directory, stem, [ids for ids, _ in part], [text_hash(text.encode()) for _, text in part],
+                                 tokenizer_meta["dtype"])
         shards.append({"stem": stem, "num_documents": len(part), "num_tokens": int(sum(len(i) for i, _ in part))})
     meta = {
         "format": TOKENIZED_FORMAT,

@@ -101,7 +101,7 @@ class WeightSchedule:
         stages = [
             (start, stage.ramp_steps, [stage.weights.get(n, 0.0) for n in names])
             for stage, start in zip(cfg.stages, stage_starts)
-            if start is not None
+            if start is not None and stage.weights  # a shape-only stage (no weights) keeps the mixture
         ]
         return cls([s.weight for s in cfg.sources], stages)
 
@@ -136,7 +136,8 @@ def slice_document_datasets(ds: grain.IterDataset, sl: slice) -> None:
 class MixtureDataset(grain.IterDataset):
     """Rows of several per-source row datasets, interleaved by credit (see the module docstring).
 
-    Each row gains ``source`` (int), ``_worker`` (the Grain worker that made it) and ``_bad``
+    Each row gains ``source`` (int), ``_worker`` (the Grain worker that made it), ``_pass_tokens``
+    ([sources], the tokens of one pass over that worker's share: jaxcpt.data.accounting) and ``_bad``
     ([sources, kinds + 1] int64, that worker's bad-input counts so far), which the training
     iterator strips. A source that is exhausted (``repeat: false``) ends the stream.
     """
@@ -151,8 +152,10 @@ class MixtureDataset(grain.IterDataset):
         counters: list[BadInputCounter],
         first_step: int = 0,
         stall_seconds: float = 0.0,
+        rows_at: Callable[[int], int] | None = None,
     ):
         super().__init__(parents)
+        self.rows_at = rows_at  # rows per step on this host when data.stages change the batch (jaxcpt.data.staged_rows)
         self.stall_seconds = stall_seconds  # data.stall_warn_seconds, for the watch in each worker process
         self.schedule = schedule
         self.count_mode = count_mode
@@ -182,17 +185,32 @@ class _MixtureIterator(grain.DatasetIterator):
         self._rows = 0  # rows this iterator has produced
         self._credit = np.zeros(len(parents))  # [sources]
         self._done = False
+        self._cursor: tuple[int, int] | None = None  # (first row, step) of a batch, for rows_at
+
+    def _step_of_next_row(self) -> int:
+        ds = self._ds
+        if ds.rows_at is None:
+            return ds.first_step + ds.worker_index + ds.worker_count * (self._rows // ds.batch_size)
+        # Rows per step vary (jaxcpt.data.stage_shapes): walk this worker's batches from its first one.
+        row, step = self._cursor or (0, ds.first_step + ds.worker_index)
+        while self._rows >= row + ds.rows_at(step):
+            row, step = row + ds.rows_at(step), step + ds.worker_count
+        self._cursor = (row, step)
+        return step
 
     def __next__(self):
         ds = self._ds
         if self._done:
             raise StopIteration
-        local_batch = self._rows // ds.batch_size
-        weights = ds.schedule.at(ds.first_step + ds.worker_index + ds.worker_count * local_batch)  # [sources]
+        step = self._step_of_next_row()
+        weights = ds.schedule.at(step)  # [sources]
         # Largest credit among sources with weight; argmax takes the lowest index on ties.
         source = int(np.argmax(np.where(weights > 0, self._credit, -np.inf)))
         ACTIVITY.begin("a row of the mixture", ds.stall_seconds)  # the outermost call in a Grain worker
         try:
+            prepare = getattr(self._parents[source], "prepare", None)  # a seq_len stage (jaxcpt.data.staged_rows)
+            if prepare is not None:
+                prepare(step)
             row = next(self._parents[source])
         except StopIteration:
             self._done = True
@@ -207,6 +225,9 @@ class _MixtureIterator(grain.DatasetIterator):
         row["source"] = source
         row["_worker"] = ds.worker_index
         row["_bad"] = np.array([c.snapshot() for c in ds.counters], np.int64)  # [sources, kinds + 1]
+        row["_pass_tokens"] = np.array([c.pass_tokens for c in ds.counters], np.int64)  # [sources], 0: not known yet
+        if ds.rows_at is not None:
+            row["_step"] = step  # for jaxcpt.data.staged_rows.StepBatches
         return row
 
     def get_state(self) -> dict:
@@ -219,6 +240,7 @@ class _MixtureIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict) -> None:
         self._rows = int(state["rows"])
+        self._cursor = None
         self._credit = np.array(state["credit"], dtype=np.float64)
         self._done = bool(state["done"])
         for parent, parent_state in zip(self._parents, state["sources"]):

@@ -43,6 +43,33 @@ def document_pieces(tokens: np.ndarray, mask: np.ndarray | None = None, *, seq_l
     return pieces
 
 
+class DocumentSplit:
+    """``document_pieces`` at ``seq_len`` for documents of at least ``min_tokens`` tokens; shorter ones give none.
+
+    ``data.sources[].min_doc_tokens`` (ProLong-style long-document sources). A source whose last
+    ``max_short`` documents were all too short stops the run instead of spinning on it forever
+    (data.max_documents_without_tokens; 0 = no check). Picklable: Grain workers receive it.
+    """
+
+    def __init__(self, seq_len: int, min_tokens: int = 0, *, source: str = "", max_short: int = 0):
+        self.seq_len, self.min_tokens, self.source, self.max_short = seq_len, min_tokens, source, max_short
+        self._short = 0  # consecutive documents below min_tokens
+
+    def __call__(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+        if len(tokens) < self.min_tokens:
+            self._short += 1
+            if self.max_short and self._short >= self.max_short:
+                from jaxcpt.errors import UserError
+
+                raise UserError(f"source '{self.source}': the last {self._short} documents are all shorter than "
+                                f"min_doc_tokens={self.min_tokens}, so the source yields no rows; lower "
+                                "data.sources[].min_doc_tokens or point the source at longer documents "
+                                "(data.max_documents_without_tokens sets this limit)")
+            return []
+        self._short = 0
+        return document_pieces(tokens, mask, seq_len=self.seq_len)
+
+
 def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if "loss_mask" in packed:  # instruction rows: the answer tokens' mask (0 on padding, as packed)
         return {**_finish_row({k: v for k, v in packed.items() if k != "loss_mask"}),
@@ -84,7 +111,7 @@ def row_weight_count(segment_ids: np.ndarray, mode: str) -> int:
 def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     """Rows -> the trainer's batch; rows missing at the end of a finite stream are all padding.
 
-    The mixer's bookkeeping rides along: ``_worker`` (int) and ``_bad`` (the last row's counts).
+    The mixer's bookkeeping rides along: ``_worker`` (int), ``_bad`` and ``_pass_tokens`` (the last row's).
     """
     batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ROW_KEYS}  # each [batch, seq]
     source = np.zeros((batch_size,), np.int32)  # [batch]; a padding row says 0 but has no loss
@@ -99,4 +126,5 @@ def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict[str, np.
     if rows and "_bad" in rows[-1]:
         batch["_worker"] = np.int64(rows[-1]["_worker"])
         batch["_bad"] = rows[-1]["_bad"]  # [sources, kinds + 1]
+        batch["_pass_tokens"] = rows[-1]["_pass_tokens"]  # [sources]
     return batch

@@ -9,7 +9,9 @@ Per source (``jaxcpt.data.documents``, ``tokenize``, ``packing``)::
 
 then ``MixtureDataset`` interleaves the sources' rows by token credit
 (``jaxcpt.data.mixture``), optionally inside Grain worker processes (``num_workers``), and
-stacks rows into batches there; ``TrainIterator`` hands them to the trainer.
+stacks rows into batches there; ``TrainIterator`` hands them to the trainer, counting per source
+the rows, tokens seen and trained on, and epochs (``jaxcpt.data.accounting``). What a stream
+needs resolved first (files, special tokens, held-out documents, fingerprint) is ``jaxcpt.data.plan``.
 
 Determinism and resume. Every shuffle is seeded from ``data.seed`` and the source name, so
 the same config gives the same batches. ``get_state()`` is a small JSON-serialisable dict
@@ -25,45 +27,30 @@ step) at the saved step, so the mixture stages continue where they were.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import logging
-import math
-import os
 from collections.abc import Callable
 
 import grain
 import numpy as np
 
-from jaxcpt.config import ConfigError, to_dict
+from jaxcpt.config import ConfigError
+from jaxcpt.data.accounting import HostAccounting
+from jaxcpt.data.batches import eval_batches
 from jaxcpt.data.config import DataConfig
-from jaxcpt.data.documents import (
-    BadInputCounter,
-    DocumentDataset,
-    HeldOut,
-    first_document_hashes,
-    pad_bad_counts,
-    stable_seed,
-)
+from jaxcpt.data.documents import BadInputCounter, DocumentDataset, pad_bad_counts, stable_seed
 from jaxcpt.data.mixture import MixtureDataset, WeightSchedule, resolve_stage_steps
-from jaxcpt.data.packing import document_pieces, pack, stack_rows
-from jaxcpt.data.readers import ReadLimits
-from jaxcpt.data.remote import file_size
-from jaxcpt.data.shares import split_units
+from jaxcpt.data.packing import DocumentSplit, document_pieces, pack, stack_rows
+from jaxcpt.data.plan import _counter, _host, _limits, _plan, _Plan
+from jaxcpt.data.plan import resolved_special_tokens  # noqa: F401  (the trainer imports it from here)
 from jaxcpt.data.shuffle import WindowShuffleDataset
-from jaxcpt.data.sources import (
-    BAD_KINDS,
-    TOKENIZED_META,
-    Unit,
-    list_units,
-    read_tokenized_meta,
-    resolve_files,
-)
+from jaxcpt.data.sources import BAD_KINDS
+from jaxcpt.data.stage_shapes import ShapeSchedule, check_elastic, check_host_split, check_supported, resolve_shapes
+from jaxcpt.data.staged_rows import LocalRows, StagedSourceRows, StepBatches
 from jaxcpt.data.state import decode_state, encode_state, fingerprint_diff
-from jaxcpt.data.tokenize import TokenizeDataset, token_byte_lengths, tokenizer_facts, tokenizer_fingerprint
+from jaxcpt.data.tokenize import TokenizeDataset, token_byte_lengths
 from jaxcpt.data.watch import ACTIVITY, InputWaitInterrupted
 
 log = logging.getLogger(__name__)
@@ -71,213 +58,15 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "jaxcpt-data-state-v1"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """What a stream needs, resolved once at build time (files, held-out hashes, special tokens)."""
-
-    cfg: DataConfig
-    seq_len: int
-    process_index: int
-    process_count: int
-    units: list[list[Unit]]  # per source
-    eval_hashes: list[frozenset[int] | None]  # per source; set for eval_documents splits
-    held_out_anywhere: HeldOut  # every source's held-out documents: no source trains on them
-    bos_id: int | None
-    eos_id: int | None
-    fingerprint: dict
-
-
-def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax  # only when not injected: tests and tools simulate hosts without jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ConfigError(f"process_index {process_index} is not in [0, {process_count})")
-    return process_index, process_count
-
-
-def _counter(cfg: DataConfig, name: str) -> BadInputCounter:
-    return BadInputCounter(
-        name,
-        fatal=cfg.fatal_bad_input,
-        max_fraction=cfg.max_bad_fraction,
-        min_records=cfg.bad_input_min_documents,
-        warn_seconds=cfg.bad_input_warn_seconds,
-    )
-
-
-def _limits(cfg: DataConfig) -> ReadLimits:
-    return ReadLimits(max_document_bytes=cfg.max_document_bytes, parquet_batch_bytes=cfg.parquet_batch_bytes)
-
-
-def _special_tokens(cfg: DataConfig, files: list[list[str]]) -> tuple[int | None, int | None, str]:
-    """(BOS id to add, EOS id to add, tokenizer fingerprint): BOS as the tokenizer adds it and EOS
-    where it has one, unless data.add_bos / add_eos say otherwise. Without a tokenizer, the facts
-    come from the token shards."""
-    metas = [
-        read_tokenized_meta(os.path.dirname(f)) for fs in files for f in fs if os.path.basename(f) == TOKENIZED_META
-    ]
-    has_text = any(os.path.basename(f) != TOKENIZED_META for fs in files for f in fs)
-    if cfg.tokenizer:
-        facts = tokenizer_facts(cfg.tokenizer)
-        bos, eos, adds = facts.bos_id, facts.eos_id, facts.document_convention
-        fingerprint, where = tokenizer_fingerprint(cfg.tokenizer), f"tokenizer '{cfg.tokenizer}'"
-        for meta in metas:
-            if meta["tokenizer_fingerprint"] != fingerprint:
-                raise ConfigError(
-                    f"token shards '{meta['directory']}' were written with tokenizer '{meta['tokenizer']}', not "
-                    f"data.tokenizer '{cfg.tokenizer}'; re-run `jaxcpt tokenize` or point data.tokenizer at it"
-                )
-    elif has_text or not metas:
-        raise ConfigError(
-            "data.tokenizer is empty but some sources hold text (or there is no source); set it to a sentencepiece "
-            ".model file or a tokenizer directory"
-        )
-    else:
-        fingerprints = {m["tokenizer_fingerprint"] for m in metas}
-        if len(fingerprints) > 1:
-            raise ConfigError(
-                f"token shards of different tokenizers are mixed: {sorted(m['directory'] for m in metas)}"
-            )
-        meta = metas[0]
-        bos, eos, fingerprint = meta["bos_id"], meta["eos_id"], meta["tokenizer_fingerprint"]
-        # Shards written before the tokenizer's convention was recorded: BOS and EOS where they exist.
-        adds = (meta.get("adds_bos", bos is not None), meta.get("adds_eos", eos is not None))
-        where = f"tokenizer '{meta['tokenizer']}' (of the shards in '{meta['directory']}')"
-    added = []
-    for flag, token, default, name in ((cfg.add_bos, bos, adds[0], "bos"), (cfg.add_eos, eos, adds[1], "eos")):
-        if flag and token is None:
-            raise ConfigError(
-                f"data.add_{name}=true, but the {where} has no {name.upper()} token; set data.add_{name}=false, or "
-                "leave it unset (null) to follow the tokenizer"
-            )
-        added.append(token if (default if flag is None else flag) else None)
-    return added[0], added[1], fingerprint
-
-
-def resolved_special_tokens(cfg: DataConfig) -> tuple[int | None, int | None]:
-    """The (BOS, EOS) ids the pipeline adds to every document (None: not added), after
-    data.add_bos / add_eos fall back to the tokenizer's convention (or the shards' without one)."""
-    files = [resolve_files(s.paths, s.name, s.format) for s in cfg.sources]
-    bos, eos, _ = _special_tokens(cfg, files)
-    return bos, eos
-
-
-def _units_fingerprint(units: list[Unit]) -> str:
-    root = os.path.commonpath([u.path for u in units]) if len(units) > 1 else os.path.dirname(units[0].path)
-    digest = hashlib.blake2b(digest_size=8)
-    for unit in units:  # relative paths and sizes: moving the corpus keeps positions valid, editing it does not
-        line = f"{os.path.relpath(unit.path, root)}|{unit.part}|{file_size(unit.path)}"
-        if (unit.begin, unit.end) != (0, None):  # a range (split_units): another split is another stream
-            line += f"|{unit.begin}:{unit.end}"
-        digest.update(f"{line}\n".encode())
-    return digest.hexdigest()
-
-
-def excluded_hashes(cfg: DataConfig) -> frozenset[int]:
-    """data.exclude_documents: text hashes no source trains on (jaxcpt decontaminate --write-hashes)."""
-    if not cfg.exclude_documents:
-        return frozenset()
-    try:
-        with open(cfg.exclude_documents) as f:
-            data = json.load(f)
-        if data.get("format") != "jaxcpt-exclude-v1":
-            raise ValueError(f"format {data.get('format')!r}, expected 'jaxcpt-exclude-v1'")
-        return frozenset(int(h, 16) for h in data["text_hashes"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"data.exclude_documents '{cfg.exclude_documents}' cannot be read ({e}); write it with "
-                          "`jaxcpt decontaminate --write-hashes FILE`") from None
-
-
-def _default_instruction(key: str, value) -> bool:
-    """Instruction keys at their defaults stay out of the fingerprint: states saved before they existed still fit."""
-    return (key, value) in (("instruction", "none"), ("loss_on", "answer"))
-
-
-def _check_instruction_sources(cfg: DataConfig, units: list[list[Unit]]) -> None:
-    for s, u in zip(cfg.sources, units):
-        if s.instruction == "none":
-            continue
-        other = sorted({x.fmt for x in u} - {"jsonl"})
-        if other:
-            raise ConfigError(f"source '{s.name}' (instruction: {s.instruction}) reads {other} files; instruction "
-                              "records are read from JSONL only")
-        if s.instruction == "messages":
-            from jaxcpt.data.chat import require_chat_template
-            from jaxcpt.data.tokenize import cached_tokenizer
-
-            require_chat_template(cached_tokenizer(cfg.tokenizer), cfg.tokenizer, s.name)
-
-
-def _plan(cfg: DataConfig, seq_len: int | None, process_index: int | None, process_count: int | None) -> _Plan:
-    if not cfg.sources:
-        raise ConfigError("data.sources is empty: add at least one source (name, paths)")
-    seq_len = cfg.seq_len if seq_len is None else int(seq_len)
-    if seq_len < 2:
-        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
-    process_index, process_count = _host(process_index, process_count)
-    files = [resolve_files(s.paths, s.name, s.format) for s in cfg.sources]
-    units = [
-        split_units(
-            list_units(f, s.format, s.text_field, s.name),
-            hosts=process_count,
-            workers=max(1, cfg.num_workers),
-            text_split=s.text_split,
-            source=s.name,
-        )
-        for f, s in zip(files, cfg.sources)
-    ]
-    bos, eos, tok_fingerprint = _special_tokens(cfg, files)
-    _check_instruction_sources(cfg, units)
-    eval_hashes = []
-    for s, u in zip(cfg.sources, units):
-        if s.eval_documents > 0:
-            kw = dict(source=s.name, units=u, text_field=s.text_field, text_split=s.text_split, count=s.eval_documents,
-                      instruction=s.instruction)
-            hashes = first_document_hashes(**kw, counter=_counter(cfg, s.name), limits=_limits(cfg))
-            eval_hashes.append(frozenset(hashes))
-        else:
-            eval_hashes.append(None)
-    held_out_anywhere = HeldOut(
-        threshold=max(int(s.eval_fraction * 2**64) for s in cfg.sources),
-        hashes=frozenset().union(*(h for h in eval_hashes if h is not None), excluded_hashes(cfg)),
-    )
-    stream_keys = (
-        "packing",
-        "packing_bins",
-        "seed",
-        "shuffle_buffer",
-        "shuffle_files",
-        "num_workers",
-        "tokenize_batch_size",
-    )
-    fingerprint = {
-        **{k: getattr(cfg, k) for k in stream_keys},
-        "add_bos": bos is not None,  # resolved: an unset flag and the tokenizer's convention are the same stream
-        "add_eos": eos is not None,
-        "seq_len": seq_len,
-        "process_count": process_count,
-        "process_index": process_index,
-        "tokenizer": tok_fingerprint,
-        **({"excluded": len(held_out_anywhere.hashes)} if cfg.exclude_documents else {}),
-        "sources": [
-            {**{k: v for k, v in to_dict(s).items()
-                if k not in ("paths", "weight", "loss_weight") and not _default_instruction(k, v)},
-             "files": _units_fingerprint(u)}
-            for s, u in zip(cfg.sources, units)
-        ],
-    }
-    return _Plan(
-        cfg, seq_len, process_index, process_count, units, eval_hashes, held_out_anywhere, bos, eos, fingerprint
-    )
-
-
 def _source_rows(
-    plan: _Plan, index: int, *, split: str, seed: int, counter: BadInputCounter, host: tuple[int, int]
+    plan: _Plan, index: int, *, split: str, seed: int, counter: BadInputCounter, host: tuple[int, int],
+    shapes=None, first_step: int = 0, pieces: Callable | None = None,
 ) -> grain.IterDataset:
-    """One source's packed rows {inputs, targets, segment_ids, positions}, each [seq_len] int32."""
+    """One source's packed rows {inputs, targets, segment_ids, positions}, each [seq_len] int32.
+
+    ``shapes``: the seq_len schedule of data.stages (rows follow the step). ``pieces``: a split
+    function whose pieces are returned unpacked (jaxcpt.eval.position_loss).
+    """
     cfg, src = plan.cfg, plan.cfg.sources[index]
     train = split == "train"
     docs: grain.IterDataset = DocumentDataset(
@@ -300,27 +89,35 @@ def _source_rows(
     )
     if train and cfg.shuffle_buffer > 1:
         docs = WindowShuffleDataset(docs, window_size=cfg.shuffle_buffer, seed=stable_seed(seed, src.name, "documents"))
-    pieces = TokenizeDataset(
-        docs,
+    tokenize = functools.partial(
+        TokenizeDataset,
         tokenizer_path=cfg.tokenizer,
         bos_id=plan.bos_id,
         eos_id=plan.eos_id,
         batch_size=cfg.tokenize_batch_size,
-        split_fn=functools.partial(document_pieces, seq_len=plan.seq_len),
         source=src.name,
         max_without_tokens=cfg.max_documents_without_tokens,
         instruction=src.instruction,
         loss_on=src.loss_on,
+        counter=counter if train else None,  # publishes the size of a pass (jaxcpt.data.accounting)
     )
-    return pack(
-        pieces,
+    cut = functools.partial(DocumentSplit, min_tokens=src.min_doc_tokens, source=src.name,
+                            max_short=cfg.max_documents_without_tokens)
+    packer = functools.partial(
+        pack,
         packing=cfg.packing,
-        seq_len=plan.seq_len,
         bins=cfg.packing_bins,
         seed=stable_seed(seed, src.name, "bins"),
         shuffle_bins=train,
         masked=src.instruction != "none",
     )
+    if pieces is not None:
+        return tokenize(docs, split_fn=pieces)
+    if shapes is not None and len(shapes.seq_lens()) > 1:  # rows whose length follows the step
+        return StagedSourceRows(docs, tokenize=tokenize, split=cut, pack=packer, shapes=shapes, first_step=first_step)
+    split_fn = (functools.partial(document_pieces, seq_len=plan.seq_len) if not src.min_doc_tokens
+                else cut(plan.seq_len))
+    return packer(tokenize(docs, split_fn=split_fn), seq_len=plan.seq_len)
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -339,13 +136,19 @@ class TrainIterator:
     exact position (JSON-serialisable). ``close()`` stops worker processes.
     """
 
-    def __init__(self, plan: _Plan, *, batch_size: int, schedule: WeightSchedule, stage_steps: list[int | None]):
+    def __init__(self, plan: _Plan, *, batch_size: int, schedule: WeightSchedule, stage_steps: list[int | None],
+                 shapes: ShapeSchedule | None = None):
         self._plan = plan
         self.batch_size = batch_size
         self.schedule = schedule
         self.stage_steps = stage_steps  # resolved start step of each data.stages entry
+        # (seq_len, global rows) per step when data.stages change them (jaxcpt.data.stage_shapes), else None
+        self.shapes = shapes if shapes is not None and shapes.varies else None
         self.source_names = [s.name for s in plan.cfg.sources]
-        self._fingerprint = {**plan.fingerprint, "batch_size": batch_size}
+        self._fingerprint = {**plan.fingerprint, "batch_size": batch_size,
+                             **({"shapes": self.shapes.describe()} if self.shapes else {})}
+        # Per-source accounting of the batches handed out (jaxcpt.data.accounting); kept across restarts.
+        self._acct = HostAccounting(self.source_names, workers=max(1, plan.cfg.num_workers))
         self._start(seed=plan.cfg.seed, step=0)
 
     def _start(self, *, seed: int, step: int) -> None:
@@ -353,7 +156,8 @@ class TrainIterator:
         self._counters = [_counter(cfg, name) for name in self.source_names]
         host = (plan.process_index, plan.process_count)
         rows = [
-            _source_rows(plan, i, split="train", seed=seed, counter=c, host=host) for i, c in enumerate(self._counters)
+            _source_rows(plan, i, split="train", seed=seed, counter=c, host=host, shapes=self.shapes, first_step=step)
+            for i, c in enumerate(self._counters)
         ]
         ds: grain.IterDataset = MixtureDataset(
             rows,
@@ -363,11 +167,15 @@ class TrainIterator:
             counters=self._counters,
             first_step=step,
             stall_seconds=cfg.stall_warn_seconds,
+            rows_at=LocalRows(self.shapes, plan.process_count) if self.shapes else None,
         )
         # Whole batches leave the worker: one transfer per step instead of one per row.
-        ds = ds.batch(
-            self.batch_size, batch_fn=functools.partial(stack_rows, batch_size=self.batch_size, seq_len=plan.seq_len)
-        )
+        if self.shapes:  # each step's own shape
+            ds = StepBatches(ds, self.shapes, plan.process_count)
+        else:
+            ds = ds.batch(
+                self.batch_size, batch_fn=functools.partial(stack_rows, batch_size=self.batch_size, seq_len=plan.seq_len)
+            )
         if cfg.num_workers > 0:
             _ensure_absl_flags_parsed()
             ds = ds.mp_prefetch(
@@ -407,7 +215,9 @@ class TrainIterator:
         # Plain copies: from workers, arrays live in Grain's shared memory, whose cleanup at
         # interpreter exit fails noisily if a trainer still holds a batch (a few us per batch).
         batch = {k: np.array(v) if type(v) is not np.ndarray else v for k, v in raw.items()}
-        self._bad[int(batch.pop("_worker"))] = batch.pop("_bad").astype(np.int64)  # [sources, kinds + 1]
+        worker = batch.pop("_worker")
+        self._bad[int(worker)] = batch.pop("_bad").astype(np.int64)  # [sources, kinds + 1]
+        self._acct.add(batch, int(worker), batch.pop("_pass_tokens"))
         self.step += 1
         return batch
 
@@ -421,6 +231,10 @@ class TrainIterator:
             raise InputWaitInterrupted(
                 f"stop signal while waiting for the input pipeline ({ACTIVITY.stalled_for():.0f} s): saving at step "
                 f"{self.step}")
+
+    def accounting(self) -> dict[str, dict]:
+        """{source: {rows, tokens_seen, tokens_trained, epochs, pass_tokens}} of this host's batches so far."""
+        return self._acct.totals()
 
     def bad_input_report(self) -> dict[str, dict[str, int]]:
         """{source: {"records": read, kind: count, ...}} for sources with bad input, this host (kinds > 0 only)."""
@@ -450,6 +264,7 @@ class TrainIterator:
             "stream_start": self._stream_start,
             "fingerprint": self._fingerprint,
             "bad": {str(w): counts.tolist() for w, counts in self._bad.items()},
+            **self._acct.get_state(),  # this host's counts; jaxcpt.data.accounting.from_states sums the hosts
             "pipeline": encode_state(self._before if self._interrupted else self._batches.get_state()),
         }
         return json.loads(json.dumps(state))  # a plain copy: later steps never mutate a saved state
@@ -457,6 +272,16 @@ class TrainIterator:
     def set_state(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
             raise ConfigError(f"not a jaxcpt data state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
+        removed = [s.get("name") for s in state["fingerprint"].get("sources", [])
+                   if s.get("name") not in self.source_names]
+        if removed and self._plan.cfg.resume_mismatch == "error":
+            raise ConfigError(
+                f"source(s) {removed} are in the checkpoint, read part-way, but not in data.sources. A streaming data "
+                "state is one position of all sources together, so it cannot continue without them. Keep them in "
+                "data.sources (a stage weight of 0 stops their rows and keeps their position), or set "
+                "data.resume_mismatch=restart to start a fresh stream of the remaining sources at the saved step "
+                "(their documents may repeat; the removed sources' counts stay in the accounting), or train with "
+                "data.elastic=true, where a removed source keeps its position for when it comes back")
         diffs = fingerprint_diff(state["fingerprint"], self._fingerprint)
         if diffs:
             what = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diffs)
@@ -469,6 +294,11 @@ class TrainIterator:
             log.warning("data state does not fit this run (%s); starting a fresh stream at step %d", what, step)
             self.close()
             self._start(seed=stable_seed(self._plan.cfg.seed, "restart", step), step=step)
+            if state["fingerprint"].get("process_count") == self._plan.process_count:
+                self._acct.set_state(state, restarted=True)
+            else:  # each host saved its own counts, and this run splits the data over another number of hosts
+                log.warning("per-source accounting starts over at step %d: the saved counts are per host and the "
+                            "host count changed (data.elastic=true keeps global counts across host counts)", step)
             return
         if (int(state["seed"]), int(state["stream_start"])) != (self._seed, self._stream_start):
             self.close()  # the saved stream was itself restarted: rebuild it as it was
@@ -476,6 +306,7 @@ class TrainIterator:
         self._batches.set_state(decode_state(state["pipeline"]))
         self.step = int(state["step"])
         self._bad = {int(w): pad_bad_counts(np.asarray(c, np.int64)) for w, c in state["bad"].items()}
+        self._acct.set_state(state, restarted=False)
 
     def close(self) -> None:
         """Stop worker processes now (not at interpreter exit, when Grain's cleanup fails noisily)."""
@@ -510,6 +341,7 @@ def build_train_iterator(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if cfg.elastic:  # random access by index arithmetic: jaxcpt.data.elastic
+        check_elastic(cfg)
         from jaxcpt.data.elastic import build_elastic_train_iterator
 
         return build_elastic_train_iterator(cfg, batch_size=batch_size, seq_len=seq_len or cfg.seq_len,
@@ -519,7 +351,11 @@ def build_train_iterator(
     plan = _plan(cfg, seq_len, process_index, process_count)
     stage_steps = resolve_stage_steps(cfg, lr_schedule, total_steps)
     schedule = WeightSchedule.from_config(cfg, stage_steps)
-    return TrainIterator(plan, batch_size=batch_size, schedule=schedule, stage_steps=stage_steps)
+    shapes = resolve_shapes(cfg, batch_size=batch_size * plan.process_count, seq_len=plan.seq_len,
+                            stage_starts=stage_steps)
+    check_supported(cfg, shapes)
+    check_host_split(cfg, shapes, plan.process_count)
+    return TrainIterator(plan, batch_size=batch_size, schedule=schedule, stage_steps=stage_steps, shapes=shapes)
 
 
 def build_eval_batches(
@@ -561,16 +397,9 @@ def build_eval_batches(
             )
         for row in rows:
             row["source"] = i
-        mine = rows[plan.process_index :: plan.process_count]
-        num_batches = math.ceil(math.ceil(len(rows) / plan.process_count) / batch_size)
-        out[src.name] = [
-            stack_rows(mine[b * batch_size : (b + 1) * batch_size], batch_size, plan.seq_len)
-            for b in range(num_batches)
-        ]
         # Bytes of text each target token spells, so held-out loss is also reported in bits per byte
         # (zeros, and no bits per byte, for token shards read without their tokenizer).
-        byte_lengths = token_byte_lengths(cfg.tokenizer) if cfg.tokenizer else None
-        for batch in out[src.name]:
-            batch["target_bytes"] = (np.zeros(batch["targets"].shape, np.float32) if byte_lengths is None else
-                                     (byte_lengths[batch["targets"]] * (batch["loss_mask"] > 0)).astype(np.float32))
+        out[src.name] = eval_batches(rows, batch_size=batch_size, seq_len=plan.seq_len,
+                                     host=(plan.process_index, plan.process_count),
+                                     byte_lengths=token_byte_lengths(cfg.tokenizer) if cfg.tokenizer else None)
     return out

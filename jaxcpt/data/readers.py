@@ -212,19 +212,20 @@ def read_whole_file(unit: Unit, start: int, limits: ReadLimits) -> Iterator[tupl
     yield 1, TooLarge(None, limit) if len(data) > limit else data.removeprefix(BOM)
 
 
-def _batch_rows(row_group, text_field: str, batch_bytes: int) -> int:
-    """Rows per batch so that one batch holds about ``batch_bytes`` of the text column (uncompressed)."""
-    column_bytes = row_group.total_byte_size
-    for i in range(row_group.num_columns):
-        if row_group.column(i).path_in_schema == text_field:
-            column_bytes = row_group.column(i).total_uncompressed_size
+def _batch_rows(row_group, columns: tuple[str, ...], batch_bytes: int) -> int:
+    """Rows per batch so that one batch holds about ``batch_bytes`` of the columns read (uncompressed)."""
+    sizes = [row_group.column(i).total_uncompressed_size for i in range(row_group.num_columns)
+             if row_group.column(i).path_in_schema.split(".")[0] in columns]
+    column_bytes = sum(sizes) if sizes else row_group.total_byte_size
     per_row = max(1, column_bytes // max(1, row_group.num_rows))
     return int(min(max(1, row_group.num_rows), max(1, batch_bytes // per_row)))
 
 
-def read_parquet(unit: Unit, start: int, text_field: str, limits: ReadLimits) -> Iterator[tuple[int, object]]:
+def read_parquet(unit: Unit, start: int, text_field: str, limits: ReadLimits,
+                 columns: tuple[str, ...] | None = None) -> Iterator[tuple[int, object]]:
+    """Rows of one row group: the ``text_field`` string of each, or with ``columns`` (instruction records:
+    ``jaxcpt.data.sources.instruction_columns``) a dict of those columns per row."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     limit = limits.max_document_bytes
@@ -237,29 +238,22 @@ def read_parquet(unit: Unit, start: int, text_field: str, limits: ReadLimits) ->
             raise OSError("the file's footer could not be read when the run was planned")
         meta = pf.metadata.row_group(unit.part)
         last = meta.num_rows if unit.end is None else min(unit.end, meta.num_rows)
-        column_type = pf.schema_arrow.field(text_field).type
-        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        column_type = pf.schema_arrow.field(text_field).type if columns is None else None
+        if columns is None and not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
             for row in range(row, last):
                 yield row + 1, NotText(str(column_type))
             return
         batch_start = 0
         batches = pf.iter_batches(
-            batch_size=_batch_rows(meta, text_field, limits.parquet_batch_bytes), row_groups=[unit.part],
-            columns=[text_field], use_threads=False,
+            batch_size=_batch_rows(meta, columns or (text_field,), limits.parquet_batch_bytes), row_groups=[unit.part],
+            columns=list(columns or (text_field,)), use_threads=False,
         )
         for batch in batches:  # resuming decodes (and drops) the rows before ``row``: bounded, not free
-            column, batch_start = batch.column(0), batch_start + batch.num_rows
+            batch_start += batch.num_rows
             lo, hi = row - (batch_start - batch.num_rows), min(last, batch_start) - (batch_start - batch.num_rows)
             if hi > lo:
-                column = column.slice(lo, hi - lo)
-                lengths = pc.binary_length(column)  # [rows] bytes of each value (null stays null)
-                big = pc.fill_null(pc.greater(lengths, limit), False)
-                if pc.any(big).as_py():
-                    values = pc.if_else(big, pa.scalar(None, column.type), column).to_pylist()
-                    records = [TooLarge(n, limit) if n is not None and n > limit else v
-                               for v, n in zip(values, lengths.to_pylist())]
-                else:
-                    records = column.to_pylist()
+                batch = batch.slice(lo, hi - lo)
+                records = _text_records(batch.column(0), limit) if columns is None else _dict_records(batch, limit)
                 for value in records:
                     row += 1
                     yield row, value
@@ -272,6 +266,28 @@ def read_parquet(unit: Unit, start: int, text_field: str, limits: ReadLimits) ->
         how = "rows left in the row group (its metadata)" if last is not None else "at least one: the rows are unknown"
         where = f"row group {unit.part}, row {row}" if unit.part >= 0 else "its footer"
         yield row, Damaged(where, f"{type(e).__name__}: {e}", lost, how)
+
+
+def _text_records(column, limit: int) -> list:
+    """A string column's values, those over ``limit`` bytes as TooLarge (never turned into Python strings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lengths = pc.binary_length(column)  # [rows] bytes of each value (null stays null)
+    big = pc.fill_null(pc.greater(lengths, limit), False)
+    if not pc.any(big).as_py():
+        return column.to_pylist()
+    values = pc.if_else(big, pa.scalar(None, column.type), column).to_pylist()
+    return [TooLarge(n, limit) if n is not None and n > limit else v for v, n in zip(values, lengths.to_pylist())]
+
+
+def _dict_records(batch, limit: int) -> list:
+    """Instruction rows as dicts of their columns; a row whose JSON is over ``limit`` bytes as TooLarge."""
+    out = []
+    for record in batch.to_pylist():
+        size = len(json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        out.append(TooLarge(size, limit) if size > limit else record)
+    return out
 
 
 def _shard_documents(unit: Unit) -> int | None:

@@ -208,7 +208,13 @@ def detect_format(path: str, declared: str) -> str:
     raise ConfigError(f"cannot tell the format of '{path}' from its extension; set the source's format")
 
 
-def list_units(files: list[str], declared_format: str, text_field: str, source: str) -> list[Unit]:
+def instruction_columns(instruction: str) -> tuple[str, ...] | None:
+    """The Parquet columns an instruction source reads (None: a text source reads its text_field)."""
+    return {"messages": ("messages",), "prompt_completion": ("prompt", "completion")}.get(instruction)
+
+
+def list_units(files: list[str], declared_format: str, text_field: str, source: str,
+               instruction: str = "none") -> list[Unit]:
     """The units of a source, in a fixed order (files sorted, then row groups / shards)."""
     units: list[Unit] = []
     for path in files:
@@ -227,10 +233,14 @@ def list_units(files: list[str], declared_format: str, text_field: str, source: 
                             source, path, type(e).__name__, e)
                 units.append(Unit(path, fmt, -1))
                 continue
-            if text_field not in meta.schema_arrow.names:
+            needed = instruction_columns(instruction)
+            missing = [c for c in needed or (text_field,) if c not in meta.schema_arrow.names]
+            if missing:
+                what, fix = ((f"columns {missing}", f"instruction: {instruction} reads the columns {list(needed)}")
+                             if needed else (f"column '{text_field}'", "set the source's text_field"))
                 raise ConfigError(
-                    f"source '{source}': Parquet file '{path}' has no column '{text_field}' "
-                    f"(columns: {meta.schema_arrow.names}); set the source's text_field"
+                    f"source '{source}': Parquet file '{path}' has no {what} "
+                    f"(columns: {meta.schema_arrow.names}); {fix}"
                 )
             units.extend(Unit(path, fmt, g) for g in range(meta.num_row_groups))
         elif fmt == "tokenized":
@@ -336,6 +346,8 @@ def parse_record(fmt: str, raw: object, text_field: str, instruction: str = "non
     if fmt == "text":
         return _decode(raw)
     if fmt == "parquet":
+        if isinstance(raw, dict):  # an instruction row: its columns (readers.read_parquet)
+            return _instruction_record(raw, instruction)
         if isinstance(raw, NotText):
             return "non_string_field", f"column '{text_field}' has type {raw.column_type}"
         if raw is None:
@@ -345,7 +357,8 @@ def parse_record(fmt: str, raw: object, text_field: str, instruction: str = "non
 
 
 def read_unit(
-    unit: Unit, start: int, text_field: str, text_split: str, limits: ReadLimits = ReadLimits()
+    unit: Unit, start: int, text_field: str, text_split: str, limits: ReadLimits = ReadLimits(),
+    instruction: str = "none",
 ) -> Iterator[tuple[int, object]]:
     """Raw records of one unit from position ``start`` (0 = the unit's beginning, else a position it
     reported): ``(position after the record, raw record)``. A ``Damaged`` record ends the unit
@@ -359,7 +372,7 @@ def read_unit(
             else:
                 yield from read_whole_file(unit, start, limits)
         elif unit.fmt == "parquet":
-            yield from read_parquet(unit, start, text_field, limits)
+            yield from read_parquet(unit, start, text_field, limits, instruction_columns(instruction))
         elif unit.fmt == "tokenized":
             yield from read_tokenized(unit, start, limits)
         else:

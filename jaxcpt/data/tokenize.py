@@ -282,8 +282,12 @@ class TokenizeDataset(grain.IterDataset):
         max_without_tokens: int = 0,
         instruction: str = "none",
         loss_on: str = "answer",
+        counter=None,
     ):
         super().__init__(parent)
+        # Training: the source's BadInputCounter, on which the tokens of one pass over this reader's share are
+        # published once its first EpochEnd passes (``pass_tokens``), for the accounting's epochs.
+        self.counter = counter
         self.instruction, self.loss_on = instruction, loss_on  # jaxcpt.data.chat: documents with a loss mask
         self.tokenizer_path = tokenizer_path
         self.bos_id, self.eos_id = bos_id, eos_id
@@ -332,26 +336,47 @@ class _TokenizeIterator(grain.DatasetIterator):
         self._pieces: list = []
         self._next = 0  # pieces of the current batch already yielded
         self._without_tokens = 0  # consecutive documents that encoded to no token id
+        # The size of one pass over the source (every pass holds the same documents): next-token pairs of the
+        # first pass, summed as it is read; each value also at the batch start, which a saved state holds.
+        self._pass = {"ended": 0, "tokens": 0, "size": 0}
+        self._batch_start_pass = dict(self._pass)
 
     def _fill(self) -> None:
         self._batch_start_state = self._parent.get_state()
-        docs, exhausted = [], False
+        self._batch_start_pass = dict(self._pass)
+        docs, ends, exhausted = [], [], False
         while len(docs) < self._ds.batch_size:
             try:
                 doc = next(self._parent)
             except StopIteration:
                 exhausted = True
                 break
-            if not isinstance(doc, EpochEnd):  # epoch markers matter only to the shuffle before
+            if isinstance(doc, EpochEnd):  # the end of a pass: after the documents read so far
+                ends.append(len(docs))
+            else:
                 docs.append(doc)
         encoded = self._ds.encode(docs)
         if self._ds.max_without_tokens:
             self._check_tokens(encoded)
-        self._pieces = [p for doc in encoded
-                        for p in (self._ds.split_fn(*doc) if isinstance(doc, tuple) else self._ds.split_fn(doc))]
+        self._pieces = []
+        self._end_passes(ends.count(0))
+        for i, doc in enumerate(encoded):
+            pieces = self._ds.split_fn(*doc) if isinstance(doc, tuple) else self._ds.split_fn(doc)
+            self._pieces += pieces
+            if self._pass["ended"] == 0:
+                self._pass["tokens"] += sum(len(p["inputs"]) for p in pieces)  # next-token pairs
+            self._end_passes(ends.count(i + 1))
         self._next = 0
         if exhausted and not docs:
             raise StopIteration
+
+    def _end_passes(self, count: int) -> None:
+        for _ in range(count):
+            if self._pass["ended"] == 0:
+                self._pass["size"] = self._pass["tokens"]
+                if self._ds.counter is not None:
+                    self._ds.counter.pass_tokens = self._pass["size"]
+            self._pass["ended"] += 1
 
     def _check_tokens(self, encoded: list[np.ndarray]) -> None:
         """Stop a source whose documents keep encoding to nothing: it would never yield a row (a silent spin)."""
@@ -385,12 +410,22 @@ class _TokenizeIterator(grain.DatasetIterator):
         self._next += 1
         return piece
 
+    def take_buffered(self) -> tuple[list, dict]:
+        """The pieces of the current batch not yet yielded, and the documents' position after that batch
+        (jaxcpt.data.staged_rows: a seq_len stage carries them into its new packer)."""
+        rest, self._next = self._pieces[self._next :], len(self._pieces)
+        return rest, self._parent.get_state()
+
     def get_state(self) -> dict:
-        return {"parent": self._batch_start_state, "next": self._next}
+        return {"parent": self._batch_start_state, "next": self._next, "pass": self._batch_start_pass}
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
         self._batch_start_state = state["parent"]
+        self._pass = dict(state.get("pass", {"ended": 0, "tokens": 0, "size": 0}))  # older states: counted anew
+        self._batch_start_pass = dict(self._pass)
+        if self._ds.counter is not None:
+            self._ds.counter.pass_tokens = self._pass["size"]
         self._pieces, self._next = [], 0
         if state["next"]:
             self._fill()

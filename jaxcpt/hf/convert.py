@@ -28,6 +28,7 @@ from etils import epath
 from flax import nnx
 
 from jaxcpt.errors import HFFormatError, UserError
+from jaxcpt.hf import mxfp4
 from jaxcpt.hf.families import config_from_hf, config_to_hf, generation_config, tensor_table
 from jaxcpt.hf.mapping import Tensor, hf_names
 from jaxcpt.hf.tensor_io import SafetensorsReader, ShardStream, block_rows, place  # noqa: F401 (SafetensorsReader: merge)
@@ -113,7 +114,7 @@ def load_hf(
 
     cfg = dataclasses.replace(cfg, dtype=dtype or "float32", param_dtype=param_dtype, **model_overrides)
     cfg.validate()
-    reader = SafetensorsReader(directory)
+    reader = mxfp4.wrap(SafetensorsReader(directory))  # MXFP4-packed experts (gpt-oss) read dequantized
     table = tensor_table(cfg)
     _check_shapes(reader, table, cfg)
     mesh = mesh if mesh is not None else build_mesh()
@@ -293,6 +294,7 @@ def parse_size(size: int | str) -> int:
 
 def _export_order(table: list[Tensor], cfg: ModelConfig) -> list[tuple[str, Tensor, int | None]]:
     """Every HF tensor as (name, row, layer), in checkpoint order: unstacked ones first, then layer by layer."""
+    table = [row for row in table if not row.parts or row.path == row.parts[0]]  # a fused tensor: written once
     out = [(row.hf_name, row, None) for row in table if not row.stacked]
     for layer in range(cfg.num_layers):  # rows of a hybrid's sub-stacks hold some layers only
         for row in table:
@@ -311,6 +313,10 @@ def _host_slices(state, cfg: ModelConfig, row: Tensor, layer: int | None, dtype:
 
     Every process takes part in the gathers; the values are complete on process 0.
     """
+    if row.join is not None:  # one HF tensor of several parameters' layer slices (mapping.Tensor.parts)
+        slices = [to_host(_layer_of(value_at(state, path)[...], layer, dtype=jnp.dtype(dtype))) for path in row.parts]
+        yield row.join(*slices)
+        return
     value = value_at(state, row.path)[...]
     if row.experts:  # (layer, expert): one expert's slice
         yield row.to_hf(to_host(_expert_of(value, *layer, dtype=jnp.dtype(dtype))))

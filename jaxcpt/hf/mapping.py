@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from jaxcpt.errors import HFFormatError
 from jaxcpt.model.config import ModelConfig
 
 
@@ -45,6 +46,11 @@ class Tensor:
     # Stacked rows of a hybrid model's sub-stack (attention or linear-attention weights): the HF layer
     # number of each stack index; None: stack index = layer number (every layer has the tensor).
     layers: tuple[int, ...] | None = None
+    # One share of an HF tensor that holds several jaxcpt parameters (gpt-oss's gate_up_proj: gate and up
+    # interleaved): ``parts`` lists the paths of all of them. Import reads each share with its own row's to_jax;
+    # export writes the tensor once, from the row of parts[0]: join(layer slices of every part, in parts order).
+    parts: tuple[tuple[str, ...], ...] = ()
+    join: Callable[..., np.ndarray] | None = None
 
     @property
     def stacked(self) -> bool:
@@ -124,8 +130,10 @@ def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS, experts: "ExpertNames |
                        lambda w: np.ascontiguousarray(w.reshape(H * D, E).T), (E, H * D), layers=attention))
     if cfg.o_bias:
         rows.append(Tensor(("layers", "o_bias"), pre + "self_attn.o_proj.bias", _same, _same, (E,), layers=attention))
-    if cfg.moe is not None:
-        rows += moe_tensors(cfg, experts)
+    if cfg.attention_sinks:  # gpt-oss: one logit per query head
+        rows.append(Tensor(("layers", "sinks"), pre + "self_attn.sinks", _same, _same, (H,), layers=attention))
+    if cfg.moe is not None:  # a family whose checkpoints fuse the experts gives a function of cfg instead of names
+        rows += experts(cfg) if callable(experts) else moe_tensors(cfg, experts)
     for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))) if cfg.moe is None else ():
         rows.append(Tensor(("layers", name), pre + f"mlp.{name}_proj.weight", _t, _t, shape))
         if cfg.mlp_bias:
@@ -151,6 +159,11 @@ def moe_tensors(cfg: ModelConfig, names: ExpertNames | None) -> list[Tensor]:
     """The router and per-expert rows of an MoE model: HF one torch Linear per expert, jaxcpt [L, X, in, out]."""
     if names is None:
         raise ValueError(f"family '{cfg.family}' declares no MoE tensor names, but the model config has moe set")
+    moe = cfg.moe
+    if moe.router_bias or moe.expert_bias or moe.swiglu_limit is not None:
+        raise HFFormatError(f"family '{cfg.family}' has no router or expert biases and no clamped SwiGLU "
+                            "(model.moe.router_bias, expert_bias, swiglu_limit: gpt-oss's); set them off, or use "
+                            "family gpt_oss")
     E, X, F = cfg.hidden_size, cfg.moe.num_experts, cfg.moe.expert_intermediate_size
     pre = "model.layers.{i}."
     rows = [Tensor(("layers", "router"), pre + names.router, _t, _t, (X, E))]

@@ -62,6 +62,8 @@ def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
 
     out = []
     for row in tensor_table(cfg):
+        if row.parts and row.path != row.parts[0]:  # an HF tensor of several parameters (gpt-oss): listed once
+            continue
         layers = range(row.stack_size(cfg.num_layers)) if row.stacked else [None]
         for layer in layers:  # stack index (a hybrid's sub-stacks hold some layers only)
             name = row.name_at(layer) if layer is not None else row.hf_name

@@ -19,6 +19,10 @@ is given (Gemma 2), before the mask. They differ in how:
   masks with segment ids and the kernel's own logit soft-capping, run per device under
   ``shard_map``. On CPU it runs in Pallas interpret mode, which is how the tests check it.
 
+Attention sinks (gpt-oss: a learned logit per query head in the softmax denominator, ``sinks`` [H])
+run in ``reference`` and in ``xla``, which computes the einsum form for them as for a cap;
+``cudnn`` and ``splash`` have no sinks and refuse them, and ``auto`` does not pick them then.
+
 Shapes: q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T]; H = K * G.
 """
 
@@ -29,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxcpt.config import ConfigError
 from jaxcpt.errors import UserError
 from jaxcpt.model.layers import compile_platform, softcap as apply_softcap
 
@@ -45,7 +50,22 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int | None) -> jax.Ar
     return (allowed[None] & same_doc)[:, None, None]  # [B, 1, 1, T, S]
 
 
-def attention_reference(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None):
+def attention_probs(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """softmax over the keys of masked scores [B, K, G, T, S] (float32).
+
+    With ``sinks`` [H] (H = K * G, gpt-oss): each query head's sink logit joins the denominator
+    only, as a key no value belongs to, so a query's weights may sum to less than 1 (attention
+    that can go nowhere). transformers' ``eager_attention_forward`` for gpt-oss does the same by
+    appending the sink column and dropping it after the softmax.
+    """
+    if sinks is None:
+        return jax.nn.softmax(scores, axis=-1)
+    b, kv, g, t, _ = scores.shape
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv, g, 1, 1), (b, kv, g, t, 1))
+    return jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]  # [B, K, G, T, S]
+
+
+def attention_reference(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None, sinks=None):
     b, t, h, d = q.shape
     kv = k.shape[2]
     scale = d**-0.5 if scale is None else scale
@@ -53,7 +73,7 @@ def attention_reference(q, k, v, segment_ids, sliding_window=None, *, scale=None
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = apply_softcap(scores, softcap)  # [B, K, G, T, S]
     scores = jnp.where(attention_mask(segment_ids, sliding_window), scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    probs = attention_probs(scores, sinks).astype(v.dtype)  # [B, K, G, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
@@ -68,9 +88,9 @@ def _dot_product_attention(q, k, v, segment_ids, sliding_window, scale, implemen
                                         local_window_size=window, implementation=implementation)
 
 
-def attention_xla(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None):
-    if softcap is not None:  # jax.nn.dot_product_attention cannot soft-cap; never drop the cap
-        return attention_reference(q, k, v, segment_ids, sliding_window, scale=scale, softcap=softcap)
+def attention_xla(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None, sinks=None):
+    if softcap is not None or sinks is not None:  # jax.nn.dot_product_attention has neither; never drop them
+        return attention_reference(q, k, v, segment_ids, sliding_window, scale=scale, softcap=softcap, sinks=sinks)
     return _dot_product_attention(q, k, v, segment_ids, sliding_window, scale, "xla")
 
 
@@ -176,8 +196,9 @@ def attention_splash(q, k, v, segment_ids, sliding_window=None, *, scale=None, s
         q, k, v, segment_ids)
 
 
-def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: float | None = None):
-    """The attention function for ``name``: ``fn(q, k, v, segment_ids, window, *, scale, softcap)``.
+def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: float | None = None, sinks: bool = False):
+    """The attention function for ``name``: ``fn(q, k, v, segment_ids, window, *, scale, softcap)`` (and
+    ``sinks=`` [H] when ``sinks``: reference and xla only).
 
     'auto' picks by the platform compiled for (``compile_platform``), dtype and length, and only a kernel
     that honours every setting (cuDNN cannot soft-cap, so a capped model on GPU gets xla, which computes the
@@ -185,7 +206,9 @@ def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: floa
     """
     if name == "auto":
         backend = compile_platform()  # the mesh's platform: a CPU host compiling for TPU picks splash
-        if backend == "tpu" and length % 128 == 0:
+        if sinks and backend in ("tpu", "gpu"):  # neither splash nor cuDNN has sinks: the einsum form
+            name = "xla"
+        elif backend == "tpu" and length % 128 == 0:
             name = "splash"
         elif backend == "gpu" and dtype in ("bfloat16", "float16") and softcap is None:
             name = "cudnn"
@@ -196,6 +219,9 @@ def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: floa
     if name == "cudnn" and softcap is not None:
         raise UserError("model.attention=cudnn cannot soft-cap attention logits (attn_logit_softcap is set); "
                         "use auto, xla or reference")
+    if sinks and name in ("cudnn", "splash"):
+        raise ConfigError(f"model.attention={name} has no attention sinks, and model.attention_sinks is set (gpt-oss); "
+                          "set model.attention to auto, xla or reference")
     if name == "splash":
         return functools.partial(attention_splash, rules=rules)
     return {"reference": attention_reference, "xla": attention_xla, "cudnn": attention_cudnn}[name]

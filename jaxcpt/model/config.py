@@ -83,7 +83,7 @@ class RopeChange:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "qwen3_moe",
-                    "mixtral", "qwen3_5_text"] = field(
+                    "mixtral", "qwen3_5_text", "olmoe", "gpt_oss"] = field(
         "llama", help="HF family written on export (model_type/architectures); its block options must match")
     vocab_size: int = field(32000, help="vocabulary size (real rows of the embedding)")
     vocab_pad_multiple: int = field(
@@ -134,6 +134,10 @@ class ModelConfig:
     layer_types: tuple[LayerType, ...] | None = field(
         None, help="attention of each layer, full_attention or sliding_attention (Gemma 2/3, Qwen with "
         "use_sliding_window); null: every layer slides when sliding_window is set (Mistral)")
+    attention_sinks: bool = field(
+        False, help="a learned logit per query head joins every attention softmax's denominator, so a query may "
+        "attend to nothing (gpt-oss's sinks; layers.sinks [L, H]). Attention kernels: reference and xla (auto picks "
+        "them); cudnn, splash and context parallelism refuse it")
     attn_output_gate: bool = field(
         False, help="full-attention output times sigmoid of a per-head gate that q_proj also produces (Qwen3.5); the q "
         "projection then holds 2 * num_heads heads, query and gate interleaved as in the checkpoint")
@@ -172,7 +176,7 @@ class ModelConfig:
 
     moe: MoeConfig | None = field(
         None, help="mixture-of-experts MLPs on every layer instead of the dense MLP (jaxcpt/model/moe.py; families "
-        "qwen3_moe, mixtral, olmoe); null = dense")
+        "qwen3_moe, mixtral, olmoe, gpt_oss); null = dense")
 
     @property
     def head_size(self) -> int:
@@ -245,6 +249,9 @@ class ModelConfig:
                               "or set linear_attention to null")
         if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
             raise ConfigError(f"rope_layers lists {len(self.rope_layers)} layers, but num_layers is {self.num_layers}")
+        if self.attention_sinks and self.linear_layers:
+            raise ConfigError("attention_sinks is not supported in a model with linear_attention layers (no family "
+                              "has both); set one of them off")
         if self.qk_norm_scope != "head" and not self.qk_norm:
             raise ConfigError(f"qk_norm_scope={self.qk_norm_scope!r} needs qk_norm: true")
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
@@ -293,6 +300,7 @@ class ModelConfig:
             mlp = self.moe.params_per_layer(e)[0]
         qk_norms = (h + k) * d if self.qk_norm_scope == "projection" else 2 * d
         norms = (2 * e if self.pre_norms else 0) + (2 * e if self.post_norms else 0) + (qk_norms if self.qk_norm else 0)
+        attn += h if self.attention_sinks else 0
         per_layer = attn + mlp + norms
         vocab = self.padded_vocab_size
         head = 0 if self.tie_word_embeddings else e * vocab

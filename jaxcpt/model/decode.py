@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcpt.model import hybrid
+from jaxcpt.model.attention import attention_probs
 from jaxcpt.model.gated_deltanet import LinearState
 from jaxcpt.model.layers import softcap as apply_softcap
 from jaxcpt.model.transformer import SLIDING, Transformer, decoder_block
@@ -44,8 +45,9 @@ def init_cache(model: Transformer, batch: int, slots: int) -> KVCache:
     return KVCache(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32), linear)
 
 
-def _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, valid, start):
-    """q [B, T, H, D] at slots start..start+T-1 over the cache with k/v written there -> (out, (k, v))."""
+def _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, valid, start, sinks=None):
+    """q [B, T, H, D] at slots start..start+T-1 over the cache with k/v written there -> (out, (k, v));
+    ``sinks`` [H]: the layer's attention-sink logits (gpt-oss), or None."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     layer_k = jax.lax.dynamic_update_slice(layer_k, k.astype(layer_k.dtype), (0, start, 0, 0))  # [B, S, K, D]
@@ -61,7 +63,7 @@ def _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, valid, start):
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, layer_k, preferred_element_type=jnp.float32) * scale
     scores = apply_softcap(scores, cfg.attn_logit_softcap)  # [B, K, G, T, S]
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(layer_v.dtype)
+    probs = attention_probs(scores, sinks).astype(layer_v.dtype)  # [B, K, G, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, layer_v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype), (layer_k, layer_v)
 
@@ -77,8 +79,8 @@ def forward_cached(model: Transformer, cache: KVCache, input_ids, valid, positio
     ropes, is_sliding = model.rope_and_kinds(positions, valid.astype(jnp.int32))
     if cfg.linear_layers:  # a hybrid: the linear layers carry their recurrent and conv states instead of a cache
         def attention_block(p, h, kind, layer_k, layer_v):
-            def attend(q, k, v, kind):
-                return _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, all_valid, start)
+            def attend(q, k, v, kind, sinks=None):
+                return _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, all_valid, start, sinks)
             return decoder_block(p, h, None, {kind: ropes[kind]}, cfg=cfg, rules=model.rules, attend=attend)
 
         x, keys, values, linear = hybrid.decode_groups(model, x, valid, ropes, cache.k, cache.v, cache.linear,
@@ -89,8 +91,8 @@ def forward_cached(model: Transformer, cache: KVCache, input_ids, valid, positio
     def scan_body(carry, layer):
         layer_params, layer_is_sliding, layer_k, layer_v = layer
 
-        def attend(q, k, v, kind):
-            return _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, all_valid, start)
+        def attend(q, k, v, kind, sinks=None):
+            return _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, all_valid, start, sinks)
 
         x_out, aux = decoder_block(layer_params, carry, layer_is_sliding, ropes, cfg=cfg, rules=model.rules,
                                    attend=attend)

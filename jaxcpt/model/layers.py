@@ -121,6 +121,17 @@ def gated_mlp(x, project, activation: str = "silu"):
     return project(hidden, "down")  # [B, T, E]
 
 
+def clamped_swiglu(gate: jax.Array, up: jax.Array, *, alpha: float, limit: float) -> jax.Array:
+    """gpt-oss's expert activation, as transformers' ``GptOssExperts._apply_gate``: [..., F] x 2 -> [..., F].
+
+    The gate is clamped from above only, up on both sides (bounding what one expert can emit), the
+    gate's sigmoid has gain ``alpha``, and up enters as (up + 1).
+    """
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
+
+
 def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, contract: int = 1) -> jax.Array:
     """LoRA's update of a projection, scale * (x a) b: x [..., *in], a [*in, r], b [r, *out] -> [..., *out].
 

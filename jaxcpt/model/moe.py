@@ -15,6 +15,10 @@ Experts are one stacked parameter per projection, with the logical axis ``exp``:
 
 so the one rule table (``exp`` -> the ``expert`` mesh axis) shards them.
 
+gpt-oss adds, as options of ``MoeConfig``: a router bias ``layers.router_bias`` [L, X]
+(``router_bias``), expert biases ``layers.expert_gate_bias`` / ``expert_up_bias`` [L, X, Fe] and
+``expert_down_bias`` [L, X, E] (``expert_bias``), and its clamped SwiGLU (``swiglu_limit``).
+
 Every layer also returns its routing statistics (``RouterStats``, float32, over the real tokens
 only) for the load-balancing losses and the routing metrics.
 """
@@ -22,6 +26,7 @@ only) for the load-balancing losses and the routing metrics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -29,7 +34,9 @@ import jax.numpy as jnp
 
 from jaxcpt.config import ConfigError, field
 from jaxcpt.errors import UserError
-from jaxcpt.model.layers import ACTIVATIONS
+from jaxcpt.model import expert_parallel
+from jaxcpt.model.layers import ACTIVATIONS, clamped_swiglu
+from jaxcpt.sharding.rules import make_rules
 
 EXPERT_PARAMS = ("router", "expert_gate", "expert_up", "expert_down")
 
@@ -51,6 +58,13 @@ class MoeConfig:
     router_z_loss_coef: float = field(
         0.0, help="weight of the router z-loss (ST-MoE: mean over tokens and layers of logsumexp(router logits)^2); "
         "0 = off")
+    router_bias: bool = field(False, help="a learned bias on the router logits, used for selection and weights "
+                              "alike (gpt-oss)")
+    expert_bias: bool = field(False, help="biases on every expert's gate, up and down projections (gpt-oss)")
+    swiglu_limit: float | None = field(
+        None, help="the experts' clamped SwiGLU (gpt-oss): gate clamped to at most this, up to [-limit, limit], "
+        "hidden = (up + 1) * gate * sigmoid(swiglu_alpha * gate); null: the model's activation(gate) * up")
+    swiglu_alpha: float = field(1.702, help="sigmoid gain of the clamped SwiGLU (with swiglu_limit only)")
 
     def validate(self) -> None:
         if self.num_experts < 1:
@@ -63,23 +77,33 @@ class MoeConfig:
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
+        if self.swiglu_limit is not None and self.swiglu_limit <= 0:
+            raise ConfigError(f"model.moe.swiglu_limit must be > 0 or null, got {self.swiglu_limit}")
 
     def params_per_layer(self, hidden_size: int) -> tuple[int, int]:
-        """(total, active per token) parameters of one MoE MLP, router included."""
-        expert = 3 * hidden_size * self.expert_intermediate_size
-        router = hidden_size * self.num_experts
+        """(total, active per token) parameters of one MoE MLP, router (and biases) included."""
+        f = self.expert_intermediate_size
+        expert = 3 * hidden_size * f + ((2 * f + hidden_size) if self.expert_bias else 0)
+        router = (hidden_size + (1 if self.router_bias else 0)) * self.num_experts
         return router + self.num_experts * expert, router + self.top_k * expert
 
 
 def expert_param_shapes(moe: MoeConfig, hidden_size: int, num_layers: int) -> dict:
     """{name: (shape, logical axes)} of the MoE parameters of the layer stack."""
     L, E, X, F = num_layers, hidden_size, moe.num_experts, moe.expert_intermediate_size
-    return {
+    shapes = {
         "router": ((L, E, X), ("layers", "embed", None)),
         "expert_gate": ((L, X, E, F), ("layers", "exp", "embed", "mlp")),
         "expert_up": ((L, X, E, F), ("layers", "exp", "embed", "mlp")),
         "expert_down": ((L, X, F, E), ("layers", "exp", "mlp", "embed")),
     }
+    if moe.router_bias:
+        shapes["router_bias"] = ((L, X), ("layers", None))
+    if moe.expert_bias:
+        shapes.update(expert_gate_bias=((L, X, F), ("layers", "exp", "mlp")),
+                      expert_up_bias=((L, X, F), ("layers", "exp", "mlp")),
+                      expert_down_bias=((L, X, E), ("layers", "exp", "embed")))
+    return shapes
 
 
 def check_expert_split(axes, shape, mesh, rules) -> None:
@@ -109,15 +133,18 @@ class RouterStats:
     z_sum: jax.Array  # [] sum over tokens of logsumexp(router logits)^2
 
 
-def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig):
-    """Top-k routing of tokens x [N, E] with router_w [E, X].
+def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig, bias: jax.Array | None = None):
+    """Top-k routing of tokens x [N, E] with router_w [E, X] (and a bias [X] when the router has one).
 
     Returns (logits [N, X] float32, weights [N, k] float32, experts [N, k] int32). Logits and
     softmax are float32 whatever the compute dtype: the choice of experts must not flip with rounding.
     """
     logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))  # [N, X]
+    if bias is not None:  # gpt-oss: the bias counts for the choice and the weights alike
+        logits = logits + bias.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)  # [N, X]
     weights, experts = jax.lax.top_k(probs, moe.top_k)  # [N, k] each
+    # Renormalised top-k probabilities are the softmax over the top-k logits (gpt-oss computes it that way).
     if moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdims=True)
     return logits, weights, experts
@@ -137,12 +164,13 @@ def router_stats(logits: jax.Array, experts: jax.Array, valid: jax.Array, num_ex
     )
 
 
-def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str):
+def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str, *, biases=None, glu=None):
     """The experts' gated MLPs on their tokens, combined: x [N, E] -> [N, E].
 
     experts/weights [N, k]; w_gate/w_up [X, E, F], w_down [X, F, E]. The N*k token copies are
     sorted by expert (stable, so ties keep token order) and each projection is one ragged_dot
-    over the per-expert groups.
+    over the per-expert groups. ``biases``: (gate [X, F], up [X, F], down [X, E]) per expert, or
+    None; ``glu(gate, up) -> hidden`` replaces activation(gate) * up (``expert_glu``).
     """
     n, k = experts.shape
     flat = experts.reshape(-1)  # [N*k]
@@ -152,21 +180,56 @@ def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str):
     xs = jnp.take(x, token, axis=0)  # [N*k, E]
     gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)  # [N*k, F]
     up = jax.lax.ragged_dot(xs, w_up, group_sizes)  # [N*k, F]
-    out = jax.lax.ragged_dot(ACTIVATIONS[activation](gate) * up, w_down, group_sizes)  # [N*k, E]
+    if biases is not None:  # each sorted copy takes its expert's bias row
+        owner = jnp.take(flat, order)  # [N*k] expert of each sorted copy
+        # an id outside [0, X) (expert parallelism's slots for other devices' experts, weight 0) takes no bias:
+        # jnp.take's default fill for such rows is NaN, which the zero weight would not remove
+        b_gate, b_up, b_down = (jnp.take(b, owner, axis=0, mode="fill", fill_value=0)
+                                for b in biases)  # [N*k, F], [N*k, F], [N*k, E]
+        gate, up = gate + b_gate, up + b_up
+    hidden = glu(gate, up) if glu is not None else ACTIVATIONS[activation](gate) * up  # [N*k, F]
+    out = jax.lax.ragged_dot(hidden, w_down, group_sizes)  # [N*k, E]
+    if biases is not None:
+        out = out + b_down
     out = out * jnp.take(weights.reshape(-1), order)[:, None].astype(out.dtype)
     return jnp.zeros_like(x).at[token].add(out)  # [N, E]
 
 
-def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None):
+def expert_glu(moe: MoeConfig):
+    """The experts' ``glu(gate, up)`` when it is not activation(gate) * up (gpt-oss's clamped SwiGLU), else None."""
+    if moe.swiglu_limit is None:
+        return None
+    return functools.partial(clamped_swiglu, alpha=moe.swiglu_alpha, limit=moe.swiglu_limit)
+
+
+def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None, rules=None):
     """The MoE MLP of one layer: h [B, T, E] -> (out [B, T, E], RouterStats).
 
-    ``p`` holds this layer's router and expert weights; ``valid`` [B, T] marks real tokens
-    (segment id != 0) for the statistics (None: all are).
+    ``p`` holds this layer's router and expert weights (and biases, when the config has them);
+    ``valid`` [B, T] marks real tokens (segment id != 0) for the statistics (None: all are). When the
+    mesh splits the experts (``rules``: the sharding rule table, None = the default one), they run
+    expert-parallel (``jaxcpt.model.expert_parallel``).
     """
     batch, length, width = h.shape
     x = h.reshape(batch * length, width)  # [N, E]
-    logits, weights, experts = route(x, p["router"], moe)
-    out = grouped_experts(x, experts, weights, p["expert_gate"], p["expert_up"], p["expert_down"], activation)
+    logits, weights, experts = route(x, p["router"], moe, p.get("router_bias"))
+    shapes = expert_param_shapes(moe, width, 1)
+    params = {name: p[name] for name in shapes if name not in ("router", "router_bias")}  # each [X, ...]
+    glu = expert_glu(moe)
+
+    def experts_fn(x, experts, weights, w):  # x [N, E], experts/weights [N, k] -> [N, E]
+        biases = (w["expert_gate_bias"], w["expert_up_bias"], w["expert_down_bias"]) if moe.expert_bias else None
+        return grouped_experts(x, experts, weights, w["expert_gate"], w["expert_up"], w["expert_down"], activation,
+                               biases=biases, glu=glu)
+
+    rules = make_rules() if rules is None else rules
+    if expert_parallel.is_active(rules, moe.num_experts):
+        axes = {name: shapes[name][1][1:] for name in params}  # logical axes without "layers"
+        k = experts.shape[-1]
+        out = expert_parallel.experts_over_mesh(h, experts.reshape(batch, length, k), weights.reshape(batch, length, k),
+                                                params, axes, experts_fn, rules).reshape(batch * length, width)
+    else:
+        out = experts_fn(x, experts, weights, params)
     valid = jnp.ones((batch * length,), jnp.float32) if valid is None else valid.reshape(-1)
     return out.reshape(batch, length, width), router_stats(logits, experts, valid, moe.num_experts)
 

@@ -82,7 +82,7 @@ class LayerStack(nnx.Module):
             names += ["gate", "up", "down"]
         else:  # stacked experts and a router instead of the dense MLP (jaxcpt.model.moe)
             for name, (shape, axes) in moe_lib.expert_param_shapes(cfg.moe, E, L).items():
-                setattr(self, name, p(shape, axes))
+                setattr(self, name, p(shape, axes, "zeros" if name.endswith("_bias") else "normal"))
                 names.append(name)
         if cfg.pre_norms:
             self.attn_norm = p((L, E), ("layers", "norm"), norm_init)
@@ -96,6 +96,9 @@ class LayerStack(nnx.Module):
         if cfg.o_bias:
             self.o_bias = p((L, E), ("layers", "embed"), "zeros")
             names.append("o_bias")
+        if cfg.attention_sinks:  # one logit per query head (gpt-oss); 0 = a sink as likely as a key of score 0
+            self.sinks = p((La, H), ("layers", "heads"), "zeros")
+            names.append("sinks")
         if cfg.mlp_bias:
             self.gate_bias = p((L, F), ("layers", "mlp"), "zeros")
             self.up_bias = p((L, F), ("layers", "mlp"), "zeros")
@@ -185,6 +188,8 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if uses_rope is not None:  # a NoPE layer attends to the unrotated q and k
             q_rot, k_rot = jnp.where(uses_rope, q_rot, q), jnp.where(uses_rope, k_rot, k)
+        if cfg.attention_sinks:  # this layer's per-head sink logits [H] (gpt-oss)
+            return attend(q_rot, k_rot, v, kind, sinks=p["sinks"])
         return attend(q_rot, k_rot, v, kind)
 
     if is_sliding is None:
@@ -202,7 +207,7 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
 
     h = norm(x, p["mlp_norm"]) if cfg.pre_norms else x
     if cfg.moe is not None:
-        mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid)
+        mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid, rules)
         aux = (aux, stats)
     else:
         mlp_out = gated_mlp(h, project, activation=cfg.activation)
@@ -220,9 +225,11 @@ def projection_norm(x, scale, norm):
 def packed_attention(cfg: ModelConfig, attention_fn, segment_ids):
     """``attend`` for ``decoder_block`` over packed rows: causal within each document, no aux."""
 
-    def attend(q, k, v, kind):
+    def attend(q, k, v, kind, sinks=None):
         window = cfg.sliding_window if kind == SLIDING else None
-        return attention_fn(q, k, v, segment_ids, window, scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap), None
+        extra = {} if sinks is None else {"sinks": sinks}  # only the kernels that have sinks take them
+        return attention_fn(q, k, v, segment_ids, window, scale=cfg.attention_scale, softcap=cfg.attn_logit_softcap,
+                            **extra), None
 
     return attend
 
@@ -300,8 +307,12 @@ class Transformer(nnx.Module):
             input_ids, segment_ids, positions = context.inputs(input_ids, segment_ids, positions)
         x = self.embed(input_ids)  # [B, T, E]
         ropes, is_sliding = self.rope_and_kinds(positions, segment_ids)
-        attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules, softcap=cfg.attn_logit_softcap)
+        attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules, softcap=cfg.attn_logit_softcap,
+                                        sinks=cfg.attention_sinks)
         if context is not None:
+            if cfg.attention_sinks:  # the ring's blockwise softmax has no sink term
+                raise ConfigError("context parallelism (a 'context' mesh axis) does not support attention sinks "
+                                  "(model.attention_sinks, gpt-oss); drop the context axis from mesh")
             attention_fn = context.attention()
         block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
                                   attend=packed_attention(cfg, attention_fn, segment_ids), valid=segment_ids != 0)

@@ -48,9 +48,10 @@ def _path_names(path: tuple) -> list[str]:
 
 
 def is_norm_or_bias(path: tuple) -> bool:
-    """A path with a component containing 'norm' (RMSNorm / LayerNorm scales, q_norm ...) or ending in 'bias'."""
+    """A path with a component containing 'norm' (RMSNorm / LayerNorm scales, q_norm ...) or ending in 'bias',
+    or gpt-oss's attention ``sinks`` (a per-head logit, a bias of the softmax: decay would pull it toward 0)."""
     names = _path_names(path)
-    return any("norm" in n for n in names) or bool(names and names[-1].endswith("bias"))
+    return any("norm" in n for n in names) or bool(names and names[-1].endswith("bias")) or "sinks" in names
 
 
 def is_input_embedding(path: tuple) -> bool:

@@ -25,6 +25,7 @@ import dataclasses
 import numpy as np
 
 from jaxcpt.data.mixture import WeightSchedule, resolve_stage_steps
+from jaxcpt.data.stage_shapes import resolve_shapes
 from jaxcpt.errors import UserError
 from jaxcpt.optim.schedules import build_schedule, phase_boundaries
 from jaxcpt.plan.text import format_table, short
@@ -61,6 +62,7 @@ class BudgetPlan:
     sources: list[SourcePlan]
     warnings: list[str]
     notes: list[str]
+    stages: list[dict] = dataclasses.field(default_factory=list)  # per row shape: steps, seq_len, rows, positions, rope
 
     @property
     def total_tokens(self) -> float:
@@ -101,6 +103,43 @@ def _first_step_over(cumulative: np.ndarray, limit: float) -> int | None:
     return int(over[0]) if over.size else None
 
 
+def _fill_and_unit(data, counts: list, seq_len: int, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """([sources] real-token fill of rows of seq_len, [sources] tokens per counted unit), as the module docstring says."""
+    fill = np.array([1.0 if data.packing == "concat_split" or not c.known
+                     else first_fit_fill(c.piece_lengths, seq_len, data.packing_bins) for c in counts])  # [sources]
+    if data.weights_count == "tokens":
+        per_unit = np.ones(len(counts))
+    elif data.weights_count == "rows":
+        per_unit = seq_len * fill
+    else:  # documents: a counted unit is one packed piece
+        per_unit = np.array([c.piece_lengths.mean() if c.known and len(c.piece_lengths) else seq_len / 2
+                             for c in counts])
+        note = "weights count documents; for sources of unknown size a piece is assumed to be seq_len/2"
+        if not all(c.known for c in counts) and note not in notes:
+            notes.append(note)
+    return fill, per_unit
+
+
+def _stage_rows(cfg: TrainConfig, segments: list, warnings: list[str]) -> list[dict]:
+    """Per stretch of steps with one row shape: steps, seq_len, rows, row positions and the RoPE in force.
+
+    The RoPE is the starting model's after model.rope (read from init.path's config, no weights); a
+    stage longer than it was trained for without a model.rope change adds a warning with the numbers.
+    """
+    from jaxcpt.data.stage_shapes import stage_seq_lens
+    from jaxcpt.model.rope_change import check_trained_length, describe_rope
+    from jaxcpt.train.state import resolve_model_config
+
+    try:
+        model_cfg = resolve_model_config(cfg)
+        rope = describe_rope(model_cfg)
+        warnings += check_trained_length(model_cfg, cfg.model.rope, stage_seq_lens(cfg.data))
+    except Exception as e:  # noqa: BLE001 - a plan without a readable model still plans the data
+        rope = f"the starting model's ({type(e).__name__}: {e})"[:120]
+    return [{"first": lo, "last": hi - 1, "seq_len": shape.seq_len, "rows": shape.rows,
+             "row_positions": shape.tokens * (hi - lo), "rope": rope} for lo, hi, shape in segments]
+
+
 def plan_budget(cfg: TrainConfig, *, sample_documents: int = 2000) -> BudgetPlan:
     data, steps = cfg.data, cfg.train.steps
     batch, seq_len = cfg.train.batch_size, data.seq_len
@@ -115,23 +154,19 @@ def plan_budget(cfg: TrainConfig, *, sample_documents: int = 2000) -> BudgetPlan
             loaded.append(_tokenizer_for(cfg))
         return loaded[0]
 
-    counts = [count_source(src, data, get_tokenizer, seq_len=seq_len, sample_documents=sample_documents)
-              for src in data.sources]
+    shapes = resolve_shapes(data, batch_size=batch, seq_len=seq_len, stage_starts=starts)
+    segments = shapes.segments(steps)
+    counts_at = {length: [count_source(src, data, get_tokenizer, seq_len=length, sample_documents=sample_documents)
+                          for src in data.sources] for length in shapes.seq_lens()}  # pieces are cut at each length
+    counts = counts_at[seq_len]
 
     notes, warnings = [], []
-    fill = np.array([1.0 if data.packing == "concat_split" or not c.known
-                     else first_fit_fill(c.piece_lengths, seq_len, data.packing_bins) for c in counts])  # [sources]
-    if data.weights_count == "tokens":
-        per_unit = np.ones(len(counts))
-    elif data.weights_count == "rows":
-        per_unit = seq_len * fill
-    else:  # documents: a counted unit is one packed piece
-        per_unit = np.array([c.piece_lengths.mean() if c.known and len(c.piece_lengths) else seq_len / 2
-                             for c in counts])
-        if not all(c.known for c in counts):
-            notes.append("weights count documents; for sources of unknown size a piece is assumed to be seq_len/2")
-    share = weights * per_unit  # [steps, sources]
-    tokens = batch * seq_len * share / (share / fill).sum(axis=1, keepdims=True)  # [steps, sources]
+    tokens = np.zeros((steps, len(counts)))  # [steps, sources]
+    for lo, hi, shape in segments:  # each stretch of steps with one row shape (data.stages[].seq_len / batch_size)
+        fill_at, per_unit = _fill_and_unit(data, counts_at[shape.seq_len], shape.seq_len, notes)
+        share = weights[lo:hi] * per_unit  # [steps, sources]
+        tokens[lo:hi] = shape.tokens * share / (share / fill_at).sum(axis=1, keepdims=True)
+    fill, _ = _fill_and_unit(data, counts, seq_len, [])
     cumulative = np.cumsum(tokens, axis=0)  # [steps, sources]
 
     plans = []
@@ -160,12 +195,14 @@ def plan_budget(cfg: TrainConfig, *, sample_documents: int = 2000) -> BudgetPlan
     if not all(c.known for c in counts) and data.packing == "first_fit":
         notes.append("sources of unknown size are assumed to fill their rows (no padding): their draws are upper bounds")
     return BudgetPlan(steps, batch, seq_len, tokens, weights, lr, phase_boundaries(cfg.optim.schedule, steps),
-                      starts, plans, warnings, notes)
+                      starts, plans, warnings, notes, _stage_rows(cfg, segments, warnings))
 
 
 def format_plan(plan: BudgetPlan) -> str:
-    header = (f"{plan.steps:,} steps x {plan.batch_size} rows x {plan.seq_len} tokens = "
-              f"{short(plan.steps * plan.batch_size * plan.seq_len)} row positions, "
+    positions = sum(s["row_positions"] for s in plan.stages) if plan.stages else plan.steps * plan.batch_size * plan.seq_len
+    shape = (f"{plan.batch_size} rows x {plan.seq_len} tokens" if len(plan.stages) <= 1 else
+             f"{len(plan.stages)} row shapes (data.stages)")
+    header = (f"{plan.steps:,} steps x {shape} = {short(positions)} row positions, "
               f"{short(plan.total_tokens)} real tokens planned")
     rows = []
     for s in plan.sources:
@@ -178,6 +215,11 @@ def format_plan(plan: BudgetPlan) -> str:
     table = format_table(["source", "weight", "tokens/epoch", "drawn", "fill", "epochs", "repeats at", "4 epochs at",
                           "size"], rows, right={1, 2, 3, 4, 5, 6, 7})
     lines = [header, "", table]
+    if plan.stages:
+        lines += ["", format_table(["steps", "seq_len", "rows", "positions trained", "row positions", "rope"],
+                                   [[f"{s['first']:,}..{s['last']:,}", str(s["seq_len"]), str(s["rows"]),
+                                     f"0..{s['seq_len'] - 1:,}", short(s["row_positions"]), s["rope"]]
+                                    for s in plan.stages], right={1, 2, 4})]
     if plan.stage_starts:
         lines += [""] + [f"data.stages[{i}] starts at step {'never' if s is None else f'{s:,}'}"
                          for i, s in enumerate(plan.stage_starts)]
@@ -242,4 +284,5 @@ def plan_json(plan: BudgetPlan) -> dict:
                      "epochs": s.epochs, "repeat_step": s.repeat_step, "four_epoch_step": s.four_epoch_step}
                     for s in plan.sources],
         "warnings": plan.warnings, "notes": plan.notes,
+        "stages": plan.stages,
     }

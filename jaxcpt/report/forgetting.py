@@ -6,6 +6,8 @@ For one run, in sections, each present when the run has it:
   step 0 (negative = learned, positive = forgotten); the parameters' moving average (EMA)
   beside the raw weights;
 - downstream scores per lm-eval task and metric (``eval.downstream``), raw and EMA;
+- the data trained per source at the latest checkpoint: rows, tokens seen, tokens trained on
+  (an instruction source's answers only) and epochs (``jaxcpt.report.accounting``);
 - merge sweeps (``jaxcpt merge --run RUN --sweep ...``): loss per source at each mixture
   coefficient of base and CPT model, with the recommended coefficient marked.
 
@@ -22,6 +24,8 @@ from etils import epath
 
 from jaxcpt.errors import UserError
 from jaxcpt.train.metrics import read_metrics
+from jaxcpt.report.accounting import accounting_lines
+from jaxcpt.report.positions import position_lines
 from jaxcpt.report.routing import plot_routing, routing_lines
 
 
@@ -96,7 +100,9 @@ def format_table(run_dir) -> str:
     late = sorted({r["baseline_step"] for r in rows.values() if r["baseline_step"] != 0})
     if late:
         lines.append(f"  warning: no step-0 evaluation recorded; 'step 0' above is the evaluation at step {late[0]}")
+    lines += position_lines(run_dir)  # eval.position_buckets (jaxcpt.report.positions)
     lines += _downstream_lines(run_dir)
+    lines += accounting_lines(run_dir)  # per source: tokens seen vs trained on, epochs (jaxcpt.report.accounting)
     lines += routing_lines(run_dir)  # MoE runs: expert load per source (jaxcpt.report.routing)
     for sweep in merge_sweeps(run_dir):
         lines += _sweep_lines(sweep)

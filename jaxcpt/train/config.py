@@ -70,6 +70,18 @@ class EvalConfig:
     dense_every: int = field(0, help="early in the run, evaluate every N steps instead, to see the 'stability gap'; 0 = off")
     dense_until: int = field(0, help="the dense interval applies to steps below this")
     downstream: DownstreamConfig = field(DownstreamConfig(), help="lm-eval harness tasks run during training")
+    position_buckets: list[int] = field(
+        [4096, 16384, 32768, 65536],
+        help="edges of the held-out loss by position (jaxcpt.eval.position_loss): at every evaluation, per source, "
+        "the loss over positions [0, e1), [e1, e2), ... up to the longest row the run trains (over data.stages), of "
+        "long held-out documents (one per row, not packed). On when an edge lies below that length (defaults: an "
+        "8k -> 32k/64k extension); [] = off")
+    position_rows: int = field(8, help="held-out documents per source for eval.position_buckets (the first long ones)")
+
+    def validate(self) -> None:
+        if self.position_rows < 1 or any(edge < 1 for edge in self.position_buckets):
+            raise ConfigError(f"eval.position_rows ({self.position_rows}) and every eval.position_buckets edge "
+                              f"({self.position_buckets}) must be >= 1")
 
     def due(self, step: int, last_step: int) -> bool:
         if step == 0 or step == last_step:

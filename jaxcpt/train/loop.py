@@ -25,6 +25,7 @@ from etils import epath
 from jaxcpt import __version__
 from jaxcpt.checkpoint import Checkpointer
 from jaxcpt.config import to_dict
+from jaxcpt.data import accounting as data_accounting
 from jaxcpt.data.documents import sum_bad_input_reports
 from jaxcpt.data.watch import InputWaitInterrupted
 from jaxcpt.model import lora as lora_lib
@@ -181,6 +182,8 @@ def run_eval(run: Run, step: int) -> None:
     if not results:
         return
     record = {"sources": results}
+    if setup.position_eval is not None:  # eval.position_buckets: long-context gain and short-context forgetting
+        record["positions"] = setup.position_eval.evaluate(run.state["params"], run.to_global)
     if "ema" in run.state:
         average = train_state.with_trainable(run.state["params"], run.state["ema"])
         record["ema"] = evaluate(setup.program.eval_step, average, setup.eval_batches, run.to_global)
@@ -190,6 +193,8 @@ def run_eval(run: Run, step: int) -> None:
                                                for n, r in results.items()))
     if "ema" in record:
         _say(f"  ema step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f}" for n, r in record["ema"].items()))
+    for source, buckets in record.get("positions", {}).items():
+        _say(f"  positions {source} | " + " | ".join(f"{name} {r['loss']:.4f}" for name, r in buckets.items()))
 
 
 def run_downstream(run: Run, step: int) -> None:
@@ -242,6 +247,8 @@ def save(run: Run, step: int, force: bool = False) -> None:
             "trainable_keys": list(setup.program.trainable.keys)}
     data_state = {"hosts": gather_json(setup.data_iter.get_state())}
     run.ckpt.save(step, run.state, data_state, meta, files=run.files, force=True)
+    # Per-source rows, tokens seen / trained on and epochs at this checkpoint, over all hosts (jaxcpt.data.accounting)
+    _record(run, "data", step, {"sources": data_accounting.from_states(data_state["hosts"])})
 
 
 def export(run: Run, step: int) -> None:
@@ -272,6 +279,8 @@ class _StepMetrics:
         trained = set(setup.program.trainable.keys)
         frozen = setup.model_cfg.lora is not None and not trained & {f"layers.{p}" for p in lora_lib.PROJECTIONS}
         self.flops_token = flops_per_token(setup.model_cfg, setup.program.seq_len, frozen_projections=frozen)
+        self._flops_at = {setup.program.seq_len: self.flops_token}  # per row length (data.stages[].seq_len)
+        self._frozen = frozen
         self.num_devices = setup.program.mesh.devices.size
         self.progress = Progress(setup.cfg.train.steps, run.start_step)
         # Step time = time between the completions of consecutive steps (reading a step's
@@ -295,8 +304,14 @@ class _StepMetrics:
         m = jax.device_get(metrics)
         now = time.monotonic()
         seconds, self.last_done = now - self.last_done, now
-        tokens_per_s = cfg.train.batch_size * run.setup.program.seq_len / max(seconds, 1e-9)
-        mfu = tokens_per_s * self.flops_token / (self.peak * self.num_devices) if self.peak else None
+        rows, seq_len = cfg.train.batch_size, run.setup.program.seq_len
+        if run.setup.shapes is not None:  # the shape of this step's batch (data.stages may change it)
+            shape = run.setup.shapes.at(step - 1)
+            rows, seq_len = shape.rows, shape.seq_len
+        if seq_len not in self._flops_at:
+            self._flops_at[seq_len] = flops_per_token(run.setup.model_cfg, seq_len, frozen_projections=self._frozen)
+        tokens_per_s = rows * seq_len / max(seconds, 1e-9)
+        mfu = tokens_per_s * self._flops_at[seq_len] / (self.peak * self.num_devices) if self.peak else None
         names = run.setup.source_names
         per_source = {name: float(m["source_loss_sum"][i] / m["source_tokens"][i])
                       for i, name in enumerate(names) if m["source_tokens"][i] > 0}

@@ -162,6 +162,8 @@ class RunSetup:
     data_iter: Any = None  # None after a --check
     eval_batches: dict | None = None
     start: ModelLocation | None = None  # a fresh run's init.path, located once (jaxcpt.open_model); None on resume
+    shapes: Any = None  # jaxcpt.data.stage_shapes.ShapeSchedule: (seq_len, rows) per step
+    position_eval: Any = None  # jaxcpt.eval.position_loss.PositionEval: held-out loss by position bucket
 
     @property
     def model_cfg(self) -> ModelConfig:
@@ -188,7 +190,7 @@ class RunSetup:
             f"model        {m.family}: {m.num_layers} layers, width {m.hidden_size}, heads {m.num_heads}/"
             f"{m.num_kv_heads}, vocab {m.vocab_size}, {m.num_params() / 1e6:.1f}M parameters, compute {m.dtype}, "
             f"params {m.param_dtype}, remat {m.remat}, attention {m.attention}",
-            f"rope         {describe_rope(m)}; rows train positions 0..{cfg.data.seq_len - 1}",
+            f"rope         {describe_rope(m)}; rows train positions 0..{(max(self.shapes.seq_lens()) if self.shapes else cfg.data.seq_len) - 1}",
             f"special ids  bos {m.bos_token_id}, eos {m.eos_token_id}, pad {m.pad_token_id} (written on export)",
             f"tokenizer    {self.tokenizers.data or '(none: pre-tokenized sources)'}; exports ship "
             f"{self.tokenizers.export or ('a conversion of it' if self.tokenizers.data else 'no tokenizer')}",
@@ -208,6 +210,11 @@ class RunSetup:
             lines.append(f"lora         rank {m.lora.rank}, alpha {m.lora.alpha:g} (scale {m.lora.scale:g}) on "
                          f"{', '.join(m.lora.targets)}: {m.num_adapter_params() / 1e6:.2f}M adapter parameters "
                          f"(float32); exports {cfg.export.lora}")
+        if self.shapes is not None and self.shapes.varies:  # data.stages that change the row shape
+            lines += stage_lines(self.shapes, cfg.train.steps, m)
+        if self.position_eval is not None:
+            lines.append(f"positions    held-out loss by position {', '.join(self.position_eval.names)} at every evaluation, "
+                         f"on {', '.join(f'{n} ({len(b)} batch(es))' for n, b in self.position_eval.batches.items())}")
         lines.append(self.program.trainable.describe())
         return "\n".join(lines + [self.program.layout])
 
@@ -226,6 +233,9 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
     from jaxcpt.model.context_parallel import CONTEXT_AXIS, check_sequence_split
 
     check_sequence_split(cfg.data.seq_len, dict(mesh.shape).get(CONTEXT_AXIS, 1))
+    from jaxcpt.data import stage_shapes
+
+    stage_shapes.check_context_split(cfg.data, dict(mesh.shape).get(CONTEXT_AXIS, 1))  # every stage's seq_len
     checkpoint_dir = epath.Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else run_dir / "checkpoints"
     # Where everything comes from, decided once: the newest step whose data, meta and files read on
     # every host gives the model config, the tokenizer and the adaptation record; a fresh run takes
@@ -244,13 +254,14 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
             adaptation = start.adaptation if start else None
         from jaxcpt.model.rope_change import check_trained_length
 
-        for warning in check_trained_length(model_cfg, cfg.model.rope, {"data.seq_len": cfg.data.seq_len}):
+        for warning in check_trained_length(model_cfg, cfg.model.rope, stage_shapes.stage_seq_lens(cfg.data)):
             print(f"warning: {warning}", flush=True)
         data_cfg = dataclasses.replace(cfg.data, tokenizer=tokenizers.data)
         model_cfg = _agree_with_tokenizer(model_cfg, data_cfg,
                                           defaults_apply=cfg.init.source == "scratch" and not resume_from)
         source_names = [s.name for s in data_cfg.sources]
         program = build_program(cfg, model_cfg, mesh, rules, len(source_names), adaptation)
+        shapes = _stage_shapes(cfg, program)
 
         from jaxcpt.data.pipeline import build_eval_batches, build_train_iterator
 
@@ -262,13 +273,49 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
             data_iter.close()
             data_iter = None
         eval_batches = build_eval_batches(data_cfg, batch_size=local_batch, seq_len=cfg.data.seq_len)
+        from jaxcpt.eval.position_loss import build_position_eval
+
+        position_eval = build_position_eval(cfg, program, data_cfg, shapes)  # None unless eval.position_buckets apply
     except BaseException:
         scratch.close()  # a tokenizer copied for this run must not outlive its failed set-up
         if data_iter is not None:
             data_iter.close()
         raise
     return RunSetup(cfg, run_dir, checkpoint_dir, resume_from, program, adaptation, tokenizers, data_cfg,
-                    source_names, data_iter, eval_batches, start)
+                    source_names, data_iter, eval_batches, start, shapes, position_eval)
+
+
+def _stage_shapes(cfg: TrainConfig, program: TrainProgram):
+    """The (seq_len, rows) schedule of data.stages, each stage's rows checked against the mesh like train.batch_size."""
+    from jaxcpt.data.mixture import resolve_stage_steps
+    from jaxcpt.data.stage_shapes import check_stage_batches, resolve_shapes
+
+    starts = resolve_stage_steps(cfg.data, program.schedule, cfg.train.steps)
+    shapes = resolve_shapes(cfg.data, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len, stage_starts=starts)
+    accum = cfg.optim.grad_accum_steps
+
+    def check(rows: int) -> None:
+        if rows % accum:
+            from jaxcpt.errors import UserError
+
+            raise UserError(f"{rows} rows are not a multiple of optim.grad_accum_steps ({accum}); set the stage's "
+                            f"batch_size to a multiple of {accum}")
+        layout_lib.check_batch_split(rows, accum, program.mesh, program.rules, jax.process_count())
+
+    check_stage_batches(shapes, check)
+    return shapes
+
+
+def stage_lines(shapes, total_steps: int, model_cfg: ModelConfig) -> list[str]:
+    """One line per stretch of steps with one row shape: rows, seq_len, positions trained and the RoPE in force."""
+    rope = describe_rope(model_cfg)
+    lines = []
+    for lo, hi, shape in shapes.segments(total_steps):
+        beyond = (f" (past the RoPE's {model_cfg.max_position_embeddings} trained positions)"
+                  if shape.seq_len > model_cfg.max_position_embeddings else "")
+        lines.append(f"stage        steps {lo}..{hi - 1}: {shape.rows} rows x {shape.seq_len} tokens, positions "
+                     f"0..{shape.seq_len - 1}{beyond}, {shape.rows * shape.seq_len * (hi - lo):,} row positions; rope {rope}")
+    return lines
 
 
 def _agree_with_tokenizer(model_cfg: ModelConfig, data_cfg, defaults_apply: bool) -> ModelConfig:

@@ -60,7 +60,29 @@ def is_remote(path) -> bool:
 
 
 # -- storage back ends for the lease -----------------------------------------------------------
-class _LocalLeaseFile:
+class _TextVersioned:
+    """A lease file whose ``version`` is its text: read it, refresh and delete it only while it is ours."""
+
+    def read(self) -> tuple[str | None, str | None]:
+        try:
+            text = self._read_text()
+        except FileNotFoundError:
+            return None, None
+        return text, text
+
+    def refresh(self, text: str, version: str) -> bool:
+        """Our own lease's new heartbeat: only while it is still the one we wrote."""
+        if self.read()[1] != version:
+            return False
+        self._write_text(text)
+        return True
+
+    def delete(self, version: str) -> None:
+        if self.read()[1] == version:
+            self._unlink()
+
+
+class _LocalLeaseFile(_TextVersioned):
     """A lease on a POSIX filesystem (local or NFS); ``version`` is the file's text."""
 
     atomic = True
@@ -82,20 +104,12 @@ class _LocalLeaseFile:
         finally:
             os.unlink(tmp)
 
-    def read(self) -> tuple[str | None, str | None]:
-        try:
-            with open(self.path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            return None, None
-        return text, text
+    def _read_text(self) -> str:
+        with open(self.path) as f:
+            return f.read()
 
-    def refresh(self, text: str, version: str) -> bool:
-        """Our own lease's new heartbeat: only while it is still the one we wrote."""
-        if self.read()[1] != version:
-            return False
+    def _write_text(self, text: str) -> None:
         write_atomically(epath.Path(self.path), text)
-        return True
 
     def take_over(self, text: str, version: str) -> bool:
         """Replace a stale lease (judged from ``version``). The rename aside is atomic, so of two
@@ -117,9 +131,8 @@ class _LocalLeaseFile:
         os.unlink(aside)
         return self.create(text)
 
-    def delete(self, version: str) -> None:
-        if self.read()[1] == version:
-            os.unlink(self.path)
+    def _unlink(self) -> None:
+        os.unlink(self.path)
 
 
 class _GCSLeaseFile:
@@ -175,7 +188,7 @@ class _GCSLeaseFile:
             pass
 
 
-class _BestEffortLeaseFile:
+class _BestEffortLeaseFile(_TextVersioned):
     """Any other epath URL: write, pause, read back. Not atomic (see the module docstring)."""
 
     atomic = False
@@ -192,25 +205,17 @@ class _BestEffortLeaseFile:
     def create(self, text: str) -> bool:
         return False if self.path.exists() else self._write_and_confirm(text)
 
-    def read(self) -> tuple[str | None, str | None]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return None, None
-        return text, text
+    def _read_text(self) -> str:
+        return self.path.read_text()
 
-    def refresh(self, text: str, version: str) -> bool:
-        if self.read()[1] != version:
-            return False
+    def _write_text(self, text: str) -> None:
         self.path.write_text(text)
-        return True
+
+    def _unlink(self) -> None:
+        self.path.unlink()
 
     def take_over(self, text: str, version: str) -> bool:
         return self.read()[1] == version and self._write_and_confirm(text)
-
-    def delete(self, version: str) -> None:
-        if self.read()[1] == version:
-            self.path.unlink()
 
 
 def lease_file(path: epath.Path):

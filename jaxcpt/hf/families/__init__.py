@@ -8,14 +8,15 @@ Everything outside these modules asks the registry, never a ``model_type``.
 from __future__ import annotations
 
 from jaxcpt.errors import HFFormatError
-from jaxcpt.hf.families import (base, gemma2, gemma3, llama, mistral, mixtral, olmo3, qwen2, qwen3, qwen3_5_text,
-                                 qwen3_moe, smollm3, unsupported)
+from jaxcpt.hf.families import (base, gemma2, gemma3, gpt_oss, llama, mistral, mixtral, olmo3, olmoe, qwen2, qwen3,
+                                 qwen3_5_text, qwen3_moe, smollm3, unsupported)
 from jaxcpt.hf.families.base import Family
 from jaxcpt.hf.mapping import Tensor, decoder_tensors
 from jaxcpt.model.config import ModelConfig
 
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, mistral, qwen2, qwen3, gemma2, gemma3,
-                                                                olmo3, smollm3, qwen3_moe, mixtral, qwen3_5_text)}
+                                                                olmo3, smollm3, qwen3_moe, mixtral, qwen3_5_text, olmoe,
+                                                                gpt_oss)}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 # model types whose checkpoints hold a text model we support, under another wrapper
 _WRAPPED = {"gemma3": "gemma3_text (Gemma3ForCausalLM); a multimodal Gemma3ForConditionalGeneration checkpoint "
@@ -70,6 +71,7 @@ def families_markdown() -> str:
         declared = ", ".join(f"`{k}={v}`" for k, v in f.declared.items()) or "none (the shared block)"
         expresses = ", ".join(f"`{name}`" for name in f.expresses)
         linear = "Gated DeltaNet (`layer_types`)" if "linear_attention" in f.expresses else "no"
-        lines.append(f"| {f.name} | `{f.architecture}` (`{f.model_type}`) | yes | yes | yes | {f.sliding} | {linear} | yes | "
-                     f"{declared} | {expresses} |")
+        splash = "no (attention sinks)" if f.declared.get("attention_sinks") else "yes"
+        lines.append(f"| {f.name} | `{f.architecture}` (`{f.model_type}`) | yes | yes | {splash} | {f.sliding} | "
+                     f"{linear} | yes | {declared} | {expresses} |")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ BLOCK_OPTIONS = (
     "qkv_bias", "o_bias", "mlp_bias", "sliding_window", "layer_types", "rope_local_theta", "norm_plus_one",
     "post_norms", "qk_norm", "activation", "scale_embeddings", "query_pre_attn_scalar", "attn_logit_softcap",
     "final_logit_softcap", "pre_norms", "qk_norm_scope", "rope_layers", "attn_output_gate", "partial_rotary_factor",
-    "linear_attention",
+    "linear_attention", "attention_sinks",
 )
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -45,7 +45,9 @@ class Family:
     write: Callable[[ModelConfig], dict]  # ModelConfig -> the family's own config.json keys
     norms: tuple[tuple[str, str], ...]  # (jaxcpt leaf, HF name in model.layers.{i}.) of the per-layer norms
     sliding: str  # how its layers may slide, for the README table
-    experts: ExpertNames | None = None  # MoE families: router and expert tensor names (jaxcpt.hf.mapping)
+    # MoE families: router and expert tensor names (jaxcpt.hf.mapping), or a function cfg -> Tensor rows for
+    # checkpoints that fuse all experts of a layer into one tensor (gpt-oss)
+    experts: ExpertNames | Callable[[ModelConfig], list] | None = None
     # the family's own tensors beyond the shared decoder's (a hybrid's linear-attention weights), if any
     extra_tensors: Callable[[ModelConfig], list] | None = None
 
