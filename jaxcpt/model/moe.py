@@ -32,6 +32,9 @@ from jaxcpt.errors import UserError
 from jaxcpt.model.layers import ACTIVATIONS
 
 EXPERT_PARAMS = ("router", "expert_gate", "expert_up", "expert_down")
+# MoeConfig's load-balancing choices: how a run trains the router, not what the model is (a run from an HF
+# directory or a checkpoint may set them; jaxcpt.train.config)
+BALANCING_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,11 @@ class MoeConfig:
     router_z_loss_coef: float = field(
         0.0, help="weight of the router z-loss (ST-MoE: mean over tokens and layers of logsumexp(router logits)^2); "
         "0 = off")
+    router_bias_update_rate: float = field(
+        0.0, help="auxiliary-loss-free balancing (DeepSeek-V3): a per-layer, per-expert bias added to the router "
+        "probabilities for the choice of experts only (the combine weights stay unbiased), moved by this much per "
+        "step against each expert's load outside the optimiser (jaxcpt/train/balance.py; e.g. 0.001); 0 = off. "
+        "No transformers MoE family holds such a bias: see export.router_bias")
 
     def validate(self) -> None:
         if self.num_experts < 1:
@@ -60,7 +68,7 @@ class MoeConfig:
                               f"({self.num_experts}); lower top_k or add experts")
         if self.expert_intermediate_size < 1:
             raise ConfigError(f"model.moe.expert_intermediate_size must be >= 1, got {self.expert_intermediate_size}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        for name in BALANCING_FIELDS:
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -109,15 +117,23 @@ class RouterStats:
     z_sum: jax.Array  # [] sum over tokens of logsumexp(router logits)^2
 
 
-def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig):
+def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig, bias: jax.Array | None = None):
     """Top-k routing of tokens x [N, E] with router_w [E, X].
 
     Returns (logits [N, X] float32, weights [N, k] float32, experts [N, k] int32). Logits and
     softmax are float32 whatever the compute dtype: the choice of experts must not flip with rounding.
+
+    ``bias`` [X] (float32; auxiliary-loss-free balancing, jaxcpt.train.balance) is added to the
+    probabilities for the choice of experts only: the weights are the unbiased probabilities of the
+    chosen experts, so the bias changes the gradients only through which experts are chosen.
     """
     logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))  # [N, X]
     probs = jax.nn.softmax(logits, axis=-1)  # [N, X]
-    weights, experts = jax.lax.top_k(probs, moe.top_k)  # [N, k] each
+    if bias is None:
+        weights, experts = jax.lax.top_k(probs, moe.top_k)  # [N, k] each
+    else:  # DeepSeek-V3: selection on probs + bias; bias has no gradient path into the weights
+        _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(bias.astype(jnp.float32)), moe.top_k)  # [N, k]
+        weights = jnp.take_along_axis(probs, experts, axis=-1)  # [N, k]
     if moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdims=True)
     return logits, weights, experts
@@ -157,15 +173,17 @@ def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str):
     return jnp.zeros_like(x).at[token].add(out)  # [N, E]
 
 
-def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None):
+def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None,
+            bias: jax.Array | None = None):
     """The MoE MLP of one layer: h [B, T, E] -> (out [B, T, E], RouterStats).
 
     ``p`` holds this layer's router and expert weights; ``valid`` [B, T] marks real tokens
-    (segment id != 0) for the statistics (None: all are).
+    (segment id != 0) for the statistics (None: all are); ``bias`` [X]: this layer's selection bias
+    (``route``), or None.
     """
     batch, length, width = h.shape
     x = h.reshape(batch * length, width)  # [N, E]
-    logits, weights, experts = route(x, p["router"], moe)
+    logits, weights, experts = route(x, p["router"], moe, bias)
     out = grouped_experts(x, experts, weights, p["expert_gate"], p["expert_up"], p["expert_down"], activation)
     valid = jnp.ones((batch * length,), jnp.float32) if valid is None else valid.reshape(-1)
     return out.reshape(batch, length, width), router_stats(logits, experts, valid, moe.num_experts)
