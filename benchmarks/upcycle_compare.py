@@ -73,7 +73,7 @@ def pretrain(out: Path, data_dir: Path, steps: int) -> Path:
     return hf
 
 
-def cpt(run: Path, data_dir: Path, init: Path, steps: int, eval_every: int, moe: bool) -> float:
+def cpt(run: Path, data_dir: Path, init: Path, steps: int, eval_every: int, moe: bool, seed: int = 0) -> float:
     """One CPT run from the HF directory ``init``; returns its wall seconds."""
     if (run / "summary.json").is_file():
         print(f"{run}: reusing", flush=True)
@@ -84,7 +84,8 @@ def cpt(run: Path, data_dir: Path, init: Path, steps: int, eval_every: int, moe:
     demo._train([f"run_dir={run}", "init.source=hf", f"init.path={init}", "model.dtype=float32",
                  *common(data_dir, steps, eval_every), demo._sources(data_dir, REPLAY, 1.0 - REPLAY),
                  "optim.schedule.kind=rewarm", "optim.schedule.peak_lr=3e-3", "optim.schedule.warmup_fraction=0.1",
-                 "export.final=false", *([f"model.moe.router_aux_loss_coef={AUX_LOSS_COEF}"] if moe else [])])
+                 "export.final=false", f"data.seed={seed}",
+                 *([f"model.moe.router_aux_loss_coef={AUX_LOSS_COEF}"] if moe else [])])
     return time.monotonic() - t0
 
 
@@ -115,6 +116,8 @@ def main() -> int:
     parser.add_argument("--pretrain-steps", type=int, default=120)
     parser.add_argument("--steps", type=int, default=40, help="CPT steps of every run (default: %(default)s)")
     parser.add_argument("--evals", type=int, default=4, help="evaluations after step 0 (for the FLOPs comparison)")
+    parser.add_argument("--seeds", default="0,1", help="data seeds (batch order): every run is repeated per seed, "
+                        "so the spread between seeds shows which differences are noise")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "upcycle_compare.json"))
     args = parser.parse_args()
 
@@ -142,25 +145,41 @@ def main() -> int:
                 upcycle(base, init, seed=0, overwrite=True, **options)
         cfg = read_hf_config(str(init))
         print(f"[{name}] {cfg.family}: {cfg.describe_params()}", flush=True)
-        seconds = cpt(out / "runs" / slug, data_dir, init, args.steps, eval_every, moe=options is not None)
+        seeds = {}
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            run = out / "runs" / (slug if seed == 0 else f"{slug}_seed{seed}")
+            seconds = cpt(run, data_dir, init, args.steps, eval_every, moe=options is not None, seed=seed)
+            seeds[seed] = {"curve": eval_curve(run), "wall_s": seconds}
         rows[name] = {"upcycle": options, "family": cfg.family, "params_total": cfg.num_params(),
                       "params_active": cfg.num_active_params(), "flops_per_token": flops_per_token(cfg, 128),
-                      "curve": eval_curve(out / "runs" / slug), "wall_s": seconds}
+                      "seeds": seeds}
     timings["total_s"] = time.monotonic() - t0
 
     dense = rows["dense"]
     budget = args.steps * tokens_per_step * dense["flops_per_token"]  # the dense run's total FLOPs
     for row in rows.values():
-        curve = row["curve"]
-        row["step0"], row["last"] = curve[0], curve[args.steps]
-        row["at_dense_flops"] = at_flops(curve, tokens_per_step * row["flops_per_token"], budget)
         row["flops_vs_dense"] = row["flops_per_token"] / dense["flops_per_token"]
+        for one in row["seeds"].values():
+            curve = one["curve"]
+            one["step0"], one["last"] = curve[0], curve[args.steps]
+            one["at_dense_flops"] = at_flops(curve, tokens_per_step * row["flops_per_token"], budget)
+        for key in ("step0", "last", "at_dense_flops"):  # mean over seeds, and the seeds' range
+            values = [one[key] for one in row["seeds"].values() if one[key] is not None]
+            row[key] = {name: sum(v[name] for v in values) / len(values) for name in values[0]} if values else None
+            row[key + "_range"] = ({name: [min(v[name] for v in values), max(v[name] for v in values)]
+                                    for name in values[0]} if values else None)
+        # paired with the dense run of the same data seed (the same batches): the seeds' spread cancels
+        row["last_minus_dense"] = {seed: {name: one["last"][name] - dense["seeds"][seed]["last"][name]
+                                          for name in one["last"]}
+                                   for seed, one in row["seeds"].items() if seed in dense["seeds"]}
     load_info = load.stop()
+    trained = [f"{name} seed {seed}" for name, row in rows.items() for seed, one in row["seeds"].items()
+               if one["wall_s"] == one["wall_s"]]  # NaN: reused from an earlier invocation
 
     header = (f"{'run':<30} {'params total/active':>20} {'FLOPs':>6} {'domain':>23} {'general':>23} "
               f"{'at dense FLOPs (dom/gen)':>25}")
     print(f"\n{args.steps} CPT steps x {tokens_per_step} tokens ({int(REPLAY * 100)}% general replay); "
-          "loss: step 0 -> last step")
+          f"loss: step 0 -> last step, mean over data seeds {args.seeds}")
     print(header)
     for name, row in rows.items():
         equal = row["at_dense_flops"]
@@ -170,11 +189,23 @@ def main() -> int:
               f"{row['flops_vs_dense']:>5.2f}x "
               f"{row['step0']['domain']:>10.3f} -> {row['last']['domain']:<8.3f} "
               f"{row['step0']['general']:>10.3f} -> {row['last']['general']:<8.3f} {flops_cell:>25}")
+    print("last loss minus the dense run's, same data seed: " + "; ".join(
+        f"{name}: " + ", ".join(f"seed {seed} domain {d['domain']:+.3f} general {d['general']:+.3f}"
+                                for seed, d in r["last_minus_dense"].items())
+        for name, r in rows.items() if name != "dense"))
+    print("seeds' range of the last losses: " + "; ".join(
+        f"{name}: domain {r['last_range']['domain'][0]:.3f}..{r['last_range']['domain'][1]:.3f}, general "
+        f"{r['last_range']['general'][0]:.3f}..{r['last_range']['general'][1]:.3f}" for name, r in rows.items()))
     result = {"what": "dense vs upcycled (jaxcpt upcycle) continual pretraining on the demo corpora, trained alike",
               "variants": {k: v for k, v in VARIANTS.items()}, "pretrain_steps": args.pretrain_steps,
-              "cpt_steps": args.steps, "tokens_per_step": tokens_per_step, "replay": REPLAY,
+              "cpt_steps": args.steps, "data_seeds": args.seeds, "tokens_per_step": tokens_per_step, "replay": REPLAY,
               "aux_loss_coef": AUX_LOSS_COEF, "model": MODEL, "rows": rows, "timings_s": timings,
               "machine": machine_info(), "cpu_load": load_info}
+    # Runs finished by an earlier invocation are reused, so each invocation's own measurement (CPU load, time,
+    # the runs it trained) is kept in a list rather than overwritten
+    previous = json.loads(Path(args.json).read_text()).get("invocations", []) if Path(args.json).is_file() else []
+    result["invocations"] = previous + [{"trained": trained, "cpu_load": load_info, "timings_s": timings,
+                                         "git_commit": result["machine"]["git_commit"]}]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1, default=float))
     print(f"other processes' CPU load: {load_info['other_processes_cores']:.2f} of {load_info['cores']} cores; "
