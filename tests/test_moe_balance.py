@@ -241,6 +241,10 @@ def test_bias_run_resumes_bitwise_and_exports_only_when_told(tmp_path):
     refused = run_cli(["export-hf", str(run), "--out", str(tmp_path / "out")])
     output = refused.communicate(timeout=300)[0]
     assert refused.returncode != 0 and "--router-bias drop" in output, output
+    dropped = run_cli(["export-hf", str(run), "--out", str(tmp_path / "out"), "--router-bias", "drop"])
+    output = dropped.communicate(timeout=300)[0]
+    assert dropped.returncode == 0 and "routes without the selection bias" in output, output
+    assert (tmp_path / "out" / "config.json").is_file()
 
 
 def _train_records(run_dir):
