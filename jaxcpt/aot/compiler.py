@@ -47,7 +47,7 @@ class CompileResult:
             f"mesh         {describe_mesh(self.mesh)}",
             f"batch        {self.program.batch_size} rows x {self.program.seq_len} tokens, micro-batches of "
             f"{self.program.micro_batch} rows",
-            f"model        {m.num_layers} layers, width {m.hidden_size}, {m.num_params() / 1e9:.2f}B parameters, "
+            f"model        {m.num_layers} layers, width {m.hidden_size}, {m.describe_params(1e9, 'B', digits=2)}, "
             f"compute {m.dtype}, remat {m.remat}, attention {attention}",
             f"compile      lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s",
         ])

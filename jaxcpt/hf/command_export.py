@@ -29,6 +29,9 @@ def add_arguments(parser) -> None:
                         help="with --lora adapter: the HF directory the adapter applies to, written into "
                              "adapter_config.json (default: the run's init.path while it exists, else RUN/hf/base, "
                              "written from the checkpoint's frozen weights when missing)")
+    parser.add_argument("--router-bias", default="refuse", choices=["refuse", "drop"],
+                        help="an MoE checkpoint trained with model.moe.router_bias_update_rate has a selection bias no "
+                             "transformers family holds: refuse, or drop it (the export routes without it)")
 
 
 def run(args) -> int:
@@ -44,6 +47,13 @@ def run(args) -> int:
 
     initialize_distributed(DistributedConfig())  # auto: joins the other hosts of a pod / SLURM job
     location = locate_model(args.checkpoint)
+    from jaxcpt.train.balance import bias_rate, check_export
+
+    check_export(location.config, args.router_bias, exports=True,
+                 fix="Pass --router-bias drop to export without it")
+    if bias_rate(location.config):
+        print("warning: --router-bias drop: the export routes without the selection bias the checkpoint was trained "
+              "with; its expert choices and loss can differ from the checkpoint's")
     if location.config.lora is None and args.lora != "merged":
         raise UserError(f"--lora {args.lora}: '{args.checkpoint}' has no LoRA adapters (its model.lora is null)")
     base, write_base = None, False

@@ -37,7 +37,7 @@ def run(args) -> int:
     print(f"reading {args.hf_dir} ...", flush=True)
     model = load_hf(args.hf_dir, mesh=mesh)
     cfg = model.config
-    print(f"{cfg.family}: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_params() / 1e6:.1f}M parameters", flush=True)
+    print(f"{cfg.family}: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.describe_params()}", flush=True)
     with Checkpointer(out / "checkpoints", CheckpointConfig(async_save=False)) as ckpt:
         meta = {**model_meta(model), "source": str(Path(args.hf_dir).resolve()),
                 "adaptation": read_adaptation(args.hf_dir)}  # optim.trainable's [new] selectors read it

@@ -317,6 +317,14 @@ class ModelConfig:
         total, active = self.moe.params_per_layer(self.hidden_size)
         return self.num_params() - self.num_layers * (total - active)
 
+    def describe_params(self, scale: float = 1e6, unit: str = "M", digits: int = 1) -> str:
+        """'12.3M parameters', or for an MoE model '40.1M parameters total, 12.3M active per token': every
+        parameter figure jaxcpt prints for an MoE model says which of the two it is."""
+        if self.moe is None:
+            return f"{self.num_params() / scale:.{digits}f}{unit} parameters"
+        return (f"{self.num_params() / scale:.{digits}f}{unit} parameters total, "
+                f"{self.num_active_params() / scale:.{digits}f}{unit} active per token")
+
     def num_adapter_params(self) -> int:
         """Parameters of the LoRA adapters (A and B of every target, all layers); 0 without LoRA."""
         if self.lora is None:

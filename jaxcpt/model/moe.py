@@ -39,6 +39,9 @@ from jaxcpt.model.layers import ACTIVATIONS, clamped_swiglu
 from jaxcpt.sharding.rules import make_rules
 
 EXPERT_PARAMS = ("router", "expert_gate", "expert_up", "expert_down")
+# MoeConfig's load-balancing choices: how a run trains the router, not what the model is (a run from an HF
+# directory or a checkpoint may set them; jaxcpt.train.config)
+BALANCING_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,11 @@ class MoeConfig:
         None, help="the experts' clamped SwiGLU (gpt-oss): gate clamped to at most this, up to [-limit, limit], "
         "hidden = (up + 1) * gate * sigmoid(swiglu_alpha * gate); null: the model's activation(gate) * up")
     swiglu_alpha: float = field(1.702, help="sigmoid gain of the clamped SwiGLU (with swiglu_limit only)")
+    router_bias_update_rate: float = field(
+        0.0, help="auxiliary-loss-free balancing (DeepSeek-V3): a per-layer, per-expert bias added to the router "
+        "probabilities for the choice of experts only (the combine weights stay unbiased), moved by this much per "
+        "step against each expert's load outside the optimiser (jaxcpt/train/balance.py; e.g. 0.001); 0 = off. "
+        "No transformers MoE family holds such a bias: see export.router_bias")
 
     def validate(self) -> None:
         if self.num_experts < 1:
@@ -74,7 +82,7 @@ class MoeConfig:
                               f"({self.num_experts}); lower top_k or add experts")
         if self.expert_intermediate_size < 1:
             raise ConfigError(f"model.moe.expert_intermediate_size must be >= 1, got {self.expert_intermediate_size}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        for name in BALANCING_FIELDS:
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
         if self.swiglu_limit is not None and self.swiglu_limit <= 0:
@@ -133,17 +141,27 @@ class RouterStats:
     z_sum: jax.Array  # [] sum over tokens of logsumexp(router logits)^2
 
 
-def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig, bias: jax.Array | None = None):
+def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig, bias: jax.Array | None = None,
+          selection_bias: jax.Array | None = None):
     """Top-k routing of tokens x [N, E] with router_w [E, X] (and a bias [X] when the router has one).
 
     Returns (logits [N, X] float32, weights [N, k] float32, experts [N, k] int32). Logits and
     softmax are float32 whatever the compute dtype: the choice of experts must not flip with rounding.
+
+    ``bias`` [X] is the router's own bias (gpt-oss): added to the logits, it counts for the choice and the
+    weights alike. ``selection_bias`` [X] (float32; auxiliary-loss-free balancing, jaxcpt.train.balance)
+    is added to the probabilities for the choice of experts only: the weights are the unbiased probabilities of the
+    chosen experts, so the bias changes the gradients only through which experts are chosen.
     """
     logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))  # [N, X]
     if bias is not None:  # gpt-oss: the bias counts for the choice and the weights alike
         logits = logits + bias.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)  # [N, X]
-    weights, experts = jax.lax.top_k(probs, moe.top_k)  # [N, k] each
+    if selection_bias is None:
+        weights, experts = jax.lax.top_k(probs, moe.top_k)  # [N, k] each
+    else:  # DeepSeek-V3: selection on probs + bias; the bias has no gradient path into the weights
+        _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(selection_bias.astype(jnp.float32)), moe.top_k)
+        weights = jnp.take_along_axis(probs, experts, axis=-1)  # [N, k]
     # Renormalised top-k probabilities are the softmax over the top-k logits (gpt-oss computes it that way).
     if moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdims=True)
@@ -202,17 +220,19 @@ def expert_glu(moe: MoeConfig):
     return functools.partial(clamped_swiglu, alpha=moe.swiglu_alpha, limit=moe.swiglu_limit)
 
 
-def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None, rules=None):
+def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None, rules=None,
+            selection_bias: jax.Array | None = None):
     """The MoE MLP of one layer: h [B, T, E] -> (out [B, T, E], RouterStats).
 
     ``p`` holds this layer's router and expert weights (and biases, when the config has them);
     ``valid`` [B, T] marks real tokens (segment id != 0) for the statistics (None: all are). When the
     mesh splits the experts (``rules``: the sharding rule table, None = the default one), they run
-    expert-parallel (``jaxcpt.model.expert_parallel``).
+    expert-parallel (``jaxcpt.model.expert_parallel``). ``selection_bias`` [X]: this layer's bias of
+    auxiliary-loss-free balancing (``route``), or None.
     """
     batch, length, width = h.shape
     x = h.reshape(batch * length, width)  # [N, E]
-    logits, weights, experts = route(x, p["router"], moe, p.get("router_bias"))
+    logits, weights, experts = route(x, p["router"], moe, p.get("router_bias"), selection_bias)
     shapes = expert_param_shapes(moe, width, 1)
     params = {name: p[name] for name in shapes if name not in ("router", "router_bias")}  # each [X, ...]
     glu = expert_glu(moe)

@@ -39,6 +39,7 @@ from jaxcpt.sharding.rules import constrain, make_rules, named_sharding
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 USES_ROPE = "uses_rope"  # the per-layer RoPE flag LayerStack.arrays() scans beside the weights (cfg.rope_layers)
+SELECTION_BIAS = "selection_bias"  # the [L, X] selection bias of auxiliary-loss-free balancing, scanned beside the weights
 
 
 def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str = "normal") -> nnx.Param:
@@ -151,7 +152,9 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
     dt = jnp.dtype(cfg.dtype)
     uses_rope = p.get(USES_ROPE)  # () bool when some layers have no RoPE (NoPE), else None
     matrices = lora_lib.matmul_weights(cfg)  # cast by ``dense`` itself, where the backward can redo the cast
-    p = remat_lib.cast_for_compute({name: w for name, w in p.items() if name != USES_ROPE}, dt, keep=matrices)
+    selection_bias = p.get(SELECTION_BIAS)  # [X] float32 selection bias (jaxcpt.train.balance), else None; never cast
+    p = remat_lib.cast_for_compute({name: w for name, w in p.items() if name not in (USES_ROPE, SELECTION_BIAS)},
+                                   dt, keep=matrices)
     norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     act = ("batch", "length", "act_embed")
     x = constrain(x, act, rules)
@@ -207,7 +210,7 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
 
     h = norm(x, p["mlp_norm"]) if cfg.pre_norms else x
     if cfg.moe is not None:
-        mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid, rules)
+        mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid, rules, selection_bias)
         aux = (aux, stats)
     else:
         mlp_out = gated_mlp(h, project, activation=cfg.activation)
@@ -294,8 +297,10 @@ class Transformer(nnx.Module):
         """Final-norm hidden states [B, T, E] in the compute dtype."""
         return self.hidden_states_and_router(input_ids, segment_ids, positions)[0]
 
-    def hidden_states_and_router(self, input_ids, segment_ids=None, positions=None):
-        """(final-norm hidden states [B, T, E], ``moe.RouterStats`` with a leading [L] axis, or None when dense)."""
+    def hidden_states_and_router(self, input_ids, segment_ids=None, positions=None, router_bias=None):
+        """(final-norm hidden states [B, T, E], ``moe.RouterStats`` with a leading [L] axis, or None when dense).
+
+        ``router_bias`` [L, X]: an MoE model's selection bias (auxiliary-loss-free balancing), or None."""
         cfg = self.config
         batch, length = input_ids.shape
         if segment_ids is None:
@@ -330,7 +335,10 @@ class Transformer(nnx.Module):
             x, aux = block(layer_params, carry, layer_is_sliding, ropes)
             return x, (aux[1] if cfg.moe is not None else None)
 
-        x, router = jax.lax.scan(scan_body, x, (self.layers.arrays(), is_sliding))
+        arrays = self.layers.arrays()
+        if router_bias is not None:
+            arrays[SELECTION_BIAS] = router_bias  # [L, X], scanned: layer l chooses with router_bias[l]
+        x, router = jax.lax.scan(scan_body, x, (arrays, is_sliding))
         if context is not None:
             x = context.outputs(x)
         return self.final_norm_of(x), router

@@ -127,10 +127,12 @@ def check_run(sweep: Path, run_dir: Path, *, add: bool = True, law: str | None =
     replay = _run_replay(run_cfg, manifest)
     check_same_setup(run_dir, manifest, replay, steps)
     tokens = steps * cfg.train.batch_size * cfg.data.seq_len
-    params = resolve_model_config(cfg).num_params()
+    model_cfg = resolve_model_config(cfg)
+    params = model_cfg.num_params()  # N of the laws: the total; an MoE model's active count is recorded beside it
     name = f"checked-s{steps}-r{round(replay, 4):g}"
     entry = {"size": "checked", "steps": steps, "replay": replay, "config": str(run_dir / "config.yaml"),
              "run_dir": str(run_dir), "tokens": tokens, "params": params,
+             "active_params": model_cfg.num_active_params(),
              "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len, "added_by": "plan check"}
     observed = _observation(name, entry, manifest["general"], manifest["domain"], run_dir)
     matches = [p for p in _read_predictions(sweep)
@@ -138,7 +140,8 @@ def check_run(sweep: Path, run_dir: Path, *, add: bool = True, law: str | None =
                and (law is None or p["law"] == law)]
     prediction = matches[-1] if matches else None
     rise = observed.general_loss - observed.base_general_loss
-    lines = [f"run {run_dir}: replay {replay:g}, {steps} steps ({tokens:,} tokens)"]
+    lines = [f"run {run_dir}: replay {replay:g}, {steps} steps ({tokens:,} tokens)"
+             + (f"; {model_cfg.describe_params()}" if model_cfg.moe is not None else "")]
     result = {"run": str(run_dir), "replay": replay, "steps": steps, "tokens": tokens,
               "measured": {"general_rise": rise, "general_loss": observed.general_loss,
                            "domain_loss": observed.domain_loss, "base_general_loss": observed.base_general_loss},

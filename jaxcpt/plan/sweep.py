@@ -155,12 +155,17 @@ def run_sweep(spec: SweepSpec, out: Path, *, dry_run: bool = False, train_fn: Ca
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         cfg = load_train_config(str(path))
         _check_eval_splits(cfg, spec)
+        model_cfg = resolve_model_config(cfg)
         manifest["runs"][name] = {
             "size": size, "steps": steps, "replay": ratio, "config": str(path), "run_dir": cfg.run_dir,
             "tokens": steps * cfg.train.batch_size * cfg.data.seq_len,
-            "params": resolve_model_config(cfg).num_params(),
+            "params": model_cfg.num_params(),  # N of the laws: the stored (total) parameters
+            "active_params": model_cfg.num_active_params(),  # per token; less than params for an MoE model
             "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
         }
+        if model_cfg.moe is not None:
+            notes.add(f"size {size} is a mixture of experts: {model_cfg.describe_params()}; the laws' N is the "
+                      "total (the manifest records both: params, active_params)")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for note in sorted(notes):
         print(f"note: {note}", flush=True)

@@ -56,7 +56,22 @@ def routing_lines(run_dir) -> list[str]:
         lines.append(f"  {other} - {names[0]} at step {last_step}: largest gap {diff[layer, expert]:+.3f} "
                      f"(layer {layer}, expert {expert}); mean |gap| {np.abs(diff).mean():.3f}")
     lines.append("  shift = load at the last evaluation - load at the first, per layer and expert (routing_shift.png)")
+    bias = last_router_bias(run_dir)
+    if bias is not None:
+        step, values = bias
+        spread = values.max(-1) - values.min(-1)  # [L]
+        lines.append(f"  selection bias (auxiliary-loss-free balancing) at step {step}: per-layer spread "
+                     + ", ".join(f"{s:.4f}" for s in spread) + " (max - min over experts, router-probability units)")
     return lines
+
+
+def last_router_bias(run_dir) -> tuple[int, np.ndarray] | None:
+    """(step, bias [L, X]) of the last training record that holds the selection bias; None for a run without one."""
+    found = None
+    for record in read_metrics(run_dir):
+        if record.get("kind") == "train" and "bias" in (record.get("routing") or {}):
+            found = (record["step"], np.asarray(record["routing"]["bias"]))
+    return found
 
 
 def plot_routing(run_dir, out_png) -> bool:

@@ -15,6 +15,7 @@ from jaxcpt.config import ConfigError, apply_overrides, field, from_dict, read_y
 from jaxcpt.data.config import DataConfig
 from jaxcpt.eval.downstream import DownstreamConfig
 from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.moe import BALANCING_FIELDS
 from jaxcpt.optim.config import OptimConfig
 from jaxcpt.sharding.distributed import DistributedConfig
 from jaxcpt.optim.ema import EMAConfig
@@ -108,6 +109,10 @@ class ExportConfig:
         "both", help="a LoRA run (model.lora) exports merged (RUN/hf/step_N: a plain HF directory, each adapter folded "
         "into its projection), adapter (RUN/hf/step_N-adapter: a PEFT directory for PeftModel.from_pretrained on the "
         "base) or both. The adapter's base is init.path for an HF start, else RUN/hf/base (written once)")
+    router_bias: Literal["refuse", "drop"] = field(
+        "refuse", help="an MoE run with model.moe.router_bias_update_rate keeps a selection bias that no transformers "
+        "MoE family holds: refuse (the run is refused at set-up unless it exports nothing) or drop (export without "
+        "it, with a warning stating its size; the export then routes differently from the checkpoint)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +167,10 @@ def config_as_yaml_dict(cfg: TrainConfig) -> dict:
     """
     data = to_dict(cfg)
     if cfg.init.source != "scratch":
+        moe = data["model"]["moe"]
         data["model"] = {name: data["model"][name] for name in NUMERICS_FIELDS + ADDED_FIELDS + CHANGE_FIELDS}
+        if moe is not None:  # the run's load-balancing choices for the source's experts
+            data["model"]["moe"] = {name: moe[name] for name in BALANCING_FIELDS}
     return data
 
 
@@ -171,10 +179,17 @@ def load_train_config(path: str | None, overrides: list[str] | None = None) -> T
     raw = apply_overrides(read_yaml(path) if path else {}, overrides or [])
     source = (raw.get("init") or {}).get("source", "scratch")
     allowed = NUMERICS_FIELDS + ADDED_FIELDS + CHANGE_FIELDS
-    architecture = sorted(set(raw.get("model") or {}) - set(allowed))
+    model = dict(raw.get("model") or {})
+    moe = model.pop("moe", None)
+    architecture = sorted(set(model) - set(allowed))
+    if source != "scratch" and isinstance(moe, dict):  # an MoE source's experts are fixed; its balancing is not
+        architecture += sorted(f"moe.{key}" for key in set(moe) - set(BALANCING_FIELDS))
+    elif source != "scratch" and moe is not None:
+        architecture.append("moe")
     if source != "scratch" and architecture:
         raise ConfigError(
             f"model.{architecture[0]} is set, but with init.source={source} the architecture comes from the "
-            f"checkpoint; only model.{{{', '.join(allowed)}}} may be set"
+            f"checkpoint; only model.{{{', '.join(allowed)}}} and model.moe.{{{', '.join(BALANCING_FIELDS)}}} "
+            "may be set"
         )
     return from_dict(TrainConfig, raw)

@@ -32,6 +32,7 @@ from jaxcpt.model import lora as lora_lib
 from jaxcpt.sharding import failures
 from jaxcpt.sharding.distributed import gather_json, initialize_distributed, is_writer
 from jaxcpt.sharding.mesh import describe_mesh
+from jaxcpt.train import balance
 from jaxcpt.train import resume as resume_lib
 from jaxcpt.train import rundir
 from jaxcpt.train import state as train_state
@@ -147,7 +148,8 @@ def start(setup: RunSetup) -> Run:
     else:
         _say(f"starting from {cfg.init.source}" + (f" {cfg.init.path}" if cfg.init.path else ""))
         params = train_state.initial_params(cfg, program.model_cfg, program.mesh, program.rules, setup.start)
-        state = train_state.fresh_state(params, program.tx, program.state_shardings, program.trainable.keys)
+        state = train_state.fresh_state(params, program.tx, program.state_shardings, program.trainable.keys,
+                                        program.model_cfg)
         history = []
         if is_writer():  # records of an attempt that crashed before its first checkpoint, or of a run whose
             set_aside_metrics(run_dir, setup.checkpoint_dir)  # checkpoints this launch does not see: kept aside
@@ -160,9 +162,7 @@ def start(setup: RunSetup) -> Run:
               resume_lib.encode_tokenizers(setup.tokenizers), export_tokenizer, history)
     run.step = run.start_step
     m = program.model_cfg
-    counted = (f"{m.num_params() / 1e6:.1f}M parameters" if m.moe is None else
-               f"{m.num_params() / 1e6:.1f}M parameters total, {m.num_active_params() / 1e6:.1f}M active per token")
-    _say(f"{m.family}: {counted} | mesh {describe_mesh(program.mesh)} | "
+    _say(f"{m.family}: {m.describe_params()} | mesh {describe_mesh(program.mesh)} | "
          f"batch {cfg.train.batch_size} x {program.seq_len} tokens | steps {run.start_step}->{cfg.train.steps} | "
          f"stop on signal: {stop.mechanism}")
     _say(program.layout)
@@ -178,7 +178,11 @@ def _record(run: Run, kind: str, step: int, values: dict) -> None:
 def run_eval(run: Run, step: int) -> None:
     """Held-out loss per source of the raw weights and, when kept, of their moving average."""
     setup = run.setup
-    results = evaluate(setup.program.eval_step, run.state["params"], setup.eval_batches, run.to_global)
+    eval_step = setup.program.eval_step
+    if balance.STATE_KEY in run.state:  # routed with the run's selection bias, as in training (positional:
+        bias, jitted = run.state[balance.STATE_KEY], eval_step  # a jit with in_shardings takes no keywords)
+        eval_step = lambda params, batch: jitted(params, batch, bias)  # noqa: E731
+    results = evaluate(eval_step, run.state["params"], setup.eval_batches, run.to_global)
     if not results:
         return
     record = {"sources": results}
@@ -186,7 +190,7 @@ def run_eval(run: Run, step: int) -> None:
         record["positions"] = setup.position_eval.evaluate(run.state["params"], run.to_global)
     if "ema" in run.state:
         average = train_state.with_trainable(run.state["params"], run.state["ema"])
-        record["ema"] = evaluate(setup.program.eval_step, average, setup.eval_batches, run.to_global)
+        record["ema"] = evaluate(eval_step, average, setup.eval_batches, run.to_global)
     run.eval_history.append({"kind": "eval", "step": step, **record})
     _record(run, "eval", step, record)
     _say(f"eval  step {step} | " + " | ".join(f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f}"
@@ -259,6 +263,8 @@ def export(run: Run, step: int) -> None:
     if cfg.export.weights == "ema":  # the average of the trainable parameters; frozen ones are as they are
         weights = train_state.with_trainable(weights, run.state["ema"])
     model = train_state.model_of(setup.program.graphdef, weights)
+    if balance.STATE_KEY in run.state:  # export.router_bias=drop (refuse stopped the run at set-up)
+        balance.warn_dropped(run.state[balance.STATE_KEY])
     written = export_step(model, step, export_cfg=cfg.export, root=cfg.export.directory or str(setup.run_dir / "hf"),
                           tokenizer_dir=run.export_tokenizer, adaptation=setup.adaptation,
                           trained=tuple(setup.program.trainable.keys), init=to_dict(cfg.init))
@@ -323,6 +329,8 @@ class _StepMetrics:
         if "router_counts" in m and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
             values["routing"] = dict(routing_summary(m["router_counts"]), aux_loss=float(m["router_aux_loss"]),
                                      z_loss=float(m["router_z_loss"]))
+            if "router_bias" in m:
+                values["routing"].update(balance.bias_summary(m["router_bias"]))
         bad_input = run.setup.data_iter.bad_input_report()  # this host's (process 0's) counts so far
         if bad_input:
             values["bad_input"] = bad_input

@@ -31,6 +31,7 @@ from jaxcpt import checkpoint_files as files_lib
 from jaxcpt.config import to_dict
 from jaxcpt.errors import UserError
 from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.moe import BALANCING_FIELDS
 from jaxcpt.model.persist import config_from_meta
 from jaxcpt.train.config import ADDED_FIELDS, NUMERICS_FIELDS, TrainConfig
 
@@ -73,6 +74,9 @@ def _warn_if_source_changed(cfg: TrainConfig, saved: ModelConfig) -> None:
         log.warning("init.path '%s' no longer reads as a model (%s); resuming from the checkpoint's model", cfg.init.path, e)
         return
     then = to_dict(saved)
+    for side in (now, then):  # the run's load-balancing choices are not the source's architecture
+        if isinstance(side.get("moe"), dict):
+            side["moe"] = {k: v for k, v in side["moe"].items() if k not in BALANCING_FIELDS}
     changed = sorted(k for k in then if k not in _NOT_ARCHITECTURE and k in now and now[k] != then[k])
     if changed:
         shown = ", ".join(f"{k}: checkpoint {then[k]!r}, init.path {now[k]!r}" for k in changed[:4])

@@ -10,6 +10,9 @@ expert of each layer). Here they become what a person reads:
 Recorded in metrics.jsonl (the full [L, X] load as lists, the per-layer summaries as scalars, which
 TensorBoard mirrors) every ``log_every`` steps, and per source at every evaluation, so a report can
 show how routing on the domain data moves away from routing on the replayed data.
+
+``describe_moe`` is the ``moe`` line of ``jaxcpt train --check``: the experts, the balancing in force,
+and the run's tokens per total and per active parameter.
 """
 
 from __future__ import annotations
@@ -39,3 +42,17 @@ def routing_summary(counts) -> dict:
 def load_shift(before: list, after: list) -> np.ndarray:
     """[L, X] change in expert load between two recorded loads (after - before)."""
     return np.asarray(after, np.float64) - np.asarray(before, np.float64)
+
+
+def describe_moe(model_cfg, run_tokens: int, export_router_bias: str = "refuse") -> str:
+    """The ``moe`` line of ``jaxcpt train --check``: experts, balancing, and the run's tokens per parameter,
+    per total and per active parameter (the two differ by the experts a token does not use)."""
+    moe = model_cfg.moe
+    balancing = [f"aux loss coef {moe.router_aux_loss_coef:g}", f"z-loss coef {moe.router_z_loss_coef:g}"]
+    if moe.router_bias_update_rate:
+        balancing.append(f"selection bias, rate {moe.router_bias_update_rate:g} per step (exports: "
+                         f"{export_router_bias} it)")
+    total, active = model_cfg.num_params(), model_cfg.num_active_params()
+    return (f"moe          {moe.num_experts} experts, top {moe.top_k} per token, expert width "
+            f"{moe.expert_intermediate_size}; balancing: {', '.join(balancing)}; {run_tokens:,} tokens = "
+            f"{run_tokens / total:.3g} per total parameter, {run_tokens / active:.3g} per active parameter")

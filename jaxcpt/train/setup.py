@@ -35,6 +35,7 @@ from jaxcpt.model.rope_change import describe_rope
 from jaxcpt.sharding.rules import check_rules, logical_to_spec, make_rules
 from jaxcpt.open_model import ModelLocation
 from jaxcpt.sharding import layout as layout_lib
+from jaxcpt.train import balance
 from jaxcpt.train import resume as resume_lib
 from jaxcpt.train import state as train_state
 from jaxcpt.train.config import TrainConfig
@@ -117,13 +118,17 @@ def build_program(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, n
         functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, num_sources=num_sources,
                           grad_accum_steps=cfg.optim.grad_accum_steps, chunk_size=cfg.train.loss_chunk_size,
                           z_loss_weight=cfg.optim.z_loss_weight, trainable_keys=trainable.keys, ema=cfg.ema,
-                          source_loss_weights=_source_loss_weights(cfg, num_sources)),
+                          source_loss_weights=_source_loss_weights(cfg, num_sources),
+                          router_bias_rate=balance.bias_rate(model_cfg)),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
+    eval_shardings = (shardings["params"], {**batch_shardings, "target_bytes": batch_sharding})
+    if balance.STATE_KEY in shardings:  # evaluated with the selection bias: (params, batch, router_bias)
+        eval_shardings += (shardings[balance.STATE_KEY],)
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, chunk_size=cfg.train.loss_chunk_size),
-                      in_shardings=(shardings["params"], {**batch_shardings, "target_bytes": batch_sharding}))
+                      in_shardings=eval_shardings)
     layout = layout_lib.format_layout(
         layout_lib.parameter_rows(model_cfg, mesh, rules),
         layout_lib.activation_rows(model_cfg, micro, cfg.data.seq_len, cfg.train.loss_chunk_size, mesh, rules))
@@ -188,7 +193,7 @@ class RunSetup:
             f"checkpoints  {self.checkpoint_dir}",
             f"start        {start}",
             f"model        {m.family}: {m.num_layers} layers, width {m.hidden_size}, heads {m.num_heads}/"
-            f"{m.num_kv_heads}, vocab {m.vocab_size}, {m.num_params() / 1e6:.1f}M parameters, compute {m.dtype}, "
+            f"{m.num_kv_heads}, vocab {m.vocab_size}, {m.describe_params()}, compute {m.dtype}, "
             f"params {m.param_dtype}, remat {m.remat}, attention {m.attention}",
             f"rope         {describe_rope(m)}; rows train positions 0..{(max(self.shapes.seq_lens()) if self.shapes else cfg.data.seq_len) - 1}",
             f"special ids  bos {m.bos_token_id}, eos {m.eos_token_id}, pad {m.pad_token_id} (written on export)",
@@ -206,6 +211,11 @@ class RunSetup:
                          f"{'EOS ' + str(eos) if eos is not None else 'no EOS'} after each document")
         for source in self.data_cfg.sources:
             lines.append(f"source       {source.name}: weight {source.weight}, paths {source.paths}")
+        if m.moe is not None:
+            from jaxcpt.train.routing import describe_moe
+
+            lines.append(describe_moe(m, cfg.train.batch_size * cfg.data.seq_len * cfg.train.steps,
+                                      cfg.export.router_bias))
         if m.lora is not None:
             lines.append(f"lora         rank {m.lora.rank}, alpha {m.lora.alpha:g} (scale {m.lora.scale:g}) on "
                          f"{', '.join(m.lora.targets)}: {m.num_adapter_params() / 1e6:.2f}M adapter parameters "
@@ -260,6 +270,8 @@ def set_up(cfg: TrainConfig, *, check: bool = False) -> RunSetup:
         model_cfg = _agree_with_tokenizer(model_cfg, data_cfg,
                                           defaults_apply=cfg.init.source == "scratch" and not resume_from)
         source_names = [s.name for s in data_cfg.sources]
+        # before any step: a bias the export could not hold is refused now, not at the end of the run
+        balance.check_export(model_cfg, cfg.export.router_bias, exports=cfg.export.final or cfg.export.hf_every > 0)
         program = build_program(cfg, model_cfg, mesh, rules, len(source_names), adaptation)
         shapes = _stage_shapes(cfg, program)
 

@@ -1,4 +1,5 @@
-"""The training state pytree ``{'params', 'opt_state', 'step'[, 'ema']}``: its shardings, and where it starts.
+"""The training state pytree ``{'params', 'opt_state', 'step'[, 'ema'][, 'router_bias']}``: its shardings, and
+where it starts (``router_bias``: an MoE model's selection bias, jaxcpt.train.balance).
 
 ``params`` is the model's nested parameter dict. The optimizer state and the EMA cover
 only the *trainable view*: a flat ``{dotted path: array}`` dict of the parameters some
@@ -22,6 +23,7 @@ from jaxcpt.model.config import ModelConfig
 from jaxcpt.errors import UserError
 from jaxcpt.model.persist import abstract_params, fresh_adapters, params_of, with_adapters
 from jaxcpt.model.transformer import Transformer, abstract_model, init_model
+from jaxcpt.train import balance
 from jaxcpt.train.config import ADDED_FIELDS, NUMERICS_FIELDS, TrainConfig
 from jaxcpt.optim.trainable import ParamInfo
 from jaxcpt.optim.ema import init_ema
@@ -54,7 +56,15 @@ def _source_model_config(cfg: TrainConfig, start: ModelLocation | None) -> Model
     if cfg.init.source == "scratch":
         return cfg.model
     numerics = {name: getattr(cfg.model, name) for name in NUMERICS_FIELDS + ADDED_FIELDS}
-    return dataclasses.replace((start or locate_start(cfg)).config, **numerics)
+    source = (start or locate_start(cfg)).config
+    if cfg.model.moe is not None:  # the run's load-balancing choices (jaxcpt.train.config.BALANCING_KEYS)
+        if source.moe is None:
+            raise UserError(f"model.moe is set, but init.path '{cfg.init.path}' is a dense model; drop model.moe "
+                            "(its balancing options are for mixture-of-experts models)")
+        from jaxcpt.model.moe import BALANCING_FIELDS
+
+        numerics["moe"] = dataclasses.replace(source.moe, **{k: getattr(cfg.model.moe, k) for k in BALANCING_FIELDS})
+    return dataclasses.replace(source, **numerics)
 
 
 def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh, rules, start: ModelLocation | None) -> dict:
@@ -129,6 +139,8 @@ def train_state_shardings(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, keys
     }
     if ema:
         out["ema"] = {k: v.sharding for k, v in view.items()}
+    if balance.bias_rate(model_cfg):
+        out[balance.STATE_KEY] = NamedSharding(mesh, PartitionSpec())  # [L, X]: small, on every device
     return out
 
 
@@ -141,17 +153,22 @@ def abstract_state(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, keys, ema: 
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
     if ema:
         shapes["ema"] = jax.eval_shape(init_ema, view)
+    if balance.bias_rate(model_cfg):
+        shapes[balance.STATE_KEY] = balance.abstract_bias(model_cfg)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def fresh_state(params: dict, tx, shardings: dict, keys) -> dict:
-    """Step-0 state: ``params`` with a new optimizer state over the trainable ``keys`` (and EMA, if sharded for)."""
+def fresh_state(params: dict, tx, shardings: dict, keys, model_cfg: ModelConfig | None = None) -> dict:
+    """Step-0 state: ``params`` with a new optimizer state over the trainable ``keys`` (and EMA, if sharded for;
+    and a zero router bias, if sharded for: ``model_cfg`` gives its shape)."""
     view = trainable_view(params, keys)
     init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
     state = {"params": params, "opt_state": init(view), "step": step}
     if "ema" in shardings:
         state["ema"] = jax.jit(init_ema, out_shardings=shardings["ema"])(view)
+    if balance.STATE_KEY in shardings:
+        state[balance.STATE_KEY] = jax.device_put(balance.zero_bias(model_cfg), shardings[balance.STATE_KEY])
     return state
 
 
