@@ -323,8 +323,9 @@ def _host_slices(state, cfg: ModelConfig, row: Tensor, layer: int | None, dtype:
         yield row.to_hf(to_host(value.astype(jnp.dtype(dtype))))
         return
     step = block_rows(row, jnp.dtype(dtype).itemsize)
-    for first in range(0, cfg.vocab_size, step):  # padding rows (vocab_size on) are not exported
-        size = min(step, cfg.vocab_size - first)
+    real = row.hf_shape[0]  # the table's real rows (vocab_size; Gemma 4's per-layer table may have its own)
+    for first in range(0, real, step):  # padding rows are not exported
+        size = min(step, real - first)
         block = _vocab_block(value, first, size=size, axis=row.vocab_axis, dtype=jnp.dtype(dtype))
         yield row.rows_to_hf(to_host(block))
 
