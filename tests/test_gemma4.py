@@ -20,6 +20,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Gemma4TextConfig
 
+from jaxcpt.cli import main
 from jaxcpt.config import ConfigError
 from jaxcpt.errors import HFFormatError
 from jaxcpt.hf import load_hf, save_hf
@@ -34,9 +35,10 @@ TINY = dict(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=64, 
             num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=4, use_double_wide_mlp=True,
             hidden_size_per_layer_input=8, sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 5,
             final_logit_softcapping=3.0, max_position_embeddings=512, rms_norm_eps=1e-5)
+SMALL = dict(TINY, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2)
 
 
-def _save_random(config, directory):
+def _save_random(config, directory, seed: int = 0):
     """A random model: norms and layer scalars randomised (they start at 1), saved; returns the torch model.
 
     Gemma 4 scales attention scores by 1, not 1/sqrt(D): with unit-RMS q and k (q/k norms at 1) the scores
@@ -44,7 +46,7 @@ def _save_random(config, directory):
     from its float64 ones (measured on this model). The q/k norm scales drawn around 0.5 keep the reference
     itself within 4e-6, below the 1e-5 bound the parity tests hold.
     """
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -241,3 +243,48 @@ def test_lora_on_layers_of_several_shapes_is_refused_saying_why(model):
 
     with pytest.raises(ConfigError, match="lora .*several shapes"):
         dataclasses.replace(model.config, lora=LoraConfig()).validate()
+
+
+# --- the adaptation commands ---------------------------------------------------------------------
+
+
+def test_extend_vocab_grows_the_per_layer_table_with_the_embedding_and_keeps_old_logits(tmp_path):
+    from adapt_fixtures import BYTE_LEVEL_MODEL_VOCAB, _copy_tokenizer
+    from tokenizer_fixtures import qwen_style_tokenizer_dir
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    _copy_tokenizer(qwen_style_tokenizer_dir(), base)
+    vocab = BYTE_LEVEL_MODEL_VOCAB
+    old = _save_random(Gemma4TextConfig(**dict(SMALL, vocab_size=vocab, vocab_size_per_layer_input=vocab,
+                                                eos_token_id=400, bos_token_id=None)), base)
+    (tmp_path / "tokens.txt").write_text(" dataframe\n tokenizer\n")
+    assert main(["extend-vocab", str(base), "--tokens", str(tmp_path / "tokens.txt"), "--out", str(out),
+                 "--init", "mean"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == config["vocab_size_per_layer_input"] > vocab
+    table = load_file(out / "model.safetensors")["model.embed_tokens_per_layer.weight"]
+    before = load_file(base / "model.safetensors")["model.embed_tokens_per_layer.weight"]
+    np.testing.assert_array_equal(table[:vocab], before)
+    assert np.allclose(table[vocab:], before[:403].mean(0), atol=1e-6)  # mean of the tokenizer's 403 ids
+    new = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = np.random.RandomState(2).randint(0, 400, size=(1, 12))
+    assert rel_err(torch_logits(new, ids)[..., :vocab], torch_logits(old, ids)) < 1e-6
+
+
+def test_expand_depth_is_refused_saying_why(tmp_path, capsys):
+    _save_random(Gemma4TextConfig(**SMALL), tmp_path / "base")
+    assert main(["expand-depth", str(tmp_path / "base"), "--every", "2", "--out", str(tmp_path / "deeper")]) == 2
+    assert "does not support gemma4_text models whose layers differ in shape" in capsys.readouterr().err
+
+
+def test_linear_merge_covers_every_gemma4_tensor_and_reloads(tmp_path):
+    a = _save_random(Gemma4TextConfig(**SMALL), tmp_path / "a", seed=0)
+    _save_random(Gemma4TextConfig(**SMALL), tmp_path / "b", seed=1)
+    assert main(["merge", "--base", str(tmp_path / "a"), "--model", str(tmp_path / "b"), "--t", "0.3", "--out",
+                 str(tmp_path / "m")]) == 0
+    merged, x, y = (load_file(tmp_path / d / "model.safetensors") for d in ("m", "a", "b"))
+    assert merged.keys() == x.keys() and "model.layers.0.layer_scalar" in merged
+    for name in x:
+        np.testing.assert_array_equal(merged[name], np.float32(0.7) * x[name] + np.float32(0.3) * y[name], name)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert type(reloaded) is type(a)
