@@ -160,6 +160,7 @@ def _variant(model, fills=None, **overrides):
     return nnx.merge(graphdef, nnx.map_state(fill, state))
 
 
+@pytest.mark.slow  # compiles several programs (variants, decoding, the command's model)
 def test_switching_each_new_option_off_disagrees_with_transformers(hf_dir, model):
     ids, seg, pos, docs = packed()
     half = model.config.intermediate_size
@@ -181,6 +182,7 @@ def test_switching_each_new_option_off_disagrees_with_transformers(hf_dir, model
         assert worst_error(logits(variant, ids, seg, pos), hf_dir[1], docs) > 1e-3, option
 
 
+@pytest.mark.slow  # compiles several programs (variants, decoding, the command's model)
 def test_kv_sharing_off_recomputing_the_shared_keys_with_the_same_weights_disagrees(tmp_path):
     """The shared layers attend to the keys and values their producer computed from its own input; giving them copies
     of the producer's k/v weights (so they compute from theirs) is a different model."""
@@ -213,6 +215,7 @@ def test_export_round_trip_is_bit_identical_and_reloads_in_transformers(hf_dir, 
     np.testing.assert_array_equal(torch_logits(reloaded, ids), torch_logits(hf_dir[1], ids))
 
 
+@pytest.mark.slow  # compiles several programs (variants, decoding, the command's model)
 def test_greedy_generation_with_the_kv_cache_matches_transformers_generate(hf_dir, model):
     rng = np.random.RandomState(4)
     prompts = [rng.randint(3, VOCAB, size=n).tolist() for n in (4, 9)]  # different lengths: left padding
@@ -248,6 +251,7 @@ def test_lora_on_layers_of_several_shapes_is_refused_saying_why(model):
 # --- the adaptation commands ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # compiles several programs (variants, decoding, the command's model)
 def test_extend_vocab_grows_the_per_layer_table_with_the_embedding_and_keeps_old_logits(tmp_path):
     from adapt_fixtures import BYTE_LEVEL_MODEL_VOCAB, _copy_tokenizer
     from tokenizer_fixtures import qwen_style_tokenizer_dir
