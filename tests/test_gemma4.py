@@ -21,7 +21,6 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Gemma4TextConfig
 
 from jaxcpt.cli import main
-from jaxcpt.config import ConfigError
 from jaxcpt.errors import HFFormatError
 from jaxcpt.hf import load_hf, save_hf
 from jaxcpt.hf.families import config_from_hf
@@ -241,11 +240,29 @@ def test_bidirectional_gemma4_is_refused():
         config_from_hf(dict(TINY, model_type="gemma4_text", use_bidirectional_attention="all"))
 
 
-def test_lora_on_layers_of_several_shapes_is_refused_saying_why(model):
-    from jaxcpt.model.lora import LoraConfig
+@pytest.mark.slow  # compiles several programs (variants, decoding, the command's model)
+def test_lora_adapters_on_every_shape_load_in_peft_and_merge_into_the_export(tmp_path):
+    """Adapters sit beside each stack of a target (``q`` and ``full_q``, ``gate`` and ``wide_gate``); peft applies
+    them to every q_proj / gate_proj however wide, and the merged export folds them into each layer's tensor."""
+    from test_lora import _adapted, _peft_logits
 
-    with pytest.raises(ConfigError, match="lora .*several shapes"):
-        dataclasses.replace(model.config, lora=LoraConfig()).validate()
+    from jaxcpt.hf.peft_export import save_peft_adapter
+    from jaxcpt.model.lora import LoraConfig
+    from jaxcpt.model.persist import base_model
+
+    _save_random(Gemma4TextConfig(**SMALL), tmp_path / "base")
+    model = _adapted(tmp_path / "base", LoraConfig(rank=2, alpha=4.0))
+    assert {"full_q_lora_a", "wide_gate_lora_b", "full_k_lora_a"} <= set(model.layers.names)
+    assert "full_v_lora_a" not in model.layers.names  # k = v: the full layers have no v projection to adapt
+    assert model.config.num_params() == sum(int(np.prod(x.shape)) for x in jax_leaves(model))
+    ids = np.random.RandomState(0).randint(0, VOCAB, size=(2, 16))
+    ours = logits(model, ids)
+    assert rel_err(logits(base_model(model), ids), ours) > 1e-3  # the adapters change the function
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"), dtype="float32")
+    assert rel_err(_peft_logits(tmp_path / "base", tmp_path / "adapter", ids), ours) < 1e-5
+    save_hf(model, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert rel_err(torch_logits(merged, ids), ours) < 1e-5
 
 
 # --- the adaptation commands ---------------------------------------------------------------------

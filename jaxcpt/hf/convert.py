@@ -33,6 +33,7 @@ from jaxcpt.hf.mapping import Tensor, hf_names
 from jaxcpt.hf.tensor_io import SafetensorsReader, ShardStream, block_rows, place  # noqa: F401 (SafetensorsReader: merge)
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.layer_groups import base_name  # full_q -> q (Gemma 4's stacks per layer shape)
 from jaxcpt.model.transformer import Transformer, abstract_model, variable_shardings
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
@@ -352,7 +353,7 @@ def _vocab_block(table, first, *, size: int, axis: int, dtype):
 
 def _adapted(cfg: ModelConfig, row: Tensor) -> bool:
     """Whether the tensor has LoRA adapters (folded in on export)."""
-    return cfg.lora is not None and row.path[0] == "layers" and row.path[-1] in cfg.lora.targets
+    return cfg.lora is not None and row.path[0] == "layers" and base_name(row.path[-1]) in cfg.lora.targets
 
 
 def _folded(state, cfg: ModelConfig, row: Tensor, layer: int | None, value: jax.Array) -> jax.Array:

@@ -357,6 +357,10 @@ class ModelConfig:
         """Parameters of the LoRA adapters (A and B of every target, all layers); 0 without LoRA."""
         if self.lora is None:
             return 0
+        from jaxcpt.model import layer_groups
+
+        if layer_groups.grouped(self):  # one adapter per stack of each target
+            return layer_groups.num_adapter_params(self)
         e, f, d, h, k = self.hidden_size, self.intermediate_size, self.head_size, self.num_heads, self.num_kv_heads
         sizes = {"q": (e, (2 if self.attn_output_gate else 1) * h * d), "k": (e, k * d), "v": (e, k * d), "o": (h * d, e), "gate": (e, f), "up": (e, f),
                  "down": (f, e)}  # (in, out) of each projection

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcpt.config import ConfigError
+from jaxcpt.model import lora as lora_lib
 from jaxcpt.model import remat as remat_lib
 from jaxcpt.model.config import LINEAR, MAX_PATTERN, ModelConfig
 from jaxcpt.model.layers import ACTIVATIONS, dense, rms_norm
@@ -141,7 +142,35 @@ def create_params(stack, cfg: ModelConfig, p) -> list[str]:
     for name, shape, axes, init in stack_names(cfg):
         setattr(stack, name, p((len(layers_of(cfg, name)), *shape), ("layers", *axes), init))
         names.append(name)
+    if cfg.lora is not None:  # adapters beside every stack of a target: full_q_lora_a beside full_q, ...
+        rngs = p.args[0]  # p is functools.partial(_param, rngs, cfg)
+        for name in [n for n in names if base_name(n) in cfg.lora.targets]:
+            a, b = lora_lib.adapter_params(rngs.params(), getattr(stack, name), base_name(name), cfg.lora.rank)
+            for adapter, param in zip(lora_lib.adapter_names(name), (a, b)):
+                setattr(stack, adapter, param)
+                names.append(adapter)
     return names
+
+
+def adapted_stacks(cfg: ModelConfig, target: str) -> list[str]:
+    """The LayerStack weights a LoRA ``target`` adapts: the target itself in a model of one shape; in a grouped
+    model every stack of that projection (``q`` and ``full_q``; ``gate`` and ``wide_gate``)."""
+    if not grouped(cfg):
+        return [target]
+    return [name for name, _, _, _ in stack_names(cfg) if base_name(name) == target]
+
+
+def num_adapter_params(cfg: ModelConfig) -> int:
+    """LoRA parameters of a grouped model: rank x (inputs + outputs) of every adapted stack, per layer."""
+    if cfg.lora is None:
+        return 0
+    total = 0
+    for name, shape, _, _ in stack_names(cfg):
+        target = base_name(name)
+        if target in cfg.lora.targets:
+            n_in = lora_lib.PROJECTIONS[target]
+            total += len(layers_of(cfg, name)) * cfg.lora.rank * (math.prod(shape[:n_in]) + math.prod(shape[n_in:]))
+    return total
 
 
 def num_params(cfg: ModelConfig) -> int:
@@ -152,7 +181,7 @@ def num_params(cfg: ModelConfig) -> int:
     if cfg.per_layer_input:
         width = cfg.num_layers * cfg.per_layer_input
         total += per_layer_padded_vocab(cfg) * width + e * width + cfg.per_layer_input
-    return total
+    return total + num_adapter_params(cfg)
 
 
 def per_layer_padded_vocab(cfg: ModelConfig) -> int:
@@ -185,9 +214,7 @@ def validate(cfg: ModelConfig) -> None:
                     "yet)"),
                    (bool(cfg.linear_layers), "linear_attention layers"),
                    (cfg.rope_layers is not None, "rope_layers (NoPE layers)"),
-                   (cfg.qk_norm_scope != "head", "qk_norm_scope=projection"),
-                   (cfg.lora is not None, "lora (adapters on layers of several shapes are not built yet; train the "
-                    "whole model, or use optim.trainable to train a subset)")]
+                   (cfg.qk_norm_scope != "head", "qk_norm_scope=projection")]
     for bad, what in unsupported:
         if bad:
             raise ConfigError(f"{what} cannot be combined with the Gemma 4 layer options "
