@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcpt.model import hybrid, layer_groups
+from jaxcpt.model import hybrid, layer_groups, per_layer_input
 from jaxcpt.model.gated_deltanet import LinearState
 from jaxcpt.model.layers import softcap as apply_softcap
 from jaxcpt.model.transformer import SLIDING, Transformer, decoder_block
@@ -85,7 +85,7 @@ def forward_cached(model: Transformer, cache: KVCache, input_ids, valid, positio
         def attend_cached(q, k, v, kind, layer_k, layer_v):
             return _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, all_valid, start)
 
-        per_layer = layer_groups.per_layer_inputs(model, input_ids, x) if cfg.per_layer_input else None
+        per_layer = per_layer_input.inputs(model, input_ids, x) if cfg.per_layer_input else None
         block = functools.partial(decoder_block, cfg=cfg, rules=model.rules)
         x, keys, values = layer_groups.decode(model, x, per_layer, ropes, cache.k, cache.v, block, attend_cached)
         return model.logits(model.final_norm_of(x)), KVCache(keys, values, all_valid, start + t)

@@ -33,16 +33,16 @@ import jax.numpy as jnp
 
 from jaxcpt.config import ConfigError
 from jaxcpt.model import lora as lora_lib
+from jaxcpt.model import per_layer_input
 from jaxcpt.model import remat as remat_lib
 from jaxcpt.model.config import LINEAR, MAX_PATTERN, ModelConfig
-from jaxcpt.model.layers import ACTIVATIONS, dense, rms_norm
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 FULL_PREFIX, WIDE_PREFIX = "full_", "wide_"  # weights of the full-attention layers / of the double-wide MLPs
 QUERY = ("q", "o", "q_bias", "o_bias", "q_norm")  # every attention layer has these
 KEY_VALUE = ("k", "v", "k_bias", "v_bias", "k_norm")  # only layers that compute their own keys and values
 MLP = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
-PER_LAYER_INPUT = "per_layer_input"  # each layer's [B, T, P] input, scanned beside the weights (not a parameter)
+PER_LAYER_INPUT = per_layer_input.SCANNED_NAME  # each layer's [B, T, P] input, scanned beside the weights
 GEMMA4_OPTIONS = ("global_head_dim", "global_kv_heads", "attention_k_eq_v", "kv_shared_layers", "double_wide_mlp",
                   "per_layer_input")
 
@@ -180,13 +180,8 @@ def num_params(cfg: ModelConfig) -> int:
     total = vocab * e * (1 if cfg.tie_word_embeddings else 2) + layers + e
     if cfg.per_layer_input:
         width = cfg.num_layers * cfg.per_layer_input
-        total += per_layer_padded_vocab(cfg) * width + e * width + cfg.per_layer_input
+        total += per_layer_input.padded_vocab(cfg) * width + e * width + cfg.per_layer_input
     return total + num_adapter_params(cfg)
-
-
-def per_layer_padded_vocab(cfg: ModelConfig) -> int:
-    rows = cfg.per_layer_vocab_size or cfg.vocab_size
-    return -(-rows // cfg.vocab_pad_multiple) * cfg.vocab_pad_multiple
 
 
 def validate(cfg: ModelConfig) -> None:
@@ -294,32 +289,6 @@ def scan_layers(cfg: ModelConfig, arrays: dict, sets: dict, carry, layer_fn):
         for name, y in ys.items():  # [repeats, per repeat, ...] -> the segment's run of [n_name, ...]
             collected.setdefault(name, []).append(y.reshape(-1, *y.shape[2:]))
     return carry, {name: jnp.concatenate(parts) for name, parts in collected.items()}
-
-
-# --- per-layer input embeddings (Gemma 4) ------------------------------------------------------
-
-
-def per_layer_inputs(model, input_ids, embedded) -> jax.Array:
-    """Each layer's input [B, T, L, P]: (norm(embedded @ W / sqrt(E)) + table[ids] * sqrt(P)) / sqrt(2).
-
-    ``embedded`` [B, T, E] is the (scaled) main embedding; transformers' get_per_layer_inputs and
-    project_per_layer_inputs.
-    """
-    cfg = model.config
-    dt, width = jnp.dtype(cfg.dtype), cfg.per_layer_input
-    b, t = input_ids.shape
-    rows = jnp.take(model.per_layer_embedding[...], input_ids, axis=0).astype(dt)  # [B, T, L*P]
-    tokens = rows * jnp.asarray(width**0.5, dt)  # the scale rounded to the table's dtype first, as transformers
-    projected = dense(embedded, model.per_layer_projection[...].astype(dt)) * cfg.hidden_size**-0.5  # [B, T, L*P]
-    projected = rms_norm(projected.reshape(b, t, cfg.num_layers, width), model.per_layer_norm[...], cfg.rms_norm_eps,
-                         plus_one=cfg.norm_plus_one)  # [B, T, L, P]
-    return (projected + tokens.reshape(b, t, cfg.num_layers, width)) * 2**-0.5
-
-
-def per_layer_branch(p: dict, x, cfg: ModelConfig, norm):
-    """A layer's per-layer-input branch, added to the residual: norm(proj(act(x @ gate) * input)); x [B, T, E]."""
-    gated = ACTIVATIONS[cfg.activation](dense(x, p["ple_gate"])) * p[PER_LAYER_INPUT]  # [B, T, P]
-    return norm(dense(gated, p["ple_proj"]), p["ple_norm"])  # [B, T, E]
 
 
 def proportional_rope(cos, sin, proportion: float):

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from jaxcpt.config import ConfigError
 from jaxcpt.model import hybrid
-from jaxcpt.model import layer_groups
+from jaxcpt.model import layer_groups, per_layer_input
 from jaxcpt.model.attention import choose_attention
 from jaxcpt.model.context_parallel import ContextLayout
 from jaxcpt.model.config import ModelConfig
@@ -219,7 +219,7 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
         mlp_out = norm(mlp_out, p["post_mlp_norm"])
     x = x + constrain(mlp_out, act, rules)
     if "ple_gate" in p:  # Gemma 4: this layer's per-layer input, gated into the residual stream
-        x = x + constrain(layer_groups.per_layer_branch(p, x, cfg, norm), act, rules)
+        x = x + constrain(per_layer_input.branch(p, x, cfg, norm), act, rules)
     if "layer_scalar" in p:  # Gemma 4
         x = x * p["layer_scalar"]
     return x, aux
@@ -274,9 +274,9 @@ class Transformer(nnx.Module):
         self.final_norm = _param(rngs, cfg, (width,), ("norm",), "zeros" if cfg.norm_plus_one else "ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = _vocab_param(rngs, cfg, (width, vocab), ("embed", "vocab"), vocab_axis=1)
-        if cfg.per_layer_input:  # Gemma 4's per-layer input embeddings (jaxcpt.model.layer_groups.per_layer_inputs)
+        if cfg.per_layer_input:  # Gemma 4's per-layer input embeddings (jaxcpt.model.per_layer_input)
             ple = cfg.num_layers * cfg.per_layer_input
-            self.per_layer_embedding = _vocab_param(rngs, cfg, (layer_groups.per_layer_padded_vocab(cfg), ple),
+            self.per_layer_embedding = _vocab_param(rngs, cfg, (per_layer_input.padded_vocab(cfg), ple),
                                                     ("vocab", "per_layer"), vocab_axis=0,
                                                     real_rows=cfg.per_layer_vocab_size or cfg.vocab_size)
             self.per_layer_projection = _param(rngs, cfg, (width, ple), ("embed", "per_layer"))
@@ -337,7 +337,7 @@ class Transformer(nnx.Module):
             if context is not None:
                 raise ConfigError("context parallelism (a 'context' mesh axis) is not supported yet for models whose "
                                   "layers differ in shape (Gemma 4); drop the context axis from mesh")
-            per_layer = layer_groups.per_layer_inputs(self, input_ids, x) if cfg.per_layer_input else None
+            per_layer = per_layer_input.inputs(self, input_ids, x) if cfg.per_layer_input else None
             block = functools.partial(decoder_block, cfg=cfg, rules=self.rules, valid=segment_ids != 0)
             x = layer_groups.forward(self, x, per_layer, ropes, block, packed_attention(cfg, attention_fn, segment_ids))
             return self.final_norm_of(x), None

@@ -27,7 +27,7 @@ from jaxcpt.hf.families.base import Family, layer_types_from_hf, require_activat
     windows_from_hf
 from jaxcpt.hf.families.gemma2 import GELU_TANH, _cap
 from jaxcpt.hf.mapping import Tensor
-from jaxcpt.model import layer_groups
+from jaxcpt.model import layer_groups, per_layer_input
 from jaxcpt.model.config import ModelConfig, RopeScaling
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -201,7 +201,7 @@ def tensors(cfg: ModelConfig) -> list[Tensor]:
     if cfg.per_layer_input:
         width = cfg.num_layers * cfg.per_layer_input
         rows += [_vocab_rows(("per_layer_embedding",), "model.embed_tokens_per_layer.weight",
-                             cfg.per_layer_vocab_size or v, layer_groups.per_layer_padded_vocab(cfg), width),
+                             cfg.per_layer_vocab_size or v, per_layer_input.padded_vocab(cfg), width),
                  Tensor(("per_layer_projection",), "model.per_layer_model_projection.weight", _t, _t, (width, e)),
                  Tensor(("per_layer_norm",), "model.per_layer_projection_norm.weight", _same, _same,
                         (cfg.per_layer_input,))]
