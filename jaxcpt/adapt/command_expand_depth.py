@@ -47,12 +47,18 @@ def run(args) -> int:
     from jaxcpt.adapt import metadata
     from jaxcpt.adapt.depth import expand_layers, expand_pattern, expanded_config, insertion_points
     from jaxcpt.adapt.model_io import check_out, load_source, save_model
+    from jaxcpt.model import layer_groups
 
     check_out(args.out, args.overwrite)
     if args.noise_std < 0:
         raise UserError(f"--noise-std must be >= 0, got {args.noise_std}")
     source = load_source(args.base, args.tokenizer)
     cfg = source.config
+    if layer_groups.grouped(cfg):
+        raise UserError(f"expand-depth does not support {cfg.family} models whose layers differ in shape (Gemma 4's "
+                        "KV-shared layers read the keys of the last earlier layer of their kind, which an inserted copy "
+                        "would become, and the per-layer input table holds a slice per layer); continue training "
+                        "without adding layers")
     after = insertion_points(cfg.num_layers, every=args.every, after=args.after)
     init = dict(init=args.init, noise_std=args.noise_std, seed=args.seed)
     if cfg.linear_layers:  # a hybrid grows by whole repeats of its layer pattern (jaxcpt.adapt.depth.expand_pattern)

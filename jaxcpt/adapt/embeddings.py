@@ -97,4 +97,6 @@ def extend_params(params: dict, cfg: ModelConfig, extension: VocabExtension, met
     out["embedding"] = grown(embedding)
     if lm_head is not None:
         out["lm_head"] = np.ascontiguousarray(grown(lm_head.T).T)  # [E, V_new]
+    if "per_layer_embedding" in params and cfg.per_layer_vocab_size is None:  # Gemma 4: a row per token there too
+        out["per_layer_embedding"] = grown(params["per_layer_embedding"][: cfg.vocab_size])  # [V_new, L*P]
     return out, dataclasses.replace(cfg, vocab_size=extension.end_id)

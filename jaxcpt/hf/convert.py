@@ -34,6 +34,7 @@ from jaxcpt.hf.mapping import Tensor, hf_names
 from jaxcpt.hf.tensor_io import SafetensorsReader, ShardStream, block_rows, place  # noqa: F401 (SafetensorsReader: merge)
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
+from jaxcpt.model.layer_groups import base_name  # full_q -> q (Gemma 4's stacks per layer shape)
 from jaxcpt.model.transformer import Transformer, abstract_model, variable_shardings
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
@@ -329,8 +330,9 @@ def _host_slices(state, cfg: ModelConfig, row: Tensor, layer: int | None, dtype:
         yield row.to_hf(to_host(value.astype(jnp.dtype(dtype))))
         return
     step = block_rows(row, jnp.dtype(dtype).itemsize)
-    for first in range(0, cfg.vocab_size, step):  # padding rows (vocab_size on) are not exported
-        size = min(step, cfg.vocab_size - first)
+    real = row.hf_shape[0]  # the table's real rows (vocab_size; Gemma 4's per-layer table may have its own)
+    for first in range(0, real, step):  # padding rows are not exported
+        size = min(step, real - first)
         block = _vocab_block(value, first, size=size, axis=row.vocab_axis, dtype=jnp.dtype(dtype))
         yield row.rows_to_hf(to_host(block))
 
@@ -357,7 +359,7 @@ def _vocab_block(table, first, *, size: int, axis: int, dtype):
 
 def _adapted(cfg: ModelConfig, row: Tensor) -> bool:
     """Whether the tensor has LoRA adapters (folded in on export)."""
-    return cfg.lora is not None and row.path[0] == "layers" and row.path[-1] in cfg.lora.targets
+    return cfg.lora is not None and row.path[0] == "layers" and base_name(row.path[-1]) in cfg.lora.targets
 
 
 def _folded(state, cfg: ModelConfig, row: Tensor, layer: int | None, value: jax.Array) -> jax.Array:

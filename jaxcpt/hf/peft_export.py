@@ -35,6 +35,7 @@ from jaxcpt.errors import UserError
 from jaxcpt.hf.convert import NUMPY_DTYPES, StagedExport, copy_companion_files, to_host, value_at
 from jaxcpt.hf.families import tensor_table
 from jaxcpt.hf.mapping import Tensor
+from jaxcpt.model import layer_groups
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.transformer import Transformer
 
@@ -64,7 +65,8 @@ def adapter_config(model: Transformer, base_model_name_or_path: str | None, modu
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "use_rslora": lora.rslora,
-        "target_modules": sorted(_module(table[("layers", t)]).rsplit(".", 1)[-1] for t in lora.targets),
+        "target_modules": sorted(_module(table[("layers", layer_groups.adapted_stacks(model.config, t)[0])])
+                                 .rsplit(".", 1)[-1] for t in lora.targets),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -99,7 +101,7 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
     def host(value) -> np.ndarray:  # a gather on every process; the array on process 0
         return to_host(value.astype(jnp.dtype(dtype)))
 
-    for target in cfg.lora.targets:
+    for target in [s for t in cfg.lora.targets for s in layer_groups.adapted_stacks(cfg, t)]:  # Gemma 4: per shape
         module = _module(by_path[("layers", target)])
         a_all, b_all = (state["layers"][name][...] for name in lora_lib.adapter_names(target))
         row = by_path[("layers", target)]

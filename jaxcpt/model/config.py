@@ -83,7 +83,7 @@ class RopeChange:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "qwen3_moe",
-                    "mixtral", "qwen3_5_text", "olmoe", "gpt_oss"] = field(
+                    "mixtral", "qwen3_5_text", "olmoe", "gpt_oss", "gemma4_text"] = field(
         "llama", help="HF family written on export (model_type/architectures); its block options must match")
     vocab_size: int = field(32000, help="vocabulary size (real rows of the embedding)")
     vocab_pad_multiple: int = field(
@@ -145,6 +145,31 @@ class ModelConfig:
                                          "ones (Qwen3.5: 0.25); the rest pass through")
     linear_attention: LinearAttentionConfig | None = field(
         None, help="the Gated DeltaNet layers of layer_types' linear_attention entries (Qwen3.5); null: none")
+    # Gemma 4's options; layers whose shapes differ stack apart and scan in groups (jaxcpt/model/layer_groups.py)
+    global_head_dim: int | None = field(
+        None, help="head_dim of the full-attention layers when it differs from head_dim (Gemma 4's global_head_dim); "
+        "their weights then stack apart from the sliding layers'; null: head_dim")
+    global_kv_heads: int | None = field(
+        None, help="KV heads of the full-attention layers (Gemma 4's num_global_key_value_heads); null: num_kv_heads")
+    attention_k_eq_v: bool = field(
+        False, help="full-attention layers have no v projection: their values are the key projection, before k's "
+        "norm and RoPE (Gemma 4's attention_k_eq_v)")
+    value_norm: bool = field(False, help="RMSNorm without a scale on every head's values (Gemma 4's v_norm)")
+    rope_proportion: float = field(
+        1.0, help="full-attention layers rotate only the lowest rope_proportion of their head_dim/2 frequency pairs "
+        "over the whole head; the other pairs get frequency 0 and pass through (Gemma 4's 'proportional' RoPE, its "
+        "partial_rotary_factor); 1: all")
+    kv_shared_layers: int = field(
+        0, help="the last N layers have no k/v projections and attend to the keys and values of the last earlier "
+        "layer of their kind (Gemma 4's num_kv_shared_layers); 0: none")
+    double_wide_mlp: bool = field(False, help="the kv-shared layers' MLP is 2 * intermediate_size wide (Gemma 4)")
+    per_layer_input: int | None = field(
+        None, help="width P of the per-layer input embeddings (Gemma 4's hidden_size_per_layer_input): a second "
+        "[vocab, num_layers * P] table plus a projection of the main embedding give each layer a [P] input, gated "
+        "into its output; null: none")
+    per_layer_vocab_size: int | None = field(
+        None, help="rows of the per-layer input table (Gemma 4's vocab_size_per_layer_input); null: vocab_size")
+    layer_scalar: bool = field(False, help="each layer's output is multiplied by a per-layer scalar (Gemma 4)")
     initializer_range: float = field(0.02, help="std of the normal init for a model trained from scratch")
     bos_token_id: int | None = field(1, help="written to config.json / generation_config.json on export")
     eos_token_id: int | list[int] | None = field(
@@ -194,6 +219,18 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_size * self.partial_rotary_factor)
+
+    def kind_head_dim(self, kind: str) -> int:
+        """head_dim of the layers of ``kind`` (full-attention layers may have their own, Gemma 4)."""
+        return self.global_head_dim if kind == "full_attention" and self.global_head_dim else self.head_size
+
+    def kind_kv_heads(self, kind: str) -> int:
+        return self.global_kv_heads if kind == "full_attention" and self.global_kv_heads else self.num_kv_heads
+
+    @property
+    def kv_shared(self) -> tuple[int, ...]:
+        """Indices of the layers that reuse an earlier layer's keys and values (the last kv_shared_layers)."""
+        return tuple(range(self.num_layers - self.kv_shared_layers, self.num_layers))
 
     @property
     def attention_layers(self) -> tuple[int, ...]:
@@ -261,6 +298,9 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0 or null, got {value}")
+        from jaxcpt.model import layer_groups  # imports this module
+
+        layer_groups.validate(self)
         s = self.rope_scaling
         if s is not None and s.type == "longrope":
             for name in ("short_factor", "long_factor"):
@@ -291,6 +331,10 @@ class ModelConfig:
     def num_params(self) -> int:
         """Parameters as stored: the padded vocabulary rows included, the embedding counted once when tied, adapters
         included."""
+        from jaxcpt.model import layer_groups
+
+        if layer_groups.grouped(self):  # layers of several shapes: counted stack by stack
+            return layer_groups.num_params(self)
         e, f, d = self.hidden_size, self.intermediate_size, self.head_size
         h, k = self.num_heads, self.num_kv_heads
         q_heads = 2 * h if self.attn_output_gate else h
@@ -329,6 +373,10 @@ class ModelConfig:
         """Parameters of the LoRA adapters (A and B of every target, all layers); 0 without LoRA."""
         if self.lora is None:
             return 0
+        from jaxcpt.model import layer_groups
+
+        if layer_groups.grouped(self):  # one adapter per stack of each target
+            return layer_groups.num_adapter_params(self)
         e, f, d, h, k = self.hidden_size, self.intermediate_size, self.head_size, self.num_heads, self.num_kv_heads
         sizes = {"q": (e, (2 if self.attn_output_gate else 1) * h * d), "k": (e, k * d), "v": (e, k * d), "o": (h * d, e), "gate": (e, f), "up": (e, f),
                  "down": (f, e)}  # (in, out) of each projection

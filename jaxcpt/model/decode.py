@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcpt.model import hybrid
+from jaxcpt.model import hybrid, layer_groups, per_layer_input
 from jaxcpt.model.attention import attention_probs
 from jaxcpt.model.gated_deltanet import LinearState
 from jaxcpt.model.layers import softcap as apply_softcap
@@ -30,8 +30,8 @@ from jaxcpt.model.transformer import SLIDING, Transformer, decoder_block
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [L, B, S, K, D] rotated keys
-    v: jax.Array  # [L, B, S, K, D]
+    k: jax.Array  # [L, B, S, K, D] rotated keys (layers of several shapes: {k weight name: [L_name, B, S, K, D]})
+    v: jax.Array  # [L, B, S, K, D] (likewise)
     valid: jax.Array  # [B, S] bool: the slot holds a real token (not padding, already written)
     length: jax.Array  # () int32: slots written so far, the same for every row
     linear: LinearState | None = None  # a hybrid's Gated DeltaNet states ([L_linear, B, ...]); None otherwise
@@ -39,6 +39,9 @@ class KVCache(NamedTuple):
 
 def init_cache(model: Transformer, batch: int, slots: int) -> KVCache:
     cfg = model.config
+    if layer_groups.grouped(cfg):  # Gemma 4: one cache per KV shape, for the layers that compute keys and values
+        caches = layer_groups.init_caches(cfg, batch, slots)
+        return KVCache(caches, dict(caches), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
     shape = (len(cfg.attention_layers), batch, slots, cfg.num_kv_heads, cfg.head_size)  # attention layers only
     zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     linear = hybrid.init_linear_state(cfg, batch) if cfg.linear_layers else None
@@ -47,11 +50,14 @@ def init_cache(model: Transformer, batch: int, slots: int) -> KVCache:
 
 def _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, valid, start, sinks=None):
     """q [B, T, H, D] at slots start..start+T-1 over the cache with k/v written there -> (out, (k, v));
-    ``sinks`` [H]: the layer's attention-sink logits (gpt-oss), or None."""
+    ``sinks`` [H]: the layer's attention-sink logits (gpt-oss), or None.
+
+    k and v None (a KV-shared layer, Gemma 4): attend over the cache of the layer shared, writing nothing."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    layer_k = jax.lax.dynamic_update_slice(layer_k, k.astype(layer_k.dtype), (0, start, 0, 0))  # [B, S, K, D]
-    layer_v = jax.lax.dynamic_update_slice(layer_v, v.astype(layer_v.dtype), (0, start, 0, 0))
+    kv = layer_k.shape[2]
+    if k is not None:
+        layer_k = jax.lax.dynamic_update_slice(layer_k, k.astype(layer_k.dtype), (0, start, 0, 0))  # [B, S, K, D]
+        layer_v = jax.lax.dynamic_update_slice(layer_v, v.astype(layer_v.dtype), (0, start, 0, 0))
     slots = layer_k.shape[1]
     q_slot = start + jnp.arange(t)[:, None]  # [T, 1]
     k_slot = jnp.arange(slots)[None, :]  # [1, S]
@@ -77,6 +83,14 @@ def forward_cached(model: Transformer, cache: KVCache, input_ids, valid, positio
     all_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))  # [B, S]
     x = model.embed(input_ids)
     ropes, is_sliding = model.rope_and_kinds(positions, valid.astype(jnp.int32))
+    if layer_groups.grouped(cfg):  # Gemma 4: shared KV layers read the cache of the layer they share
+        def attend_cached(q, k, v, kind, layer_k, layer_v):
+            return _cached_attention(cfg, q, k, v, kind, layer_k, layer_v, all_valid, start)
+
+        per_layer = per_layer_input.inputs(model, input_ids, x) if cfg.per_layer_input else None
+        block = functools.partial(decoder_block, cfg=cfg, rules=model.rules)
+        x, keys, values = layer_groups.decode(model, x, per_layer, ropes, cache.k, cache.v, block, attend_cached)
+        return model.logits(model.final_norm_of(x)), KVCache(keys, values, all_valid, start + t)
     if cfg.linear_layers:  # a hybrid: the linear layers carry their recurrent and conv states instead of a cache
         def attention_block(p, h, kind, layer_k, layer_v):
             def attend(q, k, v, kind, sinks=None):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxcpt.model import layer_groups
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model import remat as remat_lib
 from jaxcpt.model.config import LINEAR, ModelConfig
@@ -29,9 +30,8 @@ from jaxcpt.model.gated_deltanet import LinearState, document_index, gated_delta
 from jaxcpt.model.layers import dense, gated_mlp, low_rank_update, rms_norm
 from jaxcpt.sharding.rules import constrain
 
-# weights stacked over attention layers only; their LoRA adapters follow them
-ATTENTION_PARAMS = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm")
 LINEAR_MATRICES = ("lin_qkv", "lin_z", "lin_b", "lin_a", "lin_out")  # reach layers.dense only (gated_deltanet)
+RECURRENT, CONV = "lin_state_recurrent", "lin_state_conv"  # a linear layer's decoding state, scanned beside its weights
 
 
 def linear_params(stack: nnx.Module, cfg: ModelConfig, p) -> list[str]:
@@ -57,14 +57,6 @@ def linear_params(stack: nnx.Module, cfg: ModelConfig, p) -> list[str]:
     stack.lin_norm = p((n, dv), ("layers", "head_dim"), "ones")
     stack.lin_out = p((n, hv, dv, e), ("layers", "linear_heads", "head_dim", "embed"))
     return ["lin_qkv", "lin_conv", "lin_z", "lin_b", "lin_a", "lin_dt_bias", "lin_a_log", "lin_norm", "lin_out"]
-
-
-def stack_of(name: str) -> str:
-    """Which layers a LayerStack weight is stacked over: 'linear', 'attention' or 'all'."""
-    if name.startswith("lin_"):
-        return "linear"
-    base = name.split("_lora_")[0]
-    return "attention" if name in ATTENTION_PARAMS or base in ("q", "k", "v", "o") else "all"
 
 
 def linear_block(p: dict, x, doc, state: LinearState | None = None, *, cfg: ModelConfig, rules):
@@ -99,44 +91,12 @@ def linear_block(p: dict, x, doc, state: LinearState | None = None, *, cfg: Mode
     return x + constrain(mlp_out, act, rules), state
 
 
-def grouped(cfg: ModelConfig, arrays: dict) -> dict:
-    """Each [L_kind, ...] stack reshaped to [groups, per group, ...] along the layer pattern."""
-    pattern = cfg.layer_pattern()
-    groups = cfg.num_layers // len(pattern)
-    per = {"all": len(pattern), "linear": pattern.count(LINEAR), "attention": len(pattern) - pattern.count(LINEAR)}
-    return {name: w.reshape(groups, per[stack_of(name)], *w.shape[1:]) for name, w in arrays.items()}
-
-
-def group_step(cfg: ModelConfig, group: dict, x, *, attention_block, linear, states=None):
-    """Run one repeat of the layer pattern on x [B, T, E].
-
-    ``group``: this group's weights [per group, ...]; ``attention_block(p, x, kind, index in group)`` and
-    ``linear(p, x, state)`` run one layer each and return (x, aux). ``states``: per linear position
-    of the group, its LinearState (decoding) or None. Returns (x, [aux of each attention position],
-    [LinearState of each linear position]).
-    """
-    pattern = cfg.layer_pattern()
-    attention_aux, linear_states = [], []
-    for pos, kind in enumerate(pattern):
-        shared = {n: w[pos] for n, w in group.items() if stack_of(n) == "all"}
-        if kind == LINEAR:
-            i = len(linear_states)
-            own = {n: w[i] for n, w in group.items() if stack_of(n) == "linear"}
-            x, state = linear({**shared, **own}, x, None if states is None else states[i])
-            linear_states.append(state)
-        else:
-            i = len(attention_aux)
-            own = {n: w[i] for n, w in group.items() if stack_of(n) == "attention"}
-            x, aux = attention_block({**shared, **own}, x, kind, i)
-            attention_aux.append(aux)
-    return x, attention_aux, linear_states
-
-
 def scan_groups(model, x, segment_ids, ropes: dict, block):
     """Hidden states after every layer of a hybrid model (before the final norm): x [B, T, E] -> [B, T, E].
 
     ``block(p, x, is_sliding, ropes)`` is the model's attention block (``decoder_block`` with its
-    ``attend`` and remat already applied).
+    ``attend`` and remat already applied). The layers scan a pattern repeat at a time
+    (``layer_groups.scan_layers``, which Gemma 4's layers of several shapes share).
     """
     cfg = model.config
     doc = document_index(segment_ids)  # [B, T]
@@ -144,13 +104,14 @@ def scan_groups(model, x, segment_ids, ropes: dict, block):
     if remat_lib.block_policy(cfg) is not None:
         linear = jax.checkpoint(linear, policy=remat_lib.block_policy(cfg))
 
-    def body(carry, group):
-        out, _, _ = group_step(cfg, group, carry,
-                               attention_block=lambda p, h, kind, i: block(p, h, None, {kind: ropes[kind]}),
-                               linear=lambda p, h, state: linear(p, h, doc))
-        return out, None
+    def layer(kind, p, h):
+        if kind == LINEAR:
+            return linear(p, h, doc)[0], {}
+        return block(p, h, None, {kind: ropes[kind]})[0], {}
 
-    x, _ = jax.lax.scan(body, x, grouped(cfg, model.layers.arrays()))
+    arrays = model.layers.arrays()
+    sets = {name: layer_groups.layers_of(cfg, name) for name in arrays}
+    x, _ = layer_groups.scan_layers(cfg, arrays, sets, x, layer)
     return x
 
 
@@ -172,25 +133,21 @@ def decode_groups(model, x, valid, ropes: dict, cache_k, cache_v, linear_state: 
     """
     cfg = model.config
     doc = document_index(valid.astype(jnp.int32))  # [B, T]
-    pattern = cfg.layer_pattern()
-    groups = cfg.num_layers // len(pattern)
-    n_att, n_lin = len(pattern) - pattern.count(LINEAR), pattern.count(LINEAR)
-    split = lambda a, per: a.reshape(groups, per, *a.shape[1:])  # noqa: E731  [G, per, ...]
     linear = functools.partial(linear_block, cfg=cfg, rules=model.rules)
+    arrays = model.layers.arrays()
+    sets = {name: layer_groups.layers_of(cfg, name) for name in arrays}
+    # the caches scan beside the weights, each stacked over the layers it belongs to
+    for name, value, layers in (("cache_k", cache_k, cfg.attention_layers), ("cache_v", cache_v, cfg.attention_layers),
+                                (RECURRENT, linear_state.recurrent, cfg.linear_layers),
+                                (CONV, linear_state.conv, cfg.linear_layers)):
+        arrays[name], sets[name] = value, layers
 
-    def body(carry, group):
-        params, ks, vs, rec, conv = group
-        x_out, kvs, states = group_step(
-            cfg, params, carry,
-            attention_block=lambda p, h, kind, i: attention_block(p, h, kind, ks[i], vs[i]),
-            linear=lambda p, h, state: linear(p, h, doc, state),
-            states=[LinearState(rec[i], conv[i]) for i in range(n_lin)])
-        new_k = jnp.stack([kv[0] for kv in kvs]) if kvs else ks
-        new_v = jnp.stack([kv[1] for kv in kvs]) if kvs else vs
-        return x_out, (new_k, new_v, jnp.stack([s.recurrent for s in states]), jnp.stack([s.conv for s in states]))
+    def layer(kind, p, h):
+        if kind == LINEAR:
+            h, state = linear(p, h, doc, LinearState(p.pop(RECURRENT), p.pop(CONV)))
+            return h, {RECURRENT: state.recurrent, CONV: state.conv.astype(linear_state.conv.dtype)}
+        h, (k, v) = attention_block(p, h, kind, p.pop("cache_k"), p.pop("cache_v"))
+        return h, {"cache_k": k, "cache_v": v}
 
-    xs = (grouped(cfg, model.layers.arrays()), split(cache_k, n_att), split(cache_v, n_att),
-          split(linear_state.recurrent, n_lin), split(linear_state.conv, n_lin))
-    x, (k, v, rec, conv) = jax.lax.scan(body, x, xs)
-    merge = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731  [G, per, ...] -> [L_kind, ...]
-    return x, merge(k), merge(v), LinearState(merge(rec), merge(conv).astype(linear_state.conv.dtype))
+    x, out = layer_groups.scan_layers(cfg, arrays, sets, x, layer)
+    return x, out["cache_k"], out["cache_v"], LinearState(out[RECURRENT], out[CONV])

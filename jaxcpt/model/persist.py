@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from jaxcpt import __version__
 from jaxcpt.config import from_dict, to_dict
+from jaxcpt.model import layer_groups
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.transformer import Transformer, abstract_model, variable_shardings
@@ -48,7 +49,8 @@ def fresh_adapters(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> dict[s
     The whole model is traced but only the adapters are returned, so XLA drops the base weights'
     initialisation: nothing of the base is materialised.
     """
-    names = [name for target in cfg.lora.targets for name in lora_lib.adapter_names(target)]
+    names = [name for target in cfg.lora.targets for stack in layer_groups.adapted_stacks(cfg, target)
+             for name in lora_lib.adapter_names(stack)]
     layer_shardings = variable_shardings(nnx.state(abstract_model(cfg, rules), nnx.Param), mesh, rules)["layers"]
 
     @functools.partial(jax.jit, out_shardings={name: layer_shardings[name] for name in names})
@@ -73,7 +75,7 @@ def merged_model(model: Transformer) -> Transformer:
         return model
     params = params_of(model)
     layers = dict(params["layers"])
-    for target in cfg.lora.targets:
+    for target in [s for t in cfg.lora.targets for s in layer_groups.adapted_stacks(cfg, t)]:  # Gemma 4: per shape
         a, b = (layers.pop(name) for name in lora_lib.adapter_names(target))
         w = layers[target]
         fold = jax.jit(lambda w, a, b: lora_lib.fold(w, a, b, cfg.lora.scale).astype(w.dtype), out_shardings=w.sharding)
@@ -87,7 +89,8 @@ def base_model(model: Transformer) -> Transformer:
     if cfg.lora is None:
         return model
     params = params_of(model)
-    adapters = {name for target in cfg.lora.targets for name in lora_lib.adapter_names(target)}
+    adapters = {name for target in cfg.lora.targets for stack in layer_groups.adapted_stacks(cfg, target)
+                for name in lora_lib.adapter_names(stack)}
     layers = {name: value for name, value in params["layers"].items() if name not in adapters}
     return model_from_params(dataclasses.replace(cfg, lora=None), {**params, "layers": layers}, model.rules)
 

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from jaxcpt.config import ConfigError
 from jaxcpt.model import hybrid
+from jaxcpt.model import layer_groups, per_layer_input
 from jaxcpt.model.attention import choose_attention
 from jaxcpt.model.context_parallel import ContextLayout
 from jaxcpt.model.config import ModelConfig
@@ -53,10 +54,10 @@ def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str = "normal") 
     return nnx.Param(value, axes=tuple(axes))
 
 
-def _vocab_param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, vocab_axis: int) -> nnx.Param:
-    """A random vocabulary table whose padding rows (from vocab_size on) are zero."""
+def _vocab_param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, vocab_axis: int, real_rows=None) -> nnx.Param:
+    """A random vocabulary table whose padding rows (from vocab_size, or ``real_rows``, on) are zero."""
     param = _param(rngs, cfg, shape, axes)
-    real = jnp.arange(shape[vocab_axis]) < cfg.vocab_size
+    real = jnp.arange(shape[vocab_axis]) < (real_rows or cfg.vocab_size)
     param.set_value(jnp.where(jnp.expand_dims(real, 1 - vocab_axis), param[...], 0).astype(param[...].dtype))
     return param
 
@@ -68,6 +69,9 @@ class LayerStack(nnx.Module):
         L, E, H, K, D, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size,
                             cfg.intermediate_size)
         p = functools.partial(_param, rngs, cfg)
+        if layer_groups.grouped(cfg):  # layers of several shapes (Gemma 4): each weight over the layers that have it
+            self.names, self.rope_layers = tuple(layer_groups.create_params(self, cfg, p)), None
+            return
         norm_init = "zeros" if cfg.norm_plus_one else "ones"  # (1 + w) norms start at w = 0
         La = len(cfg.attention_layers)  # attention weights exist for attention layers only (all but linear ones)
         Hq = 2 * H if cfg.attn_output_gate else H  # query and gate heads interleaved, as Qwen3.5's q_proj
@@ -176,19 +180,25 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
     q = project(h, "q")  # [B, T, H, D] ([B, T, 2H, D] with the output gate)
     if cfg.attn_output_gate:  # Qwen3.5: per head, D query dims then D gate dims
         q, out_gate = jnp.moveaxis(q.reshape(*q.shape[:2], -1, 2, q.shape[-1]), 3, 0)  # 2 x [B, T, H, D]
-    k = project(h, "k")  # [B, T, K, D]
-    v = project(h, "v")  # [B, T, K, D]
+    if "k" in p:
+        k = project(h, "k")  # [B, T, K, D]
+        v = project(h, "v") if "v" in p else k  # [B, T, K, D]; attention_k_eq_v (Gemma 4): the keys' projection
+    else:  # a KV-shared layer (Gemma 4): ``attend`` brings an earlier layer's rotated keys and values
+        k = v = None
     if cfg.qk_norm and cfg.qk_norm_scope == "projection":  # RMS over all heads' channels at once (OLMo)
         q, k = projection_norm(q, p["q_norm"], norm), projection_norm(k, p["k_norm"], norm)
     elif cfg.qk_norm:
-        q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
+        q, k = norm(q, p["q_norm"]), (None if k is None else norm(k, p["k_norm"]))
+    if cfg.value_norm and v is not None:  # Gemma 4: each head's values RMS-normed, without a scale
+        v = rms_norm(v, jnp.ones(v.shape[-1], v.dtype), cfg.rms_norm_eps)
     q = constrain(q, ("batch", "length", "act_heads", None), rules)
-    k = constrain(k, ("batch", "length", "act_kv_heads", None), rules)
-    v = constrain(v, ("batch", "length", "act_kv_heads", None), rules)
+    if k is not None:
+        k = constrain(k, ("batch", "length", "act_kv_heads", None), rules)
+        v = constrain(v, ("batch", "length", "act_kv_heads", None), rules)
 
     def rotated(kind):
         cos, sin = ropes[kind]
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_rot, k_rot = apply_rope(q, cos, sin), (None if k is None else apply_rope(k, cos, sin))
         if uses_rope is not None:  # a NoPE layer attends to the unrotated q and k
             q_rot, k_rot = jnp.where(uses_rope, q_rot, q), jnp.where(uses_rope, k_rot, k)
         if cfg.attention_sinks:  # this layer's per-head sink logits [H] (gpt-oss)
@@ -216,7 +226,12 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
         mlp_out = gated_mlp(h, project, activation=cfg.activation)
     if cfg.post_norms:
         mlp_out = norm(mlp_out, p["post_mlp_norm"])
-    return x + constrain(mlp_out, act, rules), aux
+    x = x + constrain(mlp_out, act, rules)
+    if "ple_gate" in p:  # Gemma 4: this layer's per-layer input, gated into the residual stream
+        x = x + constrain(per_layer_input.branch(p, x, cfg, norm), act, rules)
+    if "layer_scalar" in p:  # Gemma 4
+        x = x * p["layer_scalar"]
+    return x, aux
 
 
 def projection_norm(x, scale, norm):
@@ -242,8 +257,12 @@ def rope_tables(cfg: ModelConfig, kind: str, positions, segment_ids):
     theta, scaling = cfg.rope_theta, cfg.rope_scaling
     if kind == SLIDING and cfg.rope_local_theta is not None:
         theta, scaling = cfg.rope_local_theta, None
-    return rope_cos_sin(positions, segment_ids, theta=theta, scaling=scaling, dim=cfg.rotary_dim,
-                        max_positions=cfg.max_position_embeddings)
+    dim = int(cfg.kind_head_dim(kind) * cfg.partial_rotary_factor)  # cfg.rotary_dim unless full layers have their own
+    cos, sin = rope_cos_sin(positions, segment_ids, theta=theta, scaling=scaling, dim=dim,
+                            max_positions=cfg.max_position_embeddings)
+    if kind == FULL and cfg.rope_proportion != 1.0:  # Gemma 4's proportional RoPE
+        cos, sin = layer_groups.proportional_rope(cos, sin, cfg.rope_proportion)
+    return cos, sin
 
 
 class Transformer(nnx.Module):
@@ -266,6 +285,13 @@ class Transformer(nnx.Module):
         self.final_norm = _param(rngs, cfg, (width,), ("norm",), "zeros" if cfg.norm_plus_one else "ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = _vocab_param(rngs, cfg, (width, vocab), ("embed", "vocab"), vocab_axis=1)
+        if cfg.per_layer_input:  # Gemma 4's per-layer input embeddings (jaxcpt.model.per_layer_input)
+            ple = cfg.num_layers * cfg.per_layer_input
+            self.per_layer_embedding = _vocab_param(rngs, cfg, (per_layer_input.padded_vocab(cfg), ple),
+                                                    ("vocab", "per_layer"), vocab_axis=0,
+                                                    real_rows=cfg.per_layer_vocab_size or cfg.vocab_size)
+            self.per_layer_projection = _param(rngs, cfg, (width, ple), ("embed", "per_layer"))
+            self.per_layer_norm = _param(rngs, cfg, (cfg.per_layer_input,), ("norm",), "ones")
 
     def output_weights(self) -> jax.Array:
         """The output projection [E, padded vocab] (the embedding, transposed, when tied)."""
@@ -324,6 +350,14 @@ class Transformer(nnx.Module):
         if remat_lib.block_policy(cfg) is not None:
             block = jax.checkpoint(block, policy=remat_lib.block_policy(cfg))
 
+        if layer_groups.grouped(cfg):  # layers of several shapes (Gemma 4): scanned in segments
+            if context is not None:
+                raise ConfigError("context parallelism (a 'context' mesh axis) is not supported yet for models whose "
+                                  "layers differ in shape (Gemma 4); drop the context axis from mesh")
+            per_layer = per_layer_input.inputs(self, input_ids, x) if cfg.per_layer_input else None
+            block = functools.partial(decoder_block, cfg=cfg, rules=self.rules, valid=segment_ids != 0)
+            x = layer_groups.forward(self, x, per_layer, ropes, block, packed_attention(cfg, attention_fn, segment_ids))
+            return self.final_norm_of(x), None
         if cfg.linear_layers:  # a hybrid: scanned a repeat of the layer pattern at a time
             if context is not None:  # the ring layout reorders positions; a recurrence needs them in order
                 raise ConfigError("context parallelism (a 'context' mesh axis) is not supported for models with "

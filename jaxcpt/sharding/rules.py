@@ -51,6 +51,8 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "linear_heads": "tensor",
     "linear_conv": None,
     "conv_width": None,
+    # Gemma 4's per-layer inputs: the [vocab, L*P] table splits its rows like the embedding, its L*P axis like embed
+    "per_layer": "fsdp",
     "lora_rank": None,  # LoRA adapters' rank axis: small, replicated; their other axes are their base weight's
 }
 

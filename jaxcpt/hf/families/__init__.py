@@ -8,7 +8,8 @@ Everything outside these modules asks the registry, never a ``model_type``.
 from __future__ import annotations
 
 from jaxcpt.errors import HFFormatError
-from jaxcpt.hf.families import (base, gemma2, gemma3, gpt_oss, llama, mistral, mixtral, olmo3, olmoe, qwen2, qwen3,
+from jaxcpt.hf.families import (base, gemma2, gemma3, gemma4, gpt_oss, llama, mistral, mixtral, olmo3, olmoe, qwen2,
+                                 qwen3,
                                  qwen3_5_text, qwen3_moe, smollm3, unsupported)
 from jaxcpt.hf.families.base import Family
 from jaxcpt.hf.mapping import Tensor, decoder_tensors
@@ -16,7 +17,7 @@ from jaxcpt.model.config import ModelConfig
 
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, mistral, qwen2, qwen3, gemma2, gemma3,
                                                                 olmo3, smollm3, qwen3_moe, mixtral, qwen3_5_text, olmoe,
-                                                                gpt_oss)}
+                                                                gpt_oss, gemma4)}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 # model types whose checkpoints hold a text model we support, under another wrapper
 _WRAPPED = {"gemma3": "gemma3_text (Gemma3ForCausalLM); a multimodal Gemma3ForConditionalGeneration checkpoint "
@@ -50,6 +51,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
 def tensor_table(cfg: ModelConfig) -> list[Tensor]:
     """Every parameter of a model with config ``cfg``, with its HF name and layout."""
     family = FAMILIES[cfg.family]
+    if family.tensors is not None:
+        return family.tensors(cfg)
     rows = decoder_tensors(cfg, family.norms, family.experts)
     return rows + family.extra_tensors(cfg) if family.extra_tensors is not None else rows
 

@@ -28,6 +28,8 @@ BLOCK_OPTIONS = (
     "post_norms", "qk_norm", "activation", "scale_embeddings", "query_pre_attn_scalar", "attn_logit_softcap",
     "final_logit_softcap", "pre_norms", "qk_norm_scope", "rope_layers", "attn_output_gate", "partial_rotary_factor",
     "linear_attention", "attention_sinks",
+    "global_head_dim", "global_kv_heads", "attention_k_eq_v", "value_norm", "rope_proportion", "kv_shared_layers",
+    "double_wide_mlp", "per_layer_input", "per_layer_vocab_size", "layer_scalar",
 )
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -50,6 +52,8 @@ class Family:
     experts: ExpertNames | Callable[[ModelConfig], list] | None = None
     # the family's own tensors beyond the shared decoder's (a hybrid's linear-attention weights), if any
     extra_tensors: Callable[[ModelConfig], list] | None = None
+    # the family's whole tensor table, where the shared decoder's does not fit (Gemma 4's layers of several shapes)
+    tensors: Callable[[ModelConfig], list] | None = None
 
 
 def config_from_hf(family: Family, hf: dict, where: str) -> ModelConfig:
