@@ -301,7 +301,7 @@ class Transformer(nnx.Module):
         ropes, is_sliding = self.rope_and_kinds(positions, segment_ids)
         attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules, softcap=cfg.attn_logit_softcap)
         if context is not None:
-            attention_fn = context.attention()
+            attention_fn = context.attention(cfg.attention)
         block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
                                   attend=packed_attention(cfg, attention_fn, segment_ids), valid=segment_ids != 0)
         if cfg.remat != "none":
