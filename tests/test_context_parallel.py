@@ -116,10 +116,10 @@ def ring_inputs(batch, length, heads=4, kv_heads=2, head_dim=16):
     return (q, k, v), jnp.asarray(segments), cotangent
 
 
-def ring_vs_reference(mesh_axes, length, window=None, softcap=None, **ring_options):
+def ring_vs_reference(mesh_axes, length, window=None, softcap=None, rows_per_shard=2, heads=(4, 2), **ring_options):
     """(ring, reference) outputs and q/k/v gradients of sum(out * cotangent), over whole rows in row order."""
     context = mesh_axes["context"]
-    (q, k, v), seg, cotangent = ring_inputs(mesh_axes.get("data", 1) * 2, length)
+    (q, k, v), seg, cotangent = ring_inputs(mesh_axes.get("data", 1) * rows_per_shard, length, *heads)
 
     def ring(q, k, v):
         q, k, v, s = (cp.to_balanced(x, context) for x in (q, k, v, seg))
@@ -178,7 +178,8 @@ def test_ring_backward_keeps_only_inputs_output_and_lse_whatever_the_ring_length
 def test_ring_with_splash_blocks_matches_the_reference_forward_and_backward():
     """The Pallas splash kernel per ring step (run by the Pallas interpreter here, the Mosaic kernel on TPU):
     its log-sum-exp merges the blocks and its dq / dkv kernels take the ring's output and log-sum-exp."""
-    got, want = ring_vs_reference({"data": 4, "context": 2}, 512, softcap=5.0, attention="splash")
+    got, want = ring_vs_reference({"data": 4, "context": 2}, 512, softcap=5.0, rows_per_shard=1, heads=(2, 1),
+                                  attention="splash")  # chunks of 128 (splash's tile); one row per device
     assert_close(got, want, 1e-5)
 
 
