@@ -174,7 +174,7 @@ def test_ring_backward_keeps_only_inputs_output_and_lse_whatever_the_ring_length
     assert two == four == 2 * q.nbytes + k.nbytes + v.nbytes + lse + seg.nbytes  # q twice: q and the output
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~20 s: the Pallas interpreter compiles nine kernels
 def test_ring_with_splash_blocks_matches_the_reference_forward_and_backward():
     """The Pallas splash kernel per ring step (run by the Pallas interpreter here, the Mosaic kernel on TPU):
     its log-sum-exp merges the blocks and its dq / dkv kernels take the ring's output and log-sum-exp."""
