@@ -23,16 +23,26 @@ block came from), packed documents compare segment ids carried around the ring w
 keys, and attention soft-capping (Gemma 2) is applied to each block's scores: the same
 mask and scores as ``attention_reference``, so losses equal the unsplit run.
 
-Each block is computed by ``_flash_block``: a ``custom_vjp`` that scans key sub-blocks of
-``kv_chunk`` positions, saves only (output, log-sum-exp) and recomputes scores in the
-backward pass, so no [T/C, T/C] score matrix is ever kept per head. It is plain XLA on
-every platform; the TPU splash kernel per block is not wired in yet (docs/long-context.md).
+**Backward.** The whole ring is one ``custom_vjp`` (``_ring``): the forward keeps only q, k, v,
+the output and its log-sum-exp; the backward passes K/V around the ring again, now with their
+gradient accumulators dK/dV, recomputing each block's probabilities from the saved log-sum-exp
+(flash-attention's backward per block), and one last hop takes dK/dV home. Autodiff through the
+ring's loop would instead keep every step's block output, merge weights and received K/V, memory
+growing with the ring's length.
+
+**Blocks.** Besides its own (causal) block, a device's ring steps are each half empty under the
+balanced layout: either all its queries see the first half of the block or its later chunk sees
+all of it (``_ring_forward``), so each step computes a [2c, c] or [c, 2c] block with no causal cut,
+half the FLOPs of the whole block. A block is the Pallas splash kernel on TPU (``model.attention``
+auto or splash; not for sliding-window layers) or XLA einsums over key sub-blocks of ``KV_CHUNK``
+(``jaxcpt.model.ring_blocks``).
 
 Shapes: q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T]; H = K * G; c = T / (2C).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -40,9 +50,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxcpt.errors import UserError
+from jaxcpt.model import ring_blocks
+from jaxcpt.model.layers import compile_platform
 
 CONTEXT_AXIS = "context"
-KV_CHUNK = 512  # key sub-block of _flash_block: [B, H, T/C, 512] float32 scores at a time
+KV_CHUNK = 512  # key sub-block of the XLA blocks: [b, H, 2c, 512] float32 scores at a time
 
 
 def context_size() -> int:
@@ -91,155 +103,181 @@ def local_indices(shard: jax.Array, context: int, chunk: int) -> jax.Array:
     return jnp.concatenate([shard * chunk + steps, (2 * context - 1 - shard) * chunk + steps])
 
 
-# ----------------------------------------------------------------------------- one block, flash-style
-
-
-def _allowed(q_idx, k_idx, q_seg, k_seg, window):
-    """[B, 1, 1, Tq, n]: causal by row index, same document, inside the window (as ``attention_mask``)."""
-    ok = k_idx[None, :] <= q_idx[:, None]  # [Tq, n]
-    if window is not None:
-        ok &= k_idx[None, :] > q_idx[:, None] - window
-    same_doc = q_seg[:, :, None] == k_seg[:, None, :]  # [B, Tq, n]
-    return (ok[None] & same_doc)[:, None, None]
-
-
-def _scores(q, k, scale, softcap):
-    """q [B, Tq, K, G, D], k [B, n, K, D] -> (capped scores, tanh or None) [B, K, G, Tq, n] float32."""
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if softcap is None:
-        return s, None
-    t = jnp.tanh(s / softcap)
-    return softcap * t, t
-
-
-def _kv_chunks(x, chunk):  # [B, n*chunk, ...] -> [n, B, chunk, ...]
-    b, t = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
-
-
-def _chunk_of(length: int, kv_chunk: int) -> int:
-    return kv_chunk if length % kv_chunk == 0 and length > kv_chunk else length
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _flash_block(q, k, v, q_idx, k_idx, q_seg, k_seg, window, scale, softcap, kv_chunk):
-    """Attention of q [B, Tq, K, G, D] to one key block k/v [B, Tk, K, D] -> (out [B, Tq, K, G, D] float32
-    normalised within the block, lse [B, K, G, Tq] float32, -inf where the block holds no allowed key)."""
-    return _flash_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, window, scale, softcap, kv_chunk)
-
-
-def _flash_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, window, scale, softcap, kv_chunk):
-    b, tq, kh, g, d = q.shape
-    chunk = _chunk_of(k.shape[1], kv_chunk)
-    neg = jnp.finfo(jnp.float32).min
-
-    def body(carry, blk):
-        m, l, o = carry  # [B, K, G, Tq], [B, K, G, Tq], [B, K, G, Tq, D]
-        k_j, v_j, idx_j, seg_j = blk
-        s, _ = _scores(q, k_j, scale, softcap)
-        mask = _allowed(q_idx, idx_j, q_seg, seg_j, window)
-        m_new = jnp.maximum(m, jnp.where(mask, s, neg).max(-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # [B, K, G, Tq, n]
-        alpha = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
-        return (m_new, l * alpha + p.sum(-1), o * alpha[..., None] + pv), None
-
-    init = (jnp.full((b, kh, g, tq), neg, jnp.float32), jnp.zeros((b, kh, g, tq), jnp.float32),
-            jnp.zeros((b, kh, g, tq, d), jnp.float32))
-    blocks = (_kv_chunks(k, chunk), _kv_chunks(v, chunk), k_idx.reshape(-1, chunk), _kv_chunks(k_seg, chunk))
-    (m, l, o), _ = jax.lax.scan(body, init, blocks)
-    seen = l > 0
-    out = o / jnp.where(seen, l, 1.0)[..., None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-    return jnp.moveaxis(out, 3, 1), lse  # out [B, Tq, K, G, D]
-
-
-def _flash_fwd(q, k, v, q_idx, k_idx, q_seg, k_seg, window, scale, softcap, kv_chunk):
-    out, lse = _flash_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, window, scale, softcap, kv_chunk)
-    return (out, lse), (q, k, v, q_idx, k_idx, q_seg, k_seg, out, lse)
-
-
-def _flash_bwd(window, scale, softcap, kv_chunk, residuals, cotangents):
-    """The flash-attention backward pass, key sub-block by sub-block; ``d_lse`` enters as p * d_lse on the scores."""
-    q, k, v, q_idx, k_idx, q_seg, k_seg, out, lse = residuals
-    d_out, d_lse = cotangents  # [B, Tq, K, G, D], [B, K, G, Tq]
-    chunk = _chunk_of(k.shape[1], kv_chunk)
-    d_out_t = jnp.moveaxis(d_out, 1, 3)  # [B, K, G, Tq, D]
-    delta = (d_out_t * jnp.moveaxis(out, 1, 3)).sum(-1) - d_lse  # [B, K, G, Tq]
-    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-
-    def body(d_q, blk):
-        k_j, v_j, idx_j, seg_j = blk
-        s, t = _scores(q, k_j, scale, softcap)
-        mask = _allowed(q_idx, idx_j, q_seg, seg_j, window)
-        p = jnp.where(mask, jnp.exp(s - lse_safe[..., None]), 0.0)  # [B, K, G, Tq, n]
-        d_v = jnp.einsum("bkgts,bkgtd->bskd", p, d_out_t)
-        d_p = jnp.einsum("bkgtd,bskd->bkgts", d_out_t, v_j.astype(jnp.float32))
-        d_s = p * (d_p - delta[..., None])
-        if t is not None:  # through softcap * tanh(s / softcap)
-            d_s = d_s * (1.0 - t * t)
-        d_s = d_s * scale
-        d_q = d_q + jnp.einsum("bkgts,bskd->btkgd", d_s, k_j.astype(jnp.float32))
-        d_k = jnp.einsum("bkgts,btkgd->bskd", d_s, q.astype(jnp.float32))
-        return d_q, (d_k, d_v)
-
-    blocks = (_kv_chunks(k, chunk), _kv_chunks(v, chunk), k_idx.reshape(-1, chunk), _kv_chunks(k_seg, chunk))
-    d_q, (d_k, d_v) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), blocks)
-
-    def unchunk(x):  # [n, B, chunk, K, D] -> [B, Tk, K, D]
-        return jnp.moveaxis(x, 0, 1).reshape(k.shape)
-
-    return (d_q.astype(q.dtype), unchunk(d_k).astype(k.dtype), unchunk(d_v).astype(v.dtype), None, None, None, None)
-
-
-_flash_block.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _merge(out_a, lse_a, out_b, lse_b):
-    """Two partial attentions over disjoint key sets -> the attention over their union (log-sum-exp weights)."""
-    top = jnp.maximum(lse_a, lse_b)  # finite: lse_a always holds the query's own position
-    w_a, w_b = jnp.exp(lse_a - top), jnp.exp(lse_b - top)
-    lse = top + jnp.log(w_a + w_b)  # [B, K, G, Tq]
-    a = jnp.moveaxis(jnp.exp(lse_a - lse), 3, 1)[..., None]  # [B, Tq, K, G, 1]
-    b = jnp.moveaxis(jnp.exp(lse_b - lse), 3, 1)[..., None]
-    return out_a * a + out_b * b, lse
-
-
 # ----------------------------------------------------------------------------- the ring
 
 
-def _ring_local(q, k, v, segment_ids, *, context, window, scale, softcap, kv_chunk):
+@dataclasses.dataclass(frozen=True)
+class RingOptions:
+    """What a layer's ring computes (static: a ``custom_vjp`` nondiff argument)."""
+
+    context: int  # devices on the ring
+    window: int | None  # sliding window (keys within the last ``window`` positions), None: full causal
+    scale: float  # score scale, D ** -0.5 unless the family sets it
+    softcap: float | None  # attention logit soft-capping (Gemma 2)
+    kv_chunk: int  # key sub-block of the XLA blocks
+    splash: bool = False  # blocks by the Pallas splash kernel (ring_blocks.splash_*), else XLA einsums
+    interpret: bool = False  # the splash kernel in Pallas interpret mode (not on a TPU: tests)
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """Two partial attentions over disjoint key sets -> the attention over their union (log-sum-exp weights).
+
+    out [b, K, G, T, D], lse [b, K, G, T]; lse_a is always finite (it holds the query's own position)."""
+    top = jnp.maximum(lse_a, lse_b)
+    w_a, w_b = jnp.exp(lse_a - top), jnp.exp(lse_b - top)  # [b, K, G, T]
+    total = w_a + w_b
+    return (out_a * w_a[..., None] + out_b * w_b[..., None]) / total[..., None], top + jnp.log(total)
+
+
+def _block_forward(opts, causal, q, k, v, q_idx, k_idx, q_seg, k_seg):
+    if opts.splash:
+        return ring_blocks.splash_forward(opts, causal, q, k, v, q_seg, k_seg)
+    return ring_blocks.xla_forward(opts, q, k, v, q_idx, k_idx, q_seg, k_seg)
+
+
+def _block_backward(opts, causal, q, k, v, q_idx, k_idx, q_seg, k_seg, out, d_out, lse):
+    if opts.splash:
+        return ring_blocks.splash_backward(opts, causal, q, k, v, q_seg, k_seg, out, d_out, lse)
+    return ring_blocks.xla_backward(opts, q, k, v, q_idx, k_idx, q_seg, k_seg, out, d_out, lse)
+
+
+# Which part of a ring step is not masked out. Device r holds row chunks (r, 2C-1-r); at ring step s
+# it has the keys of device j = (r - s) mod C, chunks (j, 2C-1-j). For j < r, both of r's chunks come
+# after chunk j and before chunk 2C-1-j: all queries see the block's first half, none its second
+# ("early"). For j > r, chunk r precedes both of j's chunks and chunk 2C-1-r follows both: the
+# second half of the queries sees the whole block, the first half nothing ("late"). Either way the
+# step is a [2c, c] or [c, 2c] block with no causal cut inside it: half the work of the whole [2c, 2c]
+# block, and a full mask for splash. Step 0 (j = r) is the one causal block. Windows and documents
+# can mask more, by the row indices and segment ids the XLA blocks compare.
+
+
+def _ring_forward(opts, q, k, v, seg):
+    """Per device: q [b, K, G, 2c, D], k/v [b, K, 2c, D], seg [b, 2c] -> (out float32, lse [b, K, G, 2c])."""
+    c = q.shape[3] // 2
+    shard = jax.lax.axis_index(CONTEXT_AXIS)
+    idx = local_indices(shard, opts.context, c)  # [2c] row indices of this device's positions
+    out, lse = _block_forward(opts, True, q, k, v, idx, idx, seg, seg)  # own block: every query sees itself
+
+    def early(out, lse, k_j, v_j, idx_j, seg_j):
+        o, l = _block_forward(opts, False, q, k_j[:, :, :c], v_j[:, :, :c], idx, idx_j[:c], seg, seg_j[:, :c])
+        return _merge(out, lse, o, l)
+
+    def late(out, lse, k_j, v_j, idx_j, seg_j):
+        o, l = _block_forward(opts, False, q[:, :, :, c:], k_j, v_j, idx[c:], idx_j, seg[:, c:], seg_j)
+        o, l = _merge(out[:, :, :, c:], lse[..., c:], o, l)
+        return out.at[:, :, :, c:].set(o), lse.at[..., c:].set(l)
+
+    def step(carry, s):
+        out, lse, blk = carry
+        # Send the block on before computing with it, so the transfer overlaps this step's attention.
+        blk = jax.lax.ppermute(blk, CONTEXT_AXIS, _ring_pairs(opts.context))
+        source = (shard - s) % opts.context
+        k_j, v_j, seg_j = blk
+        idx_j = local_indices(source, opts.context, c)
+        out, lse = jax.lax.cond(source < shard, early, late, out, lse, k_j, v_j, idx_j, seg_j)
+        return (out, lse, blk), None
+
+    (out, lse, _), _ = jax.lax.scan(step, (out, lse, (k, v, seg)), jnp.arange(1, opts.context))
+    return out, lse
+
+
+def _ring_backward(opts, q, k, v, seg, out, lse, d_out):
+    """The ring again: K/V travel with their gradient accumulators; each step recomputes its block's
+    probabilities from the saved lse. -> dq [b, K, G, 2c, D], dk / dv [b, K, 2c, D], float32."""
+    c = q.shape[3] // 2
+    shard = jax.lax.axis_index(CONTEXT_AXIS)
+    idx = local_indices(shard, opts.context, c)
+    d_q, d_k, d_v = _block_backward(opts, True, q, k, v, idx, idx, seg, seg, out, d_out, lse)
+
+    def early(d_q, d_k, d_v, k_j, v_j, idx_j, seg_j):
+        g_q, g_k, g_v = _block_backward(opts, False, q, k_j[:, :, :c], v_j[:, :, :c], idx, idx_j[:c], seg,
+                                        seg_j[:, :c], out, d_out, lse)
+        return d_q + g_q, d_k.at[:, :, :c].add(g_k), d_v.at[:, :, :c].add(g_v)
+
+    def late(d_q, d_k, d_v, k_j, v_j, idx_j, seg_j):
+        g_q, g_k, g_v = _block_backward(opts, False, q[:, :, :, c:], k_j, v_j, idx[c:], idx_j, seg[:, c:], seg_j,
+                                        out[:, :, :, c:], d_out[:, :, :, c:], lse[..., c:])
+        return d_q.at[:, :, :, c:].add(g_q), d_k + g_k, d_v + g_v
+
+    def step(carry, s):
+        d_q, blk, d_k, d_v = carry
+        # d_k / d_v are the accumulated gradients of the block they travel with: one ppermute moves both.
+        blk, d_k, d_v = jax.lax.ppermute((blk, d_k, d_v), CONTEXT_AXIS, _ring_pairs(opts.context))
+        source = (shard - s) % opts.context
+        k_j, v_j, seg_j = blk
+        idx_j = local_indices(source, opts.context, c)
+        d_q, d_k, d_v = jax.lax.cond(source < shard, early, late, d_q, d_k, d_v, k_j, v_j, idx_j, seg_j)
+        return (d_q, blk, d_k, d_v), None
+
+    (d_q, _, d_k, d_v), _ = jax.lax.scan(step, (d_q, (k, v, seg), d_k, d_v), jnp.arange(1, opts.context))
+    # After C - 1 steps device r holds the gradients of device r + 1's block: one more hop takes them home.
+    d_k, d_v = jax.lax.ppermute((d_k, d_v), CONTEXT_AXIS, _ring_pairs(opts.context))
+    return d_q, d_k, d_v
+
+
+def _ring_pairs(context: int):
+    return [(j, (j + 1) % context) for j in range(context)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(opts, q, k, v, seg):
+    """Ring attention per device (head-major, as ``_ring_forward``) -> out [b, K, G, 2c, D] in q's dtype.
+
+    A ``custom_vjp`` over the whole ring: autodiff through the ring's loop would keep every step's
+    block output, weights and received K/V for the backward pass, memory growing with the ring's
+    length; this keeps only (q, k, v, out, lse) and runs the ring again backwards (``_ring_backward``)."""
+    return _ring_forward(opts, q, k, v, seg)[0].astype(q.dtype)
+
+
+def _ring_fwd(opts, q, k, v, seg):
+    out, lse = _ring_forward(opts, q, k, v, seg)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _ring_bwd(opts, residuals, d_out):
+    q, k, v, seg, out, lse = residuals
+    d_q, d_k, d_v = _ring_backward(opts, q, k, v, seg, out, lse, d_out)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _ring_local(q, k, v, segment_ids, *, opts):
     """Per device: q [b, 2c, h, D], k/v [b, 2c, kv, D], segment_ids [b, 2c] (balanced layout) -> [b, 2c, h, D]."""
     b, t, h, d = q.shape
     kh = k.shape[2]
-    shard = jax.lax.axis_index(CONTEXT_AXIS)
-    idx = local_indices(shard, context, t // 2)  # [2c] row indices of this device's positions
-    q5 = q.reshape(b, t, kh, h // kh, d)  # [b, 2c, K, G, D]
+    q5 = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [b, K, G, 2c, D]
+    out = _ring(opts, q5, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids)  # k/v [b, K, 2c, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
-    def block(q_, k_, v_, q_idx, k_idx, q_seg, k_seg):
-        return _flash_block(q_, k_, v_, q_idx, k_idx, q_seg, k_seg, window, scale, softcap, kv_chunk)
 
-    out, lse = block(q5, k, v, idx, idx, segment_ids, segment_ids)  # own block first: every query sees itself
-    ring = [(j, (j + 1) % context) for j in range(context)]
+def block_kernel(attention: str, sliding_window, chunk: int) -> tuple[bool, bool]:
+    """(splash, interpret) for a ring whose devices hold two chunks of ``chunk`` positions.
 
-    def step(carry, _):
-        out, lse, blk = carry
-        # Send the block on before computing with it, so the transfer overlaps the block's attention.
-        # (The last step's send is unused: the price of a fixed-shape scan.)
-        blk = jax.tree.map(lambda x: jax.lax.ppermute(x, CONTEXT_AXIS, ring), blk)
-        k_j, v_j, idx_j, seg_j = blk
-        out_j, lse_j = block(q5, k_j, v_j, idx, idx_j, segment_ids, seg_j)
-        out, lse = _merge(out, lse, out_j, lse_j)
-        return (out, lse, blk), None
-
-    (out, _, _), _ = jax.lax.scan(step, (out, lse, (k, v, idx, segment_ids)), None, length=context - 1)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    Splash on TPU when ``model.attention`` is auto or splash, and model.attention=splash elsewhere (Pallas
+    interpret mode: tests). XLA blocks otherwise, and for sliding-window layers: a window cuts a ring step's
+    block at an offset that depends on the step (a static splash mask cannot hold it)."""
+    platform = compile_platform()
+    wanted = attention == "splash" or (attention == "auto" and platform == "tpu")
+    if not wanted or sliding_window is not None:
+        return False, False
+    if not ring_blocks.splash_fits(chunk, chunk):
+        if attention == "splash":
+            raise UserError(f"model.attention=splash under a 'context' axis needs each device's two chunks to be "
+                            f"multiples of 128 positions, got {chunk}: make data.seq_len a multiple of "
+                            f"{2 * 128} x mesh.context, or set model.attention to auto or xla")
+        return False, False
+    if not ring_blocks.splash_available():  # a jax without the kernel's backward as a function: XLA blocks
+        return False, False
+    return True, platform != "tpu"
 
 
 def ring_attention(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None, rules=(),
-                   kv_chunk: int | None = None):
+                   kv_chunk: int | None = None, attention: str = "auto"):
     """Attention over the ``context`` axis of the current mesh: inputs in the balanced layout (``to_balanced``),
-    the same signature as the functions of ``jaxcpt.model.attention``."""
+    the same signature as the functions of ``jaxcpt.model.attention``; ``attention`` is ``model.attention``."""
     from jaxcpt.sharding.rules import logical_to_spec
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -257,11 +295,11 @@ def ring_attention(q, k, v, segment_ids, sliding_window=None, *, scale=None, sof
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         kv_spec = q_spec
     seg_spec = PartitionSpec(*tuple(q_spec)[:2])
-    local = functools.partial(_ring_local, context=context, window=sliding_window,
-                              scale=q.shape[-1] ** -0.5 if scale is None else scale, softcap=softcap,
-                              kv_chunk=kv_chunk or KV_CHUNK)
-    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False)(
-        q, k, v, segment_ids)
+    splash, interpret = block_kernel(attention, sliding_window, q.shape[1] // (2 * context))
+    opts = RingOptions(context=context, window=sliding_window, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                       softcap=softcap, kv_chunk=kv_chunk or KV_CHUNK, splash=splash, interpret=interpret)
+    return jax.shard_map(functools.partial(_ring_local, opts=opts), in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
 
 
 class ContextLayout:
@@ -281,8 +319,9 @@ class ContextLayout:
         """[B, T] integer inputs (ids, segment ids, positions) in the balanced order."""
         return tuple(to_balanced(x, self.context) for x in arrays)
 
-    def attention(self):
-        return functools.partial(ring_attention, rules=self.rules)
+    def attention(self, attention: str = "auto"):
+        """The ring, with splash blocks where ``model.attention`` (``attention``) and the platform allow."""
+        return functools.partial(ring_attention, rules=self.rules, attention=attention)
 
     def outputs(self, hidden):
         """[B, T, E] back in row order, for the loss and the logits."""

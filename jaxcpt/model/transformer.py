@@ -344,7 +344,7 @@ class Transformer(nnx.Module):
             if cfg.attention_sinks:  # the ring's blockwise softmax has no sink term
                 raise ConfigError("context parallelism (a 'context' mesh axis) does not support attention sinks "
                                   "(model.attention_sinks, gpt-oss); drop the context axis from mesh")
-            attention_fn = context.attention()
+            attention_fn = context.attention(cfg.attention)
         block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
                                   attend=packed_attention(cfg, attention_fn, segment_ids), valid=segment_ids != 0)
         if remat_lib.block_policy(cfg) is not None:
