@@ -219,6 +219,10 @@ class ModelConfig:
     def validate(self) -> None:
         if self.lora is not None:
             self.lora.validate()
+            linear_targets = [t for t in self.lora.targets if t.startswith("lin_")]
+            if linear_targets and not self.linear_layers:
+                raise ConfigError(f"model.lora.targets names {', '.join(linear_targets)}, projections of Gated DeltaNet "
+                                  "layers, but this model has no linear_attention layers; drop them from the targets")
         if self.moe is not None:
             self.moe.validate()
             if self.lora is not None and set(self.lora.targets) & {"gate", "up", "down"}:
@@ -317,4 +321,10 @@ class ModelConfig:
         sizes = {"q": (e, (2 if self.attn_output_gate else 1) * h * d), "k": (e, k * d), "v": (e, k * d), "o": (h * d, e), "gate": (e, f), "up": (e, f),
                  "down": (f, e)}  # (in, out) of each projection
         layers = {t: len(self.attention_layers) if t in ("q", "k", "v", "o") else self.num_layers for t in sizes}
+        if self.linear_layers:  # the Gated DeltaNet projections, on the linear layers only
+            lin = self.linear_attention
+            heads = lin.num_value_heads * lin.value_head_dim
+            sizes |= {"lin_qkv": (e, lin.conv_channels), "lin_z": (e, heads), "lin_b": (e, lin.num_value_heads),
+                      "lin_a": (e, lin.num_value_heads), "lin_out": (heads, e)}
+            layers |= dict.fromkeys(("lin_qkv", "lin_z", "lin_b", "lin_a", "lin_out"), len(self.linear_layers))
         return self.lora.rank * sum(layers[t] * sum(sizes[t]) for t in self.lora.targets)
