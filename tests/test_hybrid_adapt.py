@@ -29,6 +29,7 @@ from jaxcpt.hf import load_hf, save_hf
 from jaxcpt.hf.families import config_from_hf
 from jaxcpt.hf.peft_export import save_peft_adapter
 from jaxcpt.model.lora import LoraConfig
+from jaxcpt.model.transformer import abstract_model
 from jaxcpt.model.persist import base_model, fresh_adapters, model_from_params, params_of, with_adapters
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
@@ -232,7 +233,7 @@ def test_lora_targets_that_cannot_work_are_refused_naming_why():
     with pytest.raises(ConfigError, match="lin_z, projections of Gated DeltaNet layers, but this model has no "
                                           "linear_attention layers"):
         dense = config_from_hf(FAMILIES["olmo3"]().to_dict())
-        dataclasses.replace(dense, lora=LoraConfig(targets=["q", "lin_z"])).validate()
+        abstract_model(dataclasses.replace(dense, lora=LoraConfig(targets=["q", "lin_z"])))
 
 
 def test_a_trained_parameter_that_is_not_a_module_is_refused_in_the_peft_export(adapted_hybrid, tmp_path):
@@ -265,7 +266,7 @@ def test_a_lora_run_on_the_hybrid_trains_its_adapters_only_and_exports_what_peft
         "data.seq_len=32", "data.eval_rows=8", "data.shuffle_buffer=32", "train.steps=3", "train.batch_size=8",
         "train.log_every=1", "eval.every=0", "checkpoint.every_steps=0", "optim.schedule.peak_lr=1e-2",
         "optim.schedule.warmup_steps=1", "mesh={fsdp: 2, tensor: 4}", f"model.lora={{rank: 4, alpha: 8, targets: [{targets}]}}",
-        "model.linear_attention.chunk_size=8", "export.final=true", "export.dtype=float32"]))
+        "export.final=true", "export.dtype=float32"]))
     run = tmp_path / "run"
     opened = open_model(run, lora="adapter", mesh=build_mesh({"data": 8}))
     trained = jax.tree.map(np.asarray, opened.params)

@@ -219,10 +219,6 @@ class ModelConfig:
     def validate(self) -> None:
         if self.lora is not None:
             self.lora.validate()
-            linear_targets = [t for t in self.lora.targets if t.startswith("lin_")]
-            if linear_targets and not self.linear_layers:
-                raise ConfigError(f"model.lora.targets names {', '.join(linear_targets)}, projections of Gated DeltaNet "
-                                  "layers, but this model has no linear_attention layers; drop them from the targets")
         if self.moe is not None:
             self.moe.validate()
             if self.lora is not None and set(self.lora.targets) & {"gate", "up", "down"}:

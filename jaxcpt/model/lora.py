@@ -107,6 +107,15 @@ class LoraConfig:
             raise ConfigError(f"targets lists a projection twice: {self.targets}")
 
 
+def check_targets(lora: LoraConfig, has_linear_layers: bool) -> None:
+    """Refuse Gated DeltaNet targets on a model without such layers. Checked where the adapters are created, on the
+    model's real config: a run that starts from a checkpoint validates ``model.lora`` before it knows the layers."""
+    linear = [t for t in lora.targets if t in LINEAR_ATTENTION]
+    if linear and not has_linear_layers:
+        raise ConfigError(f"model.lora.targets names {', '.join(linear)}, projections of Gated DeltaNet layers, but "
+                          "this model has no linear_attention layers; drop them from the targets")
+
+
 def adapter_names(target: str) -> tuple[str, str]:
     return f"{target}_lora_a", f"{target}_lora_b"
 
