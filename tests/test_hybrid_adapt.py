@@ -197,11 +197,11 @@ def _peft_logits(base_dir, adapter_dir, input_ids):
 @pytest.fixture(scope="module")
 def adapted_hybrid(tmp_path_factory):
     """(base HF directory, the Qwen3.5 model with random adapters on attention, Gated DeltaNet and MLP projections,
-    its linear layers' gated-norm scales and A_log moved as if they had trained)."""
+    its linear layers' gated-norm scales moved as if they had trained)."""
     directory = tmp_path_factory.mktemp("qwen3_5_lora") / "base"
     make_model("qwen3_5_text", directory)
     lora = LoraConfig(rank=3, alpha=6.0, targets=["q", "v", "o", *LINEAR_TARGETS, "down"])
-    return directory, _adapted(directory, lora, trained_too=("layers.lin_norm", "layers.lin_a_log"))
+    return directory, _adapted(directory, lora, trained_too=("layers.lin_norm",))
 
 
 def test_lora_on_attention_and_gated_deltanet_projections_loads_in_peft_and_merges(adapted_hybrid, tmp_path):
