@@ -292,3 +292,110 @@ def test_expand_depth_copies_whole_pattern_repeats_and_keeps_the_function(hf_dir
     assert grown.config.layer_types == (["linear_attention"] * 3 + ["full_attention"]) * 4
     assert rel_err(torch_logits(grown, input_ids), torch_logits(hf_dir[1], input_ids)) < 1e-5
     assert main(["expand-depth", str(hf_dir[0]), "--after", "1", "--out", str(tmp_path / "bad")]) == 2
+
+
+# --- sharding and compiling ---------------------------------------------------------------------------------------
+
+# One repeat of the pattern; weights 10x the default init, so every layer moves the loss (at 0.02 the logits are
+# nearly uniform and a wrongly sharded mixer would hide under 1e-5). Heads divide a tensor axis of 4 (4 query and 4
+# linear value heads; the 2 KV heads stay whole on that axis, as the rules say).
+HYBRID = ModelConfig(family="qwen3_5_text", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=4,
+                     num_heads=4, num_kv_heads=2, head_dim=16, norm_plus_one=True, qk_norm=True, attn_output_gate=True,
+                     partial_rotary_factor=0.25, layer_types=("linear_attention",) * 3 + ("full_attention",),
+                     linear_attention=LinearAttentionConfig(num_key_heads=2, num_value_heads=4, key_head_dim=16,
+                                                            value_head_dim=8, chunk_size=8),
+                     initializer_range=0.2)
+MESHES = [{"data": 8}, {"fsdp": 4, "data": 2}, {"fsdp": 2, "tensor": 4}]
+
+
+def _packed_batch():
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(0, 256, size=(8, 33))
+    return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+            "segment_ids": jnp.asarray(np.repeat([[1] * 20 + [2] * 12], 8, axis=0)),
+            "positions": jnp.asarray(np.repeat([list(range(20)) + list(range(12))], 8, axis=0)),
+            "loss_mask": jnp.asarray((rng.rand(8, 32) > 0.1).astype(np.float32))}
+
+
+def _loss_and_grads(mesh_axes, grads: bool):
+    """(loss, gradients or None, model) of HYBRID on the packed batch under a mesh of ``mesh_axes``."""
+    from jaxcpt.model.persist import params_of
+    from jaxcpt.model.transformer import init_model
+    from jaxcpt.sharding.mesh import build_mesh
+    from jaxcpt.train.loss import model_loss
+
+    mesh = build_mesh(mesh_axes)
+    model = init_model(HYBRID, mesh, seed=3)  # the same values whatever the layout
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        return model_loss(nnx.merge(graphdef, state), _packed_batch(), chunk_size=8)[0]
+
+    with jax.set_mesh(mesh):  # traced under the mesh, as the train step is
+        if not grads:
+            return float(jax.jit(loss)(state)), None, model
+        value, grad = jax.jit(jax.value_and_grad(loss))(state)
+    return float(value), jax.tree.map(np.asarray, params_of(nnx.merge(graphdef, grad))), model
+
+
+def test_hybrid_loss_is_the_same_under_every_mesh_and_its_weights_sit_where_the_rules_say():
+    from jax.sharding import PartitionSpec as P
+
+    results = [_loss_and_grads(axes, grads=False) for axes in MESHES]
+    for axes, (loss, _, _) in zip(MESHES[1:], results[1:]):
+        assert abs(loss - results[0][0]) / abs(results[0][0]) < 1e-5, (axes, loss, results[0][0])
+    # the Gated DeltaNet weights sit where the one rule table says: value heads over tensor, embed over fsdp
+    model = results[2][2]
+    specs = {".".join(path): v[...].sharding.spec for path, v in nnx.to_flat_state(nnx.state(model))}
+    assert {name: specs[f"layers.{name}"] for name in ("lin_qkv", "lin_conv", "lin_z", "lin_b", "lin_a", "lin_dt_bias",
+                                                        "lin_a_log", "lin_norm", "lin_out", "q", "k")} == {
+        "lin_qkv": P(None, "fsdp"), "lin_conv": P(), "lin_z": P(None, "fsdp", "tensor"),
+        "lin_b": P(None, "fsdp", "tensor"), "lin_a": P(None, "fsdp", "tensor"), "lin_dt_bias": P(None, "tensor"),
+        "lin_a_log": P(None, "tensor"), "lin_norm": P(), "lin_out": P(None, "tensor", None, "fsdp"),
+        "q": P(None, "fsdp", "tensor"), "k": P(None, "fsdp")}
+
+
+@pytest.mark.slow  # compiled backward passes of the hybrid on 8 CPU devices (~30 s of CPU each)
+def test_hybrid_gradients_are_the_same_with_heads_split_over_tensor():
+    meshes = [MESHES[0], MESHES[2]]  # data-parallel against fsdp x tensor (heads and linear heads split)
+    (loss, grads, _), *others = [_loss_and_grads(axes, grads=True) for axes in meshes]
+    for axes, (other_loss, other_grads, _) in zip(meshes[1:], others):
+        assert abs(other_loss - loss) / abs(loss) < 1e-5, (axes, other_loss, loss)
+        errors = jax.tree.map(rel_err, other_grads, grads)
+        print(axes, "loss", abs(other_loss - loss) / abs(loss), "worst gradient", max(jax.tree.leaves(errors)))
+        assert max(jax.tree.leaves(errors)) < 1e-4, (axes, errors)
+
+
+@pytest.mark.slow  # a TPU compile (libtpu on this CPU host) of a tiny hybrid train step
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed: pip install "
+                    "'jaxcpt[tpu-compile]' (in the test extra)")
+def test_tiny_hybrid_compiles_for_tpu_with_splash_and_the_chunk_scan_of_the_delta_rule():
+    """The attention layer lowers to the Pallas splash kernel, and the Gated DeltaNet layers to XLA loops (the scan
+    over chunks) from gated_deltanet.py: what the Qwen3.5-9B compile in docs/qwen3_5.md runs at full size."""
+    from jaxcpt.aot.topology import parse_topology
+    from jaxcpt.sharding.mesh import build_mesh
+    from jaxcpt.sharding.rules import make_rules
+    from jaxcpt.train.config import load_train_config
+    from jaxcpt.train.setup import build_program
+
+    cfg = load_train_config(None, [
+        "model.family=qwen3_5_text", "model.vocab_size=256", "model.hidden_size=128", "model.intermediate_size=256",
+        "model.num_layers=8", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=128", "model.qk_norm=true",
+        "model.norm_plus_one=true", "model.attn_output_gate=true", "model.partial_rotary_factor=0.25",
+        "model.layer_types=[linear_attention, linear_attention, linear_attention, full_attention, linear_attention, "
+        "linear_attention, linear_attention, full_attention]",
+        "model.linear_attention={num_key_heads: 2, num_value_heads: 4, key_head_dim: 64, value_head_dim: 64}",
+        "model.dtype=bfloat16", "model.remat=full", "mesh={fsdp: 2, data: 2}", "data.seq_len=256",
+        "train.batch_size=8", "data.sources=[{name: a, paths: [x]}]"])
+    topology = parse_topology("v5p-8")
+    mesh = build_mesh(cfg.mesh, devices=topology.devices())
+    program = build_program(cfg, cfg.model, mesh, make_rules(), num_sources=1)
+    with topology.lowering_checks():
+        compiled = program.lower_train_step().compile()
+    text = compiled.as_text()
+    assert text.count(topology.kernel_call) >= 3  # splash forward, dq, dkv: the real Mosaic kernel
+    # the scan over chunks: a loop inside the scan over layer groups carrying the recurrent state, [B, Hv, Dk, Dv]
+    # float32 per chip (8 rows over data x fsdp = 2 rows, 4 value heads of 64 x 64); the state never leaves it
+    state = "f32[2,4,64,64]"
+    loops = [line for line in text.splitlines() if " while(" in line and state in line and "while/body" in line]
+    assert len(loops) >= 3, "the chunked delta rule's scan (one per linear layer of the pattern) is not in the program"

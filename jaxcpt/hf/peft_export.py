@@ -94,6 +94,12 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
         raise UserError(f"export dtype '{dtype}' is not one of {', '.join(NUMPY_DTYPES)}")
     rows = tensor_table(cfg)
     by_path = {row.path: row for row in rows}
+    for row in rows:  # before anything is staged: a refusal writes nothing
+        if ".".join(row.path) in trained and not row.hf_name.endswith(".weight"):
+            raise UserError(
+                f"'{'.'.join(row.path)}' trained, but its HF tensor '{row.hf_name}' is a parameter of the module "
+                f"'{row.hf_name.rsplit('.', 1)[0]}', not a module of its own, and peft's modules_to_save holds whole "
+                "modules; export the merged model instead (export.lora=merged, or jaxcpt export-hf RUN --lora merged)")
     state = nnx.state(model)
     staged = StagedExport(path, overwrite)
     tensors: dict[str, np.ndarray] = {}

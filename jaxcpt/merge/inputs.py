@@ -33,10 +33,12 @@ from jaxcpt.model.config import ModelConfig
 # Settings that decide the tensors' shapes and meaning: inputs must agree on all of them.
 STRUCTURE_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_kv_heads", "head_size", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm",
-                    "post_norms", "pre_norms", "qk_norm_scope")
+                    "post_norms", "pre_norms", "qk_norm_scope",
+                    # hybrids: which layers are Gated DeltaNet decides which tensors exist, and their heads the shapes
+                    "linear_layers", "linear_attention", "attn_output_gate")
 # Settings that leave the tensors alone: the merged model takes the first CPT model's, and a difference is noted.
 CONFIG_FIELDS = ("rope_theta", "rope_scaling", "rope_local_theta", "rms_norm_eps", "sliding_window", "layer_types",
-                 "rope_layers",
+                 "rope_layers", "partial_rotary_factor",
                  "max_position_embeddings", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
                  "bos_token_id", "eos_token_id", "pad_token_id")
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
@@ -214,13 +216,22 @@ def _describe(value) -> str:
     return repr(value) if not dataclasses.is_dataclass(value) else str(dataclasses.asdict(value))
 
 
+def _structure(cfg: ModelConfig, name: str):
+    """A structure setting of ``cfg``; linear_attention without its chunk_size, a training choice that leaves the
+    tensors alone."""
+    value = getattr(cfg, name)
+    if name == "linear_attention" and value is not None:
+        value = {key: v for key, v in dataclasses.asdict(value).items() if key != "chunk_size"}
+    return value
+
+
 def check_compatible(base: ModelInput, models: list[ModelInput]) -> list[str]:
     """Raise UserError listing every structural difference; return notes on the other config differences."""
     problems, notes = [], []
     for i, model in enumerate(models, start=1):
         label = f"model {i} ({model.path})" if len(models) > 1 else f"the model ({model.path})"
         for name in STRUCTURE_FIELDS:
-            a, b = getattr(base.config, name), getattr(model.config, name)
+            a, b = _structure(base.config, name), _structure(model.config, name)
             if a != b:
                 problems.append(f"{name}: {_describe(a)} in the base, {_describe(b)} in {label}")
         for name in CONFIG_FIELDS:

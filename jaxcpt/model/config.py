@@ -381,4 +381,10 @@ class ModelConfig:
         sizes = {"q": (e, (2 if self.attn_output_gate else 1) * h * d), "k": (e, k * d), "v": (e, k * d), "o": (h * d, e), "gate": (e, f), "up": (e, f),
                  "down": (f, e)}  # (in, out) of each projection
         layers = {t: len(self.attention_layers) if t in ("q", "k", "v", "o") else self.num_layers for t in sizes}
+        if self.linear_layers:  # the Gated DeltaNet projections, on the linear layers only
+            lin = self.linear_attention
+            heads = lin.num_value_heads * lin.value_head_dim
+            sizes |= {"lin_qkv": (e, lin.conv_channels), "lin_z": (e, heads), "lin_b": (e, lin.num_value_heads),
+                      "lin_a": (e, lin.num_value_heads), "lin_out": (heads, e)}
+            layers |= dict.fromkeys(("lin_qkv", "lin_z", "lin_b", "lin_a", "lin_out"), len(self.linear_layers))
         return self.lora.rank * sum(layers[t] * sum(sizes[t]) for t in self.lora.targets)

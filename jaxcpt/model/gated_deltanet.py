@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcpt.model.layers import dense
+from jaxcpt.model.layers import dense, low_rank_update
 
 
 def document_index(segment_ids: jax.Array) -> jax.Array:
@@ -171,31 +171,42 @@ class LinearState(NamedTuple):
     conv: jax.Array  # [B, W-1, C] the last W-1 conv inputs
 
 
+def _projection(p: dict, x: jax.Array, name: str, lora_scale: float | None, contract: int = 1) -> jax.Array:
+    """x [..., *in] @ p[name] [*in, *out], plus its LoRA update scale * (x A) B when ``p`` holds adapters for it
+    (``{name}_lora_a`` / ``_lora_b``, jaxcpt.model.lora), added last as peft adds it to the base layer's output."""
+    out = dense(x, p[name], contract)
+    if lora_scale is not None and f"{name}_lora_a" in p:
+        out = out + low_rank_update(x, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora_scale, contract)
+    return out
+
+
 def gated_deltanet(p: dict, h: jax.Array, doc: jax.Array, *, num_key_heads: int, key_head_dim: int,
-                   value_head_dim: int, eps: float, chunk_size: int, state: LinearState | None = None):
+                   value_head_dim: int, eps: float, chunk_size: int, state: LinearState | None = None,
+                   lora_scale: float | None = None):
     """The linear-attention mixer of one layer: normed input h [B, T, E] -> ([B, T, E], LinearState).
 
     ``p`` holds this layer's ``lin_*`` weights (``transformer.LayerStack``): qkv [E, C], conv [W, C],
-    z [E, Hv, Dv], b and a [E, Hv], dt_bias and a_log [Hv], norm [Dv], out [Hv, Dv, E].
+    z [E, Hv, Dv], b and a [E, Hv], dt_bias and a_log [Hv], norm [Dv], out [Hv, Dv, E], and the LoRA adapters
+    of whichever of qkv, z, b, a, out ``model.lora`` targets (scaled by ``lora_scale``).
     ``state`` continues a row across calls (decoding); without it every row starts empty.
     """
     b, t, _ = h.shape
     key_dim = num_key_heads * key_head_dim
-    mixed = dense(h, p["lin_qkv"])  # [B, T, C]
+    mixed = _projection(p, h, "lin_qkv", lora_scale)  # [B, T, C]
     history = None if state is None else state.conv
     history_doc = None if state is None else jnp.broadcast_to(doc[:, :1], (b, history.shape[1]))  # continues doc 0
     conv_out = causal_conv(mixed, p["lin_conv"], doc, history, history_doc)  # [B, T, C]
     q = conv_out[..., :key_dim].reshape(b, t, num_key_heads, key_head_dim)  # [B, T, Hk, Dk]
     k = conv_out[..., key_dim:2 * key_dim].reshape(b, t, num_key_heads, key_head_dim)  # [B, T, Hk, Dk]
     v = conv_out[..., 2 * key_dim:].reshape(b, t, -1, value_head_dim)  # [B, T, Hv, Dv]
-    z = dense(h, p["lin_z"])  # [B, T, Hv, Dv]: the output gate
-    beta = jax.nn.sigmoid(dense(h, p["lin_b"]))  # [B, T, Hv]
-    a = dense(h, p["lin_a"]).astype(jnp.float32)  # [B, T, Hv]
+    z = _projection(p, h, "lin_z", lora_scale)  # [B, T, Hv, Dv]: the output gate
+    beta = jax.nn.sigmoid(_projection(p, h, "lin_b", lora_scale))  # [B, T, Hv]
+    a = _projection(p, h, "lin_a", lora_scale).astype(jnp.float32)  # [B, T, Hv]
     g = -jnp.exp(p["lin_a_log"].astype(jnp.float32)) * jax.nn.softplus(a + p["lin_dt_bias"].astype(jnp.float32))
     core, recurrent = gated_delta_rule(q, k, v, g, beta, doc, chunk_size=chunk_size,
                                        initial_state=None if state is None else state.recurrent)
     core = gated_rms_norm(core.astype(h.dtype), z, p["lin_norm"], eps)  # [B, T, Hv, Dv]
-    out = dense(core, p["lin_out"], 2)  # [B, T, E]
+    out = _projection(p, core, "lin_out", lora_scale, 2)  # [B, T, E]
     # the conv inputs the next call continues from: the last document's (zeros before it, as a reset)
     width = p["lin_conv"].shape[0]
     own = jnp.where((doc == doc[:, -1:])[..., None], mixed, 0).astype(mixed.dtype)  # [B, T, C]

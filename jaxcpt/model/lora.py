@@ -44,8 +44,22 @@ from flax import nnx
 from jaxcpt.config import ConfigError, field
 
 # Projections that can take an adapter: {name: how many leading dims of W (after [L]) are its input}.
-PROJECTIONS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+# The lin_* ones are the Gated DeltaNet layers' (hybrid models, jaxcpt.model.gated_deltanet; stacked over those
+# layers only): in_proj_qkv, in_proj_z, in_proj_b, in_proj_a and out_proj in transformers' Qwen3.5.
+PROJECTIONS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1,
+               "lin_qkv": 1, "lin_z": 1, "lin_b": 1, "lin_a": 1, "lin_out": 2}
 ATTENTION, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
+LINEAR_ATTENTION = ("lin_qkv", "lin_z", "lin_b", "lin_a", "lin_out")
+# transformers' module names -> jaxcpt's, for the error a target spelled the HF way gets
+HF_NAMES = {f"{name}_proj": name for name in ATTENTION + MLP} | {
+    "in_proj_qkv": "lin_qkv", "in_proj_z": "lin_z", "in_proj_b": "lin_b", "in_proj_a": "lin_a", "out_proj": "lin_out"}
+# Gated DeltaNet weights that are not matrices: no low-rank update exists for them (see LoraConfig.validate)
+NOT_ADAPTABLE = {
+    "lin_conv": "the depthwise convolution (conv1d) has conv_kernel weights per channel and no input-by-output "
+                "matrix to factor",
+    "conv1d": "the depthwise convolution (conv1d) has conv_kernel weights per channel and no input-by-output "
+              "matrix to factor",
+}
 RANK_AXIS = "lora_rank"
 
 
@@ -58,7 +72,9 @@ class LoraConfig:
     targets: list[str] = field(
         list(ATTENTION + MLP), help="projections that get an adapter, by jaxcpt parameter name: q, k, v, o "
         "(attention), gate, up, down (MLP); exports name them q_proj ... down_proj. The default, all seven, is "
-        "what Biderman et al. 2024 ('LoRA Learns Less and Forgets Less') found best for continued pretraining")
+        "what Biderman et al. 2024 ('LoRA Learns Less and Forgets Less') found best for continued pretraining. A "
+        "hybrid (Qwen3.5) adapts q, k, v, o on its attention layers only; its Gated DeltaNet layers take lin_qkv, "
+        "lin_z, lin_b, lin_a, lin_out (in_proj_qkv ... out_proj)")
     rslora: bool = field(False, help="scale by alpha / sqrt(rank) (rank-stabilised LoRA) instead of alpha / rank")
     train_embeddings: bool = field(
         False, help="also train the input embedding and output projection (exported as peft modules_to_save); "
@@ -77,14 +93,27 @@ class LoraConfig:
             raise ConfigError(f"targets is empty; name projections among {', '.join(PROJECTIONS)}, or "
                               "remove model.lora to train without adapters")
         for target in self.targets:
+            if target in NOT_ADAPTABLE:
+                raise ConfigError(f"targets: '{target}' cannot take a LoRA adapter: {NOT_ADAPTABLE[target]}. To "
+                                  "train it, train it whole: optim.trainable=[{params: ['layers.*_lora_a', "
+                                  "'layers.*_lora_b', 'layers.lin_conv']}]")
             if target not in PROJECTIONS:
-                stripped = target.removesuffix("_proj")
-                close = [stripped] if stripped in PROJECTIONS else difflib.get_close_matches(target, list(PROJECTIONS), n=1)
+                close = [HF_NAMES[target]] if target in HF_NAMES else difflib.get_close_matches(target, list(PROJECTIONS), n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ConfigError(f"targets: unknown projection '{target}'; {hint}targets are jaxcpt's "
-                                  f"parameter names: {', '.join(ATTENTION)} (attention), {', '.join(MLP)} (MLP)")
+                                  f"parameter names: {', '.join(ATTENTION)} (attention), {', '.join(MLP)} (MLP), "
+                                  f"{', '.join(LINEAR_ATTENTION)} (Gated DeltaNet layers of a hybrid)")
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"targets lists a projection twice: {self.targets}")
+
+
+def check_targets(lora: LoraConfig, has_linear_layers: bool) -> None:
+    """Refuse Gated DeltaNet targets on a model without such layers. Checked where the adapters are created, on the
+    model's real config: a run that starts from a checkpoint validates ``model.lora`` before it knows the layers."""
+    linear = [t for t in lora.targets if t in LINEAR_ATTENTION]
+    if linear and not has_linear_layers:
+        raise ConfigError(f"model.lora.targets names {', '.join(linear)}, projections of Gated DeltaNet layers, but "
+                          "this model has no linear_attention layers; drop them from the targets")
 
 
 def adapter_names(target: str) -> tuple[str, str]:

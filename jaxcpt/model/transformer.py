@@ -124,6 +124,7 @@ class LayerStack(nnx.Module):
             self.post_mlp_norm = p((L, E), ("layers", "norm"), norm_init)
             names += ["post_attn_norm", "post_mlp_norm"]
         if cfg.lora is not None:  # layers.{target}_lora_a / _lora_b beside each target (jaxcpt.model.lora)
+            lora_lib.check_targets(cfg.lora, bool(cfg.linear_layers))
             for target in cfg.lora.targets:
                 a, b = lora_lib.adapter_params(rngs.params(), getattr(self, target), target, cfg.lora.rank)
                 for name, param in zip(lora_lib.adapter_names(target), (a, b)):
