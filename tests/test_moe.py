@@ -134,8 +134,15 @@ def test_sgd_steps_follow_torch_autograd(hf_dirs, input_ids):
     directory, _ = hf_dirs["qwen3_moe"]
     hf_model = AutoModelForCausalLM.from_pretrained(directory).float().train()
     model = load_hf(directory)
+    ours, theirs = sgd_losses(model, hf_model, input_ids)
+    assert ours[2] < ours[0] - 0.05  # the steps really moved the model
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+def sgd_losses(model, hf_model, input_ids, steps: int = 3, lr: float = 0.5):
+    """(our losses, torch's) over ``steps`` plain SGD steps on loss + aux loss from the same weights."""
     graphdef, params = nnx.split(model)
-    batch, lr = _batch(input_ids), 0.5
+    batch = _batch(input_ids)
 
     @jax.jit
     def step(params):
@@ -147,7 +154,7 @@ def test_sgd_steps_follow_torch_autograd(hf_dirs, input_ids):
         return value, jax.tree.map(lambda w, g: w - lr * g, params, grads)
 
     ours, theirs = [], []
-    for _ in range(3):
+    for _ in range(steps):
         value, params = step(params)
         ours.append(float(value))
         hf_model.zero_grad()
@@ -157,8 +164,7 @@ def test_sgd_steps_follow_torch_autograd(hf_dirs, input_ids):
             for p in hf_model.parameters():
                 p -= lr * p.grad
         theirs.append(out.loss.item())
-    assert ours[2] < ours[0] - 0.05  # the steps really moved the model
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    return ours, theirs
 
 
 @pytest.mark.slow

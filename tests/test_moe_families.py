@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 from hf_models import hf_logits, rel_err
 from test_hf_roundtrip import read_all_tensors
-from test_moe import _batch, _forward, _objective, model_mesh
+from test_moe import _batch, _forward, _objective, model_mesh, sgd_losses
 from transformers import AutoModelForCausalLM, GptOssConfig, OlmoeConfig
 
 from jaxcpt.config import ConfigError
@@ -192,34 +192,10 @@ def test_greedy_generation_with_the_kv_cache_matches_transformers_generate(name,
 def test_gpt_oss_sgd_steps_follow_torch_autograd(hf_dirs, input_ids):
     """Three plain SGD steps on loss + aux loss: the gradients through sinks, biases and the clamped SwiGLU
     move the model as torch's autograd moves transformers' (losses equal at every step)."""
-    from jaxcpt.train.step import _loss_sums
-
     directory = hf_dirs["gpt_oss"][0]
     hf_model = AutoModelForCausalLM.from_pretrained(directory).float().train()  # no dropout in this config
     model = load_hf(directory, mesh=build_mesh({"data": 1}, devices=jax.devices()[:1]))
-    graphdef, params = nnx.split(model)
-    batch, lr = _batch(input_ids), 0.5
-
-    @jax.jit
-    def step(params):
-        def loss(p):
-            (objective_sum, tokens), _ = _loss_sums(p, batch, graphdef=graphdef, num_sources=1, chunk_size=0,
-                                                    z_loss_weight=0.0)
-            return objective_sum / tokens
-        value, grads = jax.value_and_grad(loss)(params)
-        return value, jax.tree.map(lambda w, g: w - lr * g, params, grads)
-
-    ours, theirs = [], []
-    for _ in range(3):
-        value, params = step(params)
-        ours.append(float(value))
-        hf_model.zero_grad()
-        out = hf_model(torch.tensor(input_ids), labels=torch.tensor(input_ids), output_router_logits=True)
-        out.loss.backward()
-        with torch.no_grad():
-            for p in hf_model.parameters():
-                p -= lr * p.grad
-        theirs.append(out.loss.item())
+    ours, theirs = sgd_losses(model, hf_model, input_ids)
     assert ours[2] < ours[0] - 0.05  # the steps really moved the model
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 
