@@ -30,9 +30,8 @@ from jaxcpt.hf.families import config_from_hf
 from jaxcpt.hf.peft_export import save_peft_adapter
 from jaxcpt.model.lora import LoraConfig
 from jaxcpt.model.transformer import abstract_model
-from jaxcpt.model.persist import base_model, fresh_adapters, model_from_params, params_of, with_adapters
+from jaxcpt.model.persist import base_model, params_of
 from jaxcpt.sharding.mesh import build_mesh
-from jaxcpt.sharding.rules import make_rules
 
 # one repeat of Qwen3.5's pattern (3 Gated DeltaNet layers, 1 gated full-attention layer)
 QWEN3_5 = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -161,20 +160,10 @@ LINEAR_TARGETS = ["lin_qkv", "lin_z", "lin_b", "lin_a", "lin_out"]
 
 
 def _adapted(hf_dir, lora: LoraConfig, trained_too: tuple[str, ...] = (), seed: int = 1):
-    """The HF model with adapters whose A and B are both random (B = 0 would hide a wrong B layout), and the
-    non-adapter tensors ``trained_too`` perturbed as training would."""
-    mesh, rules = build_mesh({"data": 1}, devices=jax.devices()[:1]), make_rules()  # one device: eager work is cheap
-    base = load_hf(hf_dir, mesh=mesh)
-    cfg = dataclasses.replace(base.config, lora=lora)
-    params = jax.tree.map(np.asarray, with_adapters(params_of(base), fresh_adapters(cfg, mesh, rules, seed=seed)))
-    rng = np.random.RandomState(seed)
-    for name in list(params["layers"]):
-        if name.endswith("_lora_b"):
-            params["layers"][name] = rng.normal(0, 0.2, params["layers"][name].shape).astype(np.float32)
-    for path in trained_too:
-        leaf = path.split(".")[-1]
-        params["layers"][leaf] = params["layers"][leaf] + rng.normal(0, 0.05, params["layers"][leaf].shape).astype(np.float32)
-    return model_from_params(cfg, params, rules)
+    """test_lora's adapted model (random A and B, ``trained_too`` perturbed), on one device: eager work is cheap."""
+    from test_lora import _adapted as adapted
+
+    return adapted(hf_dir, lora, seed=seed, trained_too=trained_too, mesh=build_mesh({"data": 1}, devices=jax.devices()[:1]))
 
 
 @nnx.jit

@@ -29,10 +29,10 @@ from jaxcpt.train.config import load_train_config
 SEQ = 20
 
 
-def _adapted(hf_dir, lora: LoraConfig, seed: int = 1, trained_too: tuple[str, ...] = ()):
+def _adapted(hf_dir, lora: LoraConfig, seed: int = 1, trained_too: tuple[str, ...] = (), mesh=None):
     """The HF model with adapters whose A and B are both random (B = 0 would hide a wrong B layout),
-    and the non-adapter tensors ``trained_too`` perturbed as training would."""
-    mesh, rules = build_mesh({"data": 8}), make_rules()
+    and the non-adapter tensors ``trained_too`` perturbed as training would; on ``mesh`` (default {data: 8})."""
+    mesh, rules = mesh or build_mesh({"data": 8}), make_rules()
     base = load_hf(hf_dir, mesh=mesh)
     cfg = dataclasses.replace(base.config, lora=lora)
     params = jax.tree.map(np.asarray, with_adapters(params_of(base), fresh_adapters(cfg, mesh, rules, seed=seed)))
