@@ -51,7 +51,11 @@ def add_shape_arguments(parser) -> None:
     parser.add_argument("--shape", default="cpu-small", choices=sorted([*SHAPES, *NAMED_SHAPES]))
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--loss-chunk", type=int, default=128)
+    from jaxcpt.train.config import LoopConfig
+
+    # the training default (train.loss_chunk_size), so the benchmark measures the step a user's run takes
+    parser.add_argument("--loss-chunk", type=int, default=LoopConfig().loss_chunk_size,
+                        help="positions per loss chunk (default: train.loss_chunk_size's default, %(default)s)")
 
 
 class CpuLoad:
