@@ -8,6 +8,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,17 @@ def test_the_figure_checker_reads_units_from_column_headers_and_skips_sections_m
             "## Versions\n\n<!-- not measurements: versions -->\n\n| jax | CUDA |\n| --- | --- |\n| 0.10.2 | 13.0 |\n")
     assert unbacked_figures(page) == [f"Fit: {n} is in none of compile_qwen2.5-7b-8xh100_h200-8_b200-8.json"
                                       for n in ("150.25 GiB", "9.99 s")]
+
+
+def test_the_provenance_page_lists_every_results_json_with_the_commit_it_records():
+    """docs/results-provenance.md is what benchmarks/results_provenance.py makes of today's JSONs."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import results_provenance
+
+    page = (ROOT / "docs" / "results-provenance.md").read_text()
+    block = page.split(results_provenance.BEGIN, 1)[1].split(results_provenance.END, 1)[0].strip()
+    listed = [tuple(cell.strip(" `") for cell in line.strip("|").split("|")[:2]) for line in block.splitlines()[2:]]
+    # name and commit only: whether a commit is on main's line needs the history, which a shallow clone lacks
+    expected = [(name, commit) for name, commit, _ in results_provenance.rows()]
+    assert listed == expected, "run: python benchmarks/results_provenance.py --update docs/results-provenance.md"
+    assert len(expected) == len(list((ROOT / "benchmarks" / "results").glob("*.json")))
