@@ -68,6 +68,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 errors.append(str(e))
         if len(errors) == 1:  # X | None: X's own error says what is wrong inside the value
             raise ConfigError(errors[0])
+        # a mapping can only have meant the one dataclass member: its error names the key inside that is wrong
+        mapped = [e for arg, e in zip([a for a in args if a is not type(None)], errors) if dataclasses.is_dataclass(arg)]
+        if isinstance(value, dict) and len(mapped) == 1:
+            raise ConfigError(mapped[0])
         raise ConfigError(f"config key '{where}': {value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
         if value not in args:

@@ -61,3 +61,14 @@ def test_source_mistakes_are_named():
             from_dict(DataConfig, {"sources": [{**base, **extra}]}, prefix="data")
     with pytest.raises(ConfigError, match="duplicate source names"):
         from_dict(DataConfig, {"sources": [base, base]}, prefix="data")
+
+
+def test_a_misspelled_key_inside_a_stage_is_named_with_its_suggestion():
+    """A stage is a MixtureStage or a (step, weights) pair; a mapping can only mean the first, so its own
+    error (the unknown key and the close match) is what the user sees, not 'fits none of ...'."""
+    from jaxcpt.config import ConfigError
+    from jaxcpt.train.config import load_train_config
+
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.stages\[0\].batch_sze'; did you mean "
+                                          r"'data.stages\[0\].batch_size'"):
+        load_train_config(None, ["data.sources=[{name: a, paths: [x]}]", "data.stages=[{seq_len: 64, batch_sze: 2}]"])
