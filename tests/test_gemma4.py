@@ -20,6 +20,9 @@ from flax import nnx
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Gemma4TextConfig
 
+from hf_models import hf_logits as torch_logits
+from hf_models import model_logits as logits
+
 from jaxcpt.cli import main
 from jaxcpt.errors import HFFormatError
 from jaxcpt.hf import load_hf, save_hf
@@ -70,23 +73,6 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(hf_dir):
     return load_hf(hf_dir[0])
-
-
-@nnx.jit
-def _forward(model, ids, segment_ids, positions):
-    return model(ids, segment_ids, positions)
-
-
-def logits(model, ids, segment_ids=None, positions=None) -> np.ndarray:
-    ids = jnp.asarray(ids)
-    segment_ids = jnp.ones(ids.shape, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids)
-    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape) if positions is None else jnp.asarray(positions)
-    return np.asarray(_forward(model, ids, segment_ids, positions))
-
-
-def torch_logits(hf_model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return hf_model(torch.tensor(ids)).logits.float().numpy()
 
 
 def rel_err(a, b) -> float:

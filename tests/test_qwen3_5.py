@@ -21,6 +21,9 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
 from transformers.models.qwen3_5 import modeling_qwen3_5 as ref
 
+from hf_models import hf_logits as torch_logits
+from hf_models import model_logits as logits
+
 from jaxcpt.config import ConfigError
 from jaxcpt.hf import load_hf, save_hf
 from jaxcpt.model.config import LinearAttentionConfig, ModelConfig
@@ -62,24 +65,6 @@ def model(hf_dir):
 @pytest.fixture(scope="module")
 def input_ids():
     return np.random.RandomState(0).randint(0, VOCAB, size=(2, SEQ))
-
-
-@nnx.jit
-def _forward(model, ids, segment_ids, positions):
-    return model(ids, segment_ids, positions)
-
-
-def logits(model, ids, segment_ids=None, positions=None) -> np.ndarray:
-    """The model's float32 logits, as one compiled program (eager op-by-op dispatch is slow on 8 CPU devices)."""
-    ids = jnp.asarray(ids)
-    segment_ids = jnp.ones(ids.shape, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids)
-    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape) if positions is None else jnp.asarray(positions)
-    return np.asarray(_forward(model, ids, segment_ids, positions))
-
-
-def torch_logits(hf_model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return hf_model(torch.tensor(ids)).logits.numpy()
 
 
 # --- the layer --------------------------------------------------------------------------
