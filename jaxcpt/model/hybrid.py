@@ -102,8 +102,7 @@ def scan_groups(model, x, segment_ids, ropes: dict, block):
     cfg = model.config
     doc = document_index(segment_ids)  # [B, T]
     linear = functools.partial(linear_block, cfg=cfg, rules=model.rules)
-    if remat_lib.block_policy(cfg) is not None:
-        linear = jax.checkpoint(linear, policy=remat_lib.block_policy(cfg))
+    linear = remat_lib.checkpointed(linear, cfg)
 
     def layer(kind, p, h):
         if kind == LINEAR:

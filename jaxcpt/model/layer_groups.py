@@ -337,8 +337,7 @@ def forward(model, x, per_layer, ropes: dict, block, attend):
 
         return block(p, h, None, {kind: ropes[kind]}, attend=attend_kv)
 
-    if remat_lib.block_policy(cfg) is not None:
-        one_layer = jax.checkpoint(one_layer, policy=remat_lib.block_policy(cfg), static_argnums=(3,))
+    one_layer = remat_lib.checkpointed(one_layer, cfg, static_argnums=(3,))
 
     def layer_fn(kind, p, carry):
         h, shared = carry

@@ -145,6 +145,13 @@ def cast_for_compute(params: dict, dtype, keep=()) -> dict:
             for name, w in params.items()}
 
 
+def checkpointed(fn, cfg, **checkpoint_kwargs):
+    """``fn`` (a decoder block, or one layer of a group) under ``jax.checkpoint`` with ``block_policy``;
+    ``fn`` itself when that is None."""
+    chosen = block_policy(cfg)
+    return fn if chosen is None else jax.checkpoint(fn, policy=chosen, **checkpoint_kwargs)
+
+
 def block_policy(cfg):
     """The ``jax.checkpoint`` policy a decoder block runs under, or None for no checkpoint.
 

@@ -348,8 +348,7 @@ class Transformer(nnx.Module):
             attention_fn = context.attention(cfg.attention)
         block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
                                   attend=packed_attention(cfg, attention_fn, segment_ids), valid=segment_ids != 0)
-        if remat_lib.block_policy(cfg) is not None:
-            block = jax.checkpoint(block, policy=remat_lib.block_policy(cfg))
+        block = remat_lib.checkpointed(block, cfg)
 
         if layer_groups.grouped(cfg):  # layers of several shapes (Gemma 4): scanned in segments
             if context is not None:
