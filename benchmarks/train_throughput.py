@@ -307,6 +307,13 @@ def peak_memory_torch() -> int | None:
 
 
 def main(argv=None) -> int:
+    # First, before anything imports jax (add_shape_arguments reads a config default from jaxcpt): on a
+    # host with no GPU (or TPU) attached, ask for the CPU directly, as the jaxcpt commands do; otherwise an
+    # installed CUDA plugin prints a cuDNN traceback at start-up. JAX_PLATFORMS set by the caller wins;
+    # with a GPU attached nothing changes.
+    from jaxcpt.cli import _skip_tpu_runtime_off_tpu as use_cpu_off_accelerators
+
+    use_cpu_off_accelerators()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per framework")
@@ -324,12 +331,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_throughput_<shape>_<platform>.json)")
     args = parser.parse_args(argv)
     git_commit()
-    # Before jax is imported: on a host with no GPU (or TPU) attached, ask for the CPU directly, as the
-    # jaxcpt commands do; otherwise an installed CUDA plugin prints a cuDNN traceback at start-up.
-    # JAX_PLATFORMS set by the caller wins; with a GPU attached nothing changes.
-    from jaxcpt.cli import _skip_tpu_runtime_off_tpu as use_cpu_off_accelerators
-
-    use_cpu_off_accelerators()
     modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
     if any(m not in ("eager", "compile") for m in modes):
         parser.error(f"--torch-modes takes eager and/or compile, got {args.torch_modes!r}")

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcpt.config import ConfigError
 from jaxcpt.errors import UserError
 from jaxcpt.model.attention import attention_reference, attention_splash, attention_xla, choose_attention
+from jaxcpt.model.config import ModelConfig
 from jaxcpt.sharding.mesh import build_mesh
 from jaxcpt.sharding.rules import make_rules
 
@@ -100,7 +102,7 @@ def test_splash_kernel_soft_caps_and_slides_like_the_reference_forward_and_backw
 
 def test_auto_never_picks_a_kernel_that_ignores_soft_capping(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert choose_attention("auto", "bfloat16", 128).__name__ == "attention_cudnn"
+    assert choose_attention("auto", "bfloat16", 128).func.__name__ == "attention_cudnn"
     assert choose_attention("auto", "bfloat16", 128, softcap=50.0) is attention_xla  # honours the cap
     with pytest.raises(UserError, match="cannot soft-cap"):
         choose_attention("cudnn", "bfloat16", 128, softcap=50.0)
@@ -119,9 +121,23 @@ def test_packed_segments_give_cudnn_the_offsets_and_lengths_of_every_document():
     segment_ids = np.array([[1, 1, 1, 2, 2, 3, 0, 0],   # three documents, padding at the end
                             [1, 1, 1, 1, 1, 1, 1, 1],   # one document filling the row
                             [0, 1, 1, 0, 2, 2, 2, 0]])  # padding between documents
-    lengths, offsets = map(np.asarray, packed_segments(jax.numpy.asarray(segment_ids)))
+    lengths, offsets, documents = map(np.asarray, packed_segments(jax.numpy.asarray(segment_ids)))
     assert lengths.shape == (3, 8) and offsets.shape == (3, 9)
     assert lengths[0, :4].tolist() == [3, 2, 1, -1] and offsets[0, :4].tolist() == [0, 3, 5, -1]
     assert lengths[1, :2].tolist() == [8, -1] and offsets[1, :2].tolist() == [0, -1]
     assert lengths[2, :3].tolist() == [2, 3, -1] and offsets[2, :3].tolist() == [1, 4, -1]
-    assert (offsets[:, -1] == -1).all()
+    assert (offsets[:, -1] == -1).all() and documents.tolist() == [3, 1, 2]
+
+    # Two slots (model.cudnn_documents_per_row): the first row's third document has no slot, and the count
+    # says so, which is what sends attention_cudnn to the masked form for that batch.
+    lengths, offsets, documents = map(np.asarray, packed_segments(jax.numpy.asarray(segment_ids), 2))
+    assert lengths.shape == (3, 2) and offsets.shape == (3, 3)
+    assert lengths[0].tolist() == [3, 2] and offsets[0].tolist() == [0, 3, -1]
+    assert documents.tolist() == [3, 1, 2] and (documents > 2).tolist() == [True, False, False]
+
+
+def test_cudnn_gets_the_configured_document_slots():
+    fn = choose_attention("cudnn", "bfloat16", 128, cudnn_documents_per_row=16)
+    assert fn.func.__name__ == "attention_cudnn" and fn.keywords == {"documents_per_row": 16}
+    with pytest.raises(ConfigError, match="cudnn_documents_per_row must be >= 1"):
+        ModelConfig(cudnn_documents_per_row=0).validate()

@@ -94,44 +94,65 @@ def attention_xla(q, k, v, segment_ids, sliding_window=None, *, scale=None, soft
     return _dot_product_attention(q, k, v, segment_ids, sliding_window, scale, "xla")
 
 
-def packed_segments(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(lengths [B, M], offsets [B, M + 1]) of the documents packed in each row, cuDNN's packed layout.
+def packed_segments(segment_ids: jax.Array, slots: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(lengths [B, M], offsets [B, M + 1], documents [B]) of the documents packed in each row, cuDNN's
+    packed layout, and how many documents each row holds.
 
-    A document is a run of one non-zero segment id; M = T slots (a row can hold at most T
-    documents), unused slots are -1, as cuDNN wants. Padding (id 0) may sit anywhere.
+    A document is a run of one non-zero segment id; M = ``slots`` (default T, as many as a row can
+    hold), unused slots are -1, as cuDNN wants. A row with more documents than M has only its first
+    M in the slots: the caller must check ``documents`` (``attention_cudnn`` does). Padding (id 0)
+    may sit anywhere.
     """
     b, t = segment_ids.shape
+    slots = t if slots is None else min(slots, t)
     real = segment_ids != 0
     before = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)  # [B, T]: the id on the left
     after = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
     starts_mask, ends_mask = real & (segment_ids != before), real & (segment_ids != after)
 
     def one_row(starts_row, ends_row):
-        starts = jnp.nonzero(starts_row, size=t, fill_value=-1)[0]
-        ends = jnp.nonzero(ends_row, size=t, fill_value=-1)[0]
+        starts = jnp.nonzero(starts_row, size=slots, fill_value=-1)[0]  # [M]
+        ends = jnp.nonzero(ends_row, size=slots, fill_value=-1)[0]
         lengths = jnp.where(starts >= 0, ends - starts + 1, -1)
         return lengths.astype(jnp.int32), jnp.concatenate([starts, jnp.full((1,), -1)]).astype(jnp.int32)
 
-    return jax.vmap(one_row)(starts_mask, ends_mask)
+    lengths, offsets = jax.vmap(one_row)(starts_mask, ends_mask)
+    return lengths, offsets, starts_mask.sum(axis=1)
 
 
-def attention_cudnn(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None):
+def attention_cudnn(q, k, v, segment_ids, sliding_window=None, *, scale=None, softcap=None, documents_per_row=64):
     """cuDNN flash attention over packed rows: documents go to the kernel as (offsets, lengths), its
     packed-sequence layout, so no [B, 1, T, T] mask is built; causality and the window are the kernel's.
 
     ``jax.nn.dot_product_attention`` does not expose cuDNN's packed layout (only one length per
     row), so this calls the function it wraps, ``jax._src.cudnn.fused_attention_stablehlo``.
+
+    Memory: jax sizes the kernel's softmax statistics by the layout's document slots, float32
+    [B * M, H, T] per call, so M = T (every row could be all one-token documents) is 2 GiB per layer at
+    4096 tokens and 32 heads, and the step did not fit an H200. M is ``documents_per_row``
+    (model.cudnn_documents_per_row). A batch with a row of more documents is not truncated: the step
+    takes cuDNN's masked form for that batch instead (a [B, 1, T, T] bias of the document mask, the
+    same result), chosen on the device by ``lax.cond``.
     """
     if softcap is not None:
         raise UserError("cuDNN attention has no logit soft-capping; set model.attention to auto, xla or reference")
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
-    lengths, offsets = packed_segments(segment_ids)
-    d = q.shape[-1]
-    return cudnn_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
-                           scale=d**-0.5 if scale is None else scale, mask_type=MaskType.PADDING_CAUSAL,
-                           sliding_window_length=sliding_window, qkv_layout="BTNH")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lengths, offsets, documents = packed_segments(segment_ids, documents_per_row)
+
+    def packed(q, k, v):
+        return cudnn_attention(q, k, v, None, None, lengths, lengths, offsets, offsets, scale=scale,
+                               mask_type=MaskType.PADDING_CAUSAL, sliding_window_length=sliding_window,
+                               qkv_layout="BTNH")
+
+    def masked(q, k, v):  # rows of more documents than the slots: the document mask as cuDNN's bias
+        return _dot_product_attention(q, k, v, segment_ids, sliding_window, scale, "cudnn")
+
+    if documents_per_row >= segment_ids.shape[1]:  # every row fits the slots: no fallback to compile
+        return packed(q, k, v)
+    return jax.lax.cond(jnp.all(documents <= documents_per_row), packed, masked, q, k, v)
 
 
 def _splash_kernel(num_query_heads: int, length: int, sliding_window: int | None, softcap: float | None,
@@ -196,9 +217,11 @@ def attention_splash(q, k, v, segment_ids, sliding_window=None, *, scale=None, s
         q, k, v, segment_ids)
 
 
-def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: float | None = None, sinks: bool = False):
+def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: float | None = None, sinks: bool = False,
+                     cudnn_documents_per_row: int = 64):
     """The attention function for ``name``: ``fn(q, k, v, segment_ids, window, *, scale, softcap)`` (and
-    ``sinks=`` [H] when ``sinks``: reference and xla only).
+    ``sinks=`` [H] when ``sinks``: reference and xla only). ``cudnn_documents_per_row``: the document
+    slots of cuDNN's packed layout (``attention_cudnn``).
 
     'auto' picks by the platform compiled for (``compile_platform``), dtype and length, and only a kernel
     that honours every setting (cuDNN cannot soft-cap, so a capped model on GPU gets xla, which computes the
@@ -224,4 +247,6 @@ def choose_attention(name: str, dtype: str, length: int, rules=(), softcap: floa
                           "set model.attention to auto, xla or reference")
     if name == "splash":
         return functools.partial(attention_splash, rules=rules)
-    return {"reference": attention_reference, "xla": attention_xla, "cudnn": attention_cudnn}[name]
+    if name == "cudnn":
+        return functools.partial(attention_cudnn, documents_per_row=cudnn_documents_per_row)
+    return {"reference": attention_reference, "xla": attention_xla}[name]

@@ -192,6 +192,11 @@ class ModelConfig:
         help="attention kernel: reference (einsum, the oracle), xla (jax.nn.dot_product_attention), cudnn (flash, GPU), "
         "splash (Pallas, TPU), auto (splash on TPU; on GPU cudnn in bf16/fp16 without soft-capping, else xla; reference on CPU)",
     )
+    cudnn_documents_per_row: int = field(
+        64, help="document slots of cuDNN's packed attention layout (model.attention=cudnn or auto on GPU). jax "
+        "sizes cuDNN's softmax statistics by them, float32 [batch x slots, heads, seq_len] per layer, so one slot per "
+        "token (slots = seq_len) did not fit an H200 at 4096 tokens. A batch with a row of more documents is not "
+        "truncated: that step takes cuDNN's masked form (a [B, 1, T, T] bias), the same result, slower")
     rope: RopeChange | None = field(
         None, help="RoPE change for context extension, applied to whatever model the run starts from (an HF "
         "directory, a checkpoint); every export's config.json carries it. null: keep the model's RoPE")
@@ -271,6 +276,8 @@ class ModelConfig:
             raise ConfigError(f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); set head_dim")
         if self.head_size % 2:
             raise ConfigError(f"head_dim ({self.head_size}) must be even for RoPE")
+        if self.cudnn_documents_per_row < 1:
+            raise ConfigError(f"cudnn_documents_per_row must be >= 1, got {self.cudnn_documents_per_row}")
         if self.vocab_pad_multiple < 1:
             raise ConfigError(f"vocab_pad_multiple must be >= 1 (1 = no padding), got {self.vocab_pad_multiple}")
         if self.sliding_window is not None and self.sliding_window < 1:

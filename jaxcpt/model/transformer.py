@@ -340,7 +340,7 @@ class Transformer(nnx.Module):
         x = self.embed(input_ids)  # [B, T, E]
         ropes, is_sliding = self.rope_and_kinds(positions, segment_ids)
         attention_fn = choose_attention(cfg.attention, cfg.dtype, length, self.rules, softcap=cfg.attn_logit_softcap,
-                                        sinks=cfg.attention_sinks)
+                                        sinks=cfg.attention_sinks, cudnn_documents_per_row=cfg.cudnn_documents_per_row)
         if context is not None:
             if cfg.attention_sinks:  # the ring's blockwise softmax has no sink term
                 raise ConfigError("context parallelism (a 'context' mesh axis) does not support attention sinks "
