@@ -123,17 +123,22 @@ def test_packed_segments_give_cudnn_the_offsets_and_lengths_of_every_document():
                             [0, 1, 1, 0, 2, 2, 2, 0]])  # padding between documents
     lengths, offsets, documents = map(np.asarray, packed_segments(jax.numpy.asarray(segment_ids)))
     assert lengths.shape == (3, 8) and offsets.shape == (3, 9)
-    assert lengths[0, :4].tolist() == [3, 2, 1, -1] and offsets[0, :4].tolist() == [0, 3, 5, -1]
+    # padding is a run of its own: cuDNN writes nothing for a token outside every slot (its dK/dV were garbage)
+    assert lengths[0, :5].tolist() == [3, 2, 1, 2, -1] and offsets[0, :5].tolist() == [0, 3, 5, 6, -1]
     assert lengths[1, :2].tolist() == [8, -1] and offsets[1, :2].tolist() == [0, -1]
-    assert lengths[2, :3].tolist() == [2, 3, -1] and offsets[2, :3].tolist() == [1, 4, -1]
-    assert (offsets[:, -1] == -1).all() and documents.tolist() == [3, 1, 2]
+    assert lengths[2, :6].tolist() == [1, 2, 1, 3, 1, -1] and offsets[2, :6].tolist() == [0, 1, 3, 4, 7, -1]
+    assert (offsets[:, -1] == -1).all() and documents.tolist() == [4, 1, 5]
+    for row in range(3):  # the slots cover every token of the row, once
+        used = lengths[row] > 0
+        covered = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets[row, :-1][used], lengths[row][used])])
+        assert covered.tolist() == list(range(8))
 
-    # Two slots (model.cudnn_documents_per_row): the first row's third document has no slot, and the count
-    # says so, which is what sends attention_cudnn to the masked form for that batch.
-    lengths, offsets, documents = map(np.asarray, packed_segments(jax.numpy.asarray(segment_ids), 2))
-    assert lengths.shape == (3, 2) and offsets.shape == (3, 3)
-    assert lengths[0].tolist() == [3, 2] and offsets[0].tolist() == [0, 3, -1]
-    assert documents.tolist() == [3, 1, 2] and (documents > 2).tolist() == [True, False, False]
+    # Three slots (model.cudnn_documents_per_row): rows 0 and 2 have more runs, and the count says so,
+    # which is what sends attention_cudnn to the masked form for that batch.
+    lengths, offsets, documents = map(np.asarray, packed_segments(jax.numpy.asarray(segment_ids), 3))
+    assert lengths.shape == (3, 3) and offsets.shape == (3, 4)
+    assert lengths[0].tolist() == [3, 2, 1] and offsets[0].tolist() == [0, 3, 5, -1]
+    assert (documents > 3).tolist() == [True, False, True]
 
 
 def test_cudnn_gets_the_configured_document_slots():

@@ -98,17 +98,19 @@ def packed_segments(segment_ids: jax.Array, slots: int | None = None) -> tuple[j
     """(lengths [B, M], offsets [B, M + 1], documents [B]) of the documents packed in each row, cuDNN's
     packed layout, and how many documents each row holds.
 
-    A document is a run of one non-zero segment id; M = ``slots`` (default T, as many as a row can
-    hold), unused slots are -1, as cuDNN wants. A row with more documents than M has only its first
-    M in the slots: the caller must check ``documents`` (``attention_cudnn`` does). Padding (id 0)
-    may sit anywhere.
+    A document is a run of one segment id, padding (id 0) included: cuDNN leaves a token outside every
+    slot unwritten, forward and backward, and on an H200 (jax 0.11.2) the dK and dV of padding left out
+    were garbage that reached the weights' gradients through the k and v projections. As a run of its
+    own, padding attends to itself, as in every other kernel, and gets zero gradients (its outputs have
+    none). M = ``slots`` (default T, as many as a row can hold), unused slots are -1, as cuDNN wants. A
+    row with more runs than M has only its first M in the slots: the caller must check ``documents``
+    (``attention_cudnn`` does).
     """
     b, t = segment_ids.shape
     slots = t if slots is None else min(slots, t)
-    real = segment_ids != 0
     before = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)  # [B, T]: the id on the left
     after = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
-    starts_mask, ends_mask = real & (segment_ids != before), real & (segment_ids != after)
+    starts_mask, ends_mask = segment_ids != before, segment_ids != after
 
     def one_row(starts_row, ends_row):
         starts = jnp.nonzero(starts_row, size=slots, fill_value=-1)[0]  # [M]
