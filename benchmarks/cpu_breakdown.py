@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import CpuLoad, add_shape_arguments, git_commit, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
+from train_throughput import (CpuLoad, add_shape_arguments, git_commit, jax_training, machine_info,  # noqa: E402
+                              model_config, synthetic_batch, use_cpu_off_accelerators)
 
 # name -> (framework, dtype, extra XLA flags, model/loss overrides)
 VARIANTS = {
@@ -120,6 +121,7 @@ def worker(args) -> int:
 
 
 def main(argv=None) -> int:
+    use_cpu_off_accelerators()  # before add_shape_arguments, whose config default imports jax
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=6)

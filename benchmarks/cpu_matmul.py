@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import CpuLoad, add_shape_arguments, machine_info, model_config  # noqa: E402
+from train_throughput import CpuLoad, add_shape_arguments, machine_info, model_config, use_cpu_off_accelerators  # noqa: E402
 
 
 def products(cfg, tokens: int, chunk_tokens: int) -> dict[str, tuple[int, int, int, str]]:
@@ -65,6 +65,7 @@ def torch_product(m, k, n, kind, dtype):
 
 
 def main(argv=None) -> int:
+    use_cpu_off_accelerators()  # before add_shape_arguments, whose config default imports jax
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=7)

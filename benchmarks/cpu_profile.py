@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import CpuLoad, add_shape_arguments, git_commit, jax_training, machine_info, model_config, synthetic_batch  # noqa: E402
+from train_throughput import (CpuLoad, add_shape_arguments, git_commit, jax_training, machine_info,  # noqa: E402
+                              model_config, synthetic_batch, use_cpu_off_accelerators)
 
 _INSTRUCTION = re.compile(r"%([\w.\-]+) = [^\n]*?\b(fusion|dot|copy|transpose)\([^\n]*")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
@@ -145,6 +146,7 @@ def torch_profile(cfg, args) -> dict:
 
 
 def main(argv=None) -> int:
+    use_cpu_off_accelerators()  # before add_shape_arguments, whose config default imports jax
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_arguments(parser)
     parser.add_argument("--calls", type=int, default=3)

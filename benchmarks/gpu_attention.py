@@ -188,9 +188,9 @@ def losses_part(args, on_gpu: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    from jaxcpt.cli import _skip_tpu_runtime_off_tpu as use_cpu_off_accelerators
+    from train_throughput import use_cpu_off_accelerators
 
-    use_cpu_off_accelerators()  # before jax is imported (see train_throughput.main)
+    use_cpu_off_accelerators()  # before jax is imported
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="attention,memory,losses")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU check of the script)")

@@ -46,6 +46,16 @@ def model_config(shape: str, **numerics):
     return ModelConfig(**SHAPES[shape], **numerics)
 
 
+def use_cpu_off_accelerators() -> None:
+    """Call first in a benchmark's main, before anything imports jax: on a host with no GPU (or TPU)
+    attached, ask for the CPU directly, as the jaxcpt commands do; otherwise an installed CUDA plugin
+    prints a cuDNN traceback at start-up. JAX_PLATFORMS set by the caller wins; with a GPU attached
+    nothing changes."""
+    from jaxcpt.cli import _skip_tpu_runtime_off_tpu
+
+    _skip_tpu_runtime_off_tpu()
+
+
 def add_shape_arguments(parser) -> None:
     """The model shape and batch every CPU benchmark takes: --shape, --seq-len, --batch, --loss-chunk."""
     parser.add_argument("--shape", default="cpu-small", choices=sorted([*SHAPES, *NAMED_SHAPES]))
@@ -307,13 +317,7 @@ def peak_memory_torch() -> int | None:
 
 
 def main(argv=None) -> int:
-    # First, before anything imports jax (add_shape_arguments reads a config default from jaxcpt): on a
-    # host with no GPU (or TPU) attached, ask for the CPU directly, as the jaxcpt commands do; otherwise an
-    # installed CUDA plugin prints a cuDNN traceback at start-up. JAX_PLATFORMS set by the caller wins;
-    # with a GPU attached nothing changes.
-    from jaxcpt.cli import _skip_tpu_runtime_off_tpu as use_cpu_off_accelerators
-
-    use_cpu_off_accelerators()
+    use_cpu_off_accelerators()  # first: add_shape_arguments reads a config default from jaxcpt, which imports jax
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per framework")
