@@ -323,7 +323,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per framework")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on accelerators, f32 on CPU")
-    parser.add_argument("--remat", default="none", choices=["none", "minimal", "full"])
+    parser.add_argument("--remat", default="none", choices=["none", "minimal", "save_dot_except_mlp", "save_attention",
+                                                            "full"], help="model.remat (jaxcpt/model/remat.py)")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--mesh", default=None, help='JSON, e.g. \'{"fsdp": -1}\'; default all devices on data')
     parser.add_argument("--vs-torch", action="store_true", help="also transformers + PyTorch (see --torch-modes)")
@@ -331,6 +332,8 @@ def main(argv=None) -> int:
                         help="comma-separated PyTorch runners: eager, compile (torch.compile)")
     parser.add_argument("--vs-maxtext", default=None, metavar="PYTHON",
                         help="also MaxText's own train loop, run by this Python (a venv with maxtext installed)")
+    parser.add_argument("--no-loss-memory", action="store_true",
+                        help="skip compiling loss + gradient plain vs chunked for their planned memory (a short lease)")
     parser.add_argument("--require-gpu", action="store_true", help="exit 2 unless JAX's default backend is a GPU")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_throughput_<shape>_<platform>.json)")
     args = parser.parse_args(argv)
@@ -409,7 +412,7 @@ def main(argv=None) -> int:
     for name in results:
         if name.startswith("pytorch"):
             results[name]["peak_device_bytes"] = peak_memory_torch()  # process-wide: every torch runner's state
-    memory = loss_memory(cfg, args)
+    memory = {} if args.no_loss_memory else loss_memory(cfg, args)
 
     report = {"benchmark": "train_throughput", "shape": args.shape, "model": dataclasses.asdict(cfg),
               "params": cfg.num_params(), "seq_len": args.seq_len, "batch": args.batch, "dtype": dtype,
@@ -434,7 +437,8 @@ def main(argv=None) -> int:
               f"{mfu:>7s} {mem:>10s}")
     for name, why in failed.items():
         print(f"{name}: failed during warm-up, left out: {why}")
-    print("loss+grad temporary memory (XLA plan): " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if v))
+    if memory:
+        print("loss+grad temporary memory (XLA plan): " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if v))
     print(f"other processes' CPU load during timed steps: {load_info['other_processes_cores']:.2f} cores of "
           f"{load_info['cores']} (load average {' '.join(load_info['loadavg'])})")
 
