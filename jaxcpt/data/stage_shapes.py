@@ -145,19 +145,9 @@ def check_context_split(cfg: DataConfig, context: int, seq_len: int | None = Non
                 "mesh.context")
 
 
-def check_elastic(cfg: DataConfig) -> None:
-    """The elastic reader (jaxcpt.data.elastic) has one row shape and no document filter yet."""
-    shaped = any(s.changes_shape for s in cfg.stages)
-    if cfg.elastic and (shaped or any(s.min_doc_tokens for s in cfg.sources)):
-        what = "data.stages[].seq_len / batch_size" if shaped else "data.sources[].min_doc_tokens"
-        raise ConfigError(f"{what} is not supported with data.elastic=true yet; use the streaming reader "
-                          "(data.elastic=false), or start a new run from the last checkpoint (init.source=checkpoint) "
-                          "with the new data.seq_len")
-
-
 def check_supported(cfg: DataConfig, shapes: ShapeSchedule) -> None:
-    """Shape stages need a stream that can hand its unpacked pieces to a new packer."""
-    check_elastic(cfg)
+    """Shape stages need a stream that can hand its unpacked pieces to a new packer (the streaming reader;
+    the elastic one cuts its rows from a position in pairs, so any shape follows: jaxcpt.data.elastic)."""
     if len(shapes.seq_lens()) > 1 and cfg.packing != "first_fit":
         raise ConfigError(f"data.stages[].seq_len needs data.packing=first_fit (the repacking at a stage boundary "
                           f"carries first-fit rows' pieces over); this run has packing={cfg.packing}")
