@@ -188,3 +188,86 @@ def test_a_stage_whose_rows_do_not_split_over_the_hosts_is_an_error(corpus):
     cfg = _cfg(corpus, stages=[{"step": 2, "seq_len": 48, "batch_size": 3}])
     with pytest.raises(ConfigError, match="step 2 trains 3 rows per step, not a multiple of the 2 hosts"):
         build_train_iterator(cfg, batch_size=2, process_index=0, process_count=2)
+
+
+# -- through the trainer: train --check, plan budget, and a run resumed across the boundary ------------------
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    from test_data_fixtures import sp_model
+    from train_helpers import make_corpora
+
+    from jaxcpt.data.command import tokenize_source
+    from jaxcpt.data.config import SourceConfig
+
+    root = tmp_path_factory.mktemp("elastic_stages_tok")
+    out = {}
+    for name, path in make_corpora(root / "data").items():
+        out[name] = str(root / f"tok-{name}")
+        tokenize_source(SourceConfig(name=name, paths=[path]), sp_model(), out[name], progress=False)
+    return out
+
+
+def _train_overrides(run_dir, tokenized, steps=8, extra=()):
+    from train_helpers import tiny_overrides
+
+    return tiny_overrides(run_dir, tokenized, steps=steps) + [
+        "data.elastic=true", "data.stages=[{step: 4, seq_len: 64, batch_size: 8}]", *extra]
+
+
+def test_train_check_and_plan_budget_show_each_stage_with_the_elastic_reader(tmp_path, tokenized):
+    from jaxcpt.plan.budget import format_plan, plan_budget
+    from jaxcpt.train.config import load_train_config
+    from jaxcpt.train.setup import set_up
+
+    setup = set_up(load_train_config(None, _train_overrides(tmp_path / "run", tokenized)), check=True)
+    text = setup.describe()
+    setup.close()
+    assert "stage        steps 0..3: 8 rows x 32 tokens, positions 0..31, 1,024 row positions; rope" in text
+    assert "stage        steps 4..7: 8 rows x 64 tokens, positions 0..63, 2,048 row positions; rope" in text
+
+    general = tokenized["general"]
+    sources = (f"data.sources=[{{name: general, paths: [{general}], weight: 0.5}}, "
+               f"{{name: long, paths: [{general}], weight: 0.5, min_doc_tokens: 40}}]")
+    plan = plan_budget(load_train_config(None, _train_overrides(tmp_path / "run", tokenized, extra=[sources])),
+                       sample_documents=50)
+    assert [(s["first"], s["last"], s["seq_len"], s["rows"], s["row_positions"]) for s in plan.stages] == [
+        (0, 3, 32, 8, 4 * 8 * 32), (4, 7, 64, 8, 4 * 8 * 64)]
+    assert [s.fill for s in plan.sources] == [1.0, 1.0]  # the elastic reader's rows are full (concat-then-split)
+    assert plan.tokens[:4].sum(axis=1).tolist() == [8 * 32] * 4 and plan.tokens[4:].sum(axis=1).tolist() == [8 * 64] * 4
+    everything, long = plan.sources
+    assert 0 < long.count.positions < everything.count.positions and "below min_doc_tokens" in long.count.how
+    from jaxcpt.data.elastic import build_elastic_train_iterator  # the reader's own epoch size: the same count
+    from jaxcpt.train.config import load_train_config as load
+
+    cfg = load(None, _train_overrides(tmp_path / "run", tokenized, extra=[sources])).data
+    with build_elastic_train_iterator(cfg, batch_size=8, seq_len=32, host=(0, 1)) as it:
+        assert it.accounting()["long"]["pass_tokens"] == long.count.positions
+    assert "2 row shapes (data.stages)" in format_plan(plan)
+
+
+@pytest.mark.slow
+def test_training_resumed_before_and_after_the_boundary_on_the_elastic_reader_matches_bitwise(tmp_path, tokenized):
+    import os
+    import shutil
+
+    from train_helpers import train_losses
+
+    from jaxcpt.train.config import load_train_config
+    from jaxcpt.train.loop import train
+
+    def overrides(run_dir):
+        return _train_overrides(run_dir, tokenized, extra=["checkpoint.every_steps=3", "checkpoint.keep_last=5"])
+
+    straight = tmp_path / "straight"
+    train(load_train_config(None, overrides(straight)))
+    expected = train_losses(straight)
+    assert sorted(expected) == list(range(1, 9))
+    for resume_at in (3, 6):  # checkpoints before and after the boundary at step 4
+        run = tmp_path / f"resumed_{resume_at}"
+        shutil.copytree(straight, run)
+        for step in os.listdir(run / "checkpoints"):
+            if step.isdigit() and int(step) > resume_at:
+                shutil.rmtree(run / "checkpoints" / step)
+        train(load_train_config(None, overrides(run)))
+        got = train_losses(run)
+        assert [got[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)], resume_at  # bitwise
