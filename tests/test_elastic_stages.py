@@ -237,9 +237,8 @@ def test_train_check_and_plan_budget_show_each_stage_with_the_elastic_reader(tmp
     everything, long = plan.sources
     assert 0 < long.count.positions < everything.count.positions and "below min_doc_tokens" in long.count.how
     from jaxcpt.data.elastic import build_elastic_train_iterator  # the reader's own epoch size: the same count
-    from jaxcpt.train.config import load_train_config as load
 
-    cfg = load(None, _train_overrides(tmp_path / "run", tokenized, extra=[sources])).data
+    cfg = load_train_config(None, _train_overrides(tmp_path / "run", tokenized, extra=[sources])).data
     with build_elastic_train_iterator(cfg, batch_size=8, seq_len=32, host=(0, 1)) as it:
         assert it.accounting()["long"]["pass_tokens"] == long.count.positions
     assert "2 row shapes (data.stages)" in format_plan(plan)
@@ -271,3 +270,21 @@ def test_training_resumed_before_and_after_the_boundary_on_the_elastic_reader_ma
         train(load_train_config(None, overrides(run)))
         got = train_losses(run)
         assert [got[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)], resume_at  # bitwise
+
+
+@pytest.mark.slow  # starts Grain worker processes
+def test_grain_workers_give_the_staged_batches_and_resume_after_the_boundary_on_another_count(corpus):
+    """Each worker builds every W-th step at that step's own shape."""
+    def batches(workers, steps, state=None):
+        with build_train_iterator(_cfg(corpus, num_workers=workers), batch_size=BASE_ROWS, process_index=0,
+                                  process_count=1) as it:
+            if state is not None:
+                it.set_state(state)
+            return [next(it) for _ in range(steps)], it.get_state()
+
+    straight, _ = batches(0, 10)
+    first, state = batches(2, 5)  # the boundary at step 4 inside the first stream
+    second, _ = batches(3, 5, state)
+    for step, (a, b) in enumerate(zip(straight, first + second)):
+        for key in a:
+            np.testing.assert_array_equal(b[key], a[key], err_msg=f"step {step}: {key}")

@@ -9,21 +9,6 @@ credit among those with weight; every source then gains its weight and the chose
 the global batch ``B``; Grain worker ``w`` of ``W`` builds the steps ``t`` with ``(t - first)
 % W == w`` (each worker walks the cheap allocation of every step and reads only its own rows).
 
-Row shape stages (``data.stages[].seq_len`` / ``batch_size``, ``jaxcpt.data.stage_shapes``):
-step ``t`` has ``B(t)`` global rows of ``L(t)`` tokens, both read from the shape schedule, so a
-shape is a function of the step like the mixture. Positions count next-token pairs, so a
-source's first row of a new length starts at exactly the pair after its last row of the old
-length: nothing is repacked and nothing is carried. A document that straddles that point trains
-its pairs before it in the old-length row and the rest at the start of the new-length row (as
-its own segment, positions from 0), as any document straddling a row boundary does within a
-stage. The only pairs not trained are an epoch's tail shorter than one row of the length in
-force when the source reaches it (the rule without stages too).
-
-``data.sources[].min_doc_tokens``: the documents shorter than that (BOS/EOS included) are left
-out of the source's training documents (and of its held-out rows), decided from the index's
-lengths before the permutation, so every host drops the same ones, the permutation and the
-epoch's size (``pass_tokens`` in the accounting) are those of the kept documents.
-
 A checkpoint holds that small global state (the same on every host), never a reader's
 position, so a run resumes on any number of hosts or workers, with another seq_len, with
 changed weights or stages, or with a source added:
@@ -42,6 +27,19 @@ changed weights or stages, or with a source added:
   an error names it; data.resume_mismatch=restart starts that source (every source, for a
   new seed) at epoch 0 and says that documents may repeat.
 
+Row shape stages (``data.stages[].seq_len`` / ``batch_size``, ``jaxcpt.data.stage_shapes``):
+step ``t`` has ``B(t)`` global rows of ``L(t)`` tokens, both read from the shape schedule, so a
+shape is a function of the step like the mixture. Positions count next-token pairs, so a
+source's first row of a new length starts at exactly the pair after its last row of the old
+length: nothing is repacked and nothing is carried. A document that straddles that point trains
+its pairs before it in the old-length row and the rest at the start of the new-length row (as
+its own segment, positions from 0), as any document straddling a row boundary does within a
+stage. The only pairs not trained are an epoch's tail shorter than one row of the length in
+force when the source reaches it (the rule without stages too).
+
+Which documents each source trains on (held out, ``data.sources[].min_doc_tokens``) is decided
+from the index before the permutation: ``jaxcpt.data.elastic_sources``.
+
 Streaming sources (JSONL, text, Parquet read in order) cannot be resumed elastically: they use
 ``jaxcpt.data.pipeline``'s checkpointed reader state, tied to the host and worker counts.
 """
@@ -52,20 +50,18 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 
 import grain
 import numpy as np
 
 from jaxcpt.config import ConfigError
-from jaxcpt.data.config import DataConfig
-from jaxcpt.data.documents import HeldOut
-from jaxcpt.data.indexed import IndexedSource, SourceRows, training_documents
-from jaxcpt.data.mixture import WeightSchedule, resolve_stage_steps
 from jaxcpt.data.batches import eval_batches
+from jaxcpt.data.config import DataConfig
+from jaxcpt.data.elastic_sources import check_config, indexed_sources, long_enough, training_rows
+from jaxcpt.data.indexed import SourceRows
+from jaxcpt.data.mixture import WeightSchedule, resolve_stage_steps
 from jaxcpt.data.packing import stack_rows
-from jaxcpt.data.sources import TOKENIZED_META, read_tokenized_meta, resolve_files
-from jaxcpt.data.stage_shapes import ShapeSchedule, check_host_split, resolve_shapes
+from jaxcpt.data.stage_shapes import ShapeSchedule, check_host_split, longest_drawn_rows, resolve_shapes
 from jaxcpt.data.tokenize import token_byte_lengths
 from jaxcpt.data.watch import ACTIVITY, InputWaitInterrupted
 
@@ -339,95 +335,23 @@ class ElasticTrainIterator:
         self.close()
 
 
-def _indexed_sources(cfg: DataConfig) -> tuple[list[IndexedSource], HeldOut]:
-    from jaxcpt.data.plan import _special_tokens, excluded_hashes  # what every stream shares
-
-    files = [resolve_files(s.paths, s.name, s.format) for s in cfg.sources]
-    for s, fs in zip(cfg.sources, files):
-        streaming = [f for f in fs if os.path.basename(f) != TOKENIZED_META]
-        if streaming:
-            raise ConfigError(
-                f"source '{s.name}' reads {streaming[0]!r}, a streaming file: data.elastic=true needs every source "
-                "pre-tokenized (`jaxcpt tokenize` writes the directory to list), or set data.elastic=false, whose "
-                "streaming reader cannot be resumed on another host or worker count")
-    bos, eos, _ = _special_tokens(cfg, files)
-    sources = [IndexedSource(s.name, [read_tokenized_meta(os.path.dirname(f)) for f in fs], bos_id=bos, eos_id=eos)
-               for s, fs in zip(cfg.sources, files)]
-    eval_hashes = set()
-    for s, src in zip(cfg.sources, sources):
-        eval_hashes.update(int(h) for h in src.hashes[: s.eval_documents])  # the first ones in index order
-    held_out = HeldOut(threshold=max(int(s.eval_fraction * 2**64) for s in cfg.sources),
-                       hashes=frozenset(eval_hashes) | excluded_hashes(cfg))
-    return sources, held_out
-
-
-def _check(cfg: DataConfig) -> None:
-    cfg.validate()
-    if not cfg.sources:
-        raise ConfigError("data.sources is empty: add at least one source (name, paths)")
-    if cfg.weights_count == "documents":
-        raise ConfigError("data.elastic=true packs full rows, so weights count tokens (= rows); set "
-                          "data.weights_count=tokens or rows")
-    for s in cfg.sources:
-        if s.instruction != "none":
-            raise ConfigError(
-                f"source '{s.name}' (instruction: {s.instruction}) cannot be read with data.elastic=true: the elastic "
-                "reader reads token shards, and `jaxcpt tokenize` writes text documents' ids without the answer mask, so "
-                "the loss would fall on every token. Set data.elastic=false (instruction records stream from JSONL or "
-                "Parquet, resumable on the same host and worker counts)")
-
-
-def long_enough(source: IndexedSource, docs: np.ndarray, min_tokens: int) -> np.ndarray:
-    """The documents of ``docs`` [docs] with at least ``min_tokens`` tokens, BOS/EOS included (as the streaming
-    reader's DocumentSplit counts them): data.sources[].min_doc_tokens, read from the index's lengths."""
-    return docs[source.lengths[docs] + source.extra >= min_tokens] if min_tokens else docs
-
-
-def _longest_rows(shapes: ShapeSchedule, schedule: WeightSchedule, total_steps: int | None) -> np.ndarray:
-    """[sources] the longest seq_len of a step at which each source has weight (0: never drawn)."""
-    last = [start for start, _ in shapes.changes] + [start + ramp for start, ramp, _ in schedule.stages]
-    end = total_steps or max(last + [0]) + 1  # past the last change, shape and weights go on as they are
-    longest = np.zeros(len(schedule.base), np.int64)
-    for lo, hi, shape in shapes.segments(end):
-        # Weights are linear between these steps (ramps), so a weight > 0 inside the stretch is > 0 at one of them.
-        steps = {lo, hi - 1, *(t for start, ramp, _ in schedule.stages for t in (start, start + ramp) if lo <= t < hi)}
-        drawn = np.any([schedule.at(t) > 0 for t in steps], axis=0)  # [sources]
-        longest = np.where(drawn, np.maximum(longest, shape.seq_len), longest)
-    return longest
-
-
 def build_elastic_train_iterator(cfg: DataConfig, *, batch_size: int, seq_len: int, lr_schedule=None,
                                  total_steps: int | None = None, host: tuple[int, int]) -> ElasticTrainIterator:
-    _check(cfg)
-    sources, held_out = _indexed_sources(cfg)
+    check_config(cfg)
+    sources, held_out = indexed_sources(cfg)
     stage_steps = resolve_stage_steps(cfg, lr_schedule, total_steps)
     schedule = WeightSchedule.from_config(cfg, stage_steps)
     shapes = resolve_shapes(cfg, batch_size=batch_size * host[1], seq_len=seq_len, stage_starts=stage_steps)
     check_host_split(cfg, shapes, host[1])
-    longest = _longest_rows(shapes, schedule, total_steps)
-    rows = []
-    for s, src, need in zip(cfg.sources, sources, longest):
-        train = training_documents(src, held_out)
-        kept = long_enough(src, train, s.min_doc_tokens)
-        r = SourceRows(src, kept, cfg.seed)
-        if s.min_doc_tokens:
-            log.info("source '%s': min_doc_tokens=%d keeps %d of its %d training documents (%d next-token pairs an "
-                     "epoch)", s.name, s.min_doc_tokens, len(kept), len(train), r.pairs_per_epoch)
-        if r.pairs_per_epoch < need:
-            short = (f" of documents of at least min_doc_tokens={s.min_doc_tokens} tokens ({len(kept)} of "
-                     f"{len(train)} documents)" if s.min_doc_tokens else "")
-            raise ConfigError(f"source '{s.name}' trains on {r.pairs_per_epoch} tokens{short}, fewer than one row of "
-                              f"seq_len={need} at a step where it has weight; add documents, lower seq_len"
-                              + (" or min_doc_tokens" if s.min_doc_tokens else ""))
-        rows.append(r)
+    rows = training_rows(cfg, sources, held_out, longest_drawn_rows(shapes, schedule, total_steps))
     return ElasticTrainIterator(cfg, rows, schedule, stage_steps, shapes=shapes, host=host)
 
 
 def build_elastic_eval_batches(cfg: DataConfig, *, batch_size: int, seq_len: int,
                                host: tuple[int, int]) -> dict[str, list[dict[str, np.ndarray]]]:
     """{source: batches}: the first data.eval_rows rows of each held-out split, in index order, dealt to hosts."""
-    _check(cfg)
-    sources, _ = _indexed_sources(cfg)
+    check_config(cfg)
+    sources, _ = indexed_sources(cfg)
     byte_lengths = token_byte_lengths(cfg.tokenizer) if cfg.tokenizer else None
     out = {}
     for i, (s, src) in enumerate(zip(cfg.sources, sources)):
