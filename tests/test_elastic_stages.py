@@ -244,6 +244,28 @@ def test_train_check_and_plan_budget_show_each_stage_with_the_elastic_reader(tmp
     assert "2 row shapes (data.stages)" in format_plan(plan)
 
 
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_position_bucket_rows_from_the_index_equal_the_streaming_readers(tokenized, hosts):
+    """eval.position_buckets on the elastic reader: the same long held-out documents, each from its first
+    token, as the streaming reader reads from the same token shards (min_doc_tokens applied by both)."""
+    from test_data_fixtures import sp_model
+
+    from jaxcpt.eval.position_loss import build_position_batches
+
+    source = {"name": "general", "paths": [tokenized["general"]], "eval_documents": 60, "min_doc_tokens": 40}
+    got = {}
+    for elastic in (False, True):
+        cfg = data_config(tokenizer=sp_model(), seq_len=32, sources=[source], elastic=elastic)
+        got[elastic] = [build_position_batches(cfg, length=64, min_pairs=16, rows=5, batch_size=2, process_index=h,
+                                               process_count=hosts)["general"] for h in range(hosts)]
+    assert sum(int(b["loss_mask"][r].any()) for host in got[True] for b in host for r in range(2)) == 5
+    for a_host, b_host in zip(got[False], got[True]):
+        assert len(a_host) == len(b_host)
+        for a, b in zip(a_host, b_host):
+            for key in ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source"):
+                np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+
+
 @pytest.mark.slow
 def test_training_resumed_before_and_after_the_boundary_on_the_elastic_reader_matches_bitwise(tmp_path, tokenized):
     import os

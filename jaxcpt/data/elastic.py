@@ -57,7 +57,7 @@ import numpy as np
 from jaxcpt.config import ConfigError
 from jaxcpt.data.batches import eval_batches
 from jaxcpt.data.config import DataConfig
-from jaxcpt.data.elastic_sources import check_config, indexed_sources, long_enough, training_rows
+from jaxcpt.data.elastic_sources import check_config, held_out_documents, indexed_sources, training_rows
 from jaxcpt.data.indexed import SourceRows
 from jaxcpt.data.mixture import WeightSchedule, resolve_stage_steps
 from jaxcpt.data.packing import stack_rows
@@ -357,11 +357,7 @@ def build_elastic_eval_batches(cfg: DataConfig, *, batch_size: int, seq_len: int
     for i, (s, src) in enumerate(zip(cfg.sources, sources)):
         if not s.has_eval_split:
             continue
-        if s.eval_documents:
-            docs = np.arange(min(s.eval_documents, src.num_documents), dtype=np.int64)
-        else:
-            docs = np.flatnonzero(src.hashes < np.uint64(int(s.eval_fraction * 2**64))).astype(np.int64)
-        rows = SourceRows(src, long_enough(src, docs, s.min_doc_tokens), seed=None)
+        rows = SourceRows(src, held_out_documents(s, src), seed=None)  # min_doc_tokens applied
         count = min(cfg.eval_rows, rows.pairs_per_epoch // seq_len)
         if count < cfg.eval_rows:
             log.warning("source '%s': the held-out split fills only %d of data.eval_rows=%d rows", s.name, count,

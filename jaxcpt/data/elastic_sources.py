@@ -13,6 +13,7 @@ the source's ``epochs`` are those of the kept documents.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import numpy as np
@@ -90,3 +91,49 @@ def training_rows(cfg: DataConfig, sources: list[IndexedSource], held_out: HeldO
                               + (" or min_doc_tokens" if s.min_doc_tokens else ""))
         rows.append(r)
     return rows
+
+
+def held_out_documents(s, src: IndexedSource) -> np.ndarray:
+    """[docs] a source's held-out documents in index order: the first ``eval_documents``, or those whose text hash
+    falls below ``eval_fraction`` (the streaming reader's rules), without those below ``min_doc_tokens``."""
+    if s.eval_documents:
+        docs = np.arange(min(s.eval_documents, src.num_documents), dtype=np.int64)
+    else:
+        docs = np.flatnonzero(src.hashes < np.uint64(int(s.eval_fraction * 2**64))).astype(np.int64)
+    return long_enough(src, docs, s.min_doc_tokens)
+
+
+def build_position_batches(cfg: DataConfig, *, length: int, min_pairs: int, rows: int, batch_size: int,
+                           host: tuple[int, int]) -> dict[str, list[dict]]:
+    """``eval.position_buckets``' rows for indexed sources (``jaxcpt.eval.position_loss``, whose rules these are):
+    per source the first ``rows`` held-out documents, in index order, with more than ``min_pairs`` next-token pairs
+    (and at least min_doc_tokens tokens), each ONE document's first ``length`` pairs from its first token."""
+    from jaxcpt.data.packing import stack_rows
+
+    check_config(cfg)
+    sources, _ = indexed_sources(cfg)
+    out = {}
+    for i, (s, src) in enumerate(zip(cfg.sources, sources)):
+        if not s.has_eval_split:
+            continue
+        docs = held_out_documents(s, src)
+        need = max(min_pairs, s.min_doc_tokens - 1)  # as position_loss.FirstPiece is given it
+        docs = docs[src.lengths[docs] + src.extra - 1 > need][:rows]  # [<= rows]
+        if len(docs) < rows:
+            log.warning("source '%s': %d held-out documents longer than %d tokens for the position buckets "
+                        "(eval.position_rows=%d)", s.name, len(docs), min_pairs, rows)
+        found = []
+        for doc in docs:
+            tokens = src.tokens(int(doc))  # [n]
+            n = min(len(tokens) - 1, length)
+            row = {k: np.zeros(length, np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}  # [T]
+            row["inputs"][:n], row["targets"][:n] = tokens[:n], tokens[1 : n + 1]
+            row["segment_ids"][:n], row["positions"][:n] = 1, np.arange(n)
+            found.append({**row, "source": i})  # stack_rows sets loss_mask = segment_ids > 0
+        if not found:
+            continue
+        mine = found[host[0] :: host[1]]
+        num_batches = math.ceil(math.ceil(len(found) / host[1]) / batch_size)  # every host the same count
+        out[s.name] = [stack_rows(mine[b * batch_size : (b + 1) * batch_size], batch_size, length)
+                       for b in range(num_batches)]
+    return out
