@@ -219,9 +219,11 @@ def test_train_check_and_plan_budget_show_each_stage_with_the_elastic_reader(tmp
     from jaxcpt.train.config import load_train_config
     from jaxcpt.train.setup import set_up
 
-    setup = set_up(load_train_config(None, _train_overrides(tmp_path / "run", tokenized)), check=True)
+    setup = set_up(load_train_config(None, _train_overrides(tmp_path / "run", tokenized,
+                                                            extra=["eval.position_buckets=[16, 40]"])), check=True)
     text = setup.describe()
     setup.close()
+    assert "positions    held-out loss by position 0-16, 16-40, 40-64 at every evaluation, on general (" in text
     assert "stage        steps 0..3: 8 rows x 32 tokens, positions 0..31, 1,024 row positions; rope" in text
     assert "stage        steps 4..7: 8 rows x 64 tokens, positions 0..63, 2,048 row positions; rope" in text
 
@@ -245,16 +247,25 @@ def test_train_check_and_plan_budget_show_each_stage_with_the_elastic_reader(tmp
 
 
 @pytest.mark.parametrize("hosts", [1, 2])
-def test_position_bucket_rows_from_the_index_equal_the_streaming_readers(tokenized, hosts):
+def test_position_bucket_rows_from_array_record_shards_equal_the_streaming_readers(tokenized, tmp_path, hosts):
     """eval.position_buckets on the elastic reader: the same long held-out documents, each from its first
-    token, as the streaming reader reads from the same token shards (min_doc_tokens applied by both)."""
+    token, as the streaming reader reads from the same documents' .npy shards (min_doc_tokens applied by both),
+    also from ArrayRecord shards, which only the index can read."""
     from test_data_fixtures import sp_model
 
+    from jaxcpt.data.indexed import IndexedSource, write_array_record_shards
+    from jaxcpt.data.sources import read_tokenized_meta
     from jaxcpt.eval.position_loss import build_position_batches
 
-    source = {"name": "general", "paths": [tokenized["general"]], "eval_documents": 60, "min_doc_tokens": 40}
+    meta = read_tokenized_meta(tokenized["general"])
+    ids = IndexedSource("general", [meta], bos_id=None, eos_id=None)  # the documents' ids as stored
+    tokenizer_meta = {k: v for k, v in meta.items() if k not in ("format", "shards", "directory", "num_documents",
+                                                                 "num_tokens", "source_fingerprint", "storage")}
+    write_array_record_shards(str(tmp_path / "ar"), [(ids.tokens(d).tolist(), "") for d in range(ids.num_documents)],
+                              tokenizer_meta=tokenizer_meta, docs_per_shard=70, source_fingerprint="ar")
     got = {}
-    for elastic in (False, True):
+    for elastic, path in ((False, tokenized["general"]), (True, str(tmp_path / "ar"))):
+        source = {"name": "general", "paths": [path], "eval_documents": 60, "min_doc_tokens": 40}
         cfg = data_config(tokenizer=sp_model(), seq_len=32, sources=[source], elastic=elastic)
         got[elastic] = [build_position_batches(cfg, length=64, min_pairs=16, rows=5, batch_size=2, process_index=h,
                                                process_count=hosts)["general"] for h in range(hosts)]
@@ -277,12 +288,16 @@ def test_training_resumed_before_and_after_the_boundary_on_the_elastic_reader_ma
     from jaxcpt.train.loop import train
 
     def overrides(run_dir):
-        return _train_overrides(run_dir, tokenized, extra=["checkpoint.every_steps=3", "checkpoint.keep_last=5"])
+        return _train_overrides(run_dir, tokenized, extra=["checkpoint.every_steps=3", "checkpoint.keep_last=5",
+                                                           "eval.position_buckets=[16, 40]", "eval.position_rows=4"])
 
     straight = tmp_path / "straight"
     train(load_train_config(None, overrides(straight)))
     expected = train_losses(straight)
     assert sorted(expected) == list(range(1, 9))
+    evals = [json.loads(line) for line in open(straight / "metrics.jsonl") if '"kind": "eval"' in line]
+    assert [e["step"] for e in evals] == [0, 8] and all(set(e["positions"]["general"]) == {"0-16", "16-40", "40-64"}
+                                                        for e in evals)
     for resume_at in (3, 6):  # checkpoints before and after the boundary at step 4
         run = tmp_path / f"resumed_{resume_at}"
         shutil.copytree(straight, run)
