@@ -65,7 +65,7 @@ def _global_batches(cfg, steps: int, hosts: int, state=None) -> tuple[list[dict]
 
 
 def _place(i: int, t: int) -> tuple[int, int]:
-    """(document, pair index in it) of the pair (input i, target t): BOS (1) -> id 0 is pair 0, id k -> k+1 pair k+1."""
+    """(document, pair index in it) of the pair (input i, target t): (BOS, id 0) is pair 0, (id k, next) pair k + 1."""
     assert i != 2 and t != 1, (i, t)  # no pair starts at EOS or ends at BOS: pairs never cross documents
     doc = (t - 10) // 200 if i == 1 else (i - 10) // 200
     assert t == 2 or (t - 10) // 200 == doc, (i, t)
