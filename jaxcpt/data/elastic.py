@@ -1,10 +1,10 @@
 """The elastic training stream (``data.elastic: true``): the data position is the step number.
 
 Every source is indexed (``jaxcpt.data.indexed``): its rows are a pure function of
-(seed, source, epoch, offset). The mixture is decided row by row for the GLOBAL batch of each
-step by a deterministic credit rule (each row goes to the source with the largest credit
-among those with weight; every source then gains its weight and the chosen one loses 1), so
-step ``t``'s batch is a function of the mixture state at ``t``: per source the position
+(seed, source, epoch, offset, seq_len). The mixture is decided row by row for the GLOBAL batch
+of each step by a deterministic credit rule (each row goes to the source with the largest
+credit among those with weight; every source then gains its weight and the chosen one loses
+1), so step ``t``'s batch is a function of the mixture state at ``t``: per source the position
 ``(epoch, offset)`` and the credit. Host ``h`` of ``H`` takes rows ``[h*B/H, (h+1)*B/H)`` of
 the global batch ``B``; Grain worker ``w`` of ``W`` builds the steps ``t`` with ``(t - first)
 % W == w`` (each worker walks the cheap allocation of every step and reads only its own rows).
@@ -27,6 +27,19 @@ changed weights or stages, or with a source added:
   an error names it; data.resume_mismatch=restart starts that source (every source, for a
   new seed) at epoch 0 and says that documents may repeat.
 
+Row shape stages (``data.stages[].seq_len`` / ``batch_size``, ``jaxcpt.data.stage_shapes``):
+step ``t`` has ``B(t)`` global rows of ``L(t)`` tokens, both read from the shape schedule, so a
+shape is a function of the step like the mixture. Positions count next-token pairs, so a
+source's first row of a new length starts at exactly the pair after its last row of the old
+length: nothing is repacked and nothing is carried. A document that straddles that point trains
+its pairs before it in the old-length row and the rest at the start of the new-length row (as
+its own segment, positions from 0), as any document straddling a row boundary does within a
+stage. The only pairs not trained are an epoch's tail shorter than one row of the length in
+force when the source reaches it (the rule without stages too).
+
+Which documents each source trains on (held out, ``data.sources[].min_doc_tokens``) is decided
+from the index before the permutation: ``jaxcpt.data.elastic_sources``.
+
 Streaming sources (JSONL, text, Parquet read in order) cannot be resumed elastically: they use
 ``jaxcpt.data.pipeline``'s checkpointed reader state, tied to the host and worker counts.
 """
@@ -37,19 +50,18 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 
 import grain
 import numpy as np
 
 from jaxcpt.config import ConfigError
-from jaxcpt.data.config import DataConfig
-from jaxcpt.data.documents import HeldOut
-from jaxcpt.data.indexed import IndexedSource, SourceRows, training_documents
-from jaxcpt.data.mixture import WeightSchedule, resolve_stage_steps
 from jaxcpt.data.batches import eval_batches
+from jaxcpt.data.config import DataConfig
+from jaxcpt.data.elastic_sources import check_config, held_out_documents, indexed_sources, training_rows
+from jaxcpt.data.indexed import SourceRows
+from jaxcpt.data.mixture import WeightSchedule, resolve_stage_steps
 from jaxcpt.data.packing import stack_rows
-from jaxcpt.data.sources import TOKENIZED_META, read_tokenized_meta, resolve_files
+from jaxcpt.data.stage_shapes import ShapeSchedule, check_host_split, longest_drawn_rows, resolve_shapes
 from jaxcpt.data.tokenize import token_byte_lengths
 from jaxcpt.data.watch import ACTIVITY, InputWaitInterrupted
 
@@ -60,7 +72,8 @@ STATE_FORMAT = "jaxcpt-elastic-data-v1"
 
 @dataclasses.dataclass
 class Position:
-    """Where one source stands: its next row is pairs [offset, offset + seq_len) of epoch ``epoch``."""
+    """Where one source stands: its next row is pairs [offset, offset + seq_len) of epoch ``epoch``
+    (seq_len: the step's, which data.stages may change)."""
 
     epoch: int = 0
     offset: int = 0  # next-token pairs into the epoch's concatenation
@@ -74,9 +87,9 @@ class Allocator:
     """Decides every row of every global batch from the mixture state; deterministic and picklable."""
 
     def __init__(self, names: list[str], pairs_per_epoch: list[int], repeat: list[bool], schedule: WeightSchedule,
-                 global_batch: int, seq_len: int, positions: list[Position], step: int):
+                 shapes: ShapeSchedule, positions: list[Position], step: int):
         self.names, self.pairs_per_epoch, self.repeat = names, pairs_per_epoch, repeat
-        self.schedule, self.global_batch, self.seq_len = schedule, global_batch, seq_len
+        self.schedule, self.shapes = schedule, shapes  # weights and (seq_len, global rows) per step
         self.positions, self.step = positions, step
         self.exhausted: str | None = None  # the source (repeat: false) that ran out
 
@@ -85,20 +98,21 @@ class Allocator:
         if self.exhausted:
             return None
         weights = self.schedule.at(self.step)  # [sources], sums to 1
+        shape = self.shapes.at(self.step)
         credit = np.array([p.credit for p in self.positions])  # [sources]
         rows = []
-        for _ in range(self.global_batch):
+        for _ in range(shape.rows):
             s = int(np.argmax(np.where(weights > 0, credit, -np.inf)))  # lowest index on ties
             pos = self.positions[s]
-            if pos.offset + self.seq_len > self.pairs_per_epoch[s]:  # the rest of the epoch is not a whole row
+            if pos.offset + shape.seq_len > self.pairs_per_epoch[s]:  # the rest of the epoch is not a whole row
                 if not self.repeat[s]:
                     self.exhausted = self.names[s]
                     return None
                 pos.epoch, pos.offset = pos.epoch + 1, 0
             rows.append((s, pos.epoch, pos.offset))
-            pos.offset += self.seq_len
+            pos.offset += shape.seq_len  # the next row of this source starts at the next pair, whatever its length
             pos.rows += 1
-            pos.tokens += self.seq_len
+            pos.tokens += shape.seq_len
             credit += weights
             credit[s] -= 1.0
             credit[weights == 0] = 0.0
@@ -143,14 +157,15 @@ class _ElasticIterator(grain.DatasetIterator):
     def __next__(self):
         ds, alloc = self._ds, self._alloc
         h, hosts = ds.host
-        local = alloc.global_batch // hosts
         while True:
             step = alloc.step
+            shape = alloc.shapes.at(step)  # this step's (seq_len, global rows)
             chosen = alloc.next_step()
             if chosen is None:
                 raise StopIteration
             if (step - self._first) % ds.worker_count == ds.worker_index:
-                return _assemble(ds.rows, chosen[h * local : (h + 1) * local], alloc.seq_len)
+                local = shape.rows // hosts  # check_host_split: every stage's rows split over the hosts
+                return _assemble(ds.rows, chosen[h * local : (h + 1) * local], shape.seq_len)
 
     def get_state(self) -> dict:
         return {"step": self._alloc.step}  # the trainer's state is the allocator's (ElasticTrainIterator)
@@ -170,9 +185,9 @@ class ElasticTrainIterator:
     """The training batches of an elastic stream, with the TrainIterator interface the trainer uses."""
 
     def __init__(self, cfg: DataConfig, rows: list[SourceRows], schedule: WeightSchedule, stage_steps: list,
-                 *, batch_size: int, seq_len: int, host: tuple[int, int]):
+                 *, shapes: ShapeSchedule, host: tuple[int, int]):
         self.cfg, self.rows, self.schedule, self.stage_steps = cfg, rows, schedule, stage_steps
-        self.batch_size, self.seq_len, self.host = batch_size, seq_len, host
+        self.shapes, self.host = shapes, host  # (seq_len, global rows) per step
         self.source_names = [s.name for s in cfg.sources]
         self.retired: dict[str, dict] = {}  # saved positions of sources no longer configured
         positions = [Position(fingerprint=r.source.fingerprint) for r in rows]
@@ -180,7 +195,7 @@ class ElasticTrainIterator:
 
     def _allocator(self, positions: list[Position], step: int) -> Allocator:
         return Allocator(self.source_names, [r.pairs_per_epoch for r in self.rows], [s.repeat for s in self.cfg.sources],
-                         self.schedule, self.batch_size * self.host[1], self.seq_len, positions, step)
+                         self.schedule, self.shapes, positions, step)
 
     def _start(self, positions: list[Position], step: int) -> None:
         self._alloc = self._allocator(positions, step)  # advanced in step with the batches handed out
@@ -249,8 +264,9 @@ class ElasticTrainIterator:
             "format": STATE_FORMAT,
             "step": self.step,
             "seed": self.cfg.seed,
-            "seq_len": self.seq_len,  # informative: positions count pairs, so another seq_len continues
-            "global_batch": self.batch_size * self.host[1],  # informative: any host count continues
+            # informative, the next step's shape: positions count pairs, so another seq_len or stage continues
+            "seq_len": self.shapes.at(self.step).seq_len,
+            "global_batch": self.shapes.at(self.step).rows,  # informative: any host count continues
             "sources": {**self.retired, **{n: dataclasses.asdict(p) for n, p in zip(self.source_names,
                                                                                     self._alloc.positions)}},
             "accounting": self.accounting(),  # global (the same on every host): jaxcpt.data.accounting
@@ -319,75 +335,29 @@ class ElasticTrainIterator:
         self.close()
 
 
-def _indexed_sources(cfg: DataConfig) -> tuple[list[IndexedSource], HeldOut]:
-    from jaxcpt.data.plan import _special_tokens, excluded_hashes  # what every stream shares
-
-    files = [resolve_files(s.paths, s.name, s.format) for s in cfg.sources]
-    for s, fs in zip(cfg.sources, files):
-        streaming = [f for f in fs if os.path.basename(f) != TOKENIZED_META]
-        if streaming:
-            raise ConfigError(
-                f"source '{s.name}' reads {streaming[0]!r}, a streaming file: data.elastic=true needs every source "
-                "pre-tokenized (`jaxcpt tokenize` writes the directory to list), or set data.elastic=false, whose "
-                "streaming reader cannot be resumed on another host or worker count")
-    bos, eos, _ = _special_tokens(cfg, files)
-    sources = [IndexedSource(s.name, [read_tokenized_meta(os.path.dirname(f)) for f in fs], bos_id=bos, eos_id=eos)
-               for s, fs in zip(cfg.sources, files)]
-    eval_hashes = set()
-    for s, src in zip(cfg.sources, sources):
-        eval_hashes.update(int(h) for h in src.hashes[: s.eval_documents])  # the first ones in index order
-    held_out = HeldOut(threshold=max(int(s.eval_fraction * 2**64) for s in cfg.sources),
-                       hashes=frozenset(eval_hashes) | excluded_hashes(cfg))
-    return sources, held_out
-
-
-def _check(cfg: DataConfig) -> None:
-    cfg.validate()
-    if not cfg.sources:
-        raise ConfigError("data.sources is empty: add at least one source (name, paths)")
-    if cfg.weights_count == "documents":
-        raise ConfigError("data.elastic=true packs full rows, so weights count tokens (= rows); set "
-                          "data.weights_count=tokens or rows")
-    for s in cfg.sources:
-        if s.instruction != "none":
-            raise ConfigError(
-                f"source '{s.name}' (instruction: {s.instruction}) cannot be read with data.elastic=true: the elastic "
-                "reader reads token shards, and `jaxcpt tokenize` writes text documents' ids without the answer mask, so "
-                "the loss would fall on every token. Set data.elastic=false (instruction records stream from JSONL or "
-                "Parquet, resumable on the same host and worker counts)")
-
-
 def build_elastic_train_iterator(cfg: DataConfig, *, batch_size: int, seq_len: int, lr_schedule=None,
                                  total_steps: int | None = None, host: tuple[int, int]) -> ElasticTrainIterator:
-    _check(cfg)
-    sources, held_out = _indexed_sources(cfg)
-    rows = []
-    for s, src in zip(cfg.sources, sources):
-        r = SourceRows(src, training_documents(src, held_out), cfg.seed)
-        if r.pairs_per_epoch < seq_len and (s.weight > 0 or any(st.weights.get(s.name, 0) > 0 for st in cfg.stages)):
-            raise ConfigError(f"source '{s.name}' trains on {r.pairs_per_epoch} tokens, fewer than one row of "
-                              f"seq_len={seq_len}; add documents or lower seq_len")
-        rows.append(r)
+    check_config(cfg)
+    sources, held_out = indexed_sources(cfg)
     stage_steps = resolve_stage_steps(cfg, lr_schedule, total_steps)
     schedule = WeightSchedule.from_config(cfg, stage_steps)
-    return ElasticTrainIterator(cfg, rows, schedule, stage_steps, batch_size=batch_size, seq_len=seq_len, host=host)
+    shapes = resolve_shapes(cfg, batch_size=batch_size * host[1], seq_len=seq_len, stage_starts=stage_steps)
+    check_host_split(cfg, shapes, host[1])
+    rows = training_rows(cfg, sources, held_out, longest_drawn_rows(shapes, schedule, total_steps))
+    return ElasticTrainIterator(cfg, rows, schedule, stage_steps, shapes=shapes, host=host)
 
 
 def build_elastic_eval_batches(cfg: DataConfig, *, batch_size: int, seq_len: int,
                                host: tuple[int, int]) -> dict[str, list[dict[str, np.ndarray]]]:
     """{source: batches}: the first data.eval_rows rows of each held-out split, in index order, dealt to hosts."""
-    _check(cfg)
-    sources, _ = _indexed_sources(cfg)
+    check_config(cfg)
+    sources, _ = indexed_sources(cfg)
     byte_lengths = token_byte_lengths(cfg.tokenizer) if cfg.tokenizer else None
     out = {}
     for i, (s, src) in enumerate(zip(cfg.sources, sources)):
         if not s.has_eval_split:
             continue
-        if s.eval_documents:
-            docs = np.arange(min(s.eval_documents, src.num_documents), dtype=np.int64)
-        else:
-            docs = np.flatnonzero(src.hashes < np.uint64(int(s.eval_fraction * 2**64))).astype(np.int64)
-        rows = SourceRows(src, docs, seed=None)
+        rows = SourceRows(src, held_out_documents(s, src), seed=None)  # min_doc_tokens applied
         count = min(cfg.eval_rows, rows.pairs_per_epoch // seq_len)
         if count < cfg.eval_rows:
             log.warning("source '%s': the held-out split fills only %d of data.eval_rows=%d rows", s.name, count,

@@ -47,7 +47,7 @@ from jaxcpt.data.plan import _counter, _host, _limits, _plan, _Plan
 from jaxcpt.data.plan import resolved_special_tokens  # noqa: F401  (the trainer imports it from here)
 from jaxcpt.data.shuffle import WindowShuffleDataset
 from jaxcpt.data.sources import BAD_KINDS
-from jaxcpt.data.stage_shapes import ShapeSchedule, check_elastic, check_host_split, check_supported, resolve_shapes
+from jaxcpt.data.stage_shapes import ShapeSchedule, check_host_split, check_supported, resolve_shapes
 from jaxcpt.data.staged_rows import LocalRows, StagedSourceRows, StepBatches
 from jaxcpt.data.state import decode_state, encode_state, fingerprint_diff
 from jaxcpt.data.tokenize import TokenizeDataset, token_byte_lengths
@@ -341,7 +341,6 @@ def build_train_iterator(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if cfg.elastic:  # random access by index arithmetic: jaxcpt.data.elastic
-        check_elastic(cfg)
         from jaxcpt.data.elastic import build_elastic_train_iterator
 
         return build_elastic_train_iterator(cfg, batch_size=batch_size, seq_len=seq_len or cfg.seq_len,

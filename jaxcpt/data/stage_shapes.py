@@ -26,6 +26,13 @@ What stays the same across a shape change:
 - **Resume.** A checkpoint inside either stage resumes exactly (the saved data state holds the
   old stream's position at the boundary, from which the carried pieces are rebuilt).
 
+The elastic reader (``data.elastic: true``, ``jaxcpt.data.elastic``) needs none of this
+repacking: its rows are windows of each source's concatenated next-token pairs, its position is
+a count of pairs, so the first row of a new length starts at the pair after the last row of the
+old one (a document cut there continues as a new segment) and the shape of step ``t`` is
+``ShapeSchedule.at(t)``, like the mixture a function of the step; a resume may land on any step
+and any host count whose share divides every stage's rows.
+
 The train step compiles once per distinct shape (jit caches by shape). Checks at set-up:
 every stage's rows split over hosts, micro-batches and the batch mesh axes; a ``context`` mesh
 axis divides every stage's seq_len; a stage longer than the RoPE was trained for, with no
@@ -145,19 +152,28 @@ def check_context_split(cfg: DataConfig, context: int, seq_len: int | None = Non
                 "mesh.context")
 
 
-def check_elastic(cfg: DataConfig) -> None:
-    """The elastic reader (jaxcpt.data.elastic) has one row shape and no document filter yet."""
-    shaped = any(s.changes_shape for s in cfg.stages)
-    if cfg.elastic and (shaped or any(s.min_doc_tokens for s in cfg.sources)):
-        what = "data.stages[].seq_len / batch_size" if shaped else "data.sources[].min_doc_tokens"
-        raise ConfigError(f"{what} is not supported with data.elastic=true yet; use the streaming reader "
-                          "(data.elastic=false), or start a new run from the last checkpoint (init.source=checkpoint) "
-                          "with the new data.seq_len")
+def longest_drawn_rows(shapes: ShapeSchedule, schedule, total_steps: int | None):
+    """[sources] the longest seq_len of a step at which each source has weight (0: never drawn).
+
+    ``schedule``: the run's ``mixture.WeightSchedule``; ``total_steps`` None: past the last change of
+    shape or weights, both go on as they are.
+    """
+    import numpy as np
+
+    last = [start for start, _ in shapes.changes] + [start + ramp for start, ramp, _ in schedule.stages]
+    end = total_steps or max(last + [0]) + 1
+    longest = np.zeros(len(schedule.base), np.int64)  # [sources]
+    for lo, hi, shape in shapes.segments(end):
+        # Weights are linear between these steps (ramps), so a weight > 0 inside the stretch is > 0 at one of them.
+        steps = {lo, hi - 1, *(t for start, ramp, _ in schedule.stages for t in (start, start + ramp) if lo <= t < hi)}
+        drawn = np.any([schedule.at(t) > 0 for t in steps], axis=0)  # [sources]
+        longest = np.where(drawn, np.maximum(longest, shape.seq_len), longest)
+    return longest
 
 
 def check_supported(cfg: DataConfig, shapes: ShapeSchedule) -> None:
-    """Shape stages need a stream that can hand its unpacked pieces to a new packer."""
-    check_elastic(cfg)
+    """Shape stages need a stream that can hand its unpacked pieces to a new packer (the streaming reader;
+    the elastic one cuts its rows from a position in pairs, so any shape follows: jaxcpt.data.elastic)."""
     if len(shapes.seq_lens()) > 1 and cfg.packing != "first_fit":
         raise ConfigError(f"data.stages[].seq_len needs data.packing=first_fit (the repacking at a stage boundary "
                           f"carries first-fit rows' pieces over); this run has packing={cfg.packing}")

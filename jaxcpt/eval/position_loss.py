@@ -115,6 +115,11 @@ def build_position_batches(data_cfg, *, length: int, min_pairs: int, rows: int, 
     """
     from jaxcpt.data import pipeline
 
+    if data_cfg.elastic:  # indexed sources: the same rows, read from the index
+        from jaxcpt.data.elastic_sources import build_position_batches as from_index
+
+        return from_index(data_cfg, length=length, min_pairs=min_pairs, rows=rows, batch_size=batch_size,
+                          host=pipeline._host(process_index, process_count))
     plan = pipeline._plan(data_cfg, length, process_index, process_count)
     out = {}
     for i, src in enumerate(data_cfg.sources):
@@ -170,7 +175,7 @@ def build_position_eval(cfg, program, data_cfg, shapes) -> PositionEval | None:
     seq_lens = shapes.seq_lens() if shapes is not None else [cfg.data.seq_len]
     length = max(seq_lens)
     ranges = bucket_ranges(edges, length)
-    if not edges or len(ranges) < 2 or not any(s.has_eval_split for s in data_cfg.sources) or data_cfg.elastic:
+    if not edges or len(ranges) < 2 or not any(s.has_eval_split for s in data_cfg.sources):
         return None
     rows_at_length = max((shape.rows for _, shape in shapes.changes if shape.seq_len == length),
                          default=cfg.train.batch_size) if shapes is not None else cfg.train.batch_size

@@ -105,7 +105,7 @@ def _first_step_over(cumulative: np.ndarray, limit: float) -> int | None:
 
 def _fill_and_unit(data, counts: list, seq_len: int, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """([sources] real-token fill of rows of seq_len, [sources] tokens per counted unit), as the module docstring says."""
-    fill = np.array([1.0 if data.packing == "concat_split" or not c.known
+    fill = np.array([1.0 if data.packing == "concat_split" or data.elastic or not c.known  # elastic: full rows
                      else first_fit_fill(c.piece_lengths, seq_len, data.packing_bins) for c in counts])  # [sources]
     if data.weights_count == "tokens":
         per_unit = np.ones(len(counts))

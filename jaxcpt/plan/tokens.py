@@ -111,9 +111,11 @@ def _count_tokenized(src: SourceConfig, cfg: DataConfig, files: list[str], seq_l
         held_out |= hashes < np.uint64(min(int(src.eval_fraction * 2**64), 2**64 - 1))
     if src.eval_documents > 0:
         held_out |= np.isin(hashes, hashes[: src.eval_documents])
-    positions = np.maximum(lengths[~held_out] + special - 1, 0)  # [train docs]
+    short = ~held_out & (lengths + special < src.min_doc_tokens)  # left out by data.sources[].min_doc_tokens
+    positions = np.maximum(lengths[~held_out & ~short] + special - 1, 0)  # [train docs]
     return SourceCount(src.name, float(positions.sum()), float(len(positions)), True,
-                       "exact: pre-tokenized shards" + (f", {int(held_out.sum())} held out" if held_out.any() else ""),
+                       "exact: pre-tokenized shards" + (f", {int(held_out.sum())} held out" if held_out.any() else "")
+                       + (f", {int(short.sum())} below min_doc_tokens" if short.any() else ""),
                        _pieces(positions, seq_len))
 
 
