@@ -109,7 +109,8 @@ class SourceConfig:
         help="Skip this source's documents shorter than this many tokens (BOS/EOS included), in training and in its "
         "held-out split: a long-document source for a long-context stage (ProLong: upsample long documents through "
         "this source's weight, keep short text as replay in another source). 0 = keep every document. A source none "
-        "of whose next data.max_documents_without_tokens documents is long enough stops the run (no silent spin).",
+        "of whose next data.max_documents_without_tokens documents is long enough stops the run (no silent spin); with "
+        "data.elastic the filter is decided from the index at start-up, and a source left too small is an error then.",
     )
 
     def validate(self) -> None:
