@@ -246,3 +246,64 @@ def test_a_cpt_run_from_the_moe_checkpoint_trains_and_records_routing(tmp_path, 
     routing = train_records[2]["routing"]
     assert np.asarray(routing["load"]).shape == (L, X) and routing["aux_loss"] >= 1.0
     assert np.isfinite(train_records[2]["loss"])
+
+
+# --- the adaptation commands ---------------------------------------------------------------------
+
+
+@pytest.mark.slow  # compiles the adapted model, loads peft
+def test_lora_on_attention_and_the_dense_mlp_loads_in_peft_and_merges_into_the_export(hf_dir, tmp_path):
+    """Adapters on every projection of attention and of the dense MLP beside the experts (the experts themselves
+    take none here); peft applies them to the transformers model, and the merged export computes our logits."""
+    from test_lora import _adapted, _peft_logits
+
+    from jaxcpt.hf.peft_export import save_peft_adapter
+    from jaxcpt.model.lora import LoraConfig
+    from jaxcpt.model.persist import base_model
+
+    model = _adapted(hf_dir[0], LoraConfig(rank=2, alpha=4.0))
+    assert {"gate_lora_a", "down_lora_b", "full_q_lora_a"} <= set(model.layers.names)
+    assert not any(name.startswith(("expert_", "router")) and "_lora_" in name for name in model.layers.names)
+    assert model.config.num_params() == sum(int(np.prod(x.shape)) for x in jax_leaves(model))
+    ids = np.random.RandomState(0).randint(0, VOCAB, size=(2, 16))
+    ours = logits(model, ids)
+    assert rel_err(logits(base_model(model), ids), ours) > 1e-3  # the adapters change the function
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(hf_dir[0]), dtype="float32")
+    assert rel_err(_peft_logits(hf_dir[0], tmp_path / "adapter", ids), ours) < 1e-5
+    save_hf(model, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert rel_err(torch_logits(merged, ids), ours) < 1e-5
+
+
+def test_linear_merge_covers_the_fused_experts_and_router_and_reloads(tmp_path):
+    from jaxcpt.cli import main
+
+    a = save_random_moe(Gemma4TextConfig(**MOE), tmp_path / "a", seed=0)
+    save_random_moe(Gemma4TextConfig(**MOE), tmp_path / "b", seed=1)
+    assert main(["merge", "--base", str(tmp_path / "a"), "--model", str(tmp_path / "b"), "--t", "0.3", "--out",
+                 str(tmp_path / "m")]) == 0
+    merged, x, y = (load_file(tmp_path / d / "model.safetensors") for d in ("m", "a", "b"))
+    assert merged.keys() == x.keys() and {"model.layers.0.experts.gate_up_proj",
+                                           "model.layers.0.router.per_expert_scale"} <= merged.keys()
+    for name in x:
+        np.testing.assert_array_equal(merged[name], np.float32(0.7) * x[name] + np.float32(0.3) * y[name], name)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert type(reloaded) is type(a)
+
+
+def test_expand_depth_of_the_moe_model_is_refused_saying_why(tmp_path, capsys):
+    from jaxcpt.cli import main
+
+    save_random_moe(Gemma4TextConfig(**MOE), tmp_path / "base")
+    assert main(["expand-depth", str(tmp_path / "base"), "--every", "2", "--out", str(tmp_path / "deeper")]) == 2
+    assert "does not support gemma4_text models whose layers differ in shape" in capsys.readouterr().err
+
+
+def test_flops_count_the_dense_mlp_beside_the_active_experts(model):
+    from jaxcpt.train.metrics import flops_per_token
+
+    cfg = model.config
+    dense = dataclasses.replace(cfg, moe=None)
+    # the MoE model's matmuls per token: the dense model's plus the router and the top 2 experts, per layer
+    active_experts = L * (E * X + K * 3 * E * F + E + X)  # router projection, experts, router scale, per-expert scale
+    assert flops_per_token(cfg, 32) == flops_per_token(dense, 32) + 6 * active_experts
