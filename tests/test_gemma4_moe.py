@@ -9,6 +9,7 @@ projection large enough that each token has a clear top 2 (transformers starts i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -18,7 +19,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 from test_gemma4 import _variant, jax_leaves, packed, rel_err, worst_error
-from test_moe import _batch, _objective
+from test_moe import _batch
 from transformers import AutoModelForCausalLM, Gemma4TextConfig
 
 from hf_models import hf_logits as torch_logits
@@ -136,22 +137,44 @@ def _router_logits(hf_model, ids) -> list[torch.Tensor]:
     return captured, out.loss.item()
 
 
-def test_aux_loss_and_routing_statistics_equal_transformers_load_balancing_loss(hf_dir, model):
+COEF = 0.02  # router_aux_loss_coef of the run the next tests train
+
+
+@pytest.fixture(scope="module")
+def loss_sums(model):
+    """(ids, jitted ``_loss_sums(params, batch, router_bias=None)`` of the model trained with an aux loss of COEF):
+    the training objective as the train step computes it, one compiled program per bias or none."""
+    from jaxcpt.train.step import _loss_sums
+
+    graphdef, params = _with_moe(model, router_aux_loss_coef=COEF)
+    ids = np.random.RandomState(3).randint(0, VOCAB, size=(2, 24))
+    jitted = jax.jit(functools.partial(_loss_sums, graphdef=graphdef, num_sources=1, chunk_size=0, z_loss_weight=0.0))
+    return ids, lambda router_bias=None: jitted(params, _batch(ids), router_bias=router_bias)
+
+
+def test_aux_loss_and_routing_statistics_equal_transformers_load_balancing_loss(hf_dir, loss_sums):
     """Gemma4ForCausalLM computes no aux loss, so the oracle is transformers' ``load_balancing_loss_func`` (the one
     the other MoE families train with) on Gemma 4's own router logits; a run that sets router_aux_loss_coef trains
     on CE + coef x that, and the routing statistics count every token's top 2 in every layer."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    ids = np.random.RandomState(3).randint(0, VOCAB, size=(2, 24))
+    ids, run = loss_sums
     router_logits, ce = _router_logits(hf_dir[1], ids)
     expected = load_balancing_loss_func(tuple(router_logits), X, K).item()
-    coef = 0.02
-    trained = nnx.merge(*_with_moe(model, router_aux_loss_coef=coef))
-    objective, aux = _objective(trained, _batch(ids))
+    (objective_sum, tokens), aux = run()
     stats = aux["router"]
     assert stats.counts.shape == (L, X) and float(stats.counts.sum()) == L * ids.size * K
     assert abs(float(moe_lib.load_balancing_loss(stats)) - expected) < 1e-6 * expected
-    assert abs(float(objective) - (ce + coef * expected)) < 1e-5 * ce
+    assert abs(float(objective_sum / tokens) - (ce + COEF * expected)) < 1e-5 * ce
+
+
+def test_the_selection_bias_of_loss_free_balancing_steers_the_grouped_layers(loss_sums):
+    """model.moe.router_bias_update_rate's [L, X] bias reaches every layer of the segment-scanned model: zero changes
+    nothing, a large bias on expert 0 makes every token of every layer choose it."""
+    ids, run = loss_sums
+    np.testing.assert_array_equal(run(np.zeros((L, X), np.float32))[1]["router"].counts, run()[1]["router"].counts)
+    steered = np.asarray(run(np.tile(np.float32([5, 0, 0, 0]), (L, 1)))[1]["router"].counts)  # [L, X]
+    np.testing.assert_array_equal(steered[:, 0], ids.size)
 
 
 def _with_moe(model, **changes):
@@ -171,6 +194,12 @@ def test_an_moe_config_gemma4_cannot_hold_is_refused_on_export_naming_the_field(
         moe_lib.MoeConfig(router_norm=True).validate()
     with pytest.raises(HFFormatError, match="top_k_experts"):
         config_from_hf(dict(Gemma4TextConfig(**MOE).to_dict(), top_k_experts=None))
+    from jaxcpt.hf.families import tensor_table
+
+    with pytest.raises(HFFormatError, match="family 'llama' has no experts beside the dense MLP"):
+        tensor_table(dataclasses.replace(model.config, family="llama", global_head_dim=None, global_kv_heads=None,
+                                         attention_k_eq_v=False, per_layer_input=None))
+
 
 
 @pytest.mark.slow  # compiles a program per variant
