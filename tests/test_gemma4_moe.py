@@ -277,6 +277,24 @@ def test_a_cpt_run_from_the_moe_checkpoint_trains_and_records_routing(tmp_path, 
     assert np.isfinite(train_records[2]["loss"])
 
 
+@pytest.mark.slow  # compiles the decoder's prefill and step programs
+def test_greedy_generation_with_the_kv_cache_matches_transformers_generate(hf_dir, model):
+    """The KV-cache decoder through the MoE block (its router statistics set aside): left-padded prompts, past the
+    window, the same tokens as transformers' ``generate``."""
+    from jaxcpt.model.decode import generate_greedy
+
+    rng = np.random.RandomState(4)
+    prompts = [rng.randint(3, VOCAB, size=n).tolist() for n in (4, 9)]
+    ids, mask = np.zeros((2, 9), np.int32), np.zeros((2, 9), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, 9 - len(prompt):], mask[row, 9 - len(prompt):] = prompt, 1
+    tokens, _ = generate_greedy(model, ids, mask, max_new_tokens=10)
+    for row, prompt in enumerate(prompts):
+        want = hf_dir[1].generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert np.asarray(tokens[row]).tolist() == want
+
+
 # --- the adaptation commands ---------------------------------------------------------------------
 
 
