@@ -214,11 +214,14 @@ def test_greedy_generation_with_the_kv_cache_matches_transformers_generate(hf_di
         assert np.asarray(tokens[row]).tolist() == want
 
 
-def test_moe_block_is_refused_by_name():
+def test_moe_block_reads_as_experts_beside_the_mlp_with_gemmas_router():
+    """The MoE block (tests/test_gemma4_moe.py has its parity) is read, no longer refused."""
     hf = Gemma4TextConfig(**TINY, enable_moe_block=True, num_experts=4, top_k_experts=2,
                           moe_intermediate_size=16).to_dict()
-    with pytest.raises(HFFormatError, match="MoE block.*enable_moe_block.*not supported yet"):
-        config_from_hf(hf)
+    moe = config_from_hf(hf).moe
+    assert (moe.num_experts, moe.top_k, moe.expert_intermediate_size) == (4, 2, 16)
+    assert moe.beside_mlp and moe.router_norm and moe.per_expert_scale and moe.norm_topk_prob
+    assert config_from_hf(Gemma4TextConfig(**TINY).to_dict()).moe is None
 
 
 def test_bidirectional_gemma4_is_refused():

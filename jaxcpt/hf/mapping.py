@@ -132,6 +132,9 @@ def decoder_tensors(cfg: ModelConfig, norms=LLAMA_NORMS, experts: "ExpertNames |
         rows.append(Tensor(("layers", "o_bias"), pre + "self_attn.o_proj.bias", _same, _same, (E,), layers=attention))
     if cfg.attention_sinks:  # gpt-oss: one logit per query head
         rows.append(Tensor(("layers", "sinks"), pre + "self_attn.sinks", _same, _same, (H,), layers=attention))
+    if cfg.moe is not None and cfg.moe.beside_mlp:  # only gemma4_text's own table holds them
+        raise HFFormatError(f"family '{cfg.family}' has no experts beside the dense MLP (model.moe.beside_mlp, Gemma 4's "
+                            "MoE block); export it as model.family=gemma4_text, or set beside_mlp off")
     if cfg.moe is not None:  # a family whose checkpoints fuse the experts gives a function of cfg instead of names
         rows += experts(cfg) if callable(experts) else moe_tensors(cfg, experts)
     for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))) if cfg.moe is None else ():

@@ -267,7 +267,7 @@ class ModelConfig:
             self.lora.validate()
         if self.moe is not None:
             self.moe.validate()
-            if self.lora is not None and set(self.lora.targets) & {"gate", "up", "down"}:
+            if self.lora is not None and set(self.lora.targets) & {"gate", "up", "down"} and not self.moe.beside_mlp:
                 raise ConfigError("model.lora.targets names gate/up/down, but an MoE model has experts instead of a "
                                   "dense MLP; target the attention projections (q, k, v, o)")
         if self.num_heads % self.num_kv_heads:

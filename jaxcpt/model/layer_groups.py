@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxcpt.config import ConfigError
 from jaxcpt.model import lora as lora_lib
+from jaxcpt.model import moe_beside
 from jaxcpt.model import per_layer_input
 from jaxcpt.model import remat as remat_lib
 from jaxcpt.model.config import LINEAR, MAX_PATTERN, ModelConfig
@@ -48,8 +49,9 @@ GEMMA4_OPTIONS = ("global_head_dim", "global_kv_heads", "attention_k_eq_v", "kv_
 
 
 def grouped(cfg: ModelConfig) -> bool:
-    """Whether the model's layers differ in shape (or take per-layer inputs), so scan in segments here."""
-    return any(bool(getattr(cfg, name)) for name in GEMMA4_OPTIONS)
+    """Whether the model's layers differ in shape (or take per-layer inputs, or have experts beside the MLP), so scan
+    in segments here."""
+    return any(bool(getattr(cfg, name)) for name in GEMMA4_OPTIONS) or (cfg.moe is not None and cfg.moe.beside_mlp)
 
 
 def split_global(cfg: ModelConfig) -> bool:
@@ -130,6 +132,8 @@ def stack_names(cfg: ModelConfig) -> list[tuple[str, tuple, tuple, str]]:
                 ("ple_norm", (e,), ("norm",), norm_init)]  # post_per_layer_input_norm
     if cfg.layer_scalar:
         out.append(("layer_scalar", (), (), "ones"))
+    if cfg.moe is not None:  # experts beside the MLP (Gemma 4; jaxcpt.model.moe_beside), on every layer
+        out += moe_beside.stack_rows(cfg)
     return [row for row in out if layers_of(cfg, row[0])]  # e.g. no full_v with attention_k_eq_v
 
 
@@ -205,8 +209,8 @@ def validate(cfg: ModelConfig) -> None:
     if orphans:
         raise ConfigError(f"the kv-shared layers include {orphans} layers, but no earlier layer of that kind computes "
                           "keys and values to share; lower kv_shared_layers or change layer_types")
-    unsupported = [(cfg.moe is not None, "moe (Gemma 4's MoE block beside the MLP, enable_moe_block, is not built "
-                    "yet)"),
+    unsupported = [(cfg.moe is not None and not cfg.moe.beside_mlp, "moe in place of the dense MLP (Gemma 4's "
+                    "experts sit beside it: model.moe.beside_mlp)"),
                    (bool(cfg.linear_layers), "linear_attention layers"),
                    (cfg.rope_layers is not None, "rope_layers (NoPE layers)"),
                    (cfg.qk_norm_scope != "head", "qk_norm_scope=projection")]
@@ -283,12 +287,13 @@ def scan_layers(cfg: ModelConfig, arrays: dict, sets: dict, carry, layer_fn):
                 full_names = {base_name(n): n for n in own}
                 for key, value in result.items():
                     outs.setdefault(full_names[key], []).append(value)
-            return carry, {name: jnp.stack(values) for name, values in outs.items()}  # [per repeat, ...]
+            # [per repeat, ...]; an output may be a pytree (an MoE layer's RouterStats)
+            return carry, {name: jax.tree.map(lambda *v: jnp.stack(v), *values) for name, values in outs.items()}
 
         carry, ys = jax.lax.scan(body, carry, xs)
         for name, y in ys.items():  # [repeats, per repeat, ...] -> the segment's run of [n_name, ...]
-            collected.setdefault(name, []).append(y.reshape(-1, *y.shape[2:]))
-    return carry, {name: jnp.concatenate(parts) for name, parts in collected.items()}
+            collected.setdefault(name, []).append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), y))
+    return carry, {name: jax.tree.map(lambda *p: jnp.concatenate(p), *parts) for name, parts in collected.items()}
 
 
 def proportional_rope(cos, sin, proportion: float):
@@ -321,13 +326,18 @@ def _shared_init(cfg: ModelConfig, lead: tuple[int, ...]) -> dict:
     return {kind: (jnp.zeros((*lead, cfg.kind_kv_heads(kind), cfg.kind_head_dim(kind)), dt),) * 2 for kind in kinds}
 
 
-def forward(model, x, per_layer, ropes: dict, block, attend):
-    """Hidden states after every layer (before the final norm): x [B, T, E] -> [B, T, E].
+def forward(model, x, per_layer, ropes: dict, block, attend, scanned: dict | None = None):
+    """Hidden states after every layer (before the final norm) and, with experts, each layer's routing statistics:
+    x [B, T, E] -> ([B, T, E], ``moe.RouterStats`` [L, ...] or None).
 
-    ``block`` is ``decoder_block`` with cfg, rules and valid bound; ``attend`` the packed-row attention.
+    ``block`` is ``decoder_block`` with cfg, rules and valid bound; ``attend`` the packed-row attention;
+    ``scanned``: more [L, ...] arrays every layer takes its slice of (the MoE selection bias).
     """
     cfg = model.config
     arrays, sets = _arrays(model, per_layer)
+    for name, value in (scanned or {}).items():
+        arrays[name], sets[name] = value, tuple(range(cfg.num_layers))
+    moe = cfg.moe is not None
 
     def one_layer(p, h, shared_kv, kind):
         def attend_kv(q, k, v, kind_):
@@ -341,13 +351,14 @@ def forward(model, x, per_layer, ropes: dict, block, attend):
 
     def layer_fn(kind, p, carry):
         h, shared = carry
-        h, kv = one_layer(p, h, shared.get(kind), kind)
+        h, aux = one_layer(p, h, shared.get(kind), kind)
+        kv, stats = aux if moe else (aux, None)  # an MoE block adds its router stats
         if kind in shared:
             shared = {**shared, kind: kv}
-        return (h, shared), {}
+        return (h, shared), ({"router": stats} if moe else {})
 
-    (x, _), _ = scan_layers(cfg, arrays, sets, (x, _shared_init(cfg, x.shape[:2])), layer_fn)
-    return x
+    (x, _), out = scan_layers(cfg, arrays, sets, (x, _shared_init(cfg, x.shape[:2])), layer_fn)
+    return x, out.get("router")
 
 
 def kv_stacks(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
@@ -388,7 +399,8 @@ def decode(model, x, per_layer, ropes: dict, cache_k: dict, cache_v: dict, block
         def attend(q, k, v, kind_):
             return attend_cached(q, k, v, kind_, layer_k, layer_v)
 
-        h, (layer_k, layer_v) = block(p, h, None, {kind: ropes[kind]}, attend=attend)
+        h, aux = block(p, h, None, {kind: ropes[kind]}, attend=attend)
+        layer_k, layer_v = aux[0] if cfg.moe is not None else aux  # an MoE block adds its router stats
         if kind in shared:
             shared = {**shared, kind: (layer_k, layer_v)}
         return (h, shared), ({"cache_k": layer_k, "cache_v": layer_v} if own else {})

@@ -39,6 +39,7 @@ from jaxcpt.model.layers import ACTIVATIONS, clamped_swiglu
 from jaxcpt.sharding.rules import make_rules
 
 EXPERT_PARAMS = ("router", "expert_gate", "expert_up", "expert_down")
+ROUTER_PARAMS = ("router", "router_bias", "router_scale", "per_expert_scale")  # used by the routing, not the experts
 # MoeConfig's load-balancing choices: how a run trains the router, not what the model is (a run from an HF
 # directory or a checkpoint may set them; jaxcpt.train.config)
 BALANCING_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate")
@@ -73,6 +74,17 @@ class MoeConfig:
         "probabilities for the choice of experts only (the combine weights stay unbiased), moved by this much per "
         "step against each expert's load outside the optimiser (jaxcpt/train/balance.py; e.g. 0.001); 0 = off. "
         "No transformers MoE family holds such a bias: see export.router_bias")
+    # Gemma 4's MoE block (enable_moe_block; jaxcpt/model/moe_beside.py)
+    beside_mlp: bool = field(
+        False, help="the experts run beside the dense MLP instead of replacing it, each branch with its own norms, "
+        "their outputs added (Gemma 4's enable_moe_block); the router then reads the residual stream, not the MLP's "
+        "normed input")
+    router_norm: bool = field(
+        False, help="the router reads its input RMS-normed without a weight, times a learned scale "
+        "(layers.router_scale [L, E]) and hidden_size**-0.5 (Gemma 4's router; with beside_mlp)")
+    per_expert_scale: bool = field(
+        False, help="each chosen expert's combine weight, after renormalisation, times a learned scale of that expert "
+        "(layers.per_expert_scale [L, X]; Gemma 4's router; with beside_mlp)")
 
     def validate(self) -> None:
         if self.num_experts < 1:
@@ -87,12 +99,17 @@ class MoeConfig:
                 raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
         if self.swiglu_limit is not None and self.swiglu_limit <= 0:
             raise ConfigError(f"model.moe.swiglu_limit must be > 0 or null, got {self.swiglu_limit}")
+        for name in ("router_norm", "per_expert_scale"):
+            if getattr(self, name) and not self.beside_mlp:
+                raise ConfigError(f"model.moe.{name} is part of Gemma 4's router, which sits beside the dense MLP; "
+                                  "set model.moe.beside_mlp=true as well, or set it off")
 
     def params_per_layer(self, hidden_size: int) -> tuple[int, int]:
         """(total, active per token) parameters of one MoE MLP, router (and biases) included."""
         f = self.expert_intermediate_size
         expert = 3 * hidden_size * f + ((2 * f + hidden_size) if self.expert_bias else 0)
         router = (hidden_size + (1 if self.router_bias else 0)) * self.num_experts
+        router += (hidden_size if self.router_norm else 0) + (self.num_experts if self.per_expert_scale else 0)
         return router + self.num_experts * expert, router + self.top_k * expert
 
 
@@ -107,6 +124,10 @@ def expert_param_shapes(moe: MoeConfig, hidden_size: int, num_layers: int) -> di
     }
     if moe.router_bias:
         shapes["router_bias"] = ((L, X), ("layers", None))
+    if moe.router_norm:  # Gemma 4: initialised to ones (jaxcpt.model.moe_beside)
+        shapes["router_scale"] = ((L, E), ("layers", "norm"))
+    if moe.per_expert_scale:
+        shapes["per_expert_scale"] = ((L, X), ("layers", None))
     if moe.expert_bias:
         shapes.update(expert_gate_bias=((L, X, F), ("layers", "exp", "mlp")),
                       expert_up_bias=((L, X, F), ("layers", "exp", "mlp")),
@@ -142,7 +163,7 @@ class RouterStats:
 
 
 def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig, bias: jax.Array | None = None,
-          selection_bias: jax.Array | None = None):
+          selection_bias: jax.Array | None = None, expert_scale: jax.Array | None = None):
     """Top-k routing of tokens x [N, E] with router_w [E, X] (and a bias [X] when the router has one).
 
     Returns (logits [N, X] float32, weights [N, k] float32, experts [N, k] int32). Logits and
@@ -152,6 +173,9 @@ def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig, bias: jax.Array | N
     weights alike. ``selection_bias`` [X] (float32; auxiliary-loss-free balancing, jaxcpt.train.balance)
     is added to the probabilities for the choice of experts only: the weights are the unbiased probabilities of the
     chosen experts, so the bias changes the gradients only through which experts are chosen.
+
+    ``expert_scale`` [X] (Gemma 4's ``per_expert_scale``) multiplies each chosen expert's weight after the
+    renormalisation; the choice does not see it.
     """
     logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))  # [N, X]
     if bias is not None:  # gpt-oss: the bias counts for the choice and the weights alike
@@ -165,6 +189,8 @@ def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig, bias: jax.Array | N
     # Renormalised top-k probabilities are the softmax over the top-k logits (gpt-oss computes it that way).
     if moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdims=True)
+    if expert_scale is not None:
+        weights = weights * jnp.take(expert_scale.astype(jnp.float32), experts)  # [N, k]
     return logits, weights, experts
 
 
@@ -221,20 +247,23 @@ def expert_glu(moe: MoeConfig):
 
 
 def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None, rules=None,
-            selection_bias: jax.Array | None = None):
+            selection_bias: jax.Array | None = None, router_input: jax.Array | None = None):
     """The MoE MLP of one layer: h [B, T, E] -> (out [B, T, E], RouterStats).
 
     ``p`` holds this layer's router and expert weights (and biases, when the config has them);
     ``valid`` [B, T] marks real tokens (segment id != 0) for the statistics (None: all are). When the
     mesh splits the experts (``rules``: the sharding rule table, None = the default one), they run
     expert-parallel (``jaxcpt.model.expert_parallel``). ``selection_bias`` [X]: this layer's bias of
-    auxiliary-loss-free balancing (``route``), or None.
+    auxiliary-loss-free balancing (``route``), or None. ``router_input`` [B, T, E]: what the router reads when it
+    is not ``h`` (Gemma 4's router reads the normed residual stream, ``jaxcpt.model.moe_beside``).
     """
     batch, length, width = h.shape
     x = h.reshape(batch * length, width)  # [N, E]
-    logits, weights, experts = route(x, p["router"], moe, p.get("router_bias"), selection_bias)
+    routed = x if router_input is None else router_input.reshape(batch * length, width)  # [N, E]
+    logits, weights, experts = route(routed, p["router"], moe, p.get("router_bias"), selection_bias,
+                                     p.get("per_expert_scale"))
     shapes = expert_param_shapes(moe, width, 1)
-    params = {name: p[name] for name in shapes if name not in ("router", "router_bias")}  # each [X, ...]
+    params = {name: p[name] for name in shapes if name not in ROUTER_PARAMS}  # each [X, ...]
     glu = expert_glu(moe)
 
     def experts_fn(x, experts, weights, w):  # x [N, E], experts/weights [N, k] -> [N, E]

@@ -33,6 +33,7 @@ from jaxcpt.model.context_parallel import ContextLayout
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model import moe as moe_lib
+from jaxcpt.model import moe_beside
 from jaxcpt.model import remat as remat_lib
 from jaxcpt.model.layers import dense, gated_mlp, low_rank_update, output_logits, rms_norm
 from jaxcpt.model.rope import apply_rope, rope_cos_sin
@@ -220,7 +221,10 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
     x = x + constrain(attn_out, act, rules)
 
     h = norm(x, p["mlp_norm"]) if cfg.pre_norms else x
-    if cfg.moe is not None:
+    if cfg.moe is not None and cfg.moe.beside_mlp:  # Gemma 4: the dense MLP and the experts, each normed, summed
+        mlp_out, stats = moe_beside.mlp_and_experts(x, h, p, project, cfg, valid, rules, selection_bias)
+        aux = (aux, stats)
+    elif cfg.moe is not None:
         mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid, rules, selection_bias)
         aux = (aux, stats)
     else:
@@ -356,8 +360,10 @@ class Transformer(nnx.Module):
                                   "layers differ in shape (Gemma 4); drop the context axis from mesh")
             per_layer = per_layer_input.inputs(self, input_ids, x) if cfg.per_layer_input else None
             block = functools.partial(decoder_block, cfg=cfg, rules=self.rules, valid=segment_ids != 0)
-            x = layer_groups.forward(self, x, per_layer, ropes, block, packed_attention(cfg, attention_fn, segment_ids))
-            return self.final_norm_of(x), None
+            scanned = {} if router_bias is None else {SELECTION_BIAS: router_bias}  # [L, X]
+            x, router = layer_groups.forward(self, x, per_layer, ropes, block,
+                                             packed_attention(cfg, attention_fn, segment_ids), scanned)
+            return self.final_norm_of(x), router
         if cfg.linear_layers:  # a hybrid: scanned a repeat of the layer pattern at a time
             if context is not None:  # the ring layout reorders positions; a recurrence needs them in order
                 raise ConfigError("context parallelism (a 'context' mesh axis) is not supported for models with "

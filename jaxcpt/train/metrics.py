@@ -58,6 +58,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, frozen_projections: bool = F
     per_layer = e * d * (h + 2 * k) + h * d * e + 3 * e * f  # q, k, v, o, gate, up, down
     if cfg.moe is not None:  # active parameters: the router and the top_k experts each token runs through
         per_layer = e * d * (h + 2 * k) + h * d * e + cfg.moe.params_per_layer(e)[1]
+        per_layer += 3 * e * f if cfg.moe.beside_mlp else 0  # Gemma 4: the dense MLP runs beside the experts
     projections, head = cfg.num_layers * per_layer, e * cfg.padded_vocab_size
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
     if frozen_projections:

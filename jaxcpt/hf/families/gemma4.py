@@ -12,10 +12,13 @@ layers whose shapes differ):
   of their kind, and with ``use_double_wide_mlp`` have an MLP twice as wide;
 * per-layer input embeddings (``hidden_size_per_layer_input``): ``embed_tokens_per_layer``,
   ``per_layer_model_projection``, ``per_layer_projection_norm``, and a gated branch in every layer;
-* the sliding layers' default RoPE and the full layers' 'proportional' RoPE (``partial_rotary_factor``).
+* the sliding layers' default RoPE and the full layers' 'proportional' RoPE (``partial_rotary_factor``);
+* the MoE block beside every layer's MLP (``enable_moe_block``, Gemma 4 26B-A4B): ``model.moe`` with
+  ``beside_mlp``, ``router_norm`` and ``per_expert_scale`` (``jaxcpt/model/moe_beside.py``). The checkpoint
+  fuses each layer's experts: ``experts.gate_up_proj`` [X, 2F, E] (gate rows, then up rows) and
+  ``experts.down_proj`` [X, E, F]; jaxcpt keeps gate and up apart, [X, E, F] each, as every MoE family.
 
-Not supported yet, refused by name: the MoE block beside the MLP (``enable_moe_block``), bidirectional
-attention (``use_bidirectional_attention: all``).
+Not supported, refused by name: bidirectional attention (``use_bidirectional_attention: all``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from jaxcpt.hf.families.gemma2 import GELU_TANH, _cap
 from jaxcpt.hf.mapping import Tensor
 from jaxcpt.model import layer_groups, per_layer_input
 from jaxcpt.model.config import ModelConfig, RopeScaling
+from jaxcpt.model.moe import MoeConfig
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 # transformers' Gemma4TextConfig defaults (global_head_dim and num_global_key_value_heads are constructor arguments)
@@ -86,10 +90,6 @@ def read(hf: dict, where: str) -> dict:
     if hf.get("use_bidirectional_attention") == "all":
         raise HFFormatError(f"{where}: use_bidirectional_attention='all' (an encoder) is not supported; jaxcpt trains "
                             "causal language models")
-    if hf.get("enable_moe_block"):
-        raise HFFormatError(f"{where}: Gemma 4's MoE block (enable_moe_block: a router and {hf.get('num_experts')} "
-                            "experts beside every layer's MLP) is not supported yet; the dense Gemma 4 text "
-                            "checkpoints import")
     require_activation(hf, "hidden_activation", GELU_TANH, where)
     types = _layer_types(hf, where)
     params = hf.get("rope_parameters") or DEFAULT_ROPE
@@ -111,7 +111,40 @@ def read(hf: dict, where: str) -> dict:
         global_kv_heads=None if global_kv in (None, kv) else global_kv,
         attention_k_eq_v=bool(hf["attention_k_eq_v"]), kv_shared_layers=int(hf["num_kv_shared_layers"] or 0),
         double_wide_mlp=bool(hf["use_double_wide_mlp"]), per_layer_input=per_layer,
-        per_layer_vocab_size=None if ple_vocab in (None, int(hf["vocab_size"])) else ple_vocab)
+        per_layer_vocab_size=None if ple_vocab in (None, int(hf["vocab_size"])) else ple_vocab, moe=_moe(hf, where))
+
+
+MOE_KEYS = ("num_experts", "top_k_experts", "moe_intermediate_size")
+# What Gemma 4's router and block always are (Gemma4TextRouter, Gemma4TextDecoderLayer); the rest of MoeConfig is
+# either the run's balancing (aux loss, z-loss, selection bias: Gemma4ForCausalLM computes no aux loss itself) or
+# another family's (gpt-oss's biases and clamped SwiGLU)
+GEMMA4_ROUTER = dict(norm_topk_prob=True, beside_mlp=True, router_norm=True, per_expert_scale=True, router_bias=False,
+                     expert_bias=False, swiglu_limit=None)
+
+
+def _moe(hf: dict, where: str) -> MoeConfig | None:
+    """The experts beside every layer's MLP (``enable_moe_block``), or None."""
+    if not hf.get("enable_moe_block"):
+        return None
+    missing = [key for key in MOE_KEYS if not hf.get(key)]
+    if missing:
+        raise HFFormatError(f"{where}: enable_moe_block is true but {', '.join(missing)} is missing or 0; a Gemma 4 "
+                            "MoE config.json gives the experts' count, top-k and width")
+    return MoeConfig(num_experts=int(hf["num_experts"]), top_k=int(hf["top_k_experts"]),
+                     expert_intermediate_size=int(hf["moe_intermediate_size"]), **GEMMA4_ROUTER)
+
+
+def _moe_to_hf(cfg: ModelConfig) -> dict:
+    moe = cfg.moe
+    if moe is None:
+        return dict(enable_moe_block=False, num_experts=None, top_k_experts=None, moe_intermediate_size=None)
+    wrong = [f"model.moe.{k}={getattr(moe, k)!r}" for k, v in GEMMA4_ROUTER.items() if getattr(moe, k) != v]
+    if wrong:
+        raise HFFormatError(f"a gemma4_text export holds Gemma 4's MoE block only (experts beside the MLP, its router "
+                            f"with norm, scale and per-expert scale, renormalised top-k, no biases); this model has "
+                            f"{', '.join(wrong)}")
+    return dict(enable_moe_block=True, num_experts=moe.num_experts, top_k_experts=moe.top_k,
+                moe_intermediate_size=moe.expert_intermediate_size)
 
 
 def write(cfg: ModelConfig) -> dict:
@@ -136,8 +169,8 @@ def write(cfg: ModelConfig) -> dict:
         global_head_dim=cfg.kind_head_dim(FULL), num_global_key_value_heads=cfg.global_kv_heads,
         attention_k_eq_v=cfg.attention_k_eq_v, num_kv_shared_layers=cfg.kv_shared_layers,
         use_double_wide_mlp=cfg.double_wide_mlp, hidden_size_per_layer_input=cfg.per_layer_input or 0,
-        vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size, enable_moe_block=False,
-        use_bidirectional_attention=None)
+        vocab_size_per_layer_input=cfg.per_layer_vocab_size or cfg.vocab_size, use_bidirectional_attention=None,
+        **_moe_to_hf(cfg))
 
 
 # --- tensors ------------------------------------------------------------------------------------
@@ -152,7 +185,12 @@ HF_NAMES = {  # jaxcpt weight (base name) -> name inside model.layers.{i}.
     "post_mlp_norm": "post_feedforward_layernorm.weight", "ple_gate": "per_layer_input_gate.weight",
     "ple_proj": "per_layer_projection.weight", "ple_norm": "post_per_layer_input_norm.weight",
     "layer_scalar": "layer_scalar",
+    # the MoE block (jaxcpt.model.moe_beside); the experts' own tensors are _expert_rows'
+    "router": "router.proj.weight", "router_scale": "router.scale", "per_expert_scale": "router.per_expert_scale",
+    "pre_expert_norm": "pre_feedforward_layernorm_2.weight", "post_dense_norm": "post_feedforward_layernorm_1.weight",
+    "post_expert_norm": "post_feedforward_layernorm_2.weight",
 }
+EXPERTS = ("expert_gate", "expert_up", "expert_down")
 
 
 def _same(x):
@@ -188,6 +226,36 @@ def _layer_row(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> Tensor:
     return Tensor(("layers", name), hf_name, _same, _same, shape, layers=layers)
 
 
+def _experts_t(w):
+    """[X, a, b] <-> [X, b, a]: each expert's torch Linear layout <-> jaxcpt's [in, out]."""
+    return np.ascontiguousarray(np.swapaxes(w, 1, 2))
+
+
+def _gate_up_half(k: int, f: int):
+    """HF gate_up_proj [X, 2F, E] -> the gate (k=0: rows :F) or up (k=1: rows F:) share as jaxcpt's [X, E, F]."""
+    return lambda w: _experts_t(w[:, k * f:(k + 1) * f])
+
+
+def _join_gate_up(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """jaxcpt's gate, up [X, E, F] -> HF gate_up_proj [X, 2F, E] (gate rows first, as transformers' chunk(2) reads)."""
+    return np.ascontiguousarray(np.concatenate([_experts_t(gate), _experts_t(up)], axis=1))
+
+
+def _joined_only(_):
+    raise HFFormatError("Gemma 4's experts.gate_up_proj holds two jaxcpt parameters (expert_gate and expert_up); "
+                        "only jaxcpt's HF export (save_hf) writes it, from both")
+
+
+def _expert_rows(cfg: ModelConfig) -> list[Tensor]:
+    """The experts of the MoE block: HF one fused tensor per layer <-> jaxcpt [L, X, ...]."""
+    e, x, f = cfg.hidden_size, cfg.moe.num_experts, cfg.moe.expert_intermediate_size
+    pre = "model.layers.{i}.experts."
+    parts = (("layers", "expert_gate"), ("layers", "expert_up"))
+    rows = [Tensor(path, pre + "gate_up_proj", _gate_up_half(k, f), _joined_only, (x, 2 * f, e), parts=parts,
+                   join=_join_gate_up) for k, path in enumerate(parts)]
+    return rows + [Tensor(("layers", "expert_down"), pre + "down_proj", _experts_t, _experts_t, (x, e, f))]
+
+
 def _vocab_rows(path, hf_name, real: int, padded: int, width: int) -> Tensor:
     """A [rows, width] vocabulary table stored with its rows padded (HF [real, width])."""
     return Tensor(path, hf_name, lambda w: np.pad(w, ((0, padded - real), (0, 0))), lambda w: np.ascontiguousarray(w[:real]),
@@ -205,7 +273,9 @@ def tensors(cfg: ModelConfig) -> list[Tensor]:
                  Tensor(("per_layer_projection",), "model.per_layer_model_projection.weight", _t, _t, (width, e)),
                  Tensor(("per_layer_norm",), "model.per_layer_projection_norm.weight", _same, _same,
                         (cfg.per_layer_input,))]
-    rows += [_layer_row(cfg, name, shape) for name, shape, _, _ in layer_groups.stack_names(cfg)]
+    rows += [_layer_row(cfg, name, shape) for name, shape, _, _ in layer_groups.stack_names(cfg) if name not in EXPERTS]
+    if cfg.moe is not None:
+        rows += _expert_rows(cfg)
     rows.append(Tensor(("final_norm",), "model.norm.weight", _same, _same, (e,)))
     if not cfg.tie_word_embeddings:  # HF [V, E] <-> [E, Vp]
         rows.append(Tensor(("lm_head",), "lm_head.weight", lambda w: _t(np.pad(w, ((0, cfg.padded_vocab_size - v), (0, 0)))),
