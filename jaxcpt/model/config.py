@@ -275,6 +275,13 @@ class ModelConfig:
                                   "an MoE model has experts instead of a dense MLP; adapt the experts with "
                                   "expert_gate_up and expert_down (jaxcpt/model/expert_lora.py), e.g. "
                                   f"model.lora.targets=[{', '.join(dict.fromkeys(keep))}]")
+        if self.lora is not None and self.moe is not None and set(self.lora.targets) & set(expert_lora.TARGETS):
+            from jaxcpt.model import layer_groups
+
+            if layer_groups.grouped(self) or self.linear_layers:  # their blocks build their own MLPs
+                raise ConfigError("model.lora expert targets (expert_gate_up, expert_down) are supported on MoE "
+                                  "models of one layer shape without linear-attention layers only; drop them from "
+                                  "model.lora.targets (the attention projections still take adapters)")
         if self.lora is not None and self.moe is None:
             experts = [t for t in self.lora.targets if t in expert_lora.TARGETS]
             if experts or self.lora.train_router:
