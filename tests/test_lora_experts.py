@@ -122,6 +122,11 @@ def test_fresh_expert_adapters_compute_the_base_model_exactly_and_split_like_the
     assert cfg.num_params() - cfg.num_active_params() == (  # experts a token skips, their adapters too
         dataclasses.replace(cfg, lora=None).num_params() - dataclasses.replace(cfg, lora=None).num_active_params()
         + sum(v.size for v in adapters.values()) // X * (X - cfg.moe.top_k))
+    from jaxcpt.train.metrics import flops_per_token  # training FLOPs count the routed experts' adapters only
+
+    idle = sum(v.size for v in adapters.values()) // X * (X - cfg.moe.top_k)
+    assert flops_per_token(dataclasses.replace(cfg, lora=None), 16) + 6 * (cfg.num_adapter_params() - idle) == \
+        flops_per_token(cfg, 16)
 
 
 TINY_MOE = ["model.family=qwen3_moe", "model.vocab_size=128", "model.hidden_size=32", "model.intermediate_size=64",
@@ -201,8 +206,12 @@ def test_expert_target_errors_name_the_fix():
         load_train_config(None, TINY_MOE + ["model.lora={rank: 4}"])
     with pytest.raises(ConfigError, match="did you mean 'expert_gate_up'.*fuses them into mlp.experts.gate_up_proj"):
         load_train_config(None, TINY_MOE + ["model.lora={targets: [expert_up]}"])
+    # a dense model is refused where the adapters are made: a run from an HF directory learns only then that the
+    # model has no experts (its model.lora was validated against the default, dense, model config)
+    from jaxcpt.model.transformer import abstract_model
+
     dense = [o for o in TINY_MOE if not o.startswith(("model.moe", "model.family"))]
     with pytest.raises(ConfigError, match="targets expert_down needs an MoE model.*target its MLP as gate, up, down"):
-        load_train_config(None, dense + ["model.lora={targets: [q, expert_down]}"])
+        abstract_model(load_train_config(None, dense + ["model.lora={targets: [q, expert_down]}"]).model)
     with pytest.raises(ConfigError, match="train_router needs an MoE model"):
-        load_train_config(None, dense + ["model.lora={targets: [q], train_router: true}"])
+        abstract_model(load_train_config(None, dense + ["model.lora={targets: [q], train_router: true}"]).model)

@@ -268,26 +268,8 @@ class ModelConfig:
             self.lora.validate()
         if self.moe is not None:
             self.moe.validate()
-            if self.lora is not None and set(self.lora.targets) & {"gate", "up", "down"}:
-                dense = [t for t in self.lora.targets if t in ("gate", "up", "down")]
-                keep = [t for t in self.lora.targets if t not in dense] + ["expert_gate_up", "expert_down"]
-                raise ConfigError(f"model.lora.targets names {', '.join(dense)} (the default lists gate, up, down), but "
-                                  "an MoE model has experts instead of a dense MLP; adapt the experts with "
-                                  "expert_gate_up and expert_down (jaxcpt/model/expert_lora.py), e.g. "
-                                  f"model.lora.targets=[{', '.join(dict.fromkeys(keep))}]")
-        if self.lora is not None and self.moe is not None and set(self.lora.targets) & set(expert_lora.TARGETS):
-            from jaxcpt.model import layer_groups
-
-            if layer_groups.grouped(self) or self.linear_layers:  # their blocks build their own MLPs
-                raise ConfigError("model.lora expert targets (expert_gate_up, expert_down) are supported on MoE "
-                                  "models of one layer shape without linear-attention layers only; drop them from "
-                                  "model.lora.targets (the attention projections still take adapters)")
-        if self.lora is not None and self.moe is None:
-            experts = [t for t in self.lora.targets if t in expert_lora.TARGETS]
-            if experts or self.lora.train_router:
-                raise ConfigError(f"model.lora {'targets ' + ', '.join(experts) if experts else 'train_router'} needs an "
-                                  "MoE model (model.moe), but this model is dense; target its MLP as gate, up, down"
-                                  + ("" if experts else ", and set train_router off"))
+            if self.lora is not None:  # dense MLP targets on an MoE model, with the fix (jaxcpt.model.expert_lora)
+                expert_lora.check_targets(self)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim is None and self.hidden_size % self.num_heads:

@@ -55,9 +55,42 @@ def shapes(moe, hidden_size: int, num_layers: int, rank: int, targets) -> dict:
     return {name: entry for t in targets if t in TARGETS for name, entry in zip(adapter_names(t), table[t])}
 
 
+def check_targets(cfg) -> None:
+    """Refuse expert targets (or ``train_router``) on a dense model and dense MLP targets on an MoE model, naming
+    the fix. Checked where the adapters are created, on the model's real config (a run from an HF directory or
+    a checkpoint validates ``model.lora`` before it knows whether the model has experts), and by
+    ``ModelConfig.validate`` when the config says."""
+    from jaxcpt.config import ConfigError
+
+    from jaxcpt.model import layer_groups
+
+    lora = cfg.lora
+    if set(lora.targets) & set(TARGETS) and (layer_groups.grouped(cfg) or cfg.linear_layers):
+        raise ConfigError("model.lora expert targets (expert_gate_up, expert_down) are supported on MoE models of "
+                          "one layer shape without linear-attention layers only (their blocks build their own MLPs); "
+                          "drop them from model.lora.targets (the attention projections still take adapters)")
+    if cfg.moe is not None:
+        dense = [t for t in lora.targets if t in ("gate", "up", "down")]
+        if dense:
+            keep = [t for t in lora.targets if t not in dense] + list(TARGETS)
+            raise ConfigError(f"model.lora.targets names {', '.join(dense)} (the default lists gate, up, down), but an "
+                              "MoE model has experts instead of a dense MLP; adapt the experts with expert_gate_up and "
+                              "expert_down (jaxcpt/model/expert_lora.py), e.g. "
+                              f"model.lora.targets=[{', '.join(dict.fromkeys(keep))}]")
+        return
+    experts = [t for t in lora.targets if t in TARGETS]
+    if experts or lora.train_router:
+        raise ConfigError(f"model.lora {'targets ' + ', '.join(experts) if experts else 'train_router'} needs an MoE "
+                          "model (model.moe), but this model is dense; target its MLP as gate, up, down"
+                          + ("" if experts else ", and set train_router off"))
+
+
 def create(stack, cfg, rngs: nnx.Rngs) -> list[str]:
     """Set the expert adapters of ``cfg.lora`` on the layer stack (A Kaiming-uniform as peft's default, B zero,
-    both float32: they train); returns their names."""
+    both float32: they train); returns their names (none for a dense model, after ``check_targets``)."""
+    check_targets(cfg)
+    if cfg.moe is None:
+        return []
     names = []
     for name, (shape, axes) in shapes(cfg.moe, cfg.hidden_size, cfg.num_layers, cfg.lora.rank,
                                       cfg.lora.targets).items():

@@ -70,6 +70,8 @@ class LayerStack(nnx.Module):
                             cfg.intermediate_size)
         p = functools.partial(_param, rngs, cfg)
         if layer_groups.grouped(cfg):  # layers of several shapes (Gemma 4): each weight over the layers that have it
+            if cfg.lora is not None:  # no expert adapters here (jaxcpt.model.expert_lora)
+                expert_lora.check_targets(cfg)
             self.names, self.rope_layers = tuple(layer_groups.create_params(self, cfg, p)), None
             return
         norm_init = "zeros" if cfg.norm_plus_one else "ones"  # (1 + w) norms start at w = 0
@@ -125,7 +127,7 @@ class LayerStack(nnx.Module):
             names += ["post_attn_norm", "post_mlp_norm"]
         if cfg.lora is not None:  # layers.{target}_lora_a / _lora_b beside each target (jaxcpt.model.lora)
             lora_lib.check_targets(cfg.lora, bool(cfg.linear_layers))
-            names += expert_lora.create(self, cfg, rngs) if cfg.moe is not None else []  # jaxcpt.model.expert_lora
+            names += expert_lora.create(self, cfg, rngs)  # the experts' adapters (jaxcpt.model.expert_lora)
             for target in [t for t in cfg.lora.targets if t not in expert_lora.TARGETS]:
                 a, b = lora_lib.adapter_params(rngs.params(), getattr(self, target), target, cfg.lora.rank)
                 for name, param in zip(lora_lib.adapter_names(target), (a, b)):
