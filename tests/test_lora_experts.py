@@ -215,3 +215,48 @@ def test_expert_target_errors_name_the_fix():
         abstract_model(load_train_config(None, dense + ["model.lora={targets: [q, expert_down]}"]).model)
     with pytest.raises(ConfigError, match="train_router needs an MoE model"):
         abstract_model(load_train_config(None, dense + ["model.lora={targets: [q], train_router: true}"]).model)
+
+
+@pytest.mark.slow
+def test_an_expert_lora_run_from_hf_exports_a_peft_adapter_equal_to_its_merged_export(tmp_path):
+    """`jaxcpt train` from a Qwen3-MoE HF directory on {expert: 4, data: 2} with expert adapters and the router
+    trained: its merged export and its peft directory (router as modules_to_save) compute the same logits."""
+    import os
+
+    from peft import PeftModel
+    from test_data_fixtures import make_texts, write_jsonl
+    from tokenizer_fixtures import llama_style_tokenizer_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
+
+    from jaxcpt.train.loop import train
+
+    base, tokenizer = tmp_path / "base", llama_style_tokenizer_dir()
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(Qwen3MoeConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(tokenizer)), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        num_experts=8, num_experts_per_tok=2))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("mlp.gate.weight"):  # transformers starts routers at zero, where every expert ties
+                p.normal_(0, 0.5)
+    hf.save_pretrained(base)
+    for f in os.listdir(tokenizer):
+        (base / f).write_bytes(open(os.path.join(tokenizer, f), "rb").read())
+    write_jsonl(str(tmp_path / "domain.jsonl"), make_texts(200, seed=2, tag="dom"))
+    train(load_train_config(None, [
+        f"run_dir={tmp_path / 'run'}", "init.source=hf", f"init.path={base}", "model.dtype=float32",
+        f"data.sources=[{{name: domain, paths: [{tmp_path / 'domain.jsonl'}], eval_documents: 8}}]",
+        "data.seq_len=32", "data.eval_rows=8", "data.shuffle_buffer=32", "train.steps=3", "train.batch_size=8",
+        "eval.every=0", "checkpoint.every_steps=0", "optim.schedule.peak_lr=1e-2", "optim.schedule.warmup_steps=1",
+        "mesh={expert: 4, data: 2}", "export.final=true", "export.dtype=float32",
+        "model.lora={rank: 4, alpha: 8, targets: [q, v, expert_gate_up, expert_down], train_router: true}"]))
+    adapter = tmp_path / "run" / "hf" / "step_3-adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["mlp.gate"] and config["target_modules"] == ["q_proj", "v_proj"]
+    input_ids = np.random.RandomState(0).randint(0, 200, size=(2, SEQ))
+    merged = hf_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf" / "step_3",
+                                                            dtype=torch.float32).eval(), input_ids)
+    start = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    assert rel_err(hf_logits(start, input_ids), merged) > 1e-3  # it trained
+    assert rel_err(hf_logits(PeftModel.from_pretrained(start, adapter).eval(), input_ids), merged) < 1e-5
