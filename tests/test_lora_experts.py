@@ -197,6 +197,9 @@ def test_train_router_trains_each_router_whole_beside_the_adapters():
     infos = param_infos(cfg.model, make_rules())
     keys = resolve_trainable(lora_lib.default_trainable(cfg.model.lora, infos), infos, None, 10).keys
     assert set(keys) == {"layers.router", "layers.expert_down_lora_a", "layers.expert_down_lora_b"}
+    with pytest.raises(ConfigError, match="train_router choose what trains only when optim.trainable is empty"):
+        load_train_config(None, TINY_MOE + ["model.lora={targets: [expert_down], train_router: true}",
+                                            "optim.trainable=[{params: ['layers.*_lora_a', 'layers.*_lora_b']}]"])
 
 
 def test_expert_target_errors_name_the_fix():

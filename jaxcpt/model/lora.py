@@ -16,6 +16,9 @@ resume, re-sharding, the EMA. What trains is ``optim.trainable``: with LoRA on a
 frozen base carries no optimizer state and may be stored in bfloat16 (``model.param_dtype``);
 the adapters are always float32, because they train.
 
+An MoE model's experts take their own targets, ``expert_gate_up`` and ``expert_down``: one adapter per
+expert, stacked on the ``exp`` axis and applied inside the grouped matmul (``jaxcpt.model.expert_lora``).
+
 Why not qwix (Google's quantisation and LoRA library for Flax)? ``qwix.apply_lora_to_model``
 intercepts ``dot_general`` / ``einsum`` calls made inside a module's methods and finds the weight
 operand among *that module's* ``nnx.Param`` attributes (by identity, by a chain of unary ops back
@@ -67,7 +70,7 @@ EXPERTS = tuple(expert_lora.TARGETS)
 # names a user may try for the experts -> the target that adapts them, and why (the error of LoraConfig.validate)
 EXPERT_HINTS = {
     "expert_gate": "expert_gate_up", "expert_up": "expert_gate_up", "gate_up_proj": "expert_gate_up",
-    "down_proj_experts": "expert_down", "experts": "expert_gate_up, expert_down",
+    "experts": "expert_gate_up, expert_down",
 }
 
 
