@@ -32,6 +32,7 @@ from jaxcpt.hf import mxfp4
 from jaxcpt.hf.families import config_from_hf, config_to_hf, generation_config, tensor_table
 from jaxcpt.hf.mapping import Tensor, hf_names
 from jaxcpt.hf.tensor_io import SafetensorsReader, ShardStream, block_rows, place  # noqa: F401 (SafetensorsReader: merge)
+from jaxcpt.model import expert_lora
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.layer_groups import base_name  # full_q -> q (Gemma 4's stacks per layer shape)
@@ -315,15 +316,17 @@ def _host_slices(state, cfg: ModelConfig, row: Tensor, layer: int | None, dtype:
     Every process takes part in the gathers; the values are complete on process 0.
     """
     if row.join is not None:  # one HF tensor of several parameters' layer slices (mapping.Tensor.parts)
-        slices = [to_host(_layer_of(value_at(state, path)[...], layer, dtype=jnp.dtype(dtype))) for path in row.parts]
+        slices = [to_host(_expert_folded(state, cfg, path, (layer,), dtype)) for path in row.parts]
         yield row.join(*slices)
         return
     value = value_at(state, row.path)[...]
     if row.experts:  # (layer, expert): one expert's slice
-        yield row.to_hf(to_host(_expert_of(value, *layer, dtype=jnp.dtype(dtype))))
+        yield row.to_hf(to_host(_expert_folded(state, cfg, row.path, layer, dtype)))
         return
     if row.vocab_axis is None:
-        if layer is not None and not _adapted(cfg, row):  # one program indexes and casts: one buffer
+        if layer is not None and expert_lora.adapted_by(row.path[-1]):  # a fused expert tensor (gpt-oss down_proj)
+            value = _expert_folded(state, cfg, row.path, (layer,), dtype)
+        elif layer is not None and not _adapted(cfg, row):  # one program indexes and casts: one buffer
             value = _layer_of(value, layer, dtype=jnp.dtype(dtype))
         else:
             value = _folded(state, cfg, row, layer, value[layer] if layer is not None else value)
@@ -357,9 +360,23 @@ def _vocab_block(table, first, *, size: int, axis: int, dtype):
     return jax.lax.dynamic_slice_in_dim(table, first, size, axis=axis).astype(dtype)
 
 
+def _expert_folded(state, cfg: ModelConfig, path: tuple[str, ...], index: tuple, dtype: str) -> jax.Array:
+    """An expert parameter's slice ``index`` ((layer,) or (layer, expert)), its experts' LoRA update folded in
+    (jaxcpt.model.expert_lora; one slice at a time, so no merged copy of the expert stack exists), cast."""
+    value = value_at(state, path)[...]
+    take = _expert_of if len(index) == 2 else _layer_of
+    adapted = expert_lora.adapted_by(path[-1]) if cfg.lora is not None and path[0] == "layers" else None
+    if adapted is None or adapted[0] not in cfg.lora.targets:
+        return take(value, *index, dtype=jnp.dtype(dtype))
+    a, b = (take(value_at(state, ("layers", n))[...], *index, dtype=jnp.float32) for n in expert_lora.adapter_names(adapted[0]))
+    w = take(value, *index, dtype=jnp.float32)
+    return expert_lora.fold(w, a, b, adapted[1], cfg.lora.scale).astype(jnp.dtype(dtype))
+
+
 def _adapted(cfg: ModelConfig, row: Tensor) -> bool:
     """Whether the tensor has LoRA adapters (folded in on export)."""
-    return cfg.lora is not None and row.path[0] == "layers" and base_name(row.path[-1]) in cfg.lora.targets
+    return (cfg.lora is not None and row.path[0] == "layers" and base_name(row.path[-1]) in cfg.lora.targets
+            and expert_lora.adapted_by(row.path[-1]) is None)  # the experts fold in _expert_folded
 
 
 def _folded(state, cfg: ModelConfig, row: Tensor, layer: int | None, value: jax.Array) -> jax.Array:

@@ -34,11 +34,13 @@ from flax import nnx
 from jaxcpt.errors import UserError
 from jaxcpt.hf.convert import NUMPY_DTYPES, StagedExport, copy_companion_files, to_host, value_at
 from jaxcpt.hf.families import tensor_table
+from jaxcpt.hf import peft_experts
 from jaxcpt.hf.mapping import Tensor
-from jaxcpt.model import layer_groups
+from jaxcpt.model import expert_lora, layer_groups
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.transformer import Transformer
 
+ROUTER, ROUTER_BIAS = ("layers", "router"), ("layers", "router_bias")  # an MoE model's routers (model.lora.train_router)
 PREFIX = "base_model.model."  # where PeftModel keeps the transformers model
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 
@@ -66,7 +68,8 @@ def adapter_config(model: Transformer, base_model_name_or_path: str | None, modu
         "lora_alpha": lora.alpha,
         "use_rslora": lora.rslora,
         "target_modules": sorted(_module(table[("layers", layer_groups.adapted_stacks(model.config, t)[0])])
-                                 .rsplit(".", 1)[-1] for t in lora.targets),
+                                 .rsplit(".", 1)[-1] for t in lora.targets if t not in expert_lora.TARGETS),
+        "target_parameters": peft_experts.target_parameters(model.config) or None,  # MoE experts (peft_experts)
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -95,7 +98,7 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
     rows = tensor_table(cfg)
     by_path = {row.path: row for row in rows}
     for row in rows:  # before anything is staged: a refusal writes nothing
-        if ".".join(row.path) in trained and not row.hf_name.endswith(".weight"):
+        if ".".join(row.path) in trained and not row.hf_name.endswith(".weight") and row.path != ROUTER_BIAS:
             raise UserError(
                 f"'{'.'.join(row.path)}' trained, but its HF tensor '{row.hf_name}' is a parameter of the module "
                 f"'{row.hf_name.rsplit('.', 1)[0]}', not a module of its own, and peft's modules_to_save holds whole "
@@ -107,7 +110,14 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
     def host(value) -> np.ndarray:  # a gather on every process; the array on process 0
         return to_host(value.astype(jnp.dtype(dtype)))
 
-    for target in [s for t in cfg.lora.targets for s in layer_groups.adapted_stacks(cfg, t)]:  # Gemma 4: per shape
+    for target in [t for t in cfg.lora.targets if t in expert_lora.TARGETS]:  # MoE experts: peft's target_parameters
+        a_all, b_all = (state["layers"][name][...] for name in expert_lora.adapter_names(target))
+        for layer in range(a_all.shape[0]):
+            for name, value in peft_experts.layer_tensors(cfg, target, layer, host(a_all[layer]),
+                                                          host(b_all[layer])).items():
+                tensors[PREFIX + name] = value
+    for target in [s for t in cfg.lora.targets if t not in expert_lora.TARGETS
+                   for s in layer_groups.adapted_stacks(cfg, t)]:  # Gemma 4: per shape
         module = _module(by_path[("layers", target)])
         a_all, b_all = (state["layers"][name][...] for name in lora_lib.adapter_names(target))
         row = by_path[("layers", target)]
@@ -122,10 +132,14 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
     for row in rows:
         if ".".join(row.path) not in trained:
             continue
-        modules_to_save.append(_save_name(row))
+        router = row.path in (ROUTER, ROUTER_BIAS)  # named as transformers 5's module (mixtral's checkpoints differ)
+        save = peft_experts.ROUTER_MODULE[cfg.family] if router else _save_name(row)
+        modules_to_save += [save] if save not in modules_to_save else []
         value = value_at(state, row.path)[...]
         for layer in range(row.stack_size(cfg.num_layers)) if row.stacked else [None]:
             name = row.name_at(layer) if layer is not None else row.hf_name
+            if router:
+                name = f"model.layers.{layer}.{save}.{row.hf_name.rsplit('.', 1)[-1]}"
             tensors[PREFIX + name] = row.to_hf(host(value if layer is None else value[layer]))
     tie = cfg.tie_word_embeddings and "embedding" in trained
     if tie:  # peft ties lm_head to the saved embedding and expects it saved as well

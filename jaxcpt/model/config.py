@@ -12,6 +12,7 @@ import dataclasses
 from typing import Literal
 
 from jaxcpt.config import ConfigError, field
+from jaxcpt.model import expert_lora
 from jaxcpt.model.lora import LoraConfig
 from jaxcpt.model.moe import MoeConfig
 
@@ -267,9 +268,8 @@ class ModelConfig:
             self.lora.validate()
         if self.moe is not None:
             self.moe.validate()
-            if self.lora is not None and set(self.lora.targets) & {"gate", "up", "down"} and not self.moe.beside_mlp:
-                raise ConfigError("model.lora.targets names gate/up/down, but an MoE model has experts instead of a "
-                                  "dense MLP; target the attention projections (q, k, v, o)")
+            if self.lora is not None:  # dense MLP targets on an MoE model, with the fix (jaxcpt.model.expert_lora)
+                expert_lora.check_targets(self)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim is None and self.hidden_size % self.num_heads:
@@ -366,7 +366,8 @@ class ModelConfig:
         if self.moe is None:
             return self.num_params()
         total, active = self.moe.params_per_layer(self.hidden_size)
-        return self.num_params() - self.num_layers * (total - active)
+        idle_adapters = expert_lora.num_params(self) - expert_lora.num_params(self, active=True)  # unrouted experts'
+        return self.num_params() - self.num_layers * (total - active) - idle_adapters
 
     def describe_params(self, scale: float = 1e6, unit: str = "M", digits: int = 1) -> str:
         """'12.3M parameters', or for an MoE model '40.1M parameters total, 12.3M active per token': every
@@ -394,4 +395,5 @@ class ModelConfig:
             sizes |= {"lin_qkv": (e, lin.conv_channels), "lin_z": (e, heads), "lin_b": (e, lin.num_value_heads),
                       "lin_a": (e, lin.num_value_heads), "lin_out": (heads, e)}
             layers |= dict.fromkeys(("lin_qkv", "lin_z", "lin_b", "lin_a", "lin_out"), len(self.linear_layers))
-        return self.lora.rank * sum(layers[t] * sum(sizes[t]) for t in self.lora.targets)
+        dense = [t for t in self.lora.targets if t not in expert_lora.TARGETS]  # the experts' are counted apart
+        return self.lora.rank * sum(layers[t] * sum(sizes[t]) for t in dense) + expert_lora.num_params(self)

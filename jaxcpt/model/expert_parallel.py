@@ -135,7 +135,9 @@ def _mlp_axes(params, param_axes, rules, shape, num_experts, token_axes) -> tupl
     """The mesh axes the experts' ``mlp`` dimension stays split over inside the shard_map (its partial sums are
     added after): the rule table's, less any that also split the tokens (different tokens cannot be summed);
     none when a parameter has no ``mlp`` dimension (its term would be added once per shard)."""
-    if any("mlp" not in param_axes[name] for name in params):
+    # LoRA adapters (jaxcpt.model.expert_lora) are exempt: gate_up's A has no mlp axis but its product meets a B split
+    # like gate/up, and down's update is linear in the split hidden, so its partial sums add up like down's
+    if any("mlp" not in param_axes[name] for name in params if not name.endswith(("_lora_a", "_lora_b"))):
         return ()
     name = next(iter(params))
     axes = param_axes[name]

@@ -16,6 +16,9 @@ resume, re-sharding, the EMA. What trains is ``optim.trainable``: with LoRA on a
 frozen base carries no optimizer state and may be stored in bfloat16 (``model.param_dtype``);
 the adapters are always float32, because they train.
 
+An MoE model's experts take their own targets, ``expert_gate_up`` and ``expert_down``: one adapter per
+expert, stacked on the ``exp`` axis and applied inside the grouped matmul (``jaxcpt.model.expert_lora``).
+
 Why not qwix (Google's quantisation and LoRA library for Flax)? ``qwix.apply_lora_to_model``
 intercepts ``dot_general`` / ``einsum`` calls made inside a module's methods and finds the weight
 operand among *that module's* ``nnx.Param`` attributes (by identity, by a chain of unary ops back
@@ -42,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcpt.config import ConfigError, field
+from jaxcpt.model import expert_lora
 
 # Projections that can take an adapter: {name: how many leading dims of W (after [L]) are its input}.
 # The lin_* ones are the Gated DeltaNet layers' (hybrid models, jaxcpt.model.gated_deltanet; stacked over those
@@ -61,6 +65,13 @@ NOT_ADAPTABLE = {
               "matrix to factor",
 }
 RANK_AXIS = "lora_rank"
+# Expert targets of an MoE model (jaxcpt.model.expert_lora): transformers' fused expert tensors
+EXPERTS = tuple(expert_lora.TARGETS)
+# names a user may try for the experts -> the target that adapts them, and why (the error of LoraConfig.validate)
+EXPERT_HINTS = {
+    "expert_gate": "expert_gate_up", "expert_up": "expert_gate_up", "gate_up_proj": "expert_gate_up",
+    "experts": "expert_gate_up, expert_down",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +85,19 @@ class LoraConfig:
         "(attention), gate, up, down (MLP); exports name them q_proj ... down_proj. The default, all seven, is "
         "what Biderman et al. 2024 ('LoRA Learns Less and Forgets Less') found best for continued pretraining. A "
         "hybrid (Qwen3.5) adapts q, k, v, o on its attention layers only; its Gated DeltaNet layers take lin_qkv, "
-        "lin_z, lin_b, lin_a, lin_out (in_proj_qkv ... out_proj)")
+        "lin_z, lin_b, lin_a, lin_out (in_proj_qkv ... out_proj). An MoE model takes q, k, v, o and, per expert, "
+        "expert_gate_up (gate and up together, transformers' mlp.experts.gate_up_proj) and expert_down (down_proj) "
+        "instead of gate, up, down: list them, e.g. [q, k, v, o, expert_gate_up, expert_down]")
     rslora: bool = field(False, help="scale by alpha / sqrt(rank) (rank-stabilised LoRA) instead of alpha / rank")
     train_embeddings: bool = field(
         False, help="also train the input embedding and output projection (exported as peft modules_to_save); "
         "only when optim.trainable is empty, which otherwise says what trains")
     train_norms: bool = field(False, help="also train every RMSNorm scale (exported as peft modules_to_save); only "
                                           "when optim.trainable is empty")
+    train_router: bool = field(
+        False, help="MoE models: also train each layer's router whole (and its bias; exported as peft "
+        "modules_to_save mlp.gate / mlp.router); off by default, so routing changes only through the adapted "
+        "hidden states. Only when optim.trainable is empty")
 
     @property
     def scale(self) -> float:
@@ -93,6 +110,13 @@ class LoraConfig:
             raise ConfigError(f"targets is empty; name projections among {', '.join(PROJECTIONS)}, or "
                               "remove model.lora to train without adapters")
         for target in self.targets:
+            if target in EXPERTS:
+                continue
+            if target in EXPERT_HINTS:
+                raise ConfigError(f"targets: '{target}' is not a target; did you mean '{EXPERT_HINTS[target]}'? An MoE "
+                                  "model's experts take expert_gate_up (one adapter per expert over gate and up "
+                                  "together, as transformers fuses them into mlp.experts.gate_up_proj and peft adapts "
+                                  "that tensor) and expert_down (mlp.experts.down_proj)")
             if target in NOT_ADAPTABLE:
                 raise ConfigError(f"targets: '{target}' cannot take a LoRA adapter: {NOT_ADAPTABLE[target]}. To "
                                   "train it, train it whole: optim.trainable=[{params: ['layers.*_lora_a', "
@@ -102,7 +126,8 @@ class LoraConfig:
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ConfigError(f"targets: unknown projection '{target}'; {hint}targets are jaxcpt's "
                                   f"parameter names: {', '.join(ATTENTION)} (attention), {', '.join(MLP)} (MLP), "
-                                  f"{', '.join(LINEAR_ATTENTION)} (Gated DeltaNet layers of a hybrid)")
+                                  f"{', '.join(LINEAR_ATTENTION)} (Gated DeltaNet layers of a hybrid), "
+                                  f"{', '.join(EXPERTS)} (the experts of an MoE model)")
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"targets lists a projection twice: {self.targets}")
 
@@ -126,7 +151,8 @@ def matmul_weights(cfg, extra=()) -> frozenset[str]:
     ``layers.dense`` casts these to the compute dtype itself (see ``remat.cast_for_compute``)."""
     names = set(PROJECTIONS) | set(extra)
     for target in (cfg.lora.targets if cfg.lora is not None else ()):
-        names.update(adapter_names(target))
+        if target not in EXPERTS:  # expert adapters go to ragged_dot, cast with the experts (cast_for_compute)
+            names.update(adapter_names(target))
     return frozenset(names)
 
 
@@ -178,4 +204,6 @@ def default_trainable(lora: LoraConfig | None, param_paths) -> list:
         patterns += [p for p in ("embedding", "lm_head") if p in param_paths]  # no lm_head when tied
     if lora.train_norms:
         patterns += ["final_norm", "layers.*norm"]
+    if lora.train_router:  # MoE: the router (and gpt-oss's router bias) whole
+        patterns += [p for p in ("layers.router", "layers.router_bias") if p in param_paths]
     return [TrainablePhase(params=patterns)]

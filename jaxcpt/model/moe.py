@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from jaxcpt.config import ConfigError, field
 from jaxcpt.errors import UserError
-from jaxcpt.model import expert_parallel
+from jaxcpt.model import expert_lora, expert_parallel
 from jaxcpt.model.layers import ACTIVATIONS, clamped_swiglu
 from jaxcpt.sharding.rules import make_rules
 
@@ -208,13 +208,15 @@ def router_stats(logits: jax.Array, experts: jax.Array, valid: jax.Array, num_ex
     )
 
 
-def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str, *, biases=None, glu=None):
+def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str, *, biases=None, glu=None,
+                    adapters=None, lora_scale: float = 1.0):
     """The experts' gated MLPs on their tokens, combined: x [N, E] -> [N, E].
 
     experts/weights [N, k]; w_gate/w_up [X, E, F], w_down [X, F, E]. The N*k token copies are
     sorted by expert (stable, so ties keep token order) and each projection is one ragged_dot
     over the per-expert groups. ``biases``: (gate [X, F], up [X, F], down [X, E]) per expert, or
-    None; ``glu(gate, up) -> hidden`` replaces activation(gate) * up (``expert_glu``).
+    None; ``glu(gate, up) -> hidden`` replaces activation(gate) * up (``expert_glu``). ``adapters``: the
+    experts' LoRA adapters by name (``jaxcpt.model.expert_lora``), scaled by ``lora_scale``, or None.
     """
     n, k = experts.shape
     flat = experts.reshape(-1)  # [N*k]
@@ -224,6 +226,9 @@ def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str, 
     xs = jnp.take(x, token, axis=0)  # [N*k, E]
     gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)  # [N*k, F]
     up = jax.lax.ragged_dot(xs, w_up, group_sizes)  # [N*k, F]
+    lora = expert_lora.gate_up_update(xs, group_sizes, adapters, lora_scale) if adapters else None
+    if lora is not None:  # each copy's expert's low-rank update, two more ragged_dots through the rank
+        gate, up = gate + lora[0], up + lora[1]
     if biases is not None:  # each sorted copy takes its expert's bias row
         owner = jnp.take(flat, order)  # [N*k] expert of each sorted copy
         # an id outside [0, X) (expert parallelism's slots for other devices' experts, weight 0) takes no bias:
@@ -233,6 +238,9 @@ def grouped_experts(x, experts, weights, w_gate, w_up, w_down, activation: str, 
         gate, up = gate + b_gate, up + b_up
     hidden = glu(gate, up) if glu is not None else ACTIVATIONS[activation](gate) * up  # [N*k, F]
     out = jax.lax.ragged_dot(hidden, w_down, group_sizes)  # [N*k, E]
+    lora = expert_lora.down_update(hidden, group_sizes, adapters, lora_scale) if adapters else None
+    if lora is not None:
+        out = out + lora
     if biases is not None:
         out = out + b_down
     out = out * jnp.take(weights.reshape(-1), order)[:, None].astype(out.dtype)
@@ -247,7 +255,7 @@ def expert_glu(moe: MoeConfig):
 
 
 def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.Array | None, rules=None,
-            selection_bias: jax.Array | None = None, router_input: jax.Array | None = None):
+            selection_bias: jax.Array | None = None, router_input: jax.Array | None = None, lora=None):
     """The MoE MLP of one layer: h [B, T, E] -> (out [B, T, E], RouterStats).
 
     ``p`` holds this layer's router and expert weights (and biases, when the config has them);
@@ -255,7 +263,8 @@ def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.A
     mesh splits the experts (``rules``: the sharding rule table, None = the default one), they run
     expert-parallel (``jaxcpt.model.expert_parallel``). ``selection_bias`` [X]: this layer's bias of
     auxiliary-loss-free balancing (``route``), or None. ``router_input`` [B, T, E]: what the router reads when it
-    is not ``h`` (Gemma 4's router reads the normed residual stream, ``jaxcpt.model.moe_beside``).
+    is not ``h`` (Gemma 4's router reads the normed residual stream, ``jaxcpt.model.moe_beside``). ``lora``: the
+    model's ``LoraConfig`` (its expert targets adapt the experts, ``jaxcpt.model.expert_lora``), or None.
     """
     batch, length, width = h.shape
     x = h.reshape(batch * length, width)  # [N, E]
@@ -264,12 +273,17 @@ def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.A
                                      p.get("per_expert_scale"))
     shapes = expert_param_shapes(moe, width, 1)
     params = {name: p[name] for name in shapes if name not in ROUTER_PARAMS}  # each [X, ...]
+    adapters = expert_lora.layer_adapters(p, lora)  # each [X, ...], split on exp like the experts, or None
+    if adapters:
+        shapes |= expert_lora.shapes(moe, width, 1, lora.rank, lora.targets)
+        params |= adapters
     glu = expert_glu(moe)
 
     def experts_fn(x, experts, weights, w):  # x [N, E], experts/weights [N, k] -> [N, E]
         biases = (w["expert_gate_bias"], w["expert_up_bias"], w["expert_down_bias"]) if moe.expert_bias else None
         return grouped_experts(x, experts, weights, w["expert_gate"], w["expert_up"], w["expert_down"], activation,
-                               biases=biases, glu=glu)
+                               biases=biases, glu=glu, adapters={n: w[n] for n in adapters} if adapters else None,
+                               lora_scale=lora.scale if adapters else 1.0)
 
     rules = make_rules() if rules is None else rules
     if expert_parallel.is_active(rules, moe.num_experts):

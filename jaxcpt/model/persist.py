@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from jaxcpt import __version__
 from jaxcpt.config import from_dict, to_dict
-from jaxcpt.model import layer_groups
+from jaxcpt.model import expert_lora, layer_groups
 from jaxcpt.model import lora as lora_lib
 from jaxcpt.model.config import ModelConfig
 from jaxcpt.model.transformer import Transformer, abstract_model, variable_shardings
@@ -77,6 +77,12 @@ def merged_model(model: Transformer) -> Transformer:
     layers = dict(params["layers"])
     for target in [s for t in cfg.lora.targets for s in layer_groups.adapted_stacks(cfg, t)]:  # Gemma 4: per shape
         a, b = (layers.pop(name) for name in lora_lib.adapter_names(target))
+        if target in expert_lora.TARGETS:  # one adapter over several expert parameters (gate and up)
+            for part, name in enumerate(expert_lora.TARGETS[target]):
+                fold = jax.jit(lambda w, a, b, part=part: expert_lora.fold(w, a, b, part, cfg.lora.scale).astype(w.dtype),
+                               out_shardings=layers[name].sharding)
+                layers[name] = fold(layers[name], a, b)
+            continue
         w = layers[target]
         fold = jax.jit(lambda w, a, b: lora_lib.fold(w, a, b, cfg.lora.scale).astype(w.dtype), out_shardings=w.sharding)
         layers[target] = fold(w, a, b)

@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from jaxcpt.config import ConfigError
-from jaxcpt.model import hybrid
+from jaxcpt.model import expert_lora, hybrid
 from jaxcpt.model import layer_groups, per_layer_input
 from jaxcpt.model.attention import choose_attention
 from jaxcpt.model.context_parallel import ContextLayout
@@ -71,6 +71,8 @@ class LayerStack(nnx.Module):
                             cfg.intermediate_size)
         p = functools.partial(_param, rngs, cfg)
         if layer_groups.grouped(cfg):  # layers of several shapes (Gemma 4): each weight over the layers that have it
+            if cfg.lora is not None:  # no expert adapters here (jaxcpt.model.expert_lora)
+                expert_lora.check_targets(cfg)
             self.names, self.rope_layers = tuple(layer_groups.create_params(self, cfg, p)), None
             return
         norm_init = "zeros" if cfg.norm_plus_one else "ones"  # (1 + w) norms start at w = 0
@@ -126,7 +128,8 @@ class LayerStack(nnx.Module):
             names += ["post_attn_norm", "post_mlp_norm"]
         if cfg.lora is not None:  # layers.{target}_lora_a / _lora_b beside each target (jaxcpt.model.lora)
             lora_lib.check_targets(cfg.lora, bool(cfg.linear_layers))
-            for target in cfg.lora.targets:
+            names += expert_lora.create(self, cfg, rngs)  # the experts' adapters (jaxcpt.model.expert_lora)
+            for target in [t for t in cfg.lora.targets if t not in expert_lora.TARGETS]:
                 a, b = lora_lib.adapter_params(rngs.params(), getattr(self, target), target, cfg.lora.rank)
                 for name, param in zip(lora_lib.adapter_names(target), (a, b)):
                     setattr(self, name, param)
@@ -225,7 +228,8 @@ def decoder_block(p: dict, x, is_sliding, ropes: dict, *, cfg: ModelConfig, rule
         mlp_out, stats = moe_beside.mlp_and_experts(x, h, p, project, cfg, valid, rules, selection_bias)
         aux = (aux, stats)
     elif cfg.moe is not None:
-        mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid, rules, selection_bias)
+        mlp_out, stats = moe_lib.moe_mlp(h, p, cfg.moe, cfg.activation, valid, rules, selection_bias,
+                                          lora=cfg.lora)
         aux = (aux, stats)
     else:
         mlp_out = gated_mlp(h, project, activation=cfg.activation)

@@ -148,9 +148,10 @@ class TrainConfig:
         if self.export.weights == "ema" and not self.ema.enabled:
             raise ConfigError("export.weights=ema needs a moving average: set ema.decay (e.g. 0.999)")
         lora = self.model.lora
-        if lora is not None and (lora.train_embeddings or lora.train_norms) and self.optim.trainable:
+        if lora is not None and (lora.train_embeddings or lora.train_norms or lora.train_router) and self.optim.trainable:
             raise ConfigError(
-                "model.lora.train_embeddings / train_norms choose what trains only when optim.trainable is empty; "
+                "model.lora.train_embeddings / train_norms / train_router choose what trains only when "
+                "optim.trainable is empty; "
                 "with optim.trainable set, list everything there, e.g. optim.trainable=[{params: ['layers.*_lora_a', "
                 "'layers.*_lora_b', 'embedding']}]")
         if self.train.batch_size % self.optim.grad_accum_steps:

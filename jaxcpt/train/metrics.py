@@ -10,6 +10,7 @@ import jax
 from etils import epath
 
 from jaxcpt.errors import UserError
+from jaxcpt.model import expert_lora
 from jaxcpt.model.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched against jax's device_kind.
@@ -60,10 +61,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, frozen_projections: bool = F
         per_layer = e * d * (h + 2 * k) + h * d * e + cfg.moe.params_per_layer(e)[1]
         per_layer += 3 * e * f if cfg.moe.beside_mlp else 0  # Gemma 4: the dense MLP runs beside the experts
     projections, head = cfg.num_layers * per_layer, e * cfg.padded_vocab_size
+    # LoRA on experts: a token runs through its top_k experts' adapters only (jaxcpt.model.expert_lora)
+    adapters = cfg.num_adapter_params() - expert_lora.num_params(cfg) + expert_lora.num_params(cfg, active=True)
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
     if frozen_projections:
-        return 4 * projections + 6 * (head + cfg.num_adapter_params()) + attention
-    return 6 * (projections + head + cfg.num_adapter_params()) + attention
+        return 4 * projections + 6 * (head + adapters) + attention
+    return 6 * (projections + head + adapters) + attention
 
 
 class MetricsWriter:
