@@ -210,3 +210,14 @@ def test_the_adaptation_record_travels_through_import_and_export(tmp_path):
 
     export = train(load_train_config(None, overrides))["exports"][-1]
     assert json.loads(open(os.path.join(export, "jaxcpt_adaptation.json")).read())["new_token_ids"] == [300, 320]
+
+
+def test_a_parameter_transformers_keeps_as_a_buffer_trains_only_when_a_pattern_names_it():
+    """Gemma 4's layer_scalar is a buffer in transformers: CPT from a release leaves it as loaded by default."""
+    infos = {"embedding": ParamInfo((10, 4), ("vocab", "embed")), "layers.q": ParamInfo((2, 4, 4), ("layers", "embed", "q")),
+             "layers.layer_scalar": ParamInfo((2,), ("layers",))}
+    everything = resolve_trainable([TrainablePhase()], infos, None, 10).phases[0]
+    assert set(everything) == {"embedding", "layers.q"}
+    assert set(resolve_trainable([TrainablePhase(params=["layers.*"])], infos, None, 10).phases[0]) == {"layers.q"}
+    named = resolve_trainable([TrainablePhase(params=["*", "layers.layer_scalar"])], infos, None, 10).phases[0]
+    assert set(named) == set(infos)

@@ -146,6 +146,12 @@ def _ranges(indices) -> str:
     return ",".join(out)
 
 
+# Parameters transformers keeps as buffers, loaded from the checkpoint and never trained: Gemma 4's per-layer
+# ``layer_scalar``. A phase leaves them frozen, as training the reference model does, unless one of its
+# patterns names them (``layers.layer_scalar``, ``*layer_scalar``).
+BUFFER_NAMES = ("layer_scalar",)
+
+
 def resolve_trainable(phases: list[TrainablePhase], params: dict[str, ParamInfo], adaptation: dict | None,
                       total_steps: int) -> TrainableSpec:
     """Match every phase's patterns against the parameter paths; errors name the pattern and the fix."""
@@ -194,6 +200,8 @@ def _resolve_phase(index: int, phase: TrainablePhase, params: dict[str, ParamInf
             selection = Selection() if selector is None else _select(where, path, selector, params[path], adaptation)
             chosen[path] = _union(chosen.get(path), selection)
     excluded = {p for matched, _ in excludes for p in matched}
+    named = " ".join(phase.params)
+    excluded |= {p for p in params if p.rsplit(".", 1)[-1] in BUFFER_NAMES and p.rsplit(".", 1)[-1] not in named}
     return {p: s for p, s in chosen.items() if p not in excluded and (s.whole or s.indices)}
 
 
