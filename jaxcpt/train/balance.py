@@ -39,14 +39,26 @@ from jaxcpt.config import ConfigError
 log = logging.getLogger("jaxcpt.train")
 
 STATE_KEY = "router_bias"
-# HF families whose checkpoints hold a selection-only bias (DeepSeek-V3's e_score_correction_bias):
-# none of the families jaxcpt exports yet
-FAMILIES_WITH_SELECTION_BIAS: frozenset[str] = frozenset()
+# HF families whose checkpoints hold a selection-only bias (DeepSeek-V3's e_score_correction_bias): the model
+# holds it as a parameter, ``layers.selection_bias`` [L_moe, X] (model.moe.score_correction_bias), imported and
+# exported with the weights; the update below moves that parameter in place and no state['router_bias'] is kept
+FAMILIES_WITH_SELECTION_BIAS: frozenset[str] = frozenset({"deepseek_v3"})
+PARAM_NAME = "selection_bias"  # the model's own bias in params['layers'] (= transformer.SELECTION_BIAS)
 
 
 def bias_rate(model_cfg) -> float:
     """The bias update rate of ``model_cfg`` (0: no bias is kept)."""
     return model_cfg.moe.router_bias_update_rate if model_cfg.moe is not None else 0.0
+
+
+def own_bias(model_cfg) -> bool:
+    """Whether the model holds its selection bias as a parameter (DeepSeek-V3), moved there, not in the state."""
+    return model_cfg.moe is not None and model_cfg.moe.score_correction_bias
+
+
+def state_bias(model_cfg) -> bool:
+    """Whether the training state keeps a selection bias beside the parameters (``STATE_KEY``)."""
+    return bool(bias_rate(model_cfg)) and not own_bias(model_cfg)
 
 
 def bias_shape(model_cfg) -> tuple[int, int]:
