@@ -106,6 +106,7 @@ def test_float32_logits_match_transformers(name, mesh, hf_dirs, one_device, inpu
     assert rel_err(logits, hf_logits(hf_model, input_ids)) < 1e-5
 
 
+@pytest.mark.slow
 def test_xla_attention_kernel_matches_with_padded_value_heads(hf_dirs, one_device, input_ids):
     """The kernels take one head width: v (10 wide) is zero-padded to the q/k width (20) and cut back after."""
     model = one_device["v3"]
@@ -151,7 +152,7 @@ OPTIONS_OFF = {
     "q_lora_rank": _without_q_bottleneck,
     "group_limited_routing": _moe(num_groups=1, top_groups=1),
     "shared_experts": _no_shared,
-    "first_k_dense_replace": _no_dense_layer,
+    "first_k_dense_replace": pytest.param(_no_dense_layer, marks=pytest.mark.slow),
     "routed_scaling_factor": _moe(routed_scaling_factor=1.0),
     "e_score_correction_bias": _no_selection_bias,
     "rope_interleave": lambda cfg, layers: dataclasses.replace(cfg, mla=dataclasses.replace(cfg.mla,
@@ -159,12 +160,13 @@ OPTIONS_OFF = {
 }
 
 
-@pytest.mark.parametrize("option", list(OPTIONS_OFF))
+@pytest.mark.parametrize("option", [pytest.param(name, marks=getattr(fn, "marks", ())) for name, fn in OPTIONS_OFF.items()])
 def test_switching_an_option_off_misses_transformers_logits(option, one_device, hf_dirs, input_ids):
     model = one_device["v3"]
     params = params_of(model)
     layers = dict(params["layers"])
-    cfg = OPTIONS_OFF[option](model.config, layers)
+    switch = OPTIONS_OFF[option]
+    cfg = (switch.values[0] if hasattr(switch, "values") else switch)(model.config, layers)
     cfg.validate()
     graphdef, _ = nnx.split(abstract_model(cfg, model.rules))
     other = _forward(nnx.merge(graphdef, dict(params, layers=layers)))(input_ids)
@@ -247,7 +249,7 @@ def _loss(model, ids):
         return float(jax.jit(loss)(params))
 
 
-@pytest.mark.parametrize("mesh", [{"data": 8}, {"expert": 4, "data": 2},
+@pytest.mark.parametrize("mesh", [pytest.param({"data": 8}, marks=pytest.mark.slow), {"expert": 4, "data": 2},
                                   pytest.param({"expert": 2, "fsdp": 4}, marks=pytest.mark.slow)])
 def test_loss_equals_transformers_on_every_mesh(mesh, hf_dirs):
     ids = np.random.RandomState(2).randint(0, 256, size=(8, 16))
@@ -277,3 +279,19 @@ def test_softmax_scoring_and_mismatched_kv_heads_are_refused(hf_dirs):
         config_from_hf(_hf_config(hf_dirs, scoring_func="softmax"))
     with pytest.raises(HFFormatError, match="num_key_value_heads"):
         config_from_hf(_hf_config(hf_dirs, num_key_value_heads=2))
+
+
+def test_parameter_counts_equal_transformers_total_and_count_active_experts(one_device, hf_dirs):
+    cfg, hf_model = one_device["v3"].config, hf_dirs["v3"][1]
+    biases = sum(b.numel() for name, b in hf_model.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert cfg.num_params() == sum(p.numel() for p in hf_model.parameters()) + biases
+    idle_experts = 2 * (8 - 3) * 3 * 32 * 16  # 2 MoE layers x 5 unchosen experts x gate, up, down
+    assert cfg.num_active_params() == cfg.num_params() - idle_experts
+
+
+def test_decoding_with_a_kv_cache_is_refused_naming_the_alternative(one_device):
+    from jaxcpt.config import ConfigError
+    from jaxcpt.model.decode import init_cache
+
+    with pytest.raises(ConfigError, match="latent attention"):
+        init_cache(one_device["v3"], 1, 8)
