@@ -57,9 +57,12 @@ def read(hf: dict, where: str) -> dict:
         raise HFFormatError(f"{where}: scoring_func={hf['scoring_func']!r}: transformers' deepseek_v3 always "
                             "scores experts with a sigmoid (softmax routers are DeepSeek-V2's, another family)")
     heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
-    if int(hf.get("num_key_value_heads") or heads) != heads:
-        raise HFFormatError(f"{where}: num_key_value_heads ({hf['num_key_value_heads']}) != num_attention_heads "
-                            f"({heads}); MLA expands its latent into every head")
+    # MLA expands its latent into every head: transformers repeats the keys heads // num_key_value_heads times,
+    # which must be 1 (its own default, 128 with fewer heads, gives 0 and the same model; 2 or more fails there)
+    if heads // int(hf.get("num_key_value_heads") or heads) > 1:
+        raise HFFormatError(f"{where}: num_key_value_heads ({hf['num_key_value_heads']}) divides "
+                            f"num_attention_heads ({heads}) into groups, which MLA does not have (transformers "
+                            f"fails on it too); set num_key_value_heads = num_attention_heads")
     mtp = int(hf.get("num_nextn_predict_layers") or 0)
     if mtp:
         log.warning("%s: num_nextn_predict_layers=%d: the multi-token-prediction layers (model.layers.%d and on) are "
@@ -163,7 +166,7 @@ FAMILY = Family(
     name="deepseek_v3", model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM",
     declared={}, expresses=("mla",),
     # transformers' DeepseekV3Config defaults for keys a config.json may omit
-    defaults=dict(vocab_size=129280, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    defaults=dict(vocab_size=129280, max_position_embeddings=4096, num_key_value_heads=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
                   hidden_act="silu", attention_bias=False, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                   qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True, n_routed_experts=256,
                   num_experts_per_tok=8, moe_intermediate_size=2048, n_shared_experts=1, routed_scaling_factor=2.5,
