@@ -295,3 +295,31 @@ def test_decoding_with_a_kv_cache_is_refused_naming_the_alternative(one_device):
 
     with pytest.raises(ConfigError, match="latent attention"):
         init_cache(one_device["v3"], 1, 8)
+
+
+@pytest.mark.slow
+def test_cpt_run_moves_the_bias_and_its_export_holds_the_last_steps_bias(tmp_path):
+    """A whole run (expert parallel, report, final export) of a DeepSeek-V3 model built from the config:
+    the bias metrics.jsonl records at the last step is the exported e_score_correction_bias, bit for bit."""
+    from train_helpers import make_corpora, tiny_overrides
+
+    from jaxcpt.train.config import load_train_config
+    from jaxcpt.train.loop import train
+
+    run = tmp_path / "run"
+    deepseek = ["model.family=deepseek_v3", "model.num_kv_heads=4", "model.head_dim=8", "model.num_layers=3",
+                "model.mla={q_lora_rank: 16, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8, "
+                "v_head_dim: 8}",
+                "model.moe={num_experts: 8, top_k: 2, expert_intermediate_size: 16, scoring: sigmoid, num_groups: 4, "
+                "top_groups: 2, routed_scaling_factor: 2.5, shared_experts: 1, first_dense_layers: 1, "
+                "score_correction_bias: true, router_bias_update_rate: 0.01}"]
+    args = tiny_overrides(run, make_corpora(tmp_path / "data"), steps=2, mesh="{expert: 2, data: 4}") + deepseek
+    train(load_train_config(None, args + ["export.final=true", "export.dtype=float32"]))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "train"][-1]
+    bias = np.asarray(last["routing"]["bias"], np.float32)  # [L_moe = 2, X = 8]
+    assert last["step"] == 2 and np.abs(bias).max() > 0 and np.isfinite(last["loss"])
+    exported = read_all_tensors(run / "hf" / "step_2")
+    for i in range(2):
+        np.testing.assert_array_equal(exported[f"model.layers.{i + 1}.mlp.gate.e_score_correction_bias"], bias[i])
+    assert type(AutoModelForCausalLM.from_pretrained(run / "hf" / "step_2")).__name__ == "DeepseekV3ForCausalLM"
