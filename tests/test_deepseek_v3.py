@@ -249,14 +249,18 @@ def _loss(model, ids):
         return float(jax.jit(loss)(params))
 
 
-@pytest.mark.parametrize("mesh", [pytest.param({"data": 8}, marks=pytest.mark.slow), {"expert": 4, "data": 2},
-                                  pytest.param({"expert": 2, "fsdp": 4}, marks=pytest.mark.slow)])
-def test_loss_equals_transformers_on_every_mesh(mesh, hf_dirs):
+@pytest.mark.parametrize("mesh,remat", [pytest.param({"data": 8}, "none", marks=pytest.mark.slow),
+                                        ({"expert": 4, "data": 2}, "none"),
+                                        pytest.param({"expert": 2, "fsdp": 4}, "full", marks=pytest.mark.slow),
+                                        pytest.param({"expert": 2, "tensor": 2, "fsdp": 2}, "save_dot_except_mlp",
+                                                     marks=pytest.mark.slow)])
+def test_loss_equals_transformers_on_every_mesh(mesh, remat, hf_dirs):
+    """Heads split over tensor, experts over expert, weights over fsdp; the MLA projections under remat policies."""
     ids = np.random.RandomState(2).randint(0, 256, size=(8, 16))
     directory, hf_model = hf_dirs["v3"]
     with torch.no_grad():
         expected = hf_model(torch.tensor(ids), labels=torch.tensor(ids)).loss.item()
-    assert abs(_loss(load_hf(directory, mesh=build_mesh(mesh)), ids) - expected) < 1e-5 * expected
+    assert abs(_loss(load_hf(directory, mesh=build_mesh(mesh), remat=remat), ids) - expected) < 1e-5 * expected
 
 
 def _hf_config(hf_dirs, **changes):
@@ -323,3 +327,16 @@ def test_cpt_run_moves_the_bias_and_its_export_holds_the_last_steps_bias(tmp_pat
     for i in range(2):
         np.testing.assert_array_equal(exported[f"model.layers.{i + 1}.mlp.gate.e_score_correction_bias"], bias[i])
     assert type(AutoModelForCausalLM.from_pretrained(run / "hf" / "step_2")).__name__ == "DeepseekV3ForCausalLM"
+
+
+def test_export_check_passes_the_models_own_bias_and_refuses_one_kept_beside_it(one_device):
+    from jaxcpt.config import ConfigError
+
+    cfg = one_device["v3"].config
+    own = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router_bias_update_rate=0.01))
+    balance.check_export(own, "refuse", exports=True)  # exported as e_score_correction_bias
+    assert not balance.state_bias(own)
+    beside = dataclasses.replace(own, moe=dataclasses.replace(own.moe, score_correction_bias=False))
+    assert balance.state_bias(beside)
+    with pytest.raises(ConfigError, match="export.router_bias=drop"):
+        balance.check_export(beside, "refuse", exports=True)

@@ -88,7 +88,7 @@ def check_export(model_cfg, choice: str, exports: bool, fix: str = TRAIN_FIX) ->
     run: when it is set up, before any step); ``fix`` says how, in the words of the caller's options."""
     if not bias_rate(model_cfg) or not exports or choice != "refuse":
         return
-    if model_cfg.family in FAMILIES_WITH_SELECTION_BIAS:
+    if own_bias(model_cfg):  # a parameter of the model (DeepSeek-V3's e_score_correction_bias): exported with it
         return
     raise ConfigError(
         f"model.moe.router_bias_update_rate={bias_rate(model_cfg)} keeps a per-expert selection bias, but the "
