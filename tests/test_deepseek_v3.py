@@ -340,3 +340,13 @@ def test_export_check_passes_the_models_own_bias_and_refuses_one_kept_beside_it(
     assert balance.state_bias(beside)
     with pytest.raises(ConfigError, match="export.router_bias=drop"):
         balance.check_export(beside, "refuse", exports=True)
+
+
+def test_export_to_another_moe_family_refuses_deepseek_router_options():
+    from jaxcpt.hf.families import config_to_hf
+    from jaxcpt.model.config import ModelConfig
+    from jaxcpt.model.moe import MoeConfig
+
+    cfg = ModelConfig(family="qwen3_moe", qk_norm=True, moe=MoeConfig(num_experts=4, top_k=2, shared_experts=1))
+    with pytest.raises(HFFormatError, match="shared_experts=1.*deepseek_v3"):
+        config_to_hf(cfg, "float32")

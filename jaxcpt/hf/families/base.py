@@ -96,6 +96,12 @@ def config_to_hf(family: Family, cfg: ModelConfig, dtype: str) -> dict:
             wrong.append(f"{name}={value!r} (always {family.declared[name]!r} there)")
         elif name not in family.declared and name not in family.expresses and value != _default(name):
             wrong.append(f"{name}={value!r} (it has no such option)")
+    moe = cfg.moe
+    if moe is not None and "mla" not in family.expresses:  # DeepSeek-V3's router options: only its family holds them
+        deepseek = {"scoring": "softmax", "num_groups": 1, "top_groups": 1, "routed_scaling_factor": 1.0,
+                    "shared_experts": 0, "first_dense_layers": 0, "score_correction_bias": False}
+        wrong += [f"moe.{k}={getattr(moe, k)!r} (DeepSeek-V3's; family deepseek_v3 holds it)"
+                  for k, v in deepseek.items() if getattr(moe, k) != v]
     if wrong:
         raise HFFormatError(f"a '{family.name}' export cannot hold {', '.join(wrong)}; fix the model config or the family")
     out = {
