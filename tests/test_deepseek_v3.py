@@ -350,3 +350,11 @@ def test_export_to_another_moe_family_refuses_deepseek_router_options():
     cfg = ModelConfig(family="qwen3_moe", qk_norm=True, moe=MoeConfig(num_experts=4, top_k=2, shared_experts=1))
     with pytest.raises(HFFormatError, match="shared_experts=1.*deepseek_v3"):
         config_to_hf(cfg, "float32")
+
+
+def test_lora_on_an_mla_model_is_refused_by_name(one_device):
+    from jaxcpt.config import ConfigError
+    from jaxcpt.model.lora import LoraConfig
+
+    with pytest.raises(ConfigError, match="MLA.*lora"):
+        dataclasses.replace(one_device["v3"].config, lora=LoraConfig(targets=("o",))).validate()

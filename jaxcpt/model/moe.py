@@ -192,6 +192,9 @@ def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig, bias: jax.Array | N
     weights alike. ``selection_bias`` [X] (float32; auxiliary-loss-free balancing, jaxcpt.train.balance)
     is added to the probabilities for the choice of experts only: the weights are the unbiased probabilities of the
     chosen experts, so the bias changes the gradients only through which experts are chosen.
+
+    DeepSeek-V3 (``moe.scoring`` sigmoid, ``num_groups`` > 1, ``routed_scaling_factor``): sigmoid scores, the
+    choice limited to the best groups (``group_limited``), the weights renormalised then scaled.
     """
     logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))  # [N, X]
     if bias is not None:  # gpt-oss: the bias counts for the choice and the weights alike
