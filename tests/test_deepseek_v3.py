@@ -358,3 +358,19 @@ def test_lora_on_an_mla_model_is_refused_by_name(one_device):
 
     with pytest.raises(ConfigError, match="MLA.*lora"):
         dataclasses.replace(one_device["v3"].config, lora=LoraConfig(targets=("o",))).validate()
+
+
+def test_a_bias_kept_beside_the_parameters_covers_the_moe_layers_only(one_device, input_ids):
+    """score_correction_bias off and a rate: state['router_bias'] is [L_moe, X] and routes the MoE layers."""
+    cfg = one_device["v3"].config
+    beside = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, score_correction_bias=False,
+                                                              router_bias_update_rate=0.01))
+    assert balance.bias_shape(beside) == (2, 8)
+    params = params_of(one_device["v3"])
+    layers = dict(params["layers"])
+    own = layers.pop("selection_bias")
+    model = nnx.merge(nnx.split(abstract_model(beside, one_device["v3"].rules))[0], dict(params, layers=layers))
+    hidden, router = jax.jit(lambda ids, bias: model.hidden_states_and_router(ids, router_bias=bias))(input_ids, own)
+    assert router.counts.shape == (2, 8)
+    expected = jax.jit(lambda ids: one_device["v3"].hidden_states(ids))(input_ids)
+    np.testing.assert_array_equal(np.asarray(hidden), np.asarray(expected))  # the same bias, beside or inside

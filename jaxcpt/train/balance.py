@@ -62,7 +62,8 @@ def state_bias(model_cfg) -> bool:
 
 
 def bias_shape(model_cfg) -> tuple[int, int]:
-    return model_cfg.num_layers, model_cfg.moe.num_experts  # [L, X]
+    # [L_moe, X]: the MoE layers only (all but DeepSeek-V3's leading dense layers)
+    return model_cfg.num_layers - model_cfg.moe.first_dense_layers, model_cfg.moe.num_experts
 
 
 def abstract_bias(model_cfg) -> jax.ShapeDtypeStruct:
