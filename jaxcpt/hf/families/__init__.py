@@ -76,7 +76,7 @@ def families_markdown() -> str:
         linear = "Gated DeltaNet (`layer_types`)" if "linear_attention" in f.expresses else "no"
         splash = "no (attention sinks)" if f.declared.get("attention_sinks") else "yes"
         if "mla" in f.expresses:  # MLA's v heads are zero-padded to the q/k width for every kernel (model/mla.py)
-            splash = "not run on a TPU yet (MLA: v padded to the q/k head width)"
+            splash = "compiles for TPU, not run on one yet (MLA: v padded to the q/k head width)"
         lines.append(f"| {f.name} | `{f.architecture}` (`{f.model_type}`) | yes | yes | {splash} | {f.sliding} | "
                      f"{linear} | yes | {declared} | {expresses} |")
     return "\n".join(lines)
