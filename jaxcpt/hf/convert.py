@@ -302,10 +302,10 @@ def _export_order(table: list[Tensor], cfg: ModelConfig) -> list[tuple[str, Tens
         for row in table:
             if not row.stacked or (row.layers is not None and layer not in row.layers):
                 continue
-            if row.experts:  # one HF tensor per expert: the index is then (layer, expert)
-                out += [(row.hf_name.format(i=layer, j=j), row, (layer, j)) for j in range(row.experts)]
+            index = layer if row.layers is None else row.layers.index(layer)
+            if row.experts:  # one HF tensor per expert: the index is then (stack index, expert)
+                out += [(row.hf_name.format(i=layer, j=j), row, (index, j)) for j in range(row.experts)]
             else:
-                index = layer if row.layers is None else row.layers.index(layer)
                 out.append((row.name_at(index), row, index))
     return out
 

@@ -178,5 +178,6 @@ def moe_tensors(cfg: ModelConfig, names: ExpertNames | None) -> list[Tensor]:
 
 def hf_names(row: Tensor, num_layers: int) -> list[str]:
     if row.experts:
-        return [row.hf_name.format(i=i, j=j) for i in range(num_layers) for j in range(row.experts)]
+        return [row.hf_name.format(i=row.layer_of(i), j=j) for i in range(row.stack_size(num_layers))
+                for j in range(row.experts)]
     return [row.name_at(i) for i in range(row.stack_size(num_layers))] if row.stacked else [row.hf_name]

@@ -106,7 +106,7 @@ def _chunks(row: Tensor, reader: SafetensorsReader, bounds: list[tuple[int, int]
     if row.experts:  # [L, X, ...]: one expert's HF tensor at a time
         for layer in range(*bounds[0]):
             for expert in range(*bounds[1]):
-                tensor = row.to_jax(reader.get(row.hf_name.format(i=layer, j=expert)))
+                tensor = row.to_jax(reader.get(row.hf_name.format(i=row.layer_of(layer), j=expert)))
                 offset = (layer - bounds[0][0], expert - bounds[1][0]) + (0,) * (len(bounds) - 2)
                 yield offset, tensor[inner[2:]][None, None]
     elif row.stacked:  # [L, ...]: one layer's HF tensor at a time

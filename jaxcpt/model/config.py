@@ -14,6 +14,7 @@ from typing import Literal
 from jaxcpt.config import ConfigError, field
 from jaxcpt.model import expert_lora
 from jaxcpt.model.lora import LoraConfig
+from jaxcpt.model.mla import MlaConfig
 from jaxcpt.model.moe import MoeConfig
 
 LayerType = Literal["full_attention", "sliding_attention", "linear_attention"]  # the words transformers' layer_types uses
@@ -84,7 +85,7 @@ class RopeChange:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "qwen3_moe",
-                    "mixtral", "qwen3_5_text", "olmoe", "gpt_oss", "gemma4_text"] = field(
+                    "mixtral", "qwen3_5_text", "olmoe", "gpt_oss", "gemma4_text", "deepseek_v3"] = field(
         "llama", help="HF family written on export (model_type/architectures); its block options must match")
     vocab_size: int = field(32000, help="vocabulary size (real rows of the embedding)")
     vocab_pad_multiple: int = field(
@@ -208,6 +209,9 @@ class ModelConfig:
     moe: MoeConfig | None = field(
         None, help="mixture-of-experts MLPs on every layer instead of the dense MLP (jaxcpt/model/moe.py; families "
         "qwen3_moe, mixtral, olmoe, gpt_oss); null = dense")
+    mla: MlaConfig | None = field(
+        None, help="multi-head latent attention instead of q/k/v projections, and the DeepSeek-V3 block with it "
+        "(jaxcpt/model/mla.py; family deepseek_v3); null = the shared decoder's attention")
 
     @property
     def head_size(self) -> int:
@@ -220,6 +224,10 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
+        if self.mla is not None:  # MLA: the q/k head width, not head_dim (the rotated part); mscale**2 under YaRN
+            from jaxcpt.model.mla import softmax_scale
+
+            return softmax_scale(self.mla, self.rope_scaling)
         return (self.query_pre_attn_scalar or self.head_size) ** -0.5
 
     @property
@@ -308,6 +316,9 @@ class ModelConfig:
         from jaxcpt.model import layer_groups  # imports this module
 
         layer_groups.validate(self)
+        from jaxcpt.model import mla
+
+        mla.validate(self)
         s = self.rope_scaling
         if s is not None and s.type == "longrope":
             for name in ("short_factor", "long_factor"):
@@ -342,6 +353,10 @@ class ModelConfig:
 
         if layer_groups.grouped(self):  # layers of several shapes: counted stack by stack
             return layer_groups.num_params(self)
+        if self.mla is not None:  # DeepSeek-V3's block (jaxcpt.model.mla)
+            from jaxcpt.model import mla
+
+            return mla.num_params(self)[0]
         e, f, d = self.hidden_size, self.intermediate_size, self.head_size
         h, k = self.num_heads, self.num_kv_heads
         q_heads = 2 * h if self.attn_output_gate else h
@@ -365,6 +380,10 @@ class ModelConfig:
         """Parameters one token uses: ``num_params`` less the experts it is not routed to (equal when dense)."""
         if self.moe is None:
             return self.num_params()
+        if self.mla is not None:
+            from jaxcpt.model import mla
+
+            return mla.num_params(self)[1]
         total, active = self.moe.params_per_layer(self.hidden_size)
         idle_adapters = expert_lora.num_params(self) - expert_lora.num_params(self, active=True)  # unrouted experts'
         return self.num_params() - self.num_layers * (total - active) - idle_adapters

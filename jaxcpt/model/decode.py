@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcpt.config import ConfigError
 from jaxcpt.model import hybrid, layer_groups, per_layer_input
 from jaxcpt.model.attention import attention_probs
 from jaxcpt.model.gated_deltanet import LinearState
@@ -39,6 +40,10 @@ class KVCache(NamedTuple):
 
 def init_cache(model: Transformer, batch: int, slots: int) -> KVCache:
     cfg = model.config
+    if cfg.mla is not None:  # its cache would hold the latent and the shared rotated key, not per-head k/v
+        raise ConfigError("decoding with a KV cache is not built for multi-head latent attention (model.mla, "
+                          "DeepSeek-V3); score such a model with loglikelihood tasks, or generate with transformers "
+                          "from its HF export")
     if layer_groups.grouped(cfg):  # Gemma 4: one cache per KV shape, for the layers that compute keys and values
         caches = layer_groups.init_caches(cfg, batch, slots)
         return KVCache(caches, dict(caches), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,26 @@ class MoeConfig:
         0.0, help="auxiliary-loss-free balancing (DeepSeek-V3): a per-layer, per-expert bias added to the router "
         "probabilities for the choice of experts only (the combine weights stay unbiased), moved by this much per "
         "step against each expert's load outside the optimiser (jaxcpt/train/balance.py; e.g. 0.001); 0 = off. "
-        "No transformers MoE family holds such a bias: see export.router_bias")
+        "Of the transformers MoE families only deepseek_v3 holds such a bias (its e_score_correction_bias, a "
+        "model parameter then, moved in place); for the others see export.router_bias")
+    # DeepSeek-V3's router (jaxcpt/hf/families/deepseek_v3.py); the defaults are the softmax routers above
+    scoring: Literal["softmax", "sigmoid"] = field(
+        "softmax", help="router scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3's "
+        "scoring_func); the top-k weights are these scores (renormalised with norm_topk_prob)")
+    num_groups: int = field(1, help="experts are split into this many equal groups and a token chooses only among "
+                            "the top_groups groups whose two best (selection-biased) scores sum highest (DeepSeek-V3's "
+                            "n_group); 1 = no group limit")
+    top_groups: int = field(1, help="groups a token may choose experts from (DeepSeek-V3's topk_group)")
+    routed_scaling_factor: float = field(1.0, help="the routed experts' weights are multiplied by this, after "
+                                         "norm_topk_prob (DeepSeek-V3's routed_scaling_factor)")
+    shared_experts: int = field(0, help="an always-on dense MLP of shared_experts x expert_intermediate_size added "
+                                "to every MoE layer's output (DeepSeek-V3's n_shared_experts); 0 = none")
+    first_dense_layers: int = field(0, help="the first N layers have a dense MLP of model.intermediate_size instead "
+                                    "of experts (DeepSeek-V3's first_k_dense_replace; needs model.mla)")
+    score_correction_bias: bool = field(
+        False, help="the model holds its selection bias as a parameter, layers.selection_bias [L_moe, X] float32 "
+        "(DeepSeek-V3's e_score_correction_bias, imported and exported): added to the scores for the choice only; "
+        "router_bias_update_rate moves it in place")
     # Gemma 4's MoE block (enable_moe_block; jaxcpt/model/moe_beside.py)
     beside_mlp: bool = field(
         False, help="the experts run beside the dense MLP instead of replacing it, each branch with its own norms, "
@@ -103,14 +123,29 @@ class MoeConfig:
             if getattr(self, name) and not self.beside_mlp:
                 raise ConfigError(f"model.moe.{name} is part of Gemma 4's router, which sits beside the dense MLP; "
                                   "set model.moe.beside_mlp=true as well, or set it off")
+        if self.num_groups < 1 or self.num_experts % self.num_groups:
+            raise ConfigError(f"model.moe.num_groups ({self.num_groups}) must divide num_experts ({self.num_experts})")
+        if not 1 <= self.top_groups <= self.num_groups:
+            raise ConfigError(f"model.moe.top_groups ({self.top_groups}) must be between 1 and num_groups "
+                              f"({self.num_groups})")
+        if self.num_groups > 1 and self.num_experts // self.num_groups < 2:
+            raise ConfigError("model.moe.num_groups leaves fewer than 2 experts per group; groups are scored by "
+                              "their two best experts (DeepSeek-V3), so use fewer groups")
+        if self.num_groups > 1 and self.top_k > self.top_groups * (self.num_experts // self.num_groups):
+            raise ConfigError(f"model.moe.top_k ({self.top_k}) exceeds the experts of the top_groups groups "
+                              f"({self.top_groups} x {self.num_experts // self.num_groups}); raise top_groups")
+        if self.shared_experts < 0 or self.first_dense_layers < 0:
+            raise ConfigError("model.moe.shared_experts and first_dense_layers must be >= 0")
 
     def params_per_layer(self, hidden_size: int) -> tuple[int, int]:
         """(total, active per token) parameters of one MoE MLP, router (and biases) included."""
         f = self.expert_intermediate_size
         expert = 3 * hidden_size * f + ((2 * f + hidden_size) if self.expert_bias else 0)
-        router = (hidden_size + (1 if self.router_bias else 0)) * self.num_experts
+        router = (hidden_size + (1 if self.router_bias else 0) + (1 if self.score_correction_bias else 0)) * \
+            self.num_experts
         router += (hidden_size if self.router_norm else 0) + (self.num_experts if self.per_expert_scale else 0)
-        return router + self.num_experts * expert, router + self.top_k * expert
+        shared = 3 * hidden_size * f * self.shared_experts  # always active
+        return router + shared + self.num_experts * expert, router + shared + self.top_k * expert
 
 
 def expert_param_shapes(moe: MoeConfig, hidden_size: int, num_layers: int) -> dict:
@@ -128,6 +163,11 @@ def expert_param_shapes(moe: MoeConfig, hidden_size: int, num_layers: int) -> di
         shapes["router_scale"] = ((L, E), ("layers", "norm"))
     if moe.per_expert_scale:
         shapes["per_expert_scale"] = ((L, X), ("layers", None))
+    if moe.shared_experts:  # DeepSeek-V3's shared experts: one dense MLP of shared_experts x F
+        fs = moe.shared_experts * F
+        shapes.update(shared_gate=((L, E, fs), ("layers", "embed", "mlp")),
+                      shared_up=((L, E, fs), ("layers", "embed", "mlp")),
+                      shared_down=((L, fs, E), ("layers", "mlp", "embed")))
     if moe.expert_bias:
         shapes.update(expert_gate_bias=((L, X, F), ("layers", "exp", "mlp")),
                       expert_up_bias=((L, X, F), ("layers", "exp", "mlp")),
@@ -176,22 +216,41 @@ def route(x: jax.Array, router_w: jax.Array, moe: MoeConfig, bias: jax.Array | N
 
     ``expert_scale`` [X] (Gemma 4's ``per_expert_scale``) multiplies each chosen expert's weight after the
     renormalisation; the choice does not see it.
+    DeepSeek-V3 (``moe.scoring`` sigmoid, ``num_groups`` > 1, ``routed_scaling_factor``): sigmoid scores, the
+    choice limited to the best groups (``group_limited``), the weights renormalised then scaled.
     """
     logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))  # [N, X]
     if bias is not None:  # gpt-oss: the bias counts for the choice and the weights alike
         logits = logits + bias.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)  # [N, X]
-    if selection_bias is None:
+    probs = jax.nn.sigmoid(logits) if moe.scoring == "sigmoid" else jax.nn.softmax(logits, axis=-1)  # [N, X]
+    if selection_bias is None and moe.num_groups == 1:
         weights, experts = jax.lax.top_k(probs, moe.top_k)  # [N, k] each
     else:  # DeepSeek-V3: selection on probs + bias; the bias has no gradient path into the weights
-        _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(selection_bias.astype(jnp.float32)), moe.top_k)
+        choice = probs if selection_bias is None else \
+            probs + jax.lax.stop_gradient(selection_bias.astype(jnp.float32))  # [N, X]
+        if moe.num_groups > 1:
+            choice = group_limited(choice, moe.num_groups, moe.top_groups)
+        _, experts = jax.lax.top_k(choice, moe.top_k)
         weights = jnp.take_along_axis(probs, experts, axis=-1)  # [N, k]
     # Renormalised top-k probabilities are the softmax over the top-k logits (gpt-oss computes it that way).
-    if moe.norm_topk_prob:
-        weights = weights / weights.sum(-1, keepdims=True)
+    if moe.norm_topk_prob:  # DeepSeek-V3 adds 1e-20 to the sum (its sigmoid weights can all be tiny)
+        weights = weights / (weights.sum(-1, keepdims=True) + (1e-20 if moe.scoring == "sigmoid" else 0.0))
+    if moe.routed_scaling_factor != 1.0:
+        weights = weights * moe.routed_scaling_factor
     if expert_scale is not None:
         weights = weights * jnp.take(expert_scale.astype(jnp.float32), experts)  # [N, k]
     return logits, weights, experts
+
+
+def group_limited(choice: jax.Array, num_groups: int, top_groups: int) -> jax.Array:
+    """DeepSeek-V3's group-limited choice: scores [N, X] with every expert outside the token's ``top_groups`` best
+    groups set to -inf. A group's score is the sum of its two best scores (transformers' DeepseekV3TopkRouter)."""
+    n, x = choice.shape
+    grouped = choice.reshape(n, num_groups, x // num_groups)  # [N, G, X/G]
+    group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
+    _, best = jax.lax.top_k(group_scores, top_groups)  # [N, g]
+    keep = jax.nn.one_hot(best, num_groups, dtype=jnp.bool_).any(1)  # [N, G]
+    return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, x)  # [N, X]
 
 
 def router_stats(logits: jax.Array, experts: jax.Array, valid: jax.Array, num_experts: int) -> RouterStats:
@@ -272,7 +331,8 @@ def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.A
     logits, weights, experts = route(routed, p["router"], moe, p.get("router_bias"), selection_bias,
                                      p.get("per_expert_scale"))
     shapes = expert_param_shapes(moe, width, 1)
-    params = {name: p[name] for name in shapes if name not in ROUTER_PARAMS}  # each [X, ...]
+    params = {name: p[name] for name in shapes
+              if name not in ROUTER_PARAMS and not name.startswith("shared_")}  # each [X, ...]
     adapters = expert_lora.layer_adapters(p, lora)  # each [X, ...], split on exp like the experts, or None
     if adapters:
         shapes |= expert_lora.shapes(moe, width, 1, lora.rank, lora.targets)
@@ -293,8 +353,14 @@ def moe_mlp(h: jax.Array, p: dict, moe: MoeConfig, activation: str, valid: jax.A
                                                 params, axes, experts_fn, rules).reshape(batch * length, width)
     else:
         out = experts_fn(x, experts, weights, params)
+    out = out.reshape(batch, length, width)
+    if moe.shared_experts:  # DeepSeek-V3: the shared experts' dense MLP sees every token
+        gate = jnp.einsum("bte,ef->btf", h, p["shared_gate"], preferred_element_type=jnp.float32).astype(h.dtype)
+        up = jnp.einsum("bte,ef->btf", h, p["shared_up"], preferred_element_type=jnp.float32).astype(h.dtype)
+        out = out + jnp.einsum("btf,fe->bte", ACTIVATIONS[activation](gate) * up, p["shared_down"],
+                               preferred_element_type=jnp.float32).astype(h.dtype)  # [B, T, E]
     valid = jnp.ones((batch * length,), jnp.float32) if valid is None else valid.reshape(-1)
-    return out.reshape(batch, length, width), router_stats(logits, experts, valid, moe.num_experts)
+    return out, router_stats(logits, experts, valid, moe.num_experts)
 
 
 def load_balancing_loss(stats: RouterStats) -> jax.Array:

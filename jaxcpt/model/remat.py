@@ -102,7 +102,8 @@ def attention_flops_per_token(cfg, seq_len: int) -> float:
             keys = (seq_len + 1) / 2
         else:  # the first `window` queries see 1..window keys, the rest see window
             keys = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
-        total += 4 * cfg.num_heads * cfg.head_size * keys
+        widths = 2 * cfg.head_size if cfg.mla is None else cfg.mla.qk_head_dim + cfg.mla.v_head_dim  # q.k + p.v
+        total += 2 * cfg.num_heads * widths * keys
     return total / cfg.num_layers
 
 

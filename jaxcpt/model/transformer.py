@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from jaxcpt.config import ConfigError
 from jaxcpt.model import expert_lora, hybrid
-from jaxcpt.model import layer_groups, per_layer_input
+from jaxcpt.model import layer_groups, mla, per_layer_input
 from jaxcpt.model.attention import choose_attention
 from jaxcpt.model.context_parallel import ContextLayout
 from jaxcpt.model.config import ModelConfig
@@ -74,6 +74,9 @@ class LayerStack(nnx.Module):
             if cfg.lora is not None:  # no expert adapters here (jaxcpt.model.expert_lora)
                 expert_lora.check_targets(cfg)
             self.names, self.rope_layers = tuple(layer_groups.create_params(self, cfg, p)), None
+            return
+        if cfg.mla is not None:  # DeepSeek-V3: latent attention, leading dense layers, then experts (model.mla)
+            self.names, self.rope_layers = tuple(mla.create_params(self, cfg, p)), None
             return
         norm_init = "zeros" if cfg.norm_plus_one else "ones"  # (1 + w) norms start at w = 0
         La = len(cfg.attention_layers)  # attention weights exist for attention layers only (all but linear ones)
@@ -354,6 +357,13 @@ class Transformer(nnx.Module):
                 raise ConfigError("context parallelism (a 'context' mesh axis) does not support attention sinks "
                                   "(model.attention_sinks, gpt-oss); drop the context axis from mesh")
             attention_fn = context.attention(cfg.attention)
+        if cfg.mla is not None:  # DeepSeek-V3's blocks: two scans, dense layers then MoE layers (jaxcpt.model.mla)
+            if context is not None:
+                raise ConfigError("context parallelism (a 'context' mesh axis) is not supported for MLA models "
+                                  "(DeepSeek-V3) yet; drop the context axis from mesh")
+            x, router = mla.forward(self, x, ropes[FULL], packed_attention(cfg, attention_fn, segment_ids),
+                                    segment_ids != 0, router_bias)
+            return self.final_norm_of(x), router
         block = functools.partial(decoder_block, cfg=cfg, rules=self.rules,
                                   attend=packed_attention(cfg, attention_fn, segment_ids), valid=segment_ids != 0)
         block = remat_lib.checkpointed(block, cfg)

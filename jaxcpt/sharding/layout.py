@@ -65,13 +65,14 @@ def activation_rows(model_cfg: ModelConfig, micro_batch: int, seq_len: int, loss
     """The main activations of one micro-batch, as the model constrains them."""
     c = model_cfg
     chunk = loss_chunk if 0 < loss_chunk < seq_len else seq_len
+    width = c.head_size if c.mla is None else max(c.mla.qk_head_dim, c.mla.v_head_dim)  # MLA: the kernels' width
     return [
         _row("tokens", ("batch", "length"), (micro_batch, seq_len), mesh, rules),
         _row("hidden", ("batch", "length", "act_embed"), (micro_batch, seq_len, c.hidden_size), mesh, rules),
-        _row("queries", ("batch", "length", "act_heads", None), (micro_batch, seq_len, c.num_heads, c.head_size),
+        _row("queries", ("batch", "length", "act_heads", None), (micro_batch, seq_len, c.num_heads, width),
              mesh, rules),
         _row("keys/values", ("batch", "length", "act_kv_heads", None),
-             (micro_batch, seq_len, c.num_kv_heads, c.head_size), mesh, rules),
+             (micro_batch, seq_len, c.num_kv_heads, width), mesh, rules),
         _row("logits (loss chunk)", ("batch", "length", "act_vocab"), (micro_batch, chunk, c.padded_vocab_size), mesh, rules),
     ]
 

@@ -53,6 +53,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "conv_width": None,
     # Gemma 4's per-layer inputs: the [vocab, L*P] table splits its rows like the embedding, its L*P axis like embed
     "per_layer": "fsdp",
+    "latent": None,  # MLA's compressed query / key-value width (DeepSeek-V3's q_lora_rank, kv_lora_rank): small
     "lora_rank": None,  # LoRA adapters' rank axis: small, replicated; their other axes are their base weight's
 }
 

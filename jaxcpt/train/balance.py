@@ -39,9 +39,11 @@ from jaxcpt.config import ConfigError
 log = logging.getLogger("jaxcpt.train")
 
 STATE_KEY = "router_bias"
-# HF families whose checkpoints hold a selection-only bias (DeepSeek-V3's e_score_correction_bias):
-# none of the families jaxcpt exports yet
-FAMILIES_WITH_SELECTION_BIAS: frozenset[str] = frozenset()
+# HF families whose checkpoints hold a selection-only bias (DeepSeek-V3's e_score_correction_bias): the model
+# holds it as a parameter, ``layers.selection_bias`` [L_moe, X] (model.moe.score_correction_bias), imported and
+# exported with the weights; the update below moves that parameter in place and no state['router_bias'] is kept
+FAMILIES_WITH_SELECTION_BIAS: frozenset[str] = frozenset({"deepseek_v3"})
+PARAM_NAME = "selection_bias"  # the model's own bias in params['layers'] (= transformer.SELECTION_BIAS)
 
 
 def bias_rate(model_cfg) -> float:
@@ -49,8 +51,19 @@ def bias_rate(model_cfg) -> float:
     return model_cfg.moe.router_bias_update_rate if model_cfg.moe is not None else 0.0
 
 
+def own_bias(model_cfg) -> bool:
+    """Whether the model holds its selection bias as a parameter (DeepSeek-V3), moved there, not in the state."""
+    return model_cfg.moe is not None and model_cfg.moe.score_correction_bias
+
+
+def state_bias(model_cfg) -> bool:
+    """Whether the training state keeps a selection bias beside the parameters (``STATE_KEY``)."""
+    return bool(bias_rate(model_cfg)) and not own_bias(model_cfg)
+
+
 def bias_shape(model_cfg) -> tuple[int, int]:
-    return model_cfg.num_layers, model_cfg.moe.num_experts  # [L, X]
+    # [L_moe, X]: the MoE layers only (all but DeepSeek-V3's leading dense layers)
+    return model_cfg.num_layers - model_cfg.moe.first_dense_layers, model_cfg.moe.num_experts
 
 
 def abstract_bias(model_cfg) -> jax.ShapeDtypeStruct:
@@ -76,7 +89,7 @@ def check_export(model_cfg, choice: str, exports: bool, fix: str = TRAIN_FIX) ->
     run: when it is set up, before any step); ``fix`` says how, in the words of the caller's options."""
     if not bias_rate(model_cfg) or not exports or choice != "refuse":
         return
-    if model_cfg.family in FAMILIES_WITH_SELECTION_BIAS:
+    if own_bias(model_cfg):  # a parameter of the model (DeepSeek-V3's e_score_correction_bias): exported with it
         return
     raise ConfigError(
         f"model.moe.router_bias_update_rate={bias_rate(model_cfg)} keeps a per-expert selection bias, but the "

@@ -64,6 +64,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, frozen_projections: bool = F
     # LoRA on experts: a token runs through its top_k experts' adapters only (jaxcpt.model.expert_lora)
     adapters = cfg.num_adapter_params() - expert_lora.num_params(cfg) + expert_lora.num_params(cfg, active=True)
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+    if cfg.mla is not None:  # DeepSeek-V3: the layers' active weights (jaxcpt.model.mla), q.k and p.v widths apart
+        projections = cfg.num_active_params() - e * cfg.padded_vocab_size * (1 if cfg.tie_word_embeddings else 2) - e
+        attention = 6 * cfg.num_layers * cfg.num_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim) * seq_len
     if frozen_projections:
         return 4 * projections + 6 * (head + adapters) + attention
     return 6 * (projections + head + adapters) + attention

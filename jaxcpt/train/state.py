@@ -139,7 +139,7 @@ def train_state_shardings(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, keys
     }
     if ema:
         out["ema"] = {k: v.sharding for k, v in view.items()}
-    if balance.bias_rate(model_cfg):
+    if balance.state_bias(model_cfg):
         out[balance.STATE_KEY] = NamedSharding(mesh, PartitionSpec())  # [L, X]: small, on every device
     return out
 
@@ -153,7 +153,7 @@ def abstract_state(tx, model_cfg: ModelConfig, mesh: Mesh, rules, *, keys, ema: 
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
     if ema:
         shapes["ema"] = jax.eval_shape(init_ema, view)
-    if balance.bias_rate(model_cfg):
+    if balance.state_bias(model_cfg):
         shapes[balance.STATE_KEY] = balance.abstract_bias(model_cfg)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 

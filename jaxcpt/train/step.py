@@ -111,6 +111,11 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
     if bias is not None:  # counts summed over all micro-batches: the whole step's load
         moved = balance.updated_bias(bias, aux["router"].counts, router_bias_rate)
         new_state[balance.STATE_KEY] = jnp.where(finite, moved, bias)
+    own = params.get("layers", {}).get(balance.PARAM_NAME) if router_bias_rate and bias is None else None
+    if own is not None:  # the model's own bias (DeepSeek-V3's e_score_correction_bias), moved in place
+        moved = balance.updated_bias(own, aux["router"].counts, router_bias_rate)
+        new_state["params"] = with_trainable(new_state["params"], {f"layers.{balance.PARAM_NAME}": jnp.where(
+            finite, moved, own).astype(own.dtype)})
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
@@ -126,6 +131,8 @@ def train_step(state, batch, *, graphdef, tx: optax.GradientTransformation, sche
         metrics["router_z_loss"] = moe_lib.z_loss(aux["router"])
     if bias is not None:
         metrics["router_bias"] = new_state[balance.STATE_KEY]  # [L, X] after this step's update
+    elif own is not None:
+        metrics["router_bias"] = new_state["params"]["layers"][balance.PARAM_NAME]  # [L_moe, X] after the update
     return new_state, metrics
 
 

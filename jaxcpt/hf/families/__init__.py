@@ -8,7 +8,7 @@ Everything outside these modules asks the registry, never a ``model_type``.
 from __future__ import annotations
 
 from jaxcpt.errors import HFFormatError
-from jaxcpt.hf.families import (base, gemma2, gemma3, gemma4, gpt_oss, llama, mistral, mixtral, olmo3, olmoe, qwen2,
+from jaxcpt.hf.families import (base, deepseek_v3, gemma2, gemma3, gemma4, gpt_oss, llama, mistral, mixtral, olmo3, olmoe, qwen2,
                                  qwen3,
                                  qwen3_5_text, qwen3_moe, smollm3, unsupported)
 from jaxcpt.hf.families.base import Family
@@ -17,7 +17,7 @@ from jaxcpt.model.config import ModelConfig
 
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (llama, mistral, qwen2, qwen3, gemma2, gemma3,
                                                                 olmo3, smollm3, qwen3_moe, mixtral, qwen3_5_text, olmoe,
-                                                                gpt_oss, gemma4)}
+                                                                gpt_oss, gemma4, deepseek_v3)}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 # model types whose checkpoints hold a text model we support, under another wrapper
 _WRAPPED = {"gemma3": "gemma3_text (Gemma3ForCausalLM); a multimodal Gemma3ForConditionalGeneration checkpoint "
@@ -75,6 +75,8 @@ def families_markdown() -> str:
         expresses = ", ".join(f"`{name}`" for name in f.expresses)
         linear = "Gated DeltaNet (`layer_types`)" if "linear_attention" in f.expresses else "no"
         splash = "no (attention sinks)" if f.declared.get("attention_sinks") else "yes"
+        if "mla" in f.expresses:  # MLA's v heads are zero-padded to the q/k width for every kernel (model/mla.py)
+            splash = "compiles for TPU, not run on one yet (MLA: v padded to the q/k head width)"
         lines.append(f"| {f.name} | `{f.architecture}` (`{f.model_type}`) | yes | yes | {splash} | {f.sliding} | "
                      f"{linear} | yes | {declared} | {expresses} |")
     return "\n".join(lines)

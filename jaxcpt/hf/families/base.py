@@ -29,7 +29,7 @@ BLOCK_OPTIONS = (
     "final_logit_softcap", "pre_norms", "qk_norm_scope", "rope_layers", "attn_output_gate", "partial_rotary_factor",
     "linear_attention", "attention_sinks",
     "global_head_dim", "global_kv_heads", "attention_k_eq_v", "value_norm", "rope_proportion", "kv_shared_layers",
-    "double_wide_mlp", "per_layer_input", "per_layer_vocab_size", "layer_scalar",
+    "double_wide_mlp", "per_layer_input", "per_layer_vocab_size", "layer_scalar", "mla",
 )
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -82,7 +82,9 @@ def config_from_hf(family: Family, hf: dict, where: str) -> ModelConfig:
         eos_token_id=hf.get("eos_token_id"),  # Llama 3 Instruct lists several stop tokens: keep them all
         pad_token_id=_first(hf.get("pad_token_id")),
     )
-    return ModelConfig(family=family.name, **common, **family.declared, **family.read(hf, where))
+    own = family.read(hf, where)
+    common.update({key: own.pop(key) for key in list(own) if key in common})  # e.g. DeepSeek-V3's head_dim
+    return ModelConfig(family=family.name, **common, **family.declared, **own)
 
 
 def config_to_hf(family: Family, cfg: ModelConfig, dtype: str) -> dict:
@@ -94,6 +96,12 @@ def config_to_hf(family: Family, cfg: ModelConfig, dtype: str) -> dict:
             wrong.append(f"{name}={value!r} (always {family.declared[name]!r} there)")
         elif name not in family.declared and name not in family.expresses and value != _default(name):
             wrong.append(f"{name}={value!r} (it has no such option)")
+    moe = cfg.moe
+    if moe is not None and "mla" not in family.expresses:  # DeepSeek-V3's router options: only its family holds them
+        deepseek = {"scoring": "softmax", "num_groups": 1, "top_groups": 1, "routed_scaling_factor": 1.0,
+                    "shared_experts": 0, "first_dense_layers": 0, "score_correction_bias": False}
+        wrong += [f"moe.{k}={getattr(moe, k)!r} (DeepSeek-V3's; family deepseek_v3 holds it)"
+                  for k, v in deepseek.items() if getattr(moe, k) != v]
     if wrong:
         raise HFFormatError(f"a '{family.name}' export cannot hold {', '.join(wrong)}; fix the model config or the family")
     out = {
