@@ -384,3 +384,22 @@ def test_tiny_hybrid_compiles_for_tpu_with_splash_and_the_chunk_scan_of_the_delt
     state = "f32[2,4,64,64]"
     loops = [line for line in text.splitlines() if " while(" in line and state in line and "while/body" in line]
     assert len(loops) >= 3, "the chunked delta rule's scan (one per linear layer of the pattern) is not in the program"
+
+
+def test_training_flops_count_the_hybrids_own_projections_and_the_delta_rule_not_attention():
+    """MFU of a hybrid: 6 x the matmul weights the model really holds (the Gated DeltaNet layers' q/k/v, z, b, a
+    and output projections; the full layers' gated q), plus attention on the full layers only and the chunked
+    delta rule on the linear ones. It counted every layer as a full-attention layer before."""
+    from jaxcpt.model.persist import params_of
+    from jaxcpt.model.transformer import init_model
+    from jaxcpt.sharding.mesh import build_mesh
+    from jaxcpt.train.metrics import flops_per_token
+
+    params = params_of(init_model(HYBRID, build_mesh({"data": 1}, jax.devices()[:1])))
+    matmuls = sum(x.size for name, x in params["layers"].items() if x.ndim >= 3 and name != "lin_conv")  # [L, in, out]
+    matmuls += params["lm_head"].size  # the input embedding is a lookup, norms and the conv kernel are not matmuls
+    lin, t = HYBRID.linear_attention, 32
+    full_attention = 12 * 1 * HYBRID.num_heads * HYBRID.head_size * t  # one full layer: q.k and p.v, x3
+    delta_rule = 3 * 3 * 2 * lin.num_value_heads * (lin.chunk_size * (lin.key_head_dim + lin.value_head_dim)
+                                                     + 2 * lin.key_head_dim * lin.value_head_dim)  # three linear layers
+    assert flops_per_token(HYBRID, t) == 6 * matmuls + full_attention + delta_rule

@@ -38,6 +38,19 @@ class LinearAttentionConfig:
     def conv_channels(self) -> int:
         return 2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
 
+    def matmul_params(self, hidden: int) -> int:
+        """Matmul weights of one layer's mixer: the q/k/v, z, b, a and output projections (not the conv kernel)."""
+        hv, dv = self.num_value_heads, self.value_head_dim
+        return hidden * self.conv_channels + 2 * hidden * hv * dv + 2 * hidden * hv
+
+    def mixer_flops_per_token(self) -> float:
+        """Forward FLOPs per token of the chunked gated delta rule (the counterpart of attention's scores and
+        values): per value head, q.k over the C keys of its chunk and their values (2C(dk + dv)), and the
+        recurrent state's read and update (2 x 2 dk dv), the chunk's triangular solve left out (C^2 / 3 per
+        token, small beside them)."""
+        dk, dv, c = self.key_head_dim, self.value_head_dim, self.chunk_size
+        return 2 * self.num_value_heads * (c * (dk + dv) + 2 * dk * dv)
+
     def num_params(self, hidden: int) -> int:
         """Parameters of one layer's linear-attention mixer."""
         hv, dv = self.num_value_heads, self.value_head_dim

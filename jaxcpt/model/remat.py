@@ -94,9 +94,13 @@ def forward_flops_per_token(cfg) -> dict[str, float]:
 
 
 def attention_flops_per_token(cfg, seq_len: int) -> float:
-    """Forward attention FLOPs per token averaged over the model's layers (scores and values, causal)."""
+    """Forward attention FLOPs per token averaged over the model's layers (scores and values, causal; a Gated
+    DeltaNet layer's delta rule in its place)."""
     total = 0.0
     for kind in cfg.layer_kinds():
+        if kind == "linear_attention":  # a Gated DeltaNet layer: the chunked delta rule (Qwen3.5)
+            total += cfg.linear_attention.mixer_flops_per_token()
+            continue
         window = cfg.sliding_window if kind == "sliding_attention" else None
         if window is None or window >= seq_len:
             keys = (seq_len + 1) / 2

@@ -50,20 +50,29 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, frozen_projections: bool = F
     for causality nor cut by sliding windows: the convention of the PaLM paper's MFU, which
     most stacks report.
 
-    An MoE model counts its active parameters: the router and top_k experts per token, not all experts.
+    An MoE model counts its active parameters: the router and top_k experts per token, not all experts. A
+    hybrid's Gated DeltaNet layers count their own projections and the chunked delta rule
+    (``LinearAttentionConfig.mixer_flops_per_token``, x3 for the backward) in place of attention.
 
     ``frozen_projections`` (a LoRA run training its adapters only): the layers' projections get
     no weight gradient, so they count 4x (forward and input gradient), the adapters 6x.
     """
     e, f, d, h, k = cfg.hidden_size, cfg.intermediate_size, cfg.head_size, cfg.num_heads, cfg.num_kv_heads
-    per_layer = e * d * (h + 2 * k) + h * d * e + 3 * e * f  # q, k, v, o, gate, up, down
+    q_heads = 2 * h if cfg.attn_output_gate else h  # Qwen3.5's full layers project a gate beside each query
+    attention_projections = e * d * (q_heads + 2 * k) + h * d * e  # q, k, v, o
+    per_layer = attention_projections + 3 * e * f  # and gate, up, down
     if cfg.moe is not None:  # active parameters: the router and the top_k experts each token runs through
-        per_layer = e * d * (h + 2 * k) + h * d * e + cfg.moe.params_per_layer(e)[1]
+        per_layer = attention_projections + cfg.moe.params_per_layer(e)[1]
         per_layer += 3 * e * f if cfg.moe.beside_mlp else 0  # Gemma 4: the dense MLP runs beside the experts
     projections, head = cfg.num_layers * per_layer, e * cfg.padded_vocab_size
     # LoRA on experts: a token runs through its top_k experts' adapters only (jaxcpt.model.expert_lora)
     adapters = cfg.num_adapter_params() - expert_lora.num_params(cfg) + expert_lora.num_params(cfg, active=True)
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+    if cfg.linear_layers:  # Qwen3.5: a Gated DeltaNet layer has its mixer's projections and delta rule instead
+        lin, linear = cfg.linear_attention, len(cfg.linear_layers)
+        projections += linear * (lin.matmul_params(e) - attention_projections)
+        attention = (12 * len(cfg.attention_layers) * cfg.num_heads * cfg.head_size * seq_len
+                     + 3 * linear * lin.mixer_flops_per_token())
     if cfg.mla is not None:  # DeepSeek-V3: the layers' active weights (jaxcpt.model.mla), q.k and p.v widths apart
         projections = cfg.num_active_params() - e * cfg.padded_vocab_size * (1 if cfg.tie_word_embeddings else 2) - e
         attention = 6 * cfg.num_layers * cfg.num_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim) * seq_len
