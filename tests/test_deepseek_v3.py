@@ -358,6 +358,29 @@ def test_lora_on_an_mla_model_is_refused_by_name(one_device):
 
     with pytest.raises(ConfigError, match="MLA.*lora"):
         dataclasses.replace(one_device["v3"].config, lora=LoraConfig(targets=("o",))).validate()
+    # the default targets get the same refusal, not the advice to adapt the experts (an MLA model takes no adapters)
+    with pytest.raises(ConfigError, match="not supported on MLA models"):
+        dataclasses.replace(one_device["v3"].config, lora=LoraConfig()).validate()
+    # a run from an HF directory builds the model from a config nobody validated: refused where adapters are made
+    with pytest.raises(ConfigError, match="not supported on MLA models"):
+        abstract_model(dataclasses.replace(one_device["v3"].config, lora=LoraConfig(targets=("o",))))
+
+
+def test_deepseek_and_gemma_router_options_are_refused_on_the_other_block(one_device):
+    """The selection bias as a parameter exists in the MLA stack only (elsewhere balancing would silently stop),
+    and Gemma 4's experts beside the MLP are not part of the MLA block (it crashed in the forward pass)."""
+    from jaxcpt.config import ConfigError
+    from jaxcpt.model.config import ModelConfig
+    from jaxcpt.model.moe import MoeConfig
+
+    qwen = ModelConfig(family="qwen3_moe", qk_norm=True, moe=MoeConfig(num_experts=4, top_k=2, score_correction_bias=True,
+                                                                         router_bias_update_rate=0.01))
+    with pytest.raises(ConfigError, match="score_correction_bias.*needs the DeepSeek-V3 block.*router_bias_update_rate"):
+        qwen.validate()
+    cfg = one_device["v3"].config
+    for gemma in ({"beside_mlp": True}, {"beside_mlp": True, "router_norm": True, "per_expert_scale": True}):
+        with pytest.raises(ConfigError, match="Gemma 4's MoE block"):
+            dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **gemma)).validate()
 
 
 def test_a_bias_kept_beside_the_parameters_covers_the_moe_layers_only(one_device, input_ids):

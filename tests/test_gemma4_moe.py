@@ -327,6 +327,22 @@ def test_lora_on_attention_and_the_dense_mlp_loads_in_peft_and_merges_into_the_e
     assert rel_err(torch_logits(merged, ids), ours) < 1e-5
 
 
+def test_a_trained_router_is_refused_in_the_peft_export_naming_the_merged_one(hf_dir, tmp_path):
+    """optim.trainable may train Gemma 4's router beside the adapters; peft's modules_to_save cannot hold it as
+    jaxcpt writes routers (it was a KeyError at the end of the run): refused before anything is written."""
+    from test_lora import _adapted
+
+    from jaxcpt.errors import UserError
+    from jaxcpt.hf.peft_export import save_peft_adapter
+    from jaxcpt.model.lora import LoraConfig
+
+    model = _adapted(hf_dir[0], LoraConfig(rank=2, alpha=4.0, targets=("q", "o")), trained_too=("layers.router",))
+    with pytest.raises(UserError, match="router.*gemma4_text.*export.lora=merged"):
+        save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(hf_dir[0]),
+                          trained=("layers.router",), dtype="float32")
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_linear_merge_covers_the_fused_experts_and_router_and_reloads(tmp_path):
     from jaxcpt.cli import main
 

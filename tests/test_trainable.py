@@ -221,3 +221,5 @@ def test_a_parameter_transformers_keeps_as_a_buffer_trains_only_when_a_pattern_n
     assert set(resolve_trainable([TrainablePhase(params=["layers.*"])], infos, None, 10).phases[0]) == {"layers.q"}
     named = resolve_trainable([TrainablePhase(params=["*", "layers.layer_scalar"])], infos, None, 10).phases[0]
     assert set(named) == set(infos)
+    by_glob = resolve_trainable([TrainablePhase(params=["layers.*scalar"])], infos, None, 10).phases[0]
+    assert set(by_glob) == {"layers.layer_scalar"}  # a glob that matches it and says more than '*' names it

@@ -98,6 +98,11 @@ def save_peft_adapter(model: Transformer, path: str | os.PathLike, *, base_model
     rows = tensor_table(cfg)
     by_path = {row.path: row for row in rows}
     for row in rows:  # before anything is staged: a refusal writes nothing
+        if ".".join(row.path) in trained and row.path in (ROUTER, ROUTER_BIAS) and \
+                cfg.family not in peft_experts.ROUTER_MODULE:
+            raise UserError(f"'{'.'.join(row.path)}' (the router) trained, but jaxcpt writes a trained router into a "
+                            f"peft adapter only for {', '.join(sorted(peft_experts.ROUTER_MODULE))}, not {cfg.family}; "
+                            "export the merged model instead (export.lora=merged, or jaxcpt export-hf RUN --lora merged)")
         if ".".join(row.path) in trained and not row.hf_name.endswith(".weight") and row.path != ROUTER_BIAS:
             raise UserError(
                 f"'{'.'.join(row.path)}' trained, but its HF tensor '{row.hf_name}' is a parameter of the module "

@@ -65,6 +65,10 @@ def check_targets(cfg) -> None:
     from jaxcpt.model import layer_groups
 
     lora = cfg.lora
+    if cfg.mla is not None:  # before the MoE advice below, which an MLA model could not follow
+        raise ConfigError("model.lora is not supported on MLA models (DeepSeek-V3) yet: its latent attention and "
+                          "dense/expert layers take no adapters; set model.lora to null (full CPT), or train part of "
+                          "the model with optim.trainable")
     if set(lora.targets) & set(TARGETS) and (layer_groups.grouped(cfg) or cfg.linear_layers):
         raise ConfigError("model.lora expert targets (expert_gate_up, expert_down) are supported on MoE models of "
                           "one layer shape without linear-attention layers only (their blocks build their own MLPs); "

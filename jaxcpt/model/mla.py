@@ -97,6 +97,10 @@ def validate(cfg) -> None:
         if cfg.moe is not None and cfg.moe.first_dense_layers:
             raise ConfigError("model.moe.first_dense_layers needs the DeepSeek-V3 block (model.mla); the shared "
                               "decoder puts experts on every layer")
+        if cfg.moe is not None and cfg.moe.score_correction_bias:  # the parameter exists in the MLA stack only
+            raise ConfigError("model.moe.score_correction_bias (a selection bias held as a model parameter) needs the "
+                              "DeepSeek-V3 block (model.mla); for auxiliary-loss-free balancing on another MoE model "
+                              "set model.moe.router_bias_update_rate alone (the bias is then kept in the train state)")
         return
     mla.validate()
     if cfg.head_size != mla.qk_rope_head_dim:
@@ -115,7 +119,9 @@ def validate(cfg) -> None:
         ("sliding_window", cfg.sliding_window is not None), ("layer_types", cfg.layer_types is not None),
         ("rope_layers", cfg.rope_layers is not None), ("partial_rotary_factor", cfg.partial_rotary_factor != 1.0),
         ("attn_logit_softcap", cfg.attn_logit_softcap is not None), ("norm_plus_one", cfg.norm_plus_one),
-        ("value_norm", cfg.value_norm)) if on]
+        ("value_norm", cfg.value_norm),
+        ("moe.beside_mlp, router_norm or per_expert_scale (Gemma 4's MoE block)",
+         cfg.moe is not None and (cfg.moe.beside_mlp or cfg.moe.router_norm or cfg.moe.per_expert_scale))) if on]
     if others:
         raise ConfigError(f"the MLA block (model.mla, DeepSeek-V3) does not combine with {', '.join(others)}; no "
                           "DeepSeek-V3-style checkpoint has them (LoRA on MLA's projections is not built yet)")

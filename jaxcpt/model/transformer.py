@@ -76,6 +76,8 @@ class LayerStack(nnx.Module):
             self.names, self.rope_layers = tuple(layer_groups.create_params(self, cfg, p)), None
             return
         if cfg.mla is not None:  # DeepSeek-V3: latent attention, leading dense layers, then experts (model.mla)
+            if cfg.lora is not None:  # refused by name (an HF start's config reaches here unvalidated)
+                expert_lora.check_targets(cfg)
             self.names, self.rope_layers = tuple(mla.create_params(self, cfg, p)), None
             return
         norm_init = "zeros" if cfg.norm_plus_one else "ones"  # (1 + w) norms start at w = 0

@@ -200,8 +200,13 @@ def _resolve_phase(index: int, phase: TrainablePhase, params: dict[str, ParamInf
             selection = Selection() if selector is None else _select(where, path, selector, params[path], adaptation)
             chosen[path] = _union(chosen.get(path), selection)
     excluded = {p for matched, _ in excludes for p in matched}
-    named = " ".join(phase.params)
-    excluded |= {p for p in params if p.rsplit(".", 1)[-1] in BUFFER_NAMES and p.rsplit(".", 1)[-1] not in named}
+    # a buffer is named by a pattern that matches it with more than '*' for its last part ('layers.layer_scalar',
+    # 'layers.*scalar'), not by '*' or 'layers.*', which mean "the parameters"
+    named = {p for matched, _ in includes for p in matched}
+    specific = [g for g in phase.params if not g.strip().startswith("!")
+                and _PATTERN.match(g.strip())["glob"].rsplit(".", 1)[-1] != "*"]
+    excluded |= {p for p in params if p.rsplit(".", 1)[-1] in BUFFER_NAMES
+                 and not (p in named and any(fnmatch.fnmatchcase(p, _PATTERN.match(g.strip())["glob"]) for g in specific))}
     return {p: s for p, s in chosen.items() if p not in excluded and (s.whole or s.indices)}
 
 
