@@ -403,3 +403,22 @@ def test_training_flops_count_the_hybrids_own_projections_and_the_delta_rule_not
     delta_rule = 3 * 3 * 2 * lin.num_value_heads * (lin.chunk_size * (lin.key_head_dim + lin.value_head_dim)
                                                      + 2 * lin.key_head_dim * lin.value_head_dim)  # three linear layers
     assert flops_per_token(HYBRID, t) == 6 * matmuls + full_attention + delta_rule
+
+
+def test_a_run_sets_the_delta_rule_chunk_on_any_start_and_the_layers_use_it(hf_dir):
+    """model.linear_chunk_size is how to compute, not what the model is: an HF start takes it (model.linear_attention
+    is the checkpoint's architecture there), and the Gated DeltaNet layers scan chunks of that many tokens."""
+    from jaxcpt.train.config import load_train_config
+    from jaxcpt.train.state import resolve_model_config
+
+    cfg = load_train_config(None, ["init.source=hf", f"init.path={hf_dir[0]}", "model.linear_chunk_size=7",
+                                   "data.sources=[{name: d, paths: [d.jsonl]}]"])
+    model_cfg = resolve_model_config(cfg)
+    assert model_cfg.delta_rule_chunk_size == 7 and model_cfg.linear_attention.chunk_size == 64  # the model's kept
+    with pytest.raises(ConfigError, match="linear_chunk_size"):  # the architecture's own field is refused there
+        load_train_config(None, ["init.source=hf", f"init.path={hf_dir[0]}", "model.linear_attention.chunk_size=7"])
+    tiny = dataclasses.replace(HYBRID, linear_chunk_size=7)
+    model = Transformer(tiny, rngs=nnx.Rngs(0))
+    jaxpr = str(jax.make_jaxpr(lambda ids: model(ids))(jnp.zeros((1, 32), jnp.int32)))
+    text = jaxpr.replace(" ", "")  # the chunked q/k/v: [B, value heads, chunks, chunk, D]
+    assert "[1,4,5,7," in text and "[1,4,4,8," not in text  # 32 tokens in 5 chunks of 7, not the model's 4 of 8

@@ -43,12 +43,12 @@ class LinearAttentionConfig:
         hv, dv = self.num_value_heads, self.value_head_dim
         return hidden * self.conv_channels + 2 * hidden * hv * dv + 2 * hidden * hv
 
-    def mixer_flops_per_token(self) -> float:
+    def mixer_flops_per_token(self, chunk_size: int | None = None) -> float:
         """Forward FLOPs per token of the chunked gated delta rule (the counterpart of attention's scores and
         values): per value head, q.k over the C keys of its chunk and their values (2C(dk + dv)), and the
         recurrent state's read and update (2 x 2 dk dv), the chunk's triangular solve left out (C^2 / 3 per
         token, small beside them)."""
-        dk, dv, c = self.key_head_dim, self.value_head_dim, self.chunk_size
+        dk, dv, c = self.key_head_dim, self.value_head_dim, chunk_size or self.chunk_size
         return 2 * self.num_value_heads * (c * (dk + dv) + 2 * dk * dv)
 
     def num_params(self, hidden: int) -> int:
@@ -207,6 +207,10 @@ class ModelConfig:
         help="attention kernel: reference (einsum, the oracle), xla (jax.nn.dot_product_attention), cudnn (flash, GPU), "
         "splash (Pallas, TPU), auto (splash on TPU; on GPU cudnn in bf16/fp16 without soft-capping, else xla; reference on CPU)",
     )
+    linear_chunk_size: int | None = field(
+        None, help="tokens per chunk of the Gated DeltaNet layers' chunked delta rule in this run's training "
+        "(Qwen3.5); memory grows with it, the result does not depend on it. Settable on any start, an HF "
+        "directory's included; null: the model's linear_attention.chunk_size")
     cudnn_documents_per_row: int = field(
         64, help="document slots of cuDNN's packed attention layout (model.attention=cudnn or auto on GPU). jax "
         "sizes cuDNN's softmax statistics by them, float32 [batch x slots, heads, seq_len] per layer, so one slot per "
@@ -255,6 +259,11 @@ class ModelConfig:
         return self.global_kv_heads if kind == "full_attention" and self.global_kv_heads else self.num_kv_heads
 
     @property
+    def delta_rule_chunk_size(self) -> int:
+        """Tokens per chunk of the delta rule in training: the run's ``linear_chunk_size``, else the model's."""
+        return self.linear_chunk_size or self.linear_attention.chunk_size
+
+    @property
     def kv_shared(self) -> tuple[int, ...]:
         """Indices of the layers that reuse an earlier layer's keys and values (the last kv_shared_layers)."""
         return tuple(range(self.num_layers - self.kv_shared_layers, self.num_layers))
@@ -297,6 +306,8 @@ class ModelConfig:
             raise ConfigError(f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); set head_dim")
         if self.head_size % 2:
             raise ConfigError(f"head_dim ({self.head_size}) must be even for RoPE")
+        if self.linear_chunk_size is not None and self.linear_chunk_size < 1:
+            raise ConfigError(f"linear_chunk_size must be >= 1 or null, got {self.linear_chunk_size}")
         if self.cudnn_documents_per_row < 1:
             raise ConfigError(f"cudnn_documents_per_row must be >= 1, got {self.cudnn_documents_per_row}")
         if self.vocab_pad_multiple < 1:

@@ -85,7 +85,7 @@ def linear_block(p: dict, x, doc, state: LinearState | None = None, *, cfg: Mode
     x = constrain(x, act, rules)
     mixed, state = gated_deltanet(p, norm(x, p["attn_norm"]), doc, num_key_heads=lin.num_key_heads,
                                   key_head_dim=lin.key_head_dim, value_head_dim=lin.value_head_dim,
-                                  eps=cfg.rms_norm_eps, chunk_size=lin.chunk_size, state=state,
+                                  eps=cfg.rms_norm_eps, chunk_size=cfg.delta_rule_chunk_size, state=state,
                                   lora_scale=cfg.lora.scale if cfg.lora is not None else None)
     x = x + constrain(mixed, act, rules)
     mlp_out = gated_mlp(norm(x, p["mlp_norm"]), project, activation=cfg.activation)

@@ -99,7 +99,7 @@ def attention_flops_per_token(cfg, seq_len: int) -> float:
     total = 0.0
     for kind in cfg.layer_kinds():
         if kind == "linear_attention":  # a Gated DeltaNet layer: the chunked delta rule (Qwen3.5)
-            total += cfg.linear_attention.mixer_flops_per_token()
+            total += cfg.linear_attention.mixer_flops_per_token(cfg.delta_rule_chunk_size)
             continue
         window = cfg.sliding_window if kind == "sliding_attention" else None
         if window is None or window >= seq_len:

@@ -23,7 +23,7 @@ from jaxcpt.train.rundir import LockConfig
 
 # ModelConfig fields that say how to compute, not what the model is; these apply
 # whatever the model's source (a HF checkpoint fixes the architecture, not the numerics).
-NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "attention", "cudnn_documents_per_row")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "attention", "cudnn_documents_per_row", "linear_chunk_size")
 # ModelConfig fields that add parameters to whatever model a run starts from: LoRA adapters are
 # architecture (they are parameters), but no HF directory holds them, so the run's config sets them.
 ADDED_FIELDS = ("lora",)

@@ -72,7 +72,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, frozen_projections: bool = F
         lin, linear = cfg.linear_attention, len(cfg.linear_layers)
         projections += linear * (lin.matmul_params(e) - attention_projections)
         attention = (12 * len(cfg.attention_layers) * cfg.num_heads * cfg.head_size * seq_len
-                     + 3 * linear * lin.mixer_flops_per_token())
+                     + 3 * linear * lin.mixer_flops_per_token(cfg.delta_rule_chunk_size))
     if cfg.mla is not None:  # DeepSeek-V3: the layers' active weights (jaxcpt.model.mla), q.k and p.v widths apart
         projections = cfg.num_active_params() - e * cfg.padded_vocab_size * (1 if cfg.tie_word_embeddings else 2) - e
         attention = 6 * cfg.num_layers * cfg.num_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim) * seq_len
