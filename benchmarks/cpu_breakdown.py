@@ -192,7 +192,7 @@ def main(argv=None) -> int:
           f"(load average {' '.join(load_info['loadavg'])})")
     report = {"benchmark": "cpu_breakdown", "shape": args.shape, "seq_len": args.seq_len, "batch": args.batch,
               "loss_chunk": args.loss_chunk, "rounds": args.rounds, "variants": {n: VARIANTS[n] for n in workers},
-              "machine": machine_info(), "cpu_load": load_info, "results": rows}
+              "git_commit": git_commit(), "machine": machine_info(), "cpu_load": load_info, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

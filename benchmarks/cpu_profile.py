@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     print(f"other processes' CPU load: {load_info['other_processes_cores']:.2f} cores of {load_info['cores']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "cpu_profile", "shape": args.shape, "batch": args.batch,
-                                          "seq_len": args.seq_len, "dtype": "float32", "machine": machine_info(),
+                                          "seq_len": args.seq_len, "dtype": "float32", "git_commit": git_commit(), "machine": machine_info(),
                                           "cpu_load": load_info, "results": report, "pytorch": torch_report},
                                          indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -203,12 +203,12 @@ def main(argv=None) -> int:
 
     import jax
 
-    from train_throughput import machine_info
+    from train_throughput import git_commit, machine_info
 
     on_gpu = jax.default_backend() == "gpu"
     out = Path(args.out) / ("gpu_attention.json" if on_gpu else "gpu_attention_cpu_check.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "gpu_attention", "machine": machine_info(), "small": args.small}
+    report = {"benchmark": "gpu_attention", "git_commit": git_commit(), "machine": machine_info(), "small": args.small}
     if on_gpu:
         report["plugin"] = jax.devices()[0].client.platform_version
     for part in parts:

@@ -417,7 +417,7 @@ def main(argv=None) -> int:
     report = {"benchmark": "train_throughput", "shape": args.shape, "model": dataclasses.asdict(cfg),
               "params": cfg.num_params(), "seq_len": args.seq_len, "batch": args.batch, "dtype": dtype,
               "tokens_per_step": tokens_per_step, "flops_per_step": flops_step, "peak_flops_per_device": peak,
-              "machine": machine_info(), "cpu_load_during_timed_steps": load_info, "results": results,
+              "git_commit": git_commit(), "machine": machine_info(), "cpu_load_during_timed_steps": load_info, "results": results,
               "failed": failed, "loss_grad_temp_bytes": memory,
               "flops_convention": "6*(params - input embedding) + 12*L*H*D*T per token (full square attention)"}
     for name in results:
