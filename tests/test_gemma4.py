@@ -40,8 +40,9 @@ TINY = dict(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=64, 
 SMALL = dict(TINY, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2)
 
 
-def _save_random(config, directory, seed: int = 0):
+def _save_random(config, directory, seed: int = 0, also=None):
     """A random model: norms and layer scalars randomised (they start at 1), saved; returns the torch model.
+    ``also(name, parameter)`` randomises more, in the same pass (tests/test_gemma4_moe.py's router).
 
     Gemma 4 scales attention scores by 1, not 1/sqrt(D): with unit-RMS q and k (q/k norms at 1) the scores
     reach +-D and the softmax amplifies float32 rounding, so that transformers' own float32 logits are 6e-5 away
@@ -56,6 +57,8 @@ def _save_random(config, directory, seed: int = 0):
                 p.add_(0.1 * torch.randn_like(p))
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.mul_(0.5)
+            if also is not None:
+                also(name, p)
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.uniform_(0.5, 1.5)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import load_file
-from test_gemma4 import _variant, jax_leaves, packed, rel_err, worst_error
+from test_gemma4 import _save_random, _variant, jax_leaves, packed, rel_err, worst_error
 from test_moe import _batch
 from transformers import AutoModelForCausalLM, Gemma4TextConfig
 
@@ -49,24 +49,13 @@ def save_random_moe(config, directory, seed: int = 0):
     and: the router's ``scale`` and ``per_expert_scale`` drawn around 1 (they start at exactly 1, where leaving
     them out would not show), the router projection at std 0.5 so that each token's top 2 is clear.
     """
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.mul_(0.5)
-            if name.endswith(("router.scale", "router.per_expert_scale")):
-                p.add_(0.3 * torch.randn_like(p))
-            if name.endswith("router.proj.weight"):
-                p.copy_(0.5 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.uniform_(0.5, 1.5)
-    model = model.float().eval()
-    model.save_pretrained(directory)
-    return model
+    def router(name, p):
+        if name.endswith(("router.scale", "router.per_expert_scale")):
+            p.add_(0.3 * torch.randn_like(p))
+        if name.endswith("router.proj.weight"):
+            p.copy_(0.5 * torch.randn_like(p))
+
+    return _save_random(config, directory, seed, also=router)
 
 
 @pytest.fixture(scope="module")
