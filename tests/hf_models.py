@@ -131,3 +131,25 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b|: the relative error the tests bound."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def random_moe_model(config, directory, seed: int = 0):
+    """A mixture-of-experts model of ``config`` with every parameter drawn anew, saved to ``directory`` (float32);
+    returns the torch model (eval mode). Routers and sinks at a scale that makes them matter (transformers starts
+    routers at zero, where every expert ties), biases large enough that dropping them shows, and DeepSeek-V3's
+    selection bias (a buffer, zero at the start) drawn too."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif "router" in name or name.endswith("mlp.gate.weight") or name.endswith("sinks"):
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_((0.1 if name.endswith("bias") else 0.05) * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn_like(b))
+    model.save_pretrained(directory)
+    return model

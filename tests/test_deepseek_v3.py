@@ -14,7 +14,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
-from hf_models import hf_logits, rel_err
+from hf_models import hf_logits, random_moe_model, rel_err
 from test_hf_roundtrip import read_all_tensors
 from test_moe import _batch, _forward, model_mesh
 from transformers import AutoModelForCausalLM, DeepseekV3Config
@@ -51,23 +51,9 @@ CONFIGS = {
 
 
 def make_model(name: str, directory, seed: int = 0):
-    """Random-weight model ``name`` saved to ``directory`` (float32): routers and the selection bias at scales
-    that decide which experts are chosen (transformers starts both at zero, where every expert ties)."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[name]()).float().eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif pname.endswith("mlp.gate.weight"):
-                p.copy_(0.5 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
-        for pname, b in model.named_buffers():
-            if pname.endswith("e_score_correction_bias"):
-                b.copy_(0.2 * torch.randn_like(b))
-    model.save_pretrained(directory)
-    return model
+    """Random-weight model ``name`` saved to ``directory`` (float32); returns the torch model (eval mode)
+    (``hf_models.random_moe_model``)."""
+    return random_moe_model(CONFIGS[name](), directory, seed)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_models import hf_logits, rel_err
+from hf_models import hf_logits, random_moe_model, rel_err
 from test_hf_roundtrip import read_all_tensors
 from test_moe import _batch, _forward, _objective, model_mesh, sgd_losses
 from transformers import AutoModelForCausalLM, GptOssConfig, OlmoeConfig
@@ -42,23 +42,9 @@ GPT_OSS_DEFAULT = [pytest.param("olmoe", marks=pytest.mark.slow), "gpt_oss"]
 
 
 def make_model(name: str, directory, seed: int = 0):
-    """Random-weight model ``name`` saved to ``directory`` (float32); returns the torch model (eval mode).
-
-    Every parameter is drawn anew: routers and sinks at a scale that makes them matter (transformers starts
-    routers at zero, where every expert ties), biases large enough that dropping them shows.
-    """
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[name]()).float().eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif "router" in pname or pname.endswith("mlp.gate.weight") or pname.endswith("sinks"):
-                p.copy_(0.5 * torch.randn_like(p))
-            else:
-                p.copy_((0.1 if pname.endswith("bias") else 0.05) * torch.randn_like(p))
-    model.save_pretrained(directory)
-    return model
+    """Random-weight model ``name`` saved to ``directory`` (float32); returns the torch model (eval mode)
+    (``hf_models.random_moe_model``)."""
+    return random_moe_model(CONFIGS[name](), directory, seed)
 
 
 @pytest.fixture(scope="module")
